@@ -1,0 +1,1 @@
+// Intentionally empty: CBLAS only declares the OpenBLAS prototypes in include/.

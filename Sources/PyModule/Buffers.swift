@@ -1,0 +1,126 @@
+// Borrowing NumPy (any buffer-protocol) arrays without copying, with validation of
+// dtype, ndim, shape and contiguity that names the argument on failure.
+import CPythonBridge
+import MaPeTKernels
+
+/// A validated, C-contiguous view of a Python buffer.
+struct ArrayView<T> {
+    let pointer: UnsafeMutablePointer<T>
+    let shape: [Int]
+    var count: Int { shape.reduce(1, *) }
+    var readOnly: UnsafePointer<T> { UnsafePointer(pointer) }
+}
+
+/// Holds the Py_buffer views taken during one call; `release()` (with the GIL held)
+/// gives them back. Use as `let arena = BufferArena(); defer { arena.release() }`.
+final class BufferArena {
+    private var views: [UnsafeMutablePointer<Py_buffer>] = []
+
+    func release() {
+        for v in views {
+            PyBuffer_Release(v)
+            v.deallocate()
+        }
+        views.removeAll()
+    }
+
+    deinit { release() }
+
+    /// Borrows `obj` as a float32 array. `shape` entries that are nil accept any extent.
+    func float32(_ obj: PyObj, _ name: String, _ shape: [Int?], writable: Bool = false) throws -> ArrayView<Float> {
+        try view(obj, name, shape, writable: writable, dtype: .float32)
+    }
+
+    func int32(_ obj: PyObj, _ name: String, _ shape: [Int?], writable: Bool = false) throws -> ArrayView<Int32> {
+        try view(obj, name, shape, writable: writable, dtype: .int32)
+    }
+
+    func int64(_ obj: PyObj, _ name: String, _ shape: [Int?], writable: Bool = false) throws -> ArrayView<Int64> {
+        try view(obj, name, shape, writable: writable, dtype: .int64)
+    }
+
+    private func view<T>(_ obj: PyObj, _ name: String, _ shape: [Int?], writable: Bool, dtype: DType) throws -> ArrayView<T> {
+        let expected = "a \(dtype.numpyName) array of shape \(describe(shape))"
+        if mapet_py_is_none(obj) != 0 { throw PyError.type("\(name): expected \(expected), got None") }
+        let v = UnsafeMutablePointer<Py_buffer>.allocate(capacity: 1)
+        let flags = PyBUF_STRIDES | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)
+        guard PyObject_GetBuffer(obj, v, flags) == 0 else {
+            PyErr_Clear()
+            v.deallocate()
+            if writable, PyObject_CheckBuffer(obj) != 0 {
+                throw PyError.value("\(name): expected a writable array, got a read-only \(typeName(obj))")
+            }
+            throw PyError.type("\(name): expected \(expected), got \(typeName(obj))")
+        }
+        views.append(v)
+        let b = v.pointee
+        let fmt = b.format.map { String(cString: $0) } ?? "B"
+        guard let kind = DType.fromFormat(fmt, itemSize: b.itemsize), kind == dtype else {
+            throw PyError.type("\(name): expected \(expected), got dtype \(numpyName(format: fmt, itemSize: b.itemsize))")
+        }
+        let ndim = Int(b.ndim)
+        var actual: [Int] = []
+        for d in 0..<ndim { actual.append(b.shape![d]) }
+        guard ndim == shape.count else {
+            throw PyError.value("\(name): expected \(expected), got \(ndim)-d array of shape \(actual)")
+        }
+        for (d, want) in shape.enumerated() where want != nil && want! != actual[d] {
+            throw PyError.value("\(name): expected \(expected), got shape \(actual)")
+        }
+        // C-contiguity (extent-1 dimensions may carry any stride).
+        var expectedStride = b.itemsize
+        for d in Swift.stride(from: ndim - 1, through: 0, by: -1) where actual[d] > 1 {
+            guard b.strides![d] == expectedStride else {
+                throw PyError.value("\(name): expected a C-contiguous array, got strides \((0..<ndim).map { b.strides![$0] }) for shape \(actual) (use np.ascontiguousarray)")
+            }
+            expectedStride *= actual[d]
+        }
+        let count = actual.reduce(1, *)
+        if count > 0 && b.buf == nil { throw PyError.value("\(name): buffer has no data") }
+        // An empty array may have no storage at all; hand kernels a valid dummy pointer.
+        let ptr = b.buf ?? UnsafeMutableRawPointer(mutating: emptyStorage)
+        return ArrayView(pointer: ptr.assumingMemoryBound(to: T.self), shape: actual)
+    }
+}
+
+private let emptyStorage = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 64)
+
+private func describe(_ shape: [Int?]) -> String {
+    "[" + shape.map { $0.map(String.init) ?? "*" }.joined(separator: ", ") + "]"
+}
+
+extension DType {
+    var numpyName: String {
+        switch self {
+        case .float32: return "float32"
+        case .int32: return "int32"
+        case .int64: return "int64"
+        }
+    }
+
+    /// Parses a struct-module format ("f", "<f", "=i", "l", …) in native byte order.
+    static func fromFormat(_ format: String, itemSize: Int) -> DType? {
+        var f = Substring(format)
+        if let c = f.first, "@=<".contains(c) { f = f.dropFirst() }
+        guard f.count == 1, let c = f.first else { return nil }
+        switch (c, itemSize) {
+        case ("f", 4): return .float32
+        case ("i", 4), ("l", 4): return .int32
+        case ("q", 8), ("l", 8): return .int64
+        default: return nil
+        }
+    }
+}
+
+private func numpyName(format: String, itemSize: Int) -> String {
+    var f = Substring(format)
+    if let c = f.first, "@=<>!".contains(c) { f = f.dropFirst() }
+    let signed = "bhilq", unsigned = "BHILQ"
+    if let c = f.first, f.count == 1 {
+        if c == "f" || c == "d" || c == "e" { return "float\(itemSize * 8)" }
+        if signed.contains(c) { return "int\(itemSize * 8)" }
+        if unsigned.contains(c) { return "uint\(itemSize * 8)" }
+        if c == "?" { return "bool" }
+    }
+    return "format '\(format)' (itemsize \(itemSize))"
+}

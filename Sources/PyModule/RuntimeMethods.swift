@@ -1,0 +1,29 @@
+// Threads, BLAS information and diagnostics.
+import CPythonBridge
+import CBLAS
+import MaPeTKernels
+
+let runtimeMethods: [Method] = [
+    Method(name: "set_num_threads", function: { _, a, n in call(a, n, "set_num_threads") { args in
+        try args.expect(1)
+        Parallel.threadCount = try args.int(0, "n", min: 1, max: 1024)
+        return none()
+    } }, doc: "set_num_threads(n): worker threads for mapet kernels (OpenBLAS itself stays at 1)."),
+
+    Method(name: "get_num_threads", function: { _, a, n in call(a, n, "get_num_threads") { args in
+        try args.expect(0)
+        return pyInt(Parallel.threadCount)
+    } }, doc: "get_num_threads() -> int"),
+
+    Method(name: "blas_info", function: { _, a, n in call(a, n, "blas_info") { args in
+        try args.expect(0)
+        let config = scipy_openblas_get_config().map { String(cString: $0) } ?? "?"
+        let core = scipy_openblas_get_corename().map { String(cString: $0) } ?? "?"
+        return try pyTuple([pyString(config), pyString(core), pyInt(Int(scipy_openblas_get_num_threads()))])
+    } }, doc: "blas_info() -> (config, corename, blas_threads)"),
+
+    Method(name: "live_storages", function: { _, a, n in call(a, n, "live_storages") { args in
+        try args.expect(0)
+        return pyInt(TensorStorage.liveCount.current)
+    } }, doc: "live_storages() -> number of Swift storages alive (leak checks)."),
+]

@@ -1,0 +1,46 @@
+import XCTest
+import MaPeTKernels
+
+final class MatmulTests: XCTestCase {
+    /// Deterministic pseudo-random floats in [-1, 1).
+    func values(_ n: Int, seed: UInt64) -> [Float] {
+        var s = seed &* 0x9E3779B97F4A7C15 | 1
+        return (0..<n).map { _ in
+            s ^= s << 13; s ^= s >> 7; s ^= s << 17
+            return Float(Int(s >> 40) - (1 << 23)) / Float(1 << 23)
+        }
+    }
+
+    func testBlasMatchesNaiveForAllTransposes() {
+        for (M, N, K) in [(1, 1, 1), (7, 5, 3), (33, 17, 65), (130, 70, 40)] {
+            for tA in [false, true] {
+                for tB in [false, true] {
+                    let a = values(M * K, seed: 1), b = values(K * N, seed: 2)
+                    var c0 = values(M * N, seed: 3), c1 = c0
+                    let lda = tA ? M : K, ldb = tB ? K : N
+                    sgemmNaive(transA: tA, transB: tB, M: M, N: N, K: K, alpha: 0.5, A: a, lda: lda,
+                               B: b, ldb: ldb, beta: 2, C: &c0, ldc: N)
+                    Parallel.threadCount = 2
+                    sgemmParallel(transA: tA, transB: tB, M: M, N: N, K: K, alpha: 0.5, A: a, lda: lda,
+                                  B: b, ldb: ldb, beta: 2, C: &c1, ldc: N)
+                    for i in 0..<(M * N) {
+                        XCTAssertEqual(c0[i], c1[i], accuracy: 1e-4 * (1 + abs(c0[i])), "M\(M) N\(N) K\(K) tA\(tA) tB\(tB)")
+                    }
+                }
+            }
+        }
+    }
+
+    func testGeluBackwardMatchesFiniteDifferences() {
+        let x = values(257, seed: 9).map { $0 * 4 }
+        var dx = [Float](repeating: 0, count: x.count)
+        let ones = [Float](repeating: 1, count: x.count)
+        geluBackward(dInput: &dx, dOut: ones, input: x, count: x.count)
+        func gelu(_ v: Double) -> Double { 0.5 * v * (1 + erf(v / 2.0.squareRoot())) }
+        for i in 0..<x.count {
+            let h = 1e-4, v = Double(x[i])
+            let fd = (gelu(v + h) - gelu(v - h)) / (2 * h)
+            XCTAssertEqual(Double(dx[i]), fd, accuracy: 1e-4)
+        }
+    }
+}

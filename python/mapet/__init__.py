@@ -1,0 +1,13 @@
+"""mapet: masked and permuted pre-training of Vision Transformers on a Swift engine.
+
+Pre-train ViTs with MaPeT (masked and permuted two-stream pre-training), its MIM and PIM
+baselines, CCViT and DTM; tokenize images with k-means; fine-tune and linear-probe. The
+training loop is Python; every hot path runs in Swift; NumPy arrays cross without copies.
+"""
+from ._native import _core
+from ._runtime import blas_info, get_num_threads, set_num_threads
+from . import ops
+
+__version__ = "0.1.0"
+
+__all__ = ["set_num_threads", "get_num_threads", "blas_info", "ops", "__version__"]

@@ -1,0 +1,34 @@
+"""Thread control and build information."""
+from typing import Dict
+
+from ._native import _core
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of worker threads mapet's Swift kernels use.
+
+    mapet runs OpenBLAS single-threaded and parallelises over row blocks, batch × heads
+    and point chunks itself, so this is the one knob. NumPy's own BLAS is a separate pool:
+    keep ``mapet threads + NumPy threads`` at most the core count when both run at once.
+
+    Args:
+        n: number of threads, ≥ 1.
+
+    Example:
+        >>> import mapet
+        >>> mapet.set_num_threads(2)
+        >>> mapet.get_num_threads()
+        2
+    """
+    _core.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """Return the number of worker threads mapet's kernels use."""
+    return _core.get_num_threads()
+
+
+def blas_info() -> Dict[str, object]:
+    """Describe the BLAS mapet calls: OpenBLAS build config, detected core, its thread count."""
+    config, core, threads = _core.blas_info()
+    return {"config": config, "corename": core, "blas_threads": threads}
