@@ -79,3 +79,7 @@ def gelu_backward(dout: np.ndarray, x: np.ndarray, dx: Optional[np.ndarray] = No
         dx = np.zeros_like(x)
     _core.gelu_backward(dout.reshape(-1), x.reshape(-1), dx.reshape(-1))
     return dx
+
+
+# Objective kernels (defined with their objectives in mapet.objectives).
+from .objectives import ccvit_pixel_targets, dtm_loss, masked_mse  # noqa: E402,F401
