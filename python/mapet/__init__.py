@@ -7,6 +7,7 @@ training loop is Python; every hot path runs in Swift; NumPy arrays cross withou
 from ._native import _core
 from ._runtime import blas_info, get_num_threads, set_num_threads
 from . import ops
+from . import checkpoint, config, data, schedules, viz
 
 __version__ = "0.1.0"
 

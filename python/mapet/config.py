@@ -15,9 +15,11 @@ RESOLVED = "config.json"
 
 
 def _read_file(path: str) -> Dict[str, Any]:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".json", ".yaml", ".yml"):
+        raise ValueError(f"{path}: unknown config format {ext!r}; use .json, .yaml or .yml")
     with open(path) as f:
         text = f.read()
-    ext = os.path.splitext(path)[1].lower()
     if ext in (".yaml", ".yml"):
         try:
             import yaml
@@ -28,13 +30,11 @@ def _read_file(path: str) -> Dict[str, Any]:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: invalid YAML ({e})") from None
-    elif ext == ".json":
+    else:
         try:
             data = json.loads(text)
         except ValueError as e:
             raise ValueError(f"{path}: invalid JSON ({e})") from None
-    else:
-        raise ValueError(f"{path}: unknown config format {ext!r}; use .json, .yaml or .yml")
     if data is None:
         return {}
     if not isinstance(data, dict):
