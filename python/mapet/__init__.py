@@ -9,6 +9,7 @@ from ._runtime import blas_info, get_num_threads, set_num_threads
 from . import ops
 from .objectives import (DTMSchedule, ccvit_corrupt, dtm_memberships,
                          morph_tokens)
+from . import checkpoint, config, data, schedules, viz
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,245 @@
+"""Token caches: a dataset's visual tokens computed once, stored as an .npy array + JSON manifest.
+
+Layout of a cache directory::
+
+    tokens.npy      int16 [n, P] when n_tokens <= 32767, else int32 (memory-mapped on read)
+    manifest.json   {"format": "mapet-token-cache", "version": 1, "complete": true, "length": n,
+                     "n_patches": P, "grid": [gh, gw] | null, "n_tokens": K, "dtype": "int16",
+                     "tokenizer": "<fingerprint>", "dataset": "<id>" | null, "sha256": "..."}
+
+The manifest is written last and atomically, so a tokenization killed midway leaves a cache
+that ``TokenCache.open`` rejects instead of one that silently holds zeros.
+"""
+import hashlib
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from ..io import atomic_write
+
+MANIFEST, TOKENS = "manifest.json", "tokens.npy"
+_FORMAT, _VERSION = "mapet-token-cache", 1
+
+
+class TokenCacheError(ValueError):
+    """A token cache is missing, incomplete, corrupt or does not match what the caller expects."""
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A stable identity for a tokenizer: sha256 over its class name and centroids.
+
+    Accepts a string (returned unchanged — a name you manage yourself), a NumPy array of
+    centroids, or any object with ``cluster_centers_`` / ``centroids`` (mapet.KMeans,
+    PixelTokenizer, FeatureTokenizer, ...).
+    """
+    if isinstance(tokenizer, str):
+        return tokenizer
+    if isinstance(tokenizer, np.ndarray):
+        name, centers = "ndarray", tokenizer
+    else:
+        centers = None
+        for attr in ("cluster_centers_", "centroids"):
+            centers = getattr(tokenizer, attr, None)
+            if centers is not None:
+                break
+        if centers is None:
+            raise TypeError(f"tokenizer_fingerprint: {type(tokenizer).__name__} has no cluster_centers_ / "
+                            "centroids; pass a string identity instead")
+        name = type(tokenizer).__name__
+    c = np.ascontiguousarray(centers)
+    h = hashlib.sha256(f"{name}:{c.dtype.str}:{list(c.shape)}:".encode())
+    h.update(memoryview(c).cast("B"))
+    return f"{name}-sha256:{h.hexdigest()}"
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class TokenCacheWriter:
+    """Fills a cache batch by batch (``write(start, tokens)``); ``close()`` validates and seals it."""
+
+    def __init__(self, directory: str, length: int, n_patches: int, n_tokens: int, tokenizer: Any,
+                 dataset: Optional[str] = None, grid: Optional[Sequence[int]] = None):
+        if length <= 0 or n_patches <= 0 or n_tokens <= 0:
+            raise ValueError(f"TokenCache: length, n_patches, n_tokens must be positive, "
+                             f"got {length}, {n_patches}, {n_tokens}")
+        self.directory = os.fspath(directory)
+        os.makedirs(self.directory, exist_ok=True)
+        manifest = os.path.join(self.directory, MANIFEST)
+        if os.path.exists(manifest):
+            os.unlink(manifest)  # the directory is being rewritten: it is not a valid cache until close()
+        self.dtype = np.dtype(np.int16 if n_tokens <= np.iinfo(np.int16).max else np.int32)
+        self.length, self.n_patches, self.n_tokens = int(length), int(n_patches), int(n_tokens)
+        self.tokenizer, self.dataset = tokenizer_fingerprint(tokenizer), dataset
+        self.grid = list(grid) if grid is not None else None
+        self.path = os.path.join(self.directory, TOKENS)
+        self._array = np.lib.format.open_memmap(self.path, mode="w+", dtype=self.dtype,
+                                                shape=(self.length, self.n_patches))
+        self._written = np.zeros(self.length, dtype=bool)
+
+    def write(self, start: int, tokens: np.ndarray) -> None:
+        """Store ``tokens`` [b, n_patches] (any integer dtype) for samples ``start .. start+b-1``."""
+        t = np.asarray(tokens)
+        if not np.issubdtype(t.dtype, np.integer):
+            raise TypeError(f"TokenCache.write: tokens must be integers, got dtype {t.dtype}")
+        if t.ndim != 2 or t.shape[1] != self.n_patches:
+            raise ValueError(f"TokenCache.write: expected tokens [b, {self.n_patches}], got shape {t.shape}")
+        if start < 0 or start + t.shape[0] > self.length:
+            raise ValueError(f"TokenCache.write: rows {start}..{start + t.shape[0] - 1} outside 0..{self.length - 1}")
+        if t.size and (t.min() < 0 or t.max() >= self.n_tokens):
+            raise ValueError(f"TokenCache.write: token ids must lie in [0, {self.n_tokens}), "
+                             f"got range [{t.min()}, {t.max()}]")
+        self._array[start:start + t.shape[0]] = t
+        self._written[start:start + t.shape[0]] = True
+
+    def close(self) -> "TokenCache":
+        """Check every row was written, flush, write the manifest atomically; returns the opened cache."""
+        missing = np.flatnonzero(~self._written)
+        if missing.size:
+            raise TokenCacheError(f"{self.path}: {missing.size} of {self.length} rows were never written "
+                                  f"(first {missing[:5].tolist()}); the cache is not sealed")
+        self._array.flush()
+        del self._array
+        manifest = {"format": _FORMAT, "version": _VERSION, "complete": True, "length": self.length,
+                    "n_patches": self.n_patches, "grid": self.grid, "n_tokens": self.n_tokens,
+                    "dtype": self.dtype.name, "tokenizer": self.tokenizer, "dataset": self.dataset,
+                    "sha256": _sha256_file(self.path)}
+        blob = json.dumps(manifest, indent=2).encode()
+        atomic_write(os.path.join(self.directory, MANIFEST), lambda f: f.write(blob))
+        return TokenCache.open(self.directory)
+
+
+class TokenCache:
+    """A sealed token cache: ``tokens`` [n, P] (memory-mapped), ``len``, indexing, ``manifest``.
+
+    Example:
+        >>> TokenCache.write("cache/digits", tok.encode(images), n_tokens=512, tokenizer=tok)
+        >>> cache = TokenCache.open("cache/digits", length=len(ds), tokenizer=tok)
+        >>> tokens = cache[batch_indices]     # int16/int32 [b, P]
+    """
+
+    def __init__(self, directory: str, manifest: dict, tokens: np.ndarray):
+        self.directory, self.manifest, self.tokens = directory, manifest, tokens
+
+    @staticmethod
+    def create(directory: str, length: int, n_patches: int, n_tokens: int, tokenizer: Any,
+               dataset: Optional[str] = None, grid: Optional[Sequence[int]] = None) -> TokenCacheWriter:
+        """Start a cache to be filled batch by batch (for datasets too large to tokenize at once)."""
+        return TokenCacheWriter(directory, length, n_patches, n_tokens, tokenizer, dataset, grid)
+
+    @staticmethod
+    def write(directory: str, tokens: np.ndarray, n_tokens: int, tokenizer: Any,
+              dataset: Optional[str] = None, grid: Optional[Sequence[int]] = None) -> "TokenCache":
+        """Write a whole [n, P] token array at once; returns the opened cache."""
+        t = np.asarray(tokens)
+        if t.ndim != 2:
+            raise ValueError(f"TokenCache.write: expected tokens [n, P], got shape {t.shape}")
+        w = TokenCacheWriter(directory, t.shape[0], t.shape[1], n_tokens, tokenizer, dataset, grid)
+        w.write(0, t)
+        return w.close()
+
+    @staticmethod
+    def open(directory: str, *, length: Optional[int] = None, tokenizer: Any = None,
+             n_patches: Optional[int] = None, n_tokens: Optional[int] = None,
+             dataset: Optional[str] = None, verify: bool = False, mmap: bool = True) -> "TokenCache":
+        """Open and validate a cache; every ``expected`` argument given is checked against the manifest.
+
+        Args:
+            directory: the cache directory.
+            length: expected number of samples (the dataset's ``len``).
+            tokenizer: expected tokenizer (object, centroid array or string; see ``tokenizer_fingerprint``).
+            n_patches, n_tokens, dataset: expected tokens per image, vocabulary size, dataset id.
+            verify: also recompute the sha256 of tokens.npy (reads the whole file).
+            mmap: memory-map tokens.npy (else load it into memory).
+
+        Raises:
+            TokenCacheError: naming the file and the mismatch.
+        """
+        directory = os.fspath(directory)
+        mpath, tpath = os.path.join(directory, MANIFEST), os.path.join(directory, TOKENS)
+        if not os.path.exists(mpath):
+            hint = " (tokens.npy exists: the tokenization did not finish)" if os.path.exists(tpath) else ""
+            raise TokenCacheError(f"{mpath}: no token-cache manifest{hint}")
+        try:
+            with open(mpath) as f:
+                m = json.load(f)
+        except ValueError as e:
+            raise TokenCacheError(f"{mpath}: corrupt manifest ({e})") from None
+        if m.get("format") != _FORMAT or not m.get("complete"):
+            raise TokenCacheError(f"{mpath}: not a complete mapet token cache")
+        try:
+            tokens = np.load(tpath, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise TokenCacheError(f"{tpath}: cannot read tokens ({e})") from None
+        want_shape = (m["length"], m["n_patches"])
+        if tokens.shape != want_shape or tokens.dtype.name != m["dtype"]:
+            raise TokenCacheError(f"{tpath}: holds {tokens.dtype.name} {tokens.shape}, manifest says "
+                                  f"{m['dtype']} {want_shape}")
+        checks = [("length", length, m["length"]), ("n_patches", n_patches, m["n_patches"]),
+                  ("n_tokens", n_tokens, m["n_tokens"]), ("dataset", dataset, m.get("dataset"))]
+        if tokenizer is not None:
+            checks.append(("tokenizer", tokenizer_fingerprint(tokenizer), m["tokenizer"]))
+        for key, want, have in checks:
+            if want is not None and want != have:
+                raise TokenCacheError(f"{mpath}: {key} mismatch — the cache has {have!r}, expected {want!r}")
+        if verify and _sha256_file(tpath) != m.get("sha256"):
+            raise TokenCacheError(f"{tpath}: checksum differs from the manifest (file modified or corrupt)")
+        return TokenCache(directory, m, tokens)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        return np.asarray(self.tokens[index])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.manifest["n_tokens"])
+
+    @property
+    def n_patches(self) -> int:
+        return int(self.manifest["n_patches"])
+
+    def attach(self, dataset) -> "TokenDataset":
+        """Wrap ``dataset`` so each item gains its tokens last: ``(image, label, tokens)``."""
+        return TokenDataset(dataset, self)
+
+
+class TokenDataset:
+    """A dataset whose items are the wrapped dataset's item followed by the sample's cached tokens."""
+
+    def __init__(self, dataset, cache: TokenCache):
+        if len(dataset) != len(cache):
+            raise TokenCacheError(f"{os.path.join(cache.directory, MANIFEST)}: the cache holds {len(cache)} "
+                                  f"samples but the dataset has {len(dataset)}")
+        deterministic = getattr(dataset, "deterministic", True)
+        if not deterministic:
+            raise ValueError("TokenDataset: the dataset's view is random (random crops/flips), so cached "
+                             "tokens would not match its pixels; use a deterministic view (e.g. "
+                             "ImageFolder(mode='pretrain') with the default scale/ratio) or tokenize on the fly")
+        self.dataset, self.cache = dataset, cache
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __getitem__(self, i: int) -> tuple:
+        return tuple(self.dataset[i]) + (self.cache[i],)
+
+    def get_batch(self, indices: np.ndarray) -> tuple:
+        if hasattr(self.dataset, "get_batch"):
+            head = tuple(self.dataset.get_batch(indices))
+        else:
+            from .loader import _collate
+            head = _collate([self.dataset[int(i)] for i in indices])
+        return head + (self.cache[indices],)
