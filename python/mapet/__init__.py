@@ -7,7 +7,12 @@ training loop is Python; every hot path runs in Swift; NumPy arrays cross withou
 from ._native import _core
 from ._runtime import blas_info, get_num_threads, set_num_threads
 from . import ops
+from .sampling import BlockMaskGenerator, PermutationBatch, PermutationSampler
 
 __version__ = "0.1.0"
 
-__all__ = ["set_num_threads", "get_num_threads", "blas_info", "ops", "__version__"]
+__all__ = [
+    "set_num_threads", "get_num_threads", "blas_info", "ops",
+    "PermutationSampler", "PermutationBatch", "BlockMaskGenerator",
+    "__version__",
+]
