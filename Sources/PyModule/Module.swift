@@ -16,7 +16,11 @@ nonisolated(unsafe) private var methodTable: UnsafeMutablePointer<PyMethodDef>? 
 
 @_cdecl("PyInit__core")
 public func PyInit__core() -> UnsafeMutablePointer<PyObject>? {
-    let all = runtimeMethods + tensorMethods + kernelMethods + objectiveMethods
+    let all: [Method] = runtimeMethods
+        + tensorMethods
+        + kernelMethods
+        + objectiveMethods
+        + samplingMethods
     let table = UnsafeMutablePointer<PyMethodDef>.allocate(capacity: all.count + 1)
     for (i, m) in all.enumerated() {
         table[i] = mapet_method_def(strdup(m.name), m.function, strdup(m.doc))

@@ -7,11 +7,15 @@ training loop is Python; every hot path runs in Swift; NumPy arrays cross withou
 from ._native import _core
 from ._runtime import blas_info, get_num_threads, set_num_threads
 from . import ops
-from .objectives import (DTMSchedule, ccvit_corrupt, dtm_memberships,
-                         morph_tokens)
+from .objectives import DTMSchedule, ccvit_corrupt, dtm_memberships, morph_tokens
+from .sampling import BlockMaskGenerator, PermutationBatch, PermutationSampler
 from . import checkpoint, config, data, schedules, viz
 
 __version__ = "0.1.0"
 
-__all__ = ["set_num_threads", "get_num_threads", "blas_info", "ops", "__version__",
-           "DTMSchedule", "morph_tokens", "dtm_memberships", "ccvit_corrupt"]
+__all__ = [
+    "__version__",
+    "set_num_threads", "get_num_threads", "blas_info", "ops",
+    "DTMSchedule", "morph_tokens", "dtm_memberships", "ccvit_corrupt",
+    "PermutationSampler", "PermutationBatch", "BlockMaskGenerator",
+]
