@@ -47,7 +47,7 @@ K=num_tokens, F=mlp hidden=4C). Depth-1 example with C=192, p=16, 224 px (n=196)
   TorchBEiT: ViT names + `mask_token [1,1,C]`, `norm`, `lm_head.weight [K,C]`, `lm_head.bias [K]`
   (the reference repo ships no BEiT pre-training model; names follow microsoft/unilm BEiT).
 
-Verified once (2026, torch 2.15 / timm 1.0.31) by loading these state_dicts, strict=True, into the reference's
+Verified once (torch 2.15 / timm 1.0.31) by loading these state_dicts, strict=True, into the reference's
 own StandardVisionTransformer ('token' and 'avg') and XLeiTPositionalAugmented (with masks from the
 reference's attention_mask_full_mapet_1) run out of a scratch copy: identical key sets (ViT: identical order
 too; MaPeT's reference block registers norm2 before attn) and max |logit difference| = 0.0, randomised weights.
