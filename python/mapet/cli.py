@@ -110,7 +110,7 @@ def _load_commands() -> None:
     """Import the modules that register commands (those present in this build)."""
     import importlib
 
-    for module in ("mapet.train",):
+    for module in ("mapet.commands", "mapet.demo"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:

@@ -1,0 +1,203 @@
+"""The subcommands of ``python -m mapet``: tokenize, pretrain, finetune, linprobe, eval, demo.
+
+Each command reads its options from the resolved config (defaults below, refined by ``-c FILE``
+and ``--set key=value``) and writes its outputs under ``-o/--output-dir``. Data is either the
+built-in digits (``data: digits``) or an ImageFolder root (``data: /path/to/train``, with
+``val_data`` for the held-out split).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Dict, Tuple
+
+import numpy as np
+
+from .cli import command
+
+log = logging.getLogger(__name__)
+
+_MODEL = {"size": "tiny", "img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3}
+
+
+def _load_split(cfg: Dict[str, Any], split: str) -> Tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of the configured dataset."""
+    from .data import ImageFolder, load_digits
+
+    source = cfg.get("data", "digits")
+    size = int(cfg["model"]["img_size"])
+    if source == "digits":
+        return load_digits(size, split, seed=int(cfg.get("split_seed", 0)))
+    root = source if split == "train" else cfg.get("val_data")
+    if root is None:
+        raise ValueError(f"config: 'val_data' (an ImageFolder root) is needed for the {split} split")
+    folder = ImageFolder(root, size, mode="eval")
+    images = np.stack([folder[i][0] for i in range(len(folder))]).astype(np.float32)
+    return images, np.asarray(folder.targets, dtype=np.int64)
+
+
+def _overrides(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in cfg["model"].items() if k != "size"}
+
+
+def _out(cfg: Dict[str, Any], *parts: str) -> str:
+    base = cfg.get("output_dir") or "mapet-output"
+    path = os.path.join(base, *parts)
+    os.makedirs(os.path.dirname(path) if os.path.splitext(path)[1] else path, exist_ok=True)
+    return path
+
+
+# ------------------------------------------------------------------ tokenize
+
+def tokenize_dataset(cfg: Dict[str, Any]) -> str:
+    """Fit (or load) a PixelTokenizer and cache the tokens of the training images; returns the cache dir."""
+    from .data import TokenCache
+    from .tokenizers import PixelTokenizer
+
+    images, _ = _load_split(cfg, "train")
+    tok_cfg = cfg["tokenizer"]
+    path = tok_cfg.get("path")
+    if path and os.path.exists(path):
+        tokenizer = PixelTokenizer.load(path)
+    else:
+        tokenizer = PixelTokenizer(patch_size=int(cfg["model"]["patch_size"]), n_tokens=int(tok_cfg["n_tokens"]),
+                                   n_iter=int(tok_cfg.get("n_iter", 20)), seed=int(cfg.get("seed", 0)))
+        tokenizer.fit(images)
+        tokenizer.save(_out(cfg, "tokenizer.safetensors"))
+    tokens = tokenizer.encode(images)
+    cache = _out(cfg, "tokens")
+    grid = int(cfg["model"]["img_size"]) // int(cfg["model"]["patch_size"])
+    TokenCache.write(cache, tokens, n_tokens=tokenizer.n_tokens, tokenizer=tokenizer, grid=(grid, grid))
+    log.info("tokenized %d images into %s", len(images), cache)
+    return cache
+
+
+TOKENIZE_DEFAULTS = {"data": "digits", "seed": 0, "model": dict(_MODEL),
+                     "tokenizer": {"n_tokens": 256, "n_iter": 20, "path": None}}
+
+
+@command("tokenize", "fit the CCViT pixel tokenizer and cache the visual tokens of a dataset",
+         defaults=TOKENIZE_DEFAULTS)
+def _tokenize(args, cfg) -> int:
+    print(tokenize_dataset(cfg))
+    return 0
+
+
+# ------------------------------------------------------------------ pretrain
+
+PRETRAIN_DEFAULTS = {
+    "data": "digits", "seed": 0, "method": "mapet", "model": dict(_MODEL),
+    "tokenizer": {"n_tokens": 256, "n_iter": 20, "path": None}, "tokens": None,
+    "least_number": 16, "epochs": 10, "batch_size": 64, "lr": 1.5e-3, "weight_decay": 0.05,
+    "warmup_epochs": 1, "min_lr": 1e-5, "clip_grad": 3.0, "accum_steps": 1, "checkpoint_every": 0,
+    "init_values": 0.1, "drop_path_rate": 0.1,
+}
+
+
+def run_pretrain(cfg: Dict[str, Any]):
+    """Pre-train per ``cfg``; returns (model, history). Writes checkpoints and ``model.safetensors``."""
+    from .data import TokenCache
+    from .train import pretrain
+
+    images, _ = _load_split(cfg, "train")
+    cache_dir = cfg.get("tokens") or tokenize_dataset(cfg)
+    tokens = np.asarray(TokenCache.open(cache_dir, length=len(images)).tokens)
+    method = cfg["method"]
+    kind = "beit" if method in ("mim", "beit") else method
+    overrides = dict(_overrides(cfg), num_tokens=int(json.load(open(os.path.join(cache_dir, "manifest.json")))["n_tokens"]),
+                     init_values=cfg["init_values"], drop_path_rate=cfg["drop_path_rate"])
+    if kind in ("mapet", "pim"):
+        overrides["least_number"] = int(cfg["least_number"])
+    from .models import create_model
+    model = create_model(f"{kind}_{cfg['model']['size']}_patch16_224", seed=int(cfg["seed"]), **overrides)
+    model, history = pretrain(method, model=model, data=images, tokens=tokens, epochs=int(cfg["epochs"]),
+                              batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
+                              weight_decay=float(cfg["weight_decay"]), warmup_epochs=float(cfg["warmup_epochs"]),
+                              min_lr=float(cfg["min_lr"]), clip_grad=cfg["clip_grad"],
+                              accum_steps=int(cfg["accum_steps"]), seed=int(cfg["seed"]),
+                              output_dir=_out(cfg, "checkpoints"), checkpoint_every=int(cfg["checkpoint_every"]),
+                              progress=bool(cfg.get("progress", True)))
+    model.save(_out(cfg, "model.safetensors"))
+    return model, history
+
+
+@command("pretrain", "pre-train a ViT with MaPeT, PIM or MIM on cached visual tokens", defaults=PRETRAIN_DEFAULTS)
+def _pretrain(args, cfg) -> int:
+    _, history = run_pretrain(cfg)
+    print(json.dumps({"final_loss": history["loss"][-1], "steps": len(history["loss"])}))
+    return 0
+
+
+# ------------------------------------------------------------------ transfer
+
+FINETUNE_DEFAULTS = {
+    "data": "digits", "seed": 0, "model": dict(_MODEL), "pretrained": None, "epochs": 10, "batch_size": 64,
+    "lr": 1e-3, "weight_decay": 0.05, "layer_decay": 0.75, "warmup_epochs": 1, "min_lr": 1e-6,
+    "label_smoothing": 0.1, "drop_path_rate": 0.1, "global_pool": "avg", "checkpoint_every": 0,
+}
+
+
+def run_finetune(cfg: Dict[str, Any]):
+    """Fine-tune per ``cfg``; returns (model, history, val metrics)."""
+    from .models import create_model
+    from .train import evaluate, finetune
+
+    train = _load_split(cfg, "train")
+    val = _load_split(cfg, "test")
+    model = create_model(f"vit_{cfg['model']['size']}_patch16_224", seed=int(cfg["seed"]),
+                         num_classes=int(train[1].max()) + 1, pretrained=cfg.get("pretrained"),
+                         drop_path_rate=cfg["drop_path_rate"], global_pool=cfg["global_pool"], **_overrides(cfg))
+    model, history = finetune(model, train, epochs=int(cfg["epochs"]), batch_size=int(cfg["batch_size"]),
+                              lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]),
+                              layer_decay=cfg["layer_decay"], warmup_epochs=float(cfg["warmup_epochs"]),
+                              min_lr=float(cfg["min_lr"]), label_smoothing=float(cfg["label_smoothing"]),
+                              seed=int(cfg["seed"]), output_dir=_out(cfg, "checkpoints"),
+                              checkpoint_every=int(cfg["checkpoint_every"]),
+                              progress=bool(cfg.get("progress", True)))
+    model.save(_out(cfg, "model.safetensors"))
+    return model, history, evaluate(model, val)
+
+
+@command("finetune", "fine-tune a ViT classifier (optionally from a pre-trained checkpoint)",
+         defaults=FINETUNE_DEFAULTS)
+def _finetune(args, cfg) -> int:
+    _, _, metrics = run_finetune(cfg)
+    print(json.dumps(metrics))
+    return 0
+
+
+LINPROBE_DEFAULTS = {"data": "digits", "seed": 0, "model": dict(_MODEL), "pretrained": None, "epochs": 100,
+                     "lr": 0.1, "pool": "avg"}
+
+
+def run_linprobe(cfg: Dict[str, Any]) -> Dict[str, float]:
+    """Linear probe of a (pre-trained) backbone per ``cfg``."""
+    from .models import create_model
+    from .train import linear_probe
+
+    train, val = _load_split(cfg, "train"), _load_split(cfg, "test")
+    model = create_model(f"vit_{cfg['model']['size']}_patch16_224", seed=int(cfg["seed"]), num_classes=0,
+                         pretrained=cfg.get("pretrained"), **_overrides(cfg))
+    return linear_probe(model, train, val, epochs=int(cfg["epochs"]), lr=float(cfg["lr"]), pool=cfg["pool"],
+                        seed=int(cfg["seed"]))
+
+
+@command("linprobe", "linear probe: a linear classifier on frozen features", defaults=LINPROBE_DEFAULTS)
+def _linprobe(args, cfg) -> int:
+    print(json.dumps(run_linprobe(cfg)))
+    return 0
+
+
+EVAL_DEFAULTS = {"data": "digits", "model": dict(_MODEL), "checkpoint": None}
+
+
+@command("eval", "top-1 accuracy of a saved classifier on the held-out split", defaults=EVAL_DEFAULTS)
+def _eval(args, cfg) -> int:
+    from .models import load
+    from .train import evaluate
+
+    if not cfg.get("checkpoint"):
+        raise SystemExit("python -m mapet eval: set --set checkpoint=PATH (a model.safetensors)")
+    print(json.dumps(evaluate(load(cfg["checkpoint"]), _load_split(cfg, "test"))))
+    return 0

@@ -1,0 +1,423 @@
+"""Training loops in Python over the Swift steps: pre-training, fine-tuning, linear probing.
+
+Every loop shares one engine (:class:`_Loop`): AdamW with warm-up + cosine learning rate,
+optional gradient accumulation and clipping, logging of loss / lr / images per second / ETA
+through ``logging`` (and a tqdm bar when tqdm is installed and ``progress=True``), and
+atomic checkpoints (weights, optimizer moments, sampler and loader state, step, epoch)
+after every epoch and every ``checkpoint_every`` optimizer steps. Started again with the same
+``output_dir``, a run resumes from ``last.safetensors`` and continues exactly as if it had
+never stopped (bitwise, for a fixed thread count).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import distributed
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .data import ArrayDataset, DataLoader
+from .schedules import cosine_lr, layer_decay_scales
+
+log = logging.getLogger(__name__)
+
+PRETRAIN_METHODS = ("mapet", "pim", "mim", "ccvit", "dtm")
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc=desc, leave=False)
+
+
+class _Loop:
+    """The optimisation loop shared by every method.
+
+    ``step_fn(batch) -> (loss, n_samples)`` runs forward and backward for one micro-batch and
+    adds into the model's gradients; the loop averages accumulated micro-batches, clips (in the
+    optimizer), steps with the scheduled learning rate and checkpoints.
+    """
+
+    def __init__(self, model, optimizer, loader: DataLoader, step_fn: Callable, *, epochs: int,
+                 lr: float, warmup_epochs: float = 0.0, min_lr: float = 1e-6, warmup_start_lr: float = 1e-6,
+                 accum_steps: int = 1, output_dir: Optional[str] = None, checkpoint_every: int = 0,
+                 states: Optional[Dict[str, Any]] = None, log_every: int = 10, progress: bool = False,
+                 desc: str = "train", config: Optional[Dict[str, Any]] = None, seed: int = 0):
+        if epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {epochs}")
+        if accum_steps < 1:
+            raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
+        self.model, self.optimizer, self.loader, self.step_fn = model, optimizer, loader, step_fn
+        self.epochs, self.lr, self.min_lr, self.warmup_start_lr = int(epochs), float(lr), float(min_lr), float(warmup_start_lr)
+        self.accum = int(accum_steps)
+        self.steps_per_epoch = -(-len(loader) // self.accum)
+        self.total_steps = self.epochs * self.steps_per_epoch
+        self.warmup_steps = min(int(round(warmup_epochs * self.steps_per_epoch)), self.total_steps)
+        self.output_dir, self.checkpoint_every = output_dir, int(checkpoint_every)
+        self.states = dict(states or {})
+        self.log_every, self.progress, self.desc = max(1, int(log_every)), progress, desc
+        self.config = dict(config or {})
+        self.ctx = distributed.context()
+        self.step = 0
+        self.micro = 0  # micro-batches run so far: seeds the model's drop-path stream
+        self.seed = int(seed)
+        self.history: Dict[str, List[float]] = {"loss": [], "lr": []}
+
+    # -------------------------------------------------------------- checkpoints
+
+    def _save(self) -> None:
+        if not self.output_dir or not self.ctx.is_main:
+            return
+        opt = dict(self.optimizer.state_dict())
+        groups = {"model": self.model.state_dict(),
+                  "optimizer.exp_avg": opt.pop("exp_avg"), "optimizer.exp_avg_sq": opt.pop("exp_avg_sq")}
+        state = {"step": self.step, "micro": self.micro, "epoch": self.loader.epoch,
+                 "loader": self.loader.state_dict(), "optimizer": opt, "history": self.history,
+                 "config": self.config, "states": {k: s.state_dict() for k, s in self.states.items()}}
+        save_checkpoint(self.output_dir, groups, state)
+
+    def _resume(self) -> bool:
+        path = find_checkpoint(self.output_dir) if self.output_dir else None
+        if path is None:
+            return False
+        groups, state = load_checkpoint(path)
+        self.model.load_state_dict(groups["model"], strict=True)
+        opt = dict(state["optimizer"])
+        opt["exp_avg"], opt["exp_avg_sq"] = groups["optimizer.exp_avg"], groups["optimizer.exp_avg_sq"]
+        self.optimizer.load_state_dict(opt)
+        self.loader.load_state_dict(state["loader"])
+        self.micro = int(state["micro"])
+        for k, s in self.states.items():
+            s.load_state_dict(state["states"][k])
+        self.step, self.history = int(state["step"]), state["history"]
+        log.info("%s: resumed from %s at step %d/%d", self.desc, path, self.step, self.total_steps)
+        return True
+
+    # -------------------------------------------------------------- the loop
+
+    def run(self, stop_after: Optional[int] = None) -> Dict[str, List[float]]:
+        """Train to the end (or until ``stop_after`` optimizer steps have been taken in total)."""
+        self._resume()
+        bar = _progress(self.total_steps, self.step, self.desc, self.progress)
+        t0, done0 = time.perf_counter(), self.step
+        seen = 0
+        pending, losses = 0, []  # micro-batches accumulated since the last optimizer step
+        self.optimizer.zero_grad()
+        while self.step < self.total_steps:
+            epoch = self.loader.epoch
+            for batch in self.loader:
+                # Drop path draws from a stream fixed by (seed, micro-batch number): a resumed
+                # run continues the same random sequence without storing generator state.
+                self.model.reseed(self.seed, self.micro)
+                self.micro += 1
+                loss, n = self.step_fn(batch)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"{self.desc}: loss is {loss} at step {self.step}; "
+                                             "lower the learning rate or check the inputs")
+                losses.append(loss)
+                seen += n
+                pending += 1
+                end_of_epoch = self.loader.position >= len(self.loader)
+                if pending < self.accum and not end_of_epoch:
+                    continue
+                self._optimizer_step(pending, losses)
+                pending, losses = 0, []
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{self.history['loss'][-1]:.4f}")
+                if self.step % self.log_every == 0 or self.step == self.total_steps:
+                    elapsed = time.perf_counter() - t0
+                    rate = seen / max(elapsed, 1e-9)
+                    eta = elapsed / max(self.step - done0, 1) * (self.total_steps - self.step)
+                    log.info("%s step %d/%d epoch %d loss %.4f lr %.3g %.1f img/s ETA %.0fs", self.desc,
+                             self.step, self.total_steps, epoch, self.history["loss"][-1],
+                             self.history["lr"][-1], rate, eta)
+                if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                    self._save()
+                if stop_after is not None and self.step >= stop_after:
+                    self._save()
+                    if bar is not None:
+                        bar.close()
+                    return self.history
+                if self.step >= self.total_steps:
+                    break
+            self._save()
+        if bar is not None:
+            bar.close()
+        return self.history
+
+    def _optimizer_step(self, pending: int, losses: List[float]) -> None:
+        grads = self.model.flat_grads
+        if pending > 1:
+            grads *= np.float32(1.0 / pending)
+        if self.ctx.distributed:
+            distributed.average_gradients(self.ctx, grads, 1)
+        lr = cosine_lr(self.step, self.total_steps, self.lr, self.warmup_steps, self.warmup_start_lr, self.min_lr)
+        self.optimizer.step(lr=lr)
+        self.optimizer.zero_grad()
+        self.step += 1
+        loss = float(np.mean(losses))
+        if self.ctx.distributed:
+            loss = self.ctx.sum(loss) / self.ctx.world_size
+        self.history["loss"].append(loss)
+        self.history["lr"].append(lr)
+
+
+# ------------------------------------------------------------------ helpers
+
+def _as_dataset(data, labels=None):
+    """(images, labels) tuple, an array, or a dataset object → a dataset."""
+    if isinstance(data, tuple):
+        return ArrayDataset(*data)
+    if isinstance(data, np.ndarray):
+        return ArrayDataset(data, labels)
+    return data
+
+
+def _make_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.999), clip_grad: Optional[float] = None,
+                    layer_decay: Optional[float] = None):
+    from .optim import AdamW
+    if layer_decay == 1.0:
+        layer_decay = None
+    return AdamW(model, lr=lr, betas=betas, weight_decay=weight_decay, layer_decay=layer_decay, clip_grad=clip_grad)
+
+
+def _check_method(method: str) -> str:
+    m = method.lower()
+    if m == "beit":
+        m = "mim"
+    if m not in PRETRAIN_METHODS:
+        raise ValueError(f"method must be one of {PRETRAIN_METHODS}, got {method!r}")
+    return m
+
+
+# ------------------------------------------------------------------ pre-training
+
+def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: Optional[np.ndarray] = None,
+             epochs: int = 10, batch_size: int = 64, lr: float = 1.5e-3, weight_decay: float = 0.05,
+             warmup_epochs: float = 1.0, min_lr: float = 1e-5, warmup_start_lr: float = 1e-6,
+             clip_grad: Optional[float] = 3.0, accum_steps: int = 1, least_number: Optional[int] = None,
+             num_masking_patches: Optional[int] = None, seed: int = 0, output_dir: Optional[str] = None,
+             checkpoint_every: int = 0, log_every: int = 10, progress: bool = False,
+             stop_after: Optional[int] = None, **model_overrides) -> Tuple[Any, Dict[str, List[float]]]:
+    """Pre-train a ViT with MaPeT, PIM or MIM (BEiT) on images and their visual tokens.
+
+    Args:
+        method: "mapet", "pim" or "mim" (alias "beit").
+        model: a model built by ``mapet.create_model`` for this method, or a size
+            ("tiny" | "small" | "base") to build ``<method>_<size>_patch16_224`` with
+            ``model_overrides`` (e.g. ``img_size=32, patch_size=4, depth=4``).
+        data: images [n, 3, H, W] float32 in [0, 1], an (images, labels) tuple, or a dataset.
+        tokens: visual tokens [n, num_patches] (any integer dtype), aligned with ``data``; when
+            ``data`` is a dataset yielding (image, label, tokens) leave it None.
+        epochs, batch_size, lr, weight_decay, warmup_epochs, min_lr, warmup_start_lr: the recipe
+            (AdamW, linear warm-up then cosine; lr per optimizer step).
+        clip_grad: global gradient-norm clip (None: off).
+        accum_steps: micro-batches per optimizer step (effective batch = batch_size × accum_steps).
+        least_number: MaPeT/PIM context size (default: the model's); num_masking_patches: MIM
+            block-mask size (default: 75/196 of the patches, rounded).
+        seed: seeds the loader, the permutation sampler / mask generator and the model's RNG.
+        output_dir: where checkpoints go; a run with an existing ``last.safetensors`` resumes.
+        stop_after: stop after this many optimizer steps in total (checkpointing first).
+
+    Returns:
+        (model, history) with history {"loss": [...], "lr": [...]} per optimizer step.
+    """
+    from .models import create_model
+    from .sampling import BlockMaskGenerator, PermutationSampler
+
+    method = _check_method(method)
+    if isinstance(model, str):
+        name = model if "_" in model else f"{'beit' if method == 'mim' else method}_{model}_patch16_224"
+        model = create_model(name, **model_overrides)
+    cfg = model.config
+    grid = cfg["img_size"] // cfg["patch_size"]
+    n_patches = grid * grid
+    if isinstance(data, np.ndarray) and tokens is not None:
+        data = ArrayDataset(data, np.asarray(tokens))
+    elif isinstance(data, tuple) and tokens is not None:
+        data = ArrayDataset(data[0], np.asarray(tokens))
+    dataset = _as_dataset(data)
+    ctx = distributed.context()
+    loader = DataLoader(dataset, batch_size, shuffle=True, seed=seed, prefetch=1)
+    states: Dict[str, Any] = {}
+    if method in ("mapet", "pim"):
+        sampler = PermutationSampler(n_patches, least_number=least_number or cfg["least_number"], seed=seed)
+        states["sampler"] = sampler
+
+        def step_fn(batch):
+            images, toks = batch[0], batch[-1]
+            perm = sampler.sample(images.shape[0])
+            return model.train_step(images, toks, perm), images.shape[0]
+    elif method == "mim":
+        count = num_masking_patches or int(round(n_patches * 75 / 196))
+        masks = BlockMaskGenerator(grid, count, min_num_patches=min(16, count), seed=seed)
+        states["masks"] = masks
+
+        def step_fn(batch):
+            images, toks = batch[0], batch[-1]
+            return model.train_step(images, toks, masks.sample(images.shape[0])), images.shape[0]
+    else:
+        raise NotImplementedError(f"pretrain(method={method!r}) is not wired yet")
+    optimizer = _make_optimizer(model, lr, weight_decay, clip_grad=clip_grad)
+    loop = _Loop(model, optimizer, loader, step_fn, epochs=epochs, lr=lr, warmup_epochs=warmup_epochs,
+                 min_lr=min_lr, warmup_start_lr=warmup_start_lr, accum_steps=accum_steps, output_dir=output_dir,
+                 checkpoint_every=checkpoint_every, states=states, log_every=log_every, progress=progress,
+                 desc=f"pretrain[{method}]", config={"method": method, "model": cfg}, seed=seed)
+    history = loop.run(stop_after=stop_after)
+    return model, history
+
+
+# ------------------------------------------------------------------ transfer
+
+def finetune(model: Any, train: Any, *, val: Any = None, num_classes: Optional[int] = None,
+             pretrained: Any = None, epochs: int = 10, batch_size: int = 64, lr: float = 1e-3,
+             weight_decay: float = 0.05, layer_decay: Optional[float] = 0.75, warmup_epochs: float = 1.0,
+             min_lr: float = 1e-6, warmup_start_lr: float = 1e-6, label_smoothing: float = 0.1,
+             clip_grad: Optional[float] = None, accum_steps: int = 1, seed: int = 0,
+             output_dir: Optional[str] = None, checkpoint_every: int = 0, log_every: int = 10,
+             progress: bool = False, stop_after: Optional[int] = None,
+             **model_overrides) -> Tuple[Any, Dict[str, List[float]]]:
+    """Fine-tune a ViT classifier end to end (optionally from a pre-training checkpoint).
+
+    Args:
+        model: a ``mapet.create_model`` classifier, or a name such as ``"vit_tiny_patch16_224"``.
+        train: (images, labels) or a dataset of (image, label).
+        val: optional held-out (images, labels) evaluated after training (``history["val_top1"]``).
+        num_classes: classes (default: max label + 1 of ``train`` when given as arrays).
+        pretrained: path or state_dict of a pre-trained model (matching keys are copied).
+        layer_decay: BEiT layer-wise lr decay (None or 1.0: off); label_smoothing: CE smoothing.
+        Other arguments as in :func:`pretrain`.
+
+    Returns:
+        (model, history).
+    """
+    from .models import create_model
+
+    dataset = _as_dataset(train)
+    if isinstance(model, str):
+        if num_classes is None:
+            num_classes = int(np.max(dataset.labels)) + 1
+        model = create_model(model, num_classes=num_classes, pretrained=pretrained, **model_overrides)
+    loader = DataLoader(dataset, batch_size, shuffle=True, seed=seed, prefetch=1)
+
+    def step_fn(batch):
+        images, labels = batch[0], batch[1]
+        return model.train_step(images, labels, label_smoothing=label_smoothing), images.shape[0]
+
+    optimizer = _make_optimizer(model, lr, weight_decay, clip_grad=clip_grad, layer_decay=layer_decay)
+    loop = _Loop(model, optimizer, loader, step_fn, epochs=epochs, lr=lr, warmup_epochs=warmup_epochs,
+                 min_lr=min_lr, warmup_start_lr=warmup_start_lr, accum_steps=accum_steps, output_dir=output_dir,
+                 checkpoint_every=checkpoint_every, log_every=log_every, progress=progress, desc="finetune",
+                 config={"model": model.config}, seed=seed)
+    history = loop.run(stop_after=stop_after)
+    if val is not None:
+        history["val_top1"] = [evaluate(model, val)["top1"]]
+    return model, history
+
+
+def extract_features(model: Any, data: Any, batch_size: int = 256, pool: str = "avg") -> np.ndarray:
+    """Frozen features for linear probing: the final-layer patch tokens averaged ("avg") or
+    the class token ("token"), [n, C] float32."""
+    images = _images_of(data)
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        f = model.forward_features(images[i:i + batch_size])
+        out.append(f[:, 1:].mean(axis=1) if pool == "avg" else f[:, 0])
+    return np.concatenate(out).astype(np.float32)
+
+
+def _images_of(data):
+    if isinstance(data, tuple):
+        return np.ascontiguousarray(data[0], dtype=np.float32)
+    if isinstance(data, np.ndarray):
+        return np.ascontiguousarray(data, dtype=np.float32)
+    return np.ascontiguousarray(data.images, dtype=np.float32)
+
+
+def _labels_of(data):
+    if isinstance(data, tuple):
+        return np.asarray(data[1]).astype(np.int64)
+    return np.asarray(data.labels).astype(np.int64)
+
+
+def linear_probe(model: Any, train: Any, val: Any = None, *, epochs: int = 100, lr: float = 0.1,
+                 weight_decay: float = 0.0, batch_size: int = 256, pool: str = "avg",
+                 seed: int = 0) -> Dict[str, float]:
+    """Linear probing: a linear classifier on frozen, standardised features (as MAE/BEiT:
+    a parameter-free BatchNorm on the features, then a linear layer trained with SGD+momentum
+    and a cosine schedule on softmax cross-entropy).
+
+    Args:
+        model: any mapet model with ``forward_features`` (pre-trained or not).
+        train, val: (images, labels).
+        epochs, lr, weight_decay, batch_size: the probe's recipe.
+        pool: "avg" (mean of patch tokens) or "token" (class token).
+
+    Returns:
+        {"train_top1", "val_top1"} (val only when given).
+    """
+    from .ops import matmul
+
+    ftr, ytr = extract_features(model, train, pool=pool), _labels_of(train)
+    mean, std = ftr.mean(0), ftr.std(0) + 1e-6
+    ftr = (ftr - mean) / std
+    k = int(ytr.max()) + 1
+    d = ftr.shape[1]
+    rng = np.random.default_rng(seed)
+    w = np.zeros((k, d), np.float32)
+    b = np.zeros(k, np.float32)
+    mw, mb = np.zeros_like(w), np.zeros_like(b)
+    steps_per_epoch = -(-len(ytr) // batch_size)
+    total = epochs * steps_per_epoch
+    step = 0
+    for _ in range(epochs):
+        order = rng.permutation(len(ytr))
+        for s in range(steps_per_epoch):
+            idx = order[s * batch_size:(s + 1) * batch_size]
+            x, y = ftr[idx], ytr[idx]
+            logits = matmul(x, w, trans_b=True) + b
+            logits -= logits.max(1, keepdims=True)
+            p = np.exp(logits)
+            p /= p.sum(1, keepdims=True)
+            p[np.arange(len(y)), y] -= 1.0
+            p /= len(y)
+            gw = matmul(p, x, trans_a=True) + weight_decay * w
+            gb = p.sum(0)
+            cur = 0.5 * lr * (1 + math.cos(math.pi * step / total))
+            mw = 0.9 * mw + gw
+            mb = 0.9 * mb + gb
+            w -= cur * mw
+            b -= cur * mb
+            step += 1
+
+    def top1(f, y):
+        return float(np.mean(np.argmax(matmul(f, w, trans_b=True) + b, axis=1) == y))
+
+    result = {"train_top1": top1(ftr, ytr)}
+    if val is not None:
+        fva = (extract_features(model, val, pool=pool) - mean) / std
+        result["val_top1"] = top1(fva, _labels_of(val))
+    return result
+
+
+def evaluate(model: Any, data: Any, batch_size: int = 256) -> Dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy of a classifier on (images, labels)."""
+    images, labels = _images_of(data), _labels_of(data)
+    correct, loss = 0, 0.0
+    for i in range(0, images.shape[0], batch_size):
+        logits = np.asarray(model(images[i:i + batch_size]), dtype=np.float64)
+        y = labels[i:i + batch_size]
+        correct += int(np.sum(np.argmax(logits, 1) == y))
+        z = logits - logits.max(1, keepdims=True)
+        loss += float(np.sum(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]))
+    n = images.shape[0]
+    return {"top1": correct / n, "loss": loss / n}
