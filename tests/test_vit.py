@@ -433,13 +433,13 @@ def test_learns_a_spatial_task():
     rng = np.random.default_rng(10)
     m = mapet.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=2,
                            num_heads=2, num_classes=4, global_pool="avg", seed=0)
-    opt = mapet.AdamW(m, lr=3e-3, weight_decay=0.01)
+    opt = mapet.AdamW(m, lr=2e-3, weight_decay=0.01)
     xt, yt = quadrant_images(np.random.default_rng(11), 512)
     t0 = time.time()
-    for step in range(600):  # ~3 s on 2 cores
+    for step in range(800):  # ~3 s on 2 cores; 100% held-out for seeds 0-2 when tuned
         x, y = quadrant_images(rng, 32)
         m.train_step(x, y)
-        opt.step(lr=mapet.schedules.cosine_lr(step, 600, 3e-3, warmup_steps=20, min_lr=1e-5))
+        opt.step(lr=mapet.schedules.cosine_lr(step, 800, 2e-3, warmup_steps=20, min_lr=1e-5))
         opt.zero_grad()
     acc = float((m(xt).argmax(1) == yt).mean())
     assert time.time() - t0 < 30

@@ -11,9 +11,12 @@ public typealias FloatVector = SIMD8<Float>
 public func vexp(_ x: FloatVector) -> FloatVector {
     let lo = FloatVector(repeating: -87.33654)
     let hi = FloatVector(repeating: 88.37626)
-    let input = x
-    var x = x.clamped(lowerBound: lo, upperBound: hi)
-    let n = (x * 1.44269504088896341).rounded(.toNearestOrEven)
+    let below = x .< lo
+    var x = pointwiseMin(pointwiseMax(x, lo), hi)
+    // n = round(x·log2 e) by the 1.5·2²³ trick: the sum's low mantissa bits hold n.
+    let magic = FloatVector(repeating: 12582912)
+    let shifted = x * 1.44269504088896341 + magic
+    let n = shifted - magic
     x = x - n * 0.693359375
     x = x + n * 2.12194440e-4
     var p = FloatVector(repeating: 1.9875691500e-4)
@@ -23,9 +26,30 @@ public func vexp(_ x: FloatVector) -> FloatVector {
     p = p * x + 1.6666665459e-1
     p = p * x + 5.0000001201e-1
     p = p * (x * x) + x + 1
-    let e = (SIMD8<Int32>(n, rounding: .towardZero) &+ 127) &<< 23
+    let bits = (unsafeBitCast(shifted, to: SIMD8<Int32>.self) &- 0x4B40_0000 &+ 127) &<< 23
     // Exact zero below the range (masked logits are −∞).
-    return (p * unsafeBitCast(e, to: FloatVector.self)).replacing(with: 0, where: input .< lo)
+    return (p * unsafeBitCast(bits, to: FloatVector.self)).replacing(with: 0, where: below)
+}
+
+@inlinable @inline(__always)
+func pointwiseMin(_ a: FloatVector, _ b: FloatVector) -> FloatVector { a.replacing(with: b, where: b .< a) }
+
+@inlinable @inline(__always)
+func pointwiseMax(_ a: FloatVector, _ b: FloatVector) -> FloatVector { a.replacing(with: b, where: b .> a) }
+
+/// erf by Abramowitz & Stegun 7.1.26: 1 − (a₁t + … + a₅t⁵)·e^(−x²), t = 1/(1 + 0.3275911·|x|),
+/// odd extension; absolute error ≤ 1.5·10⁻⁷.
+@inlinable @inline(__always)
+public func verf(_ x: FloatVector) -> FloatVector {
+    let a = x.replacing(with: -x, where: x .< 0)
+    let t = 1 / (1 + 0.3275911 * a)
+    var p = FloatVector(repeating: 1.061405429)
+    p = p * t - 1.453152027
+    p = p * t + 1.421413741
+    p = p * t - 0.284496736
+    p = p * t + 0.254829592
+    let y = 1 - p * t * vexp(-(a * a))
+    return y.replacing(with: -y, where: x .< 0)
 }
 
 /// Scalar exp through the same polynomial (tails of vector loops agree with their bodies).

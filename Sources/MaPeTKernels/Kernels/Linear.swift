@@ -40,11 +40,18 @@ public func linearBackward(
 /// dst[j] += Σ_i src[i, j], split over column blocks (row order fixed: deterministic).
 public func columnSumAccumulate(_ dst: UnsafeMutablePointer<Float>, _ src: UnsafePointer<Float>, rows: Int, cols: Int) {
     nonisolated(unsafe) let dst = dst, src = src
-    Parallel.forRanges(cols, grain: 64) { c in
-        for i in 0..<rows {
-            let row = src + i * cols
-            for j in c { dst[j] += row[j] }
+    // Column blocks of 8k floats: each worker keeps its block in registers-sized SIMD steps.
+    let blocks = (cols + 7) / 8
+    Parallel.forRanges(blocks, grain: 4) { r in
+        let lo = r.lowerBound * 8, hi = min(r.upperBound * 8, cols)
+        var j = lo
+        while j + 8 <= hi {
+            var acc = loadV(dst + j)
+            for i in 0..<rows { acc += loadV(src + i * cols + j) }
+            storeV(acc, dst + j)
+            j += 8
         }
+        for jj in j..<hi { for i in 0..<rows { dst[jj] += src[i * cols + jj] } }
     }
 }
 
