@@ -63,13 +63,15 @@ public func attentionBackward(
     let D = C / H
     let scale = 1 / Float(D).squareRoot()
     nonisolated(unsafe) let dQ = dQ, dK = dK, dV = dV, dOut = dOut, probs = probs, q = q, k = k, v = v
-    Parallel.forEach(B * H) { task in
+    // One dS scratch per worker range (not per task): no allocator traffic inside the loop.
+    Parallel.forRanges(B * H) { tasks in
+      let dS = UnsafeMutablePointer<Float>.allocate(capacity: max(M * Nk, 1))
+      defer { dS.deallocate() }
+      for task in tasks {
         let b = task / H, h = task % H
         let qo = b * M * ldQ + h * D, ko = b * Nk * ldK + h * D, vo = b * Nk * ldV + h * D
         let dOh = dOut + b * M * ldOut + h * D
         let P = probs + task * M * Nk
-        let dS = UnsafeMutablePointer<Float>.allocate(capacity: max(M * Nk, 1))
-        defer { dS.deallocate() }
         sgemm(transA: false, transB: true, M: M, N: Nk, K: D, alpha: 1, A: dOh, lda: ldOut,
               B: v + vo, ldb: ldV, beta: 0, C: dS, ldc: Nk)
         sgemm(transA: true, transB: false, M: Nk, N: D, K: M, alpha: 1, A: P, lda: Nk,
@@ -83,6 +85,7 @@ public func attentionBackward(
               B: k + ko, ldb: ldK, beta: 1, C: dQ + qo, ldc: ldQ)
         sgemm(transA: true, transB: false, M: Nk, N: D, K: M, alpha: 1, A: dS, lda: Nk,
               B: q + qo, ldb: ldQ, beta: 1, C: dK + ko, ldc: ldK)
+      }
     }
 }
 
