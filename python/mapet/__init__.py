@@ -10,6 +10,8 @@ from . import ops
 from .objectives import DTMSchedule, ccvit_corrupt, dtm_memberships, morph_tokens
 from .sampling import BlockMaskGenerator, PermutationBatch, PermutationSampler
 from . import checkpoint, config, data, schedules, viz
+from .models import VisionTransformer, create_model, load
+from .optim import AdamW
 
 __version__ = "0.1.0"
 
@@ -18,4 +20,5 @@ __all__ = [
     "set_num_threads", "get_num_threads", "blas_info", "ops",
     "DTMSchedule", "morph_tokens", "dtm_memberships", "ccvit_corrupt",
     "PermutationSampler", "PermutationBatch", "BlockMaskGenerator",
+    "VisionTransformer", "create_model", "load", "AdamW",
 ]

@@ -83,3 +83,229 @@ def gelu_backward(dout: np.ndarray, x: np.ndarray, dx: Optional[np.ndarray] = No
 
 # Objective kernels (defined with their objectives in mapet.objectives).
 from .objectives import ccvit_pixel_targets, dtm_loss, masked_mse  # noqa: E402,F401
+
+
+# ---------------------------------------------------------------- transformer kernels
+# Forward functions return their outputs and the cache the backward needs; backward
+# functions take gradient arrays (zeros created when omitted) and ACCUMULATE into them.
+
+def _zeros_or(x: Optional[np.ndarray], shape, name: str) -> np.ndarray:
+    if x is None:
+        return np.zeros(shape, np.float32)
+    if x.shape != tuple(shape) or x.dtype != np.float32 or not x.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a C-contiguous float32 array of shape {tuple(shape)}, got {x.dtype} {x.shape}")
+    return x
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray):
+    """LayerNorm over the last axis (eps 1e-6). x [R, C] → (out, mean [R], rstd [R])."""
+    x, weight, bias = _f32(x, "x"), _f32(weight, "weight"), _f32(bias, "bias")
+    if x.ndim != 2:
+        raise ValueError(f"layer_norm: expected x [R, C], got shape {x.shape}")
+    out = np.empty_like(x)
+    mean = np.empty(x.shape[0], np.float32)
+    rstd = np.empty(x.shape[0], np.float32)
+    _core.layer_norm_forward(out, mean, rstd, x, weight, bias)
+    return out, mean, rstd
+
+
+def layer_norm_backward(dout, x, weight, mean, rstd, dx=None, dweight=None, dbias=None):
+    """Accumulate LayerNorm gradients; returns (dx, dweight, dbias)."""
+    x, dout = _f32(x, "x"), _f32(dout, "dout")
+    dx = _zeros_or(dx, x.shape, "dx")
+    dweight = _zeros_or(dweight, (x.shape[1],), "dweight")
+    dbias = _zeros_or(dbias, (x.shape[1],), "dbias")
+    _core.layer_norm_backward(dx, dweight, dbias, dout, x, _f32(weight, "weight"), _f32(mean, "mean"), _f32(rstd, "rstd"))
+    return dx, dweight, dbias
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Row softmax of x [R, C]."""
+    x = _f32(x, "x")
+    out = np.empty_like(x)
+    _core.softmax_forward(out, x)
+    return out
+
+
+def softmax_backward(dout, out, dx=None):
+    """dx += out ⊙ (dout − rowsum(dout ⊙ out)); returns dx."""
+    out, dout = _f32(out, "out"), _f32(dout, "dout")
+    dx = _zeros_or(dx, out.shape, "dx")
+    _core.softmax_backward(dx, dout, out)
+    return dx
+
+
+def linear(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None) -> np.ndarray:
+    """x [R, IC] · weightᵀ [IC, OC] + bias (PyTorch Linear layout)."""
+    x, weight = _f32(x, "x"), _f32(weight, "weight")
+    out = np.empty((x.shape[0], weight.shape[0]), np.float32)
+    _core.linear_forward(out, x, weight, None if bias is None else _f32(bias, "bias"))
+    return out
+
+
+def linear_backward(dout, x, weight, dx=None, dweight=None, dbias=None):
+    """Accumulate Linear gradients; returns (dx, dweight, dbias)."""
+    x, weight, dout = _f32(x, "x"), _f32(weight, "weight"), _f32(dout, "dout")
+    dx = _zeros_or(dx, x.shape, "dx")
+    dweight = _zeros_or(dweight, weight.shape, "dweight")
+    dbias = _zeros_or(dbias, (weight.shape[0],), "dbias")
+    _core.linear_backward(dx, dweight, dbias, dout, x, weight)
+    return dx, dweight, dbias
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, mask: Optional[np.ndarray] = None):
+    """Multi-head attention, q [B, M, C], k/v [B, Nk, C]; mask [B, M, Nk] bool (True = may attend).
+
+    Returns (out [B, M, C], probs [B, heads, M, Nk]).
+    """
+    q, k, v = _f32(q, "q"), _f32(k, "k"), _f32(v, "v")
+    if q.ndim != 3:
+        raise ValueError(f"attention: expected q [B, M, C], got shape {q.shape}")
+    out = np.empty_like(q)
+    probs = np.empty((q.shape[0], int(heads), q.shape[1], k.shape[1]), np.float32)
+    m = None if mask is None else np.ascontiguousarray(mask, dtype=np.int32)
+    _core.attention_forward(out, probs, q, k, v, int(heads), m)
+    return out, probs
+
+
+def attention_backward(dout, probs, q, k, v, heads, dq=None, dk=None, dv=None):
+    """Accumulate attention gradients; returns (dq, dk, dv)."""
+    q, k, v, dout, probs = (_f32(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v"), (dout, "dout"), (probs, "probs")))
+    dq, dk, dv = _zeros_or(dq, q.shape, "dq"), _zeros_or(dk, k.shape, "dk"), _zeros_or(dv, v.shape, "dv")
+    _core.attention_backward(dq, dk, dv, dout, probs, q, k, v, int(heads))
+    return dq, dk, dv
+
+
+def residual(x, branch, gamma=None, keep=None):
+    """x + keep[b]·gamma⊙branch for [B, T, C] (layer scale and drop path optional)."""
+    x, branch = _f32(x, "x"), _f32(branch, "branch")
+    out = np.empty_like(x)
+    _core.residual_forward(out, x, branch, None if gamma is None else _f32(gamma, "gamma"),
+                           None if keep is None else _f32(keep, "keep"))
+    return out
+
+
+def residual_backward(dout, branch, gamma=None, keep=None, dx=None, dbranch=None, dgamma=None):
+    """Accumulate (dx, dbranch, dgamma) of ``residual``."""
+    dout, branch = _f32(dout, "dout"), _f32(branch, "branch")
+    dx = _zeros_or(dx, branch.shape, "dx")
+    dbranch = _zeros_or(dbranch, branch.shape, "dbranch")
+    dgamma = None if gamma is None else _zeros_or(dgamma, (branch.shape[2],), "dgamma")
+    _core.residual_backward(dx, dbranch, dgamma, dout, branch, None if gamma is None else _f32(gamma, "gamma"),
+                            None if keep is None else _f32(keep, "keep"))
+    return dx, dbranch, dgamma
+
+
+def drop_path_keep(batch: int, rate: float, seed: int = 0) -> np.ndarray:
+    """Per-sample drop-path scales in {0, 1/(1-rate)} (timm drop_path with scale_by_keep)."""
+    keep = np.empty(int(batch), np.float32)
+    _core.drop_path_keep(keep, float(rate), int(seed))
+    return keep
+
+
+def dropout_mask(shape, rate: float, seed: int = 0) -> np.ndarray:
+    """Element scales in {0, 1/(1-rate)} for inverted dropout."""
+    mask = np.empty(shape, np.float32)
+    _core.dropout_mask(mask.reshape(-1), float(rate), int(seed))
+    return mask
+
+
+def drop_path(x: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """x [B, ...] scaled per sample by keep [B]."""
+    x = _f32(x, "x")
+    out = np.empty_like(x)
+    _core.scale_rows_forward(out.reshape(x.shape[0], -1), x.reshape(x.shape[0], -1), _f32(keep, "keep"))
+    return out
+
+
+def drop_path_backward(dout, keep, dx=None):
+    dout = _f32(dout, "dout")
+    dx = _zeros_or(dx, dout.shape, "dx")
+    _core.scale_rows_backward(dx.reshape(dout.shape[0], -1), dout.reshape(dout.shape[0], -1), _f32(keep, "keep"))
+    return dx
+
+
+def dropout(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """x ⊙ mask (mask from ``dropout_mask``)."""
+    x, mask = _f32(x, "x"), _f32(mask, "mask")
+    if mask.shape != x.shape:
+        raise ValueError(f"dropout: mask has shape {mask.shape}, x has {x.shape}")
+    out = np.empty_like(x)
+    _core.scale_rows_forward(out.reshape(1, -1), x.reshape(1, -1), mask.reshape(-1))
+    return out
+
+
+def dropout_backward(dout, mask, dx=None):
+    dout, mask = _f32(dout, "dout"), _f32(mask, "mask")
+    dx = _zeros_or(dx, dout.shape, "dx")
+    _core.scale_rows_backward(dx.reshape(1, -1), dout.reshape(1, -1), mask.reshape(-1))
+    return dx
+
+
+def patch_embed(images: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None):
+    """Stride-p conv as patchify + GEMM. images [B, Cin, S, S], weight [C, Cin, p, p].
+
+    Returns (out [B, n, C], patches [B, n, Cin·p·p]).
+    """
+    images, weight = _f32(images, "images"), _f32(weight, "weight")
+    if images.ndim != 4 or weight.ndim != 4:
+        raise ValueError(f"patch_embed: expected 4-d images and weight, got {images.shape} and {weight.shape}")
+    B, S, p = images.shape[0], images.shape[2], weight.shape[2]
+    n = (S // p) ** 2 if p > 0 else 0
+    out = np.empty((B, n, weight.shape[0]), np.float32)
+    patches = np.empty((B, n, weight.shape[1] * p * p), np.float32)
+    _core.patch_embed_forward(out, patches, images, weight, None if bias is None else _f32(bias, "bias"))
+    return out, patches
+
+
+def patch_embed_backward(dout, patches, weight, img_size: int, dimages=None, dweight=None, dbias=None):
+    """Accumulate (dimages, dweight, dbias) of ``patch_embed``."""
+    dout, patches, weight = _f32(dout, "dout"), _f32(patches, "patches"), _f32(weight, "weight")
+    B, Cin = patches.shape[0], weight.shape[1]
+    dimages = _zeros_or(dimages, (B, Cin, img_size, img_size), "dimages")
+    dweight = _zeros_or(dweight, weight.shape, "dweight")
+    dbias = _zeros_or(dbias, (weight.shape[0],), "dbias")
+    _core.patch_embed_backward(dimages, dweight, dbias, dout, patches, weight, int(img_size))
+    return dimages, dweight, dbias
+
+
+def mean_pool(x: np.ndarray, start: int = 1) -> np.ndarray:
+    """Mean over tokens ``start:`` of x [B, T, C] (start=1 skips the CLS token)."""
+    x = _f32(x, "x")
+    out = np.empty((x.shape[0], x.shape[2]), np.float32)
+    _core.mean_pool_forward(out, x, int(start))
+    return out
+
+
+def mean_pool_backward(dout, tokens: int, start: int = 1, dx=None):
+    dout = _f32(dout, "dout")
+    dx = _zeros_or(dx, (dout.shape[0], tokens, dout.shape[1]), "dx")
+    _core.mean_pool_backward(dx, dout, int(start))
+    return dx
+
+
+def cross_entropy(logits: np.ndarray, targets: np.ndarray, smoothing: float = 0.0):
+    """Mean softmax cross-entropy over rows with target ≥ 0 (negative targets are ignored).
+
+    Returns (mean loss, per-row losses [R], probs [R, K]).
+    """
+    logits = _f32(logits, "logits")
+    t = np.asarray(targets)
+    if not np.issubdtype(t.dtype, np.integer):
+        raise TypeError(f"targets: expected integer class indices, got dtype {t.dtype}")
+    t = np.ascontiguousarray(t, dtype=np.int32)
+    losses = np.empty(logits.shape[0], np.float32)
+    probs = np.empty_like(logits)
+    loss = _core.cross_entropy_forward(losses, probs, logits, t, float(smoothing))
+    return loss, losses, probs
+
+
+def cross_entropy_backward(probs, targets, smoothing: float = 0.0, scale: Optional[float] = None, dlogits=None):
+    """dlogits += scale·(probs − q); scale defaults to 1 / (rows with target ≥ 0)."""
+    probs = _f32(probs, "probs")
+    t = np.ascontiguousarray(targets, dtype=np.int32)
+    if scale is None:
+        scale = 1.0 / max(int((t >= 0).sum()), 1)
+    dlogits = _zeros_or(dlogits, probs.shape, "dlogits")
+    _core.cross_entropy_backward(dlogits, probs, t, float(smoothing), float(scale))
+    return dlogits

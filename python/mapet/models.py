@@ -1,0 +1,268 @@
+"""Vision Transformer classifier (timm names and layout) on the Swift engine.
+
+``create_model("vit_tiny_patch16_224", num_classes=10, global_pool="avg")`` builds a ViT whose
+parameters live in one contiguous Swift block; ``state_dict()`` and ``grads()`` are zero-copy
+NumPy views under the timm / reference names, so weights move to and from PyTorch unchanged
+and a distributed engine can all-reduce ``flat_grads`` in place.
+"""
+import json
+import logging
+from collections import OrderedDict
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+
+from ._native import _core
+from .io import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mapet"
+
+_DEFAULTS: Dict[str, Any] = dict(
+    img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
+    embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0, qkv_bias=True, init_values=None,
+    drop_path_rate=0.0,
+)
+
+_ARCHS: Dict[str, Dict[str, Any]] = {
+    "vit_tiny_patch16_224": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16_224": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16_224": dict(embed_dim=768, depth=12, num_heads=12),
+}
+
+
+def _images(images: Any, name: str = "images") -> np.ndarray:
+    a = np.asarray(images)
+    if not np.issubdtype(a.dtype, np.floating):
+        raise TypeError(f"{name}: expected a floating-point array [B, C, H, W] (float32), got dtype {a.dtype}")
+    if a.ndim != 4:
+        raise ValueError(f"{name}: expected a 4-d array [B, C, H, W], got shape {a.shape}")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _labels(labels: Any, batch: int, num_classes: int) -> np.ndarray:
+    a = np.asarray(labels)
+    if not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_) or a.dtype == np.bool_:
+        raise TypeError(f"labels: expected an integer array of class indices, got dtype {a.dtype}")
+    if a.shape != (batch,):
+        raise ValueError(f"labels: expected shape ({batch},) to match the images, got {a.shape}")
+    if batch and (a.min() < 0 or a.max() >= num_classes):
+        bad = a[(a < 0) | (a >= num_classes)][0]
+        raise ValueError(f"labels: expected class indices in [0, {num_classes}), got {bad}")
+    return np.ascontiguousarray(a, dtype=np.int32)
+
+
+class VisionTransformer:
+    """A ViT classifier (SPEC §1; timm ``VisionTransformer`` names).
+
+    Args:
+        img_size, patch_size, in_chans: input geometry (square images, side divisible by patch).
+        num_classes: classifier outputs.
+        global_pool: ``'token'`` (``norm`` → CLS → head) or ``'avg'`` (mean of patch tokens →
+            ``fc_norm`` → head).
+        embed_dim, depth, num_heads, mlp_ratio: transformer size.
+        qkv_bias: biases on ``attn.q`` and ``attn.kv``.
+        init_values: layer-scale init (``ls1.gamma``/``ls2.gamma``); None disables layer scale.
+        drop_path_rate: stochastic depth, rising linearly 0 → rate over the blocks (training only).
+        seed: initialisation and drop-path seed.
+
+    Example:
+        >>> import numpy as np, mapet
+        >>> m = mapet.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10, depth=2)
+        >>> m(np.zeros((2, 3, 32, 32), np.float32)).shape
+        (2, 10)
+    """
+
+    def __init__(self, *, seed: int = 0, **config: Any) -> None:
+        unknown = sorted(set(config) - set(_DEFAULTS))
+        if unknown:
+            raise TypeError(f"VisionTransformer: unknown option(s) {unknown}; known: {sorted(_DEFAULTS)}")
+        cfg = dict(_DEFAULTS, **config)
+        if cfg["global_pool"] not in ("token", "avg"):
+            raise ValueError(f"global_pool: expected 'token' or 'avg', got {cfg['global_pool']!r}")
+        cfg["init_values"] = None if cfg["init_values"] is None else float(cfg["init_values"])
+        cfg["mlp_ratio"] = float(cfg["mlp_ratio"])
+        cfg["drop_path_rate"] = float(cfg["drop_path_rate"])
+        cfg["qkv_bias"] = bool(cfg["qkv_bias"])
+        self._handle = _core.vit_create(
+            cfg["img_size"], cfg["patch_size"], cfg["in_chans"], cfg["embed_dim"], cfg["depth"],
+            cfg["num_heads"], cfg["mlp_ratio"], cfg["num_classes"], cfg["global_pool"],
+            cfg["init_values"], cfg["drop_path_rate"], cfg["qkv_bias"], int(seed))
+        self.config: Dict[str, Any] = cfg
+        self.seed = int(seed)
+        self._table: List[Tuple[str, Tuple[int, ...], int]] = _core.vit_table(self._handle)
+        params, grads = _core.vit_blocks(self._handle)
+        self.flat_params: np.ndarray = np.asarray(params)
+        """The whole parameter block (1-d float32, zero-copy)."""
+        self.flat_grads: np.ndarray = np.asarray(grads)
+        """The whole gradient block (1-d float32, zero-copy; all-reduce this in place)."""
+        self._params = self._views(self.flat_params)
+        self._grads = self._views(self.flat_grads)
+
+    def _views(self, flat: np.ndarray) -> "OrderedDict[str, np.ndarray]":
+        out: "OrderedDict[str, np.ndarray]" = OrderedDict()
+        for name, shape, offset in self._table:
+            count = int(np.prod(shape)) if shape else 1
+            out[name] = flat[offset:offset + count].reshape(shape)
+        return out
+
+    # ------------------------------------------------------------------ parameters
+
+    @property
+    def parameter_table(self) -> List[Tuple[str, Tuple[int, ...], int]]:
+        """Ordered (name, shape, offset) of every parameter inside ``flat_params``/``flat_grads``."""
+        return list(self._table)
+
+    @property
+    def num_params(self) -> int:
+        return sum(int(np.prod(s)) for _, s, _ in self._table)
+
+    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+        """Parameters under the reference names: zero-copy views (writes change the model)."""
+        return OrderedDict(self._params)
+
+    def grads(self) -> "OrderedDict[str, np.ndarray]":
+        """Accumulated gradients under the parameter names: zero-copy views."""
+        return OrderedDict(self._grads)
+
+    def zero_grad(self) -> None:
+        """Clear the gradient block."""
+        _core.vit_zero_grad(self._handle)
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Copy weights in by name (e.g. a timm/PyTorch state_dict converted with ``.numpy()``).
+
+        Args:
+            state: name → array.
+            strict: require exactly the model's names; otherwise missing and unexpected names
+                are skipped (shapes must still match).
+
+        Raises:
+            KeyError: names differ (strict), listing missing and unexpected ones.
+            ValueError: a shape differs or a value is not finite; the model is left unchanged.
+        """
+        names = set(self._params)
+        missing = sorted(names - set(state))
+        unexpected = sorted(set(state) - names)
+        if strict and (missing or unexpected):
+            raise KeyError(f"load_state_dict: missing keys {missing}; unexpected keys {unexpected}")
+        staged = {}
+        for name in self._params:
+            if name not in state:
+                continue
+            value = np.asarray(state[name])
+            want = self._params[name].shape
+            if value.shape != want:
+                raise ValueError(f"load_state_dict: {name} has shape {tuple(value.shape)}, the model expects {want}")
+            value = value.astype(np.float32, copy=False)
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"load_state_dict: {name} contains non-finite values")
+            staged[name] = value
+        for name, value in staged.items():
+            self._params[name][...] = value
+        if missing or unexpected:
+            log.info("load_state_dict: skipped missing %s, unexpected %s", missing, unexpected)
+
+    # ------------------------------------------------------------------ compute
+
+    def _check(self, images: Any) -> np.ndarray:
+        return _images(images)
+
+    def __call__(self, images: Any) -> np.ndarray:
+        """Logits [B, num_classes] for images [B, in_chans, img_size, img_size] (inference: no drop path)."""
+        x = self._check(images)
+        out = np.empty((x.shape[0], self.config["num_classes"]), np.float32)
+        _core.vit_forward(self._handle, x, out, False)
+        return out
+
+    def forward_features(self, images: Any) -> np.ndarray:
+        """Final tokens [B, 1 + num_patches, embed_dim] (after ``norm`` for 'token' pooling, as timm)."""
+        x = self._check(images)
+        n = (self.config["img_size"] // self.config["patch_size"]) ** 2 + 1
+        out = np.empty((x.shape[0], n, self.config["embed_dim"]), np.float32)
+        _core.vit_forward(self._handle, x, out, True)
+        return out
+
+    def train_step(self, images: Any, labels: Any, label_smoothing: float = 0.0,
+                   return_logits: bool = False):
+        """Forward, mean cross-entropy and backward; adds the gradients into ``grads()``.
+
+        Args:
+            images: [B, in_chans, img_size, img_size] floats.
+            labels: [B] class indices, any integer dtype.
+            label_smoothing: ε of the smoothed targets (timm LabelSmoothingCrossEntropy).
+            return_logits: also return the training-mode logits [B, num_classes].
+
+        Returns:
+            The loss (float), or (loss, logits).
+
+        Raises:
+            TypeError/ValueError naming the bad input; on a non-finite loss ValueError and the
+            gradients are unchanged.
+        """
+        x = self._check(images)
+        y = _labels(labels, x.shape[0], self.config["num_classes"])
+        logits = np.empty((x.shape[0], self.config["num_classes"]), np.float32) if return_logits else None
+        loss = _core.vit_train_step(self._handle, x, y, float(label_smoothing), logits)
+        return (loss, logits) if return_logits else loss
+
+    def release_activations(self) -> None:
+        """Free the cached training activations (re-allocated by the next ``train_step``)."""
+        _core.vit_release(self._handle)
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, path: str, optimizer: Optional["AdamW"] = None) -> None:  # noqa: F821
+        """Write a safetensors file: weights by name, config in the metadata (and the AdamW state)."""
+        tensors: Dict[str, np.ndarray] = dict(self._params)
+        metadata = {"format": FORMAT, "model": "vit", "config": json.dumps(self.config)}
+        if optimizer is not None:
+            state = optimizer.state_dict()
+            for name, v in state.pop("exp_avg").items():
+                tensors["optimizer.exp_avg." + name] = v
+            for name, v in state.pop("exp_avg_sq").items():
+                tensors["optimizer.exp_avg_sq." + name] = v
+            metadata["optimizer"] = json.dumps(state)
+        save_file(tensors, path, metadata)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"VisionTransformer(embed_dim={c['embed_dim']}, depth={c['depth']}, num_heads={c['num_heads']}, "
+                f"img_size={c['img_size']}, patch_size={c['patch_size']}, num_classes={c['num_classes']}, "
+                f"global_pool={c['global_pool']!r}, params={self.num_params})")
+
+
+def create_model(name: str, seed: int = 0, **overrides: Any) -> VisionTransformer:
+    """Build a model by timm name with timm-named overrides.
+
+    Args:
+        name: ``vit_tiny_patch16_224``, ``vit_small_patch16_224`` or ``vit_base_patch16_224``.
+        seed: initialisation / drop-path seed.
+        **overrides: ``img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
+            num_classes, global_pool, init_values, drop_path_rate, qkv_bias``.
+
+    Example:
+        >>> import mapet
+        >>> mapet.create_model("vit_small_patch16_224", num_classes=100).config["embed_dim"]
+        384
+    """
+    if name not in _ARCHS:
+        raise ValueError(f"create_model: unknown model {name!r}; available: {sorted(_ARCHS)}")
+    return VisionTransformer(seed=seed, **dict(_ARCHS[name], **overrides))
+
+
+def load(path: str) -> VisionTransformer:
+    """Load a model written by ``model.save(path)`` (weights and config; strict names).
+
+    The optimizer state, if saved, is restored with ``AdamW.load(path)``.
+    """
+    tensors, metadata = load_file(path)
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise ValueError(f"{path}: not a mapet model file (metadata format={metadata.get('format')!r})")
+    kind = metadata.get("model", "vit")
+    if kind != "vit":
+        raise ValueError(f"{path}: holds a {kind!r} model; load it with its own loader")
+    model = VisionTransformer(**json.loads(metadata["config"]))
+    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optimizer.")})
+    return model
