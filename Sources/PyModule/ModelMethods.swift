@@ -66,6 +66,15 @@ let modelMethods: [Method] = [
                             makeTensor(m.grads, dtype: .float32, shape: [m.table.total])])
     } }, doc: "vit_blocks(model) -> (params, grads): 1-d zero-copy views of the two contiguous blocks."),
 
+    Method(name: "vit_reseed", function: { _, a, n in call(a, n, "vit_reseed") { args in
+        try args.expect(3)
+        let m = try args.handle(0, "model", VisionTransformer.self)
+        let seed = UInt64(bitPattern: Int64(try args.int(1, "seed")))
+        let stream = UInt64(try args.int(2, "stream", min: 0))
+        m.rng = Xoshiro256StarStar(seed: seed, stream: stream)
+        return none()
+    } }, doc: "vit_reseed(model, seed, stream): restart the drop-path generator on stream `stream` of `seed`."),
+
     Method(name: "vit_zero_grad", function: { _, a, n in call(a, n, "vit_zero_grad") { args in
         try args.expect(1)
         let m = try args.handle(0, "model", VisionTransformer.self)

@@ -177,7 +177,7 @@ def run_linprobe(cfg: Dict[str, Any]) -> Dict[str, float]:
     from .train import linear_probe
 
     train, val = _load_split(cfg, "train"), _load_split(cfg, "test")
-    model = create_model(f"vit_{cfg['model']['size']}_patch16_224", seed=int(cfg["seed"]), num_classes=0,
+    model = create_model(f"vit_{cfg['model']['size']}_patch16_224", seed=int(cfg["seed"]), num_classes=int(train[1].max()) + 1,
                          pretrained=cfg.get("pretrained"), **_overrides(cfg))
     return linear_probe(model, train, val, epochs=int(cfg["epochs"]), lr=float(cfg["lr"]), pool=cfg["pool"],
                         seed=int(cfg["seed"]))

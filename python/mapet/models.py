@@ -130,6 +130,11 @@ class VisionTransformer:
         """Clear the gradient block."""
         _core.vit_zero_grad(self._handle)
 
+    def reseed(self, seed: int, stream: int = 0) -> None:
+        """Restart the drop-path generator on ``stream`` of ``seed`` (training loops pass the
+        micro-batch number, so a resumed run draws exactly the masks it would have drawn)."""
+        _core.vit_reseed(self._handle, int(seed), int(stream))
+
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
         """Copy weights in by name (e.g. a timm/PyTorch state_dict converted with ``.numpy()``).
 
@@ -233,12 +238,17 @@ class VisionTransformer:
                 f"global_pool={c['global_pool']!r}, params={self.num_params})")
 
 
-def create_model(name: str, seed: int = 0, **overrides: Any) -> VisionTransformer:
+def create_model(name: str, seed: int = 0, pretrained: Any = None, **overrides: Any) -> Any:
     """Build a model by timm name with timm-named overrides.
 
     Args:
-        name: ``vit_tiny_patch16_224``, ``vit_small_patch16_224`` or ``vit_base_patch16_224``.
+        name: ``vit_{tiny,small,base}_patch16_224`` (classifier), or a pre-training model
+            ``mapet_*`` / ``pim_*`` / ``beit_*`` (see ``mapet.pretrain_models``).
         seed: initialisation / drop-path seed.
+        pretrained: a path to a safetensors file (``model.save`` output, or any reference
+            checkpoint) or a state_dict (name → array). Every key whose name and shape match is
+            copied; decoder, mask tokens and anything else that does not fit is skipped and
+            reported (``model.pretrained_report`` and one log line).
         **overrides: ``img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
             num_classes, global_pool, init_values, drop_path_rate, qkv_bias``.
 
@@ -247,9 +257,42 @@ def create_model(name: str, seed: int = 0, **overrides: Any) -> VisionTransforme
         >>> mapet.create_model("vit_small_patch16_224", num_classes=100).config["embed_dim"]
         384
     """
-    if name not in _ARCHS:
-        raise ValueError(f"create_model: unknown model {name!r}; available: {sorted(_ARCHS)}")
-    return VisionTransformer(seed=seed, **dict(_ARCHS[name], **overrides))
+    if name.split("_")[0] in ("mapet", "pim", "beit"):
+        from .pretrain_models import create_pretrain_model
+        model = create_pretrain_model(name, seed=seed, **overrides)
+    elif name in _ARCHS:
+        model = VisionTransformer(seed=seed, **dict(_ARCHS[name], **overrides))
+    else:
+        raise ValueError(f"create_model: unknown model {name!r}; available: {sorted(_ARCHS)} and "
+                         "mapet_/pim_/beit_{tiny,small,base}_patch16_224")
+    if pretrained is not None:
+        model.pretrained_report = load_pretrained(model, pretrained)
+    return model
+
+
+def load_pretrained(model: Any, source: Any) -> Dict[str, List[str]]:
+    """Copy every parameter of ``source`` (path or state_dict) whose name and shape match.
+
+    Returns:
+        {"loaded": [...], "skipped": [...] (in the source but unused, or shape differs),
+        "missing": [...] (model parameters left at their initialisation)}.
+    """
+    if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
+        tensors, _ = load_file(source)
+    else:
+        tensors = dict(source)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
+    own = model.state_dict()
+    loaded, skipped = [], []
+    for k, v in tensors.items():
+        if k in own and tuple(np.shape(v)) == own[k].shape:
+            own[k][...] = np.asarray(v, dtype=np.float32)
+            loaded.append(k)
+        else:
+            skipped.append(k)
+    missing = [k for k in own if k not in set(loaded)]
+    log.info("pretrained: loaded %d tensors; skipped %s; left at init %s", len(loaded), skipped, missing)
+    return {"loaded": loaded, "skipped": skipped, "missing": missing}
 
 
 def load(path: str) -> VisionTransformer:
@@ -262,7 +305,8 @@ def load(path: str) -> VisionTransformer:
         raise ValueError(f"{path}: not a mapet model file (metadata format={metadata.get('format')!r})")
     kind = metadata.get("model", "vit")
     if kind != "vit":
-        raise ValueError(f"{path}: holds a {kind!r} model; load it with its own loader")
+        from .pretrain_models import load_pretrain_model
+        return load_pretrain_model(path, tensors, metadata)
     model = VisionTransformer(**json.loads(metadata["config"]))
     model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optimizer.")})
     return model
