@@ -15,7 +15,10 @@ import mapet.io
 from mapet.checkpoint import find_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from mapet.data import DataLoader, load_digits, ArrayDataset
 
-PYTHON_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+# Subprocesses import the same mapet as this process (installed, or the source tree in dev).
+import mapet as _mapet
+
+PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(_mapet.__file__)))
 
 
 def _groups(rng, scale=1.0):

@@ -8,7 +8,10 @@ import pytest
 
 from mapet.config import apply_override, load_config, merge, parse_value, save_resolved_config
 
-PYTHON_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+# Subprocesses import the same mapet as this process (installed, or the source tree in dev).
+import mapet as _mapet
+
+PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(_mapet.__file__)))
 
 
 def test_values_parse_as_json_then_words():
