@@ -1,0 +1,57 @@
+"""Every `python -m mapet` subcommand runs on a tiny config (in a subprocess, as a user would)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import mapet
+
+PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(mapet.__file__)))
+TINY = ["--set", "model.img_size=16", "--set", "model.patch_size=4", "--set", "model.embed_dim=24",
+        "--set", "model.depth=2", "--set", "model.num_heads=3", "--threads", "2"]
+
+
+def _run(*args, cwd):
+    env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
+    r = subprocess.run([sys.executable, "-m", "mapet", *args], capture_output=True, text=True, env=env,
+                       cwd=cwd, timeout=600)
+    assert r.returncode == 0, f"python -m mapet {' '.join(args)}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    return r.stdout
+
+
+def test_help_lists_every_subcommand(tmp_path):
+    out = _run("--help", cwd=tmp_path)
+    for cmd in ("tokenize", "pretrain", "finetune", "linprobe", "eval", "demo"):
+        assert cmd in out
+    assert "--set" in _run("pretrain", "--help", cwd=tmp_path)
+
+
+def test_tokenize_pretrain_finetune_linprobe_eval(tmp_path):
+    tok = ["--set", "tokenizer.n_tokens=16", "--set", "tokenizer.n_iter=5"]
+    cache = _run("tokenize", *TINY, *tok, "-o", "tok", cwd=tmp_path).strip().splitlines()[-1]
+    assert os.path.exists(os.path.join(tmp_path, cache, "manifest.json"))
+    for method in ("mapet", "mim"):
+        out = _run("pretrain", *TINY, *tok, "--set", f"method={method}", "--set", f"tokens={cache}",
+                   "--set", "epochs=1", "--set", "least_number=4", "-o", method, cwd=tmp_path)
+        assert json.loads(out.strip().splitlines()[-1])["steps"] > 0
+        assert os.path.exists(os.path.join(tmp_path, method, "model.safetensors"))
+        assert os.path.exists(os.path.join(tmp_path, method, "config.json"))  # the resolved config
+    out = _run("finetune", *TINY, "--set", "epochs=1", "--set", "pretrained=mapet/model.safetensors",
+               "-o", "ft", cwd=tmp_path)
+    assert 0.0 <= json.loads(out.strip().splitlines()[-1])["top1"] <= 1.0
+    out = _run("linprobe", *TINY, "--set", "epochs=5", "--set", "pretrained=mim/model.safetensors",
+               cwd=tmp_path)
+    assert 0.0 <= json.loads(out.strip().splitlines()[-1])["val_top1"] <= 1.0
+    out = _run("eval", *TINY, "--set", "checkpoint=ft/model.safetensors", cwd=tmp_path)
+    assert "top1" in json.loads(out.strip().splitlines()[-1])
+
+
+def test_demo_on_a_tiny_budget(tmp_path):
+    out = _run("demo", *TINY, "--set", "tokenizer.n_tokens=16", "--set", "tokenizer.n_iter=3",
+               "--set", "pretrain.epochs=1", "--set", "pretrain.least_number=4", "--set", "finetune.epochs=1",
+               "--set", "linprobe.epochs=3", "-o", "demo", cwd=tmp_path)
+    assert "MaPeT" in out and "MIM" in out and "scratch" in out
+    for f in ("results.md", "results.json", "curves.png"):
+        assert os.path.exists(os.path.join(tmp_path, "demo", f))
