@@ -10,6 +10,8 @@ from . import ops
 from .objectives import DTMSchedule, ccvit_corrupt, dtm_memberships, morph_tokens
 from .sampling import BlockMaskGenerator, PermutationBatch, PermutationSampler
 from . import checkpoint, config, data, schedules, viz
+from .kmeans import KMeans
+from .tokenizers import FeatureTokenizer, PixelTokenizer
 
 __version__ = "0.1.0"
 
@@ -18,4 +20,5 @@ __all__ = [
     "set_num_threads", "get_num_threads", "blas_info", "ops",
     "DTMSchedule", "morph_tokens", "dtm_memberships", "ccvit_corrupt",
     "PermutationSampler", "PermutationBatch", "BlockMaskGenerator",
+    "KMeans", "PixelTokenizer", "FeatureTokenizer",
 ]
