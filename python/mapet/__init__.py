@@ -12,6 +12,8 @@ from .sampling import BlockMaskGenerator, PermutationBatch, PermutationSampler
 from . import checkpoint, config, data, schedules, viz
 from .models import VisionTransformer, create_model, load
 from .optim import AdamW
+from .kmeans import KMeans
+from .tokenizers import FeatureTokenizer, PixelTokenizer
 
 __version__ = "0.1.0"
 
@@ -21,4 +23,5 @@ __all__ = [
     "DTMSchedule", "morph_tokens", "dtm_memberships", "ccvit_corrupt",
     "PermutationSampler", "PermutationBatch", "BlockMaskGenerator",
     "VisionTransformer", "create_model", "load", "AdamW",
+    "KMeans", "PixelTokenizer", "FeatureTokenizer",
 ]

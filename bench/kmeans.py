@@ -1,0 +1,145 @@
+"""k-means and nearest-centroid encoding: mapet vs faiss-cpu vs scikit-learn.
+
+Each measurement runs in its own process in that library's fastest environment (mapet and
+scikit-learn with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset; faiss, whose wheel bundles
+OpenBLAS 0.3.15, with them set to the machine's values), libraries alternate, and the table shows
+medians. All sides cluster the same synthetic data (Gaussian blobs, fixed seed) from a random
+init; every side's final centroids are scored with one evaluator (exact Σ min ‖x − c‖²).
+
+    PY=/tmp/mapet-peers/bin/python
+    $PY bench/kmeans.py             # the issue's sizes (slow on 2 cores)
+    $PY bench/kmeans.py --quick     # scaled-down sizes
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "python"))
+
+FULL = {"fit_a": (100_000, 768, 1024, 20), "fit_b": (50_000, 768, 8192, 10), "encode": (1_000_000, 768, 8192, 0)}
+QUICK = {"fit_a": (25_000, 768, 1024, 20), "fit_b": (32_768, 768, 4096, 10), "encode": (200_000, 768, 8192, 0)}
+
+
+def make_data(n, d, seed=0, centers=None):
+    rng = np.random.default_rng(seed)
+    m = centers or max(16, n // 50)
+    c = rng.standard_normal((m, d)).astype(np.float32)
+    x = np.empty((n, d), np.float32)
+    for lo in range(0, n, 65536):
+        hi = min(n, lo + 65536)
+        x[lo:hi] = c[rng.integers(0, m, hi - lo)] + 0.7 * rng.standard_normal((hi - lo, d), dtype=np.float32)
+    return x
+
+
+def worker(lib, task, n, d, k, iters, out):
+    x = make_data(n, d)
+    if task == "encode":
+        cent = make_data(k, d, seed=1)
+        if lib == "mapet":
+            import mapet
+            km = mapet.KMeans(k)
+            km.cluster_centers_ = cent
+            t = time.perf_counter(); _, I = km.assign(x); dt = time.perf_counter() - t
+        elif lib == "faiss":
+            import faiss
+            index = faiss.IndexFlatL2(d); index.add(cent)
+            t = time.perf_counter(); _, I = index.search(x, 1); dt = time.perf_counter() - t
+        else:
+            from sklearn.metrics import pairwise_distances_argmin
+            t = time.perf_counter(); I = pairwise_distances_argmin(x, cent); dt = time.perf_counter() - t
+        np.save(out, np.asarray(I).reshape(-1).astype(np.int32))
+        return dt
+    if lib == "mapet":
+        import mapet
+        km = mapet.KMeans(k, n_iter=iters, seed=1234, max_points_per_centroid=1 << 20)
+        t = time.perf_counter(); km.fit(x); dt = time.perf_counter() - t
+        c = km.cluster_centers_
+    elif lib == "faiss":
+        import faiss
+        km = faiss.Kmeans(d, k, niter=iters, seed=1234, max_points_per_centroid=1 << 20)
+        t = time.perf_counter(); km.train(x); dt = time.perf_counter() - t
+        c = km.centroids
+    else:
+        from sklearn.cluster import KMeans
+        km = KMeans(k, init="random", n_init=1, max_iter=iters, tol=0.0, algorithm="lloyd", random_state=1234)
+        t = time.perf_counter(); km.fit(x); dt = time.perf_counter() - t
+        c = km.cluster_centers_.astype(np.float32)
+    np.save(out, c)
+    return dt
+
+
+def env_for(lib):
+    e = dict(os.environ)
+    if lib == "faiss":
+        e.setdefault("OPENBLAS_CORETYPE", "Haswell")
+    else:
+        e.pop("OPENBLAS_CORETYPE", None); e.pop("OPENBLAS_L2_SIZE", None)
+    return e
+
+
+def run(lib, task, size, out):
+    n, d, k, iters = size
+    cmd = [sys.executable, __file__, "--worker", lib, task, str(n), str(d), str(k), str(iters), out]
+    r = subprocess.run(cmd, env=env_for(lib), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{lib} {task} failed:\n{r.stderr[-2000:]}")
+    return float(r.stdout.strip().splitlines()[-1])
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        lib, task, n, d, k, iters, out = sys.argv[2:9]
+        print(worker(lib, task, int(n), int(d), int(k), int(iters), out))
+        return
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--libs", default="mapet,faiss,sklearn")
+    ap.add_argument("--tasks", default="fit_a,fit_b,encode")
+    a = ap.parse_args()
+    sizes = QUICK if a.quick else FULL
+    libs = a.libs.split(",")
+    import mapet
+    rows = []
+    for task in a.tasks.split(","):
+        size = sizes[task]
+        n, d, k, iters = size
+        times = {l: [] for l in libs}
+        results = {}
+        for r in range(a.runs):
+            for lib in (libs if r % 2 == 0 else libs[::-1]):
+                out = f"/tmp/bench_kmeans_{lib}_{task}.npy"
+                times[lib].append(run(lib, task, size, out))
+                results[lib] = np.load(out)
+        x = make_data(n, d)
+        ev = mapet.KMeans(k)
+        line = {}
+        for lib in libs:
+            if task == "encode":
+                ev.cluster_centers_ = make_data(k, d, seed=1)
+                agree = float((results[lib] == ev.predict(x)).mean()) if lib != "mapet" else 1.0
+                line[lib] = (float(np.median(times[lib])), agree)
+            else:
+                ev.cluster_centers_ = np.ascontiguousarray(results[lib], np.float32)
+                line[lib] = (float(np.median(times[lib])), float(ev.assign(x)[0].astype(np.float64).sum()))
+        rows.append((task, size, line, times))
+    print(f"\nmedian of {a.runs} runs per library, alternating, 2 threads; objective = Σ min‖x−c‖² of the final centroids")
+    for task, (n, d, k, iters), line, times in rows:
+        label = f"{task}: {n}×{d} → {k}" + (f", {iters} it" if iters else " (encode)")
+        print(label)
+        peers = [l for l in line if l != "mapet"]
+        best_peer = min(peers, key=lambda l: line[l][0]) if peers else None
+        for lib, (t, v) in line.items():
+            extra = f"objective {v:.6e}" if task != "encode" else f"labels agreeing with mapet {v:.4%}"
+            ratio = f"  mapet/{lib} = {line['mapet'][0] / t:.2f}×" if lib != "mapet" and "mapet" in line else ""
+            print(f"  {lib:8s} {t:8.2f} s  (runs {', '.join(f'{s:.2f}' for s in times[lib])})  {extra}{ratio}")
+
+
+if __name__ == "__main__":
+    main()
