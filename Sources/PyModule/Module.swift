@@ -21,6 +21,8 @@ public func PyInit__core() -> UnsafeMutablePointer<PyObject>? {
         + kernelMethods
         + objectiveMethods
         + samplingMethods
+        + layerKernelMethods
+        + modelMethods
     let table = UnsafeMutablePointer<PyMethodDef>.allocate(capacity: all.count + 1)
     for (i, m) in all.enumerated() {
         table[i] = mapet_method_def(strdup(m.name), m.function, strdup(m.doc))

@@ -1,0 +1,119 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// Multi-head scaled dot-product attention (Vaswani et al. 2017) with rectangular query and
+// key sets and a pluggable may-attend rule.
+//
+//   q [B, M, ldQ]   k [B, Nk, ldK]   v [B, Nk, ldV]   out [B, M, ldOut]   probs [B, H, M, Nk]
+// Head h reads/writes columns h·D ..< (h+1)·D of each row (D = C / H), so K and V may be two
+// column ranges of one fused `kv` buffer (k = kv, v = kv + C, ldK = ldV = 2C).
+//   S = Q_h K_hᵀ / √D,   P = softmax over the keys the mask allows (others get exactly 0),
+//   out_h = P V_h.
+// Backward (P cached):  dV_h += Pᵀ dO_h,  dP = dO_h V_hᵀ,  dS = P ⊙ (dP − rowsum(dP ⊙ P)) / √D,
+//   dQ_h += dS K_h,  dK_h += dSᵀ Q_h.  Masked entries have P = 0, hence dS = 0: the backward
+// needs no mask. Work is split over B × H tasks (Parallel.forEach), each running
+// single-threaded GEMMs; tasks write disjoint elements, so results are thread-count independent.
+
+public func attentionForward<Mask: AttentionMask>(
+    out: UnsafeMutablePointer<Float>, ldOut: Int,
+    probs: UnsafeMutablePointer<Float>,
+    q: UnsafePointer<Float>, ldQ: Int,
+    k: UnsafePointer<Float>, ldK: Int,
+    v: UnsafePointer<Float>, ldV: Int,
+    B: Int, M: Int, Nk: Int, C: Int, H: Int, mask: Mask
+) {
+    precondition(H > 0 && C % H == 0, "attention: C must be a multiple of H")
+    let D = C / H
+    let scale = 1 / Float(D).squareRoot()
+    nonisolated(unsafe) let out = out, probs = probs, q = q, k = k, v = v
+    Parallel.forEach(B * H) { task in
+        let b = task / H, h = task % H
+        let qh = q + b * M * ldQ + h * D, kh = k + b * Nk * ldK + h * D, vh = v + b * Nk * ldV + h * D
+        let P = probs + task * M * Nk
+        sgemm(transA: false, transB: true, M: M, N: Nk, K: D, alpha: 1, A: qh, lda: ldQ,
+              B: kh, ldb: ldK, beta: 0, C: P, ldc: Nk)
+        for i in 0..<M {
+            let row = P + i * Nk
+            if mask.isFull {
+                softmaxRowInPlace(row, count: Nk, scale: scale)
+            } else {
+                var any = false
+                for j in 0..<Nk where !mask.allows(batch: b, query: i, key: j) { row[j] = -.infinity }
+                for j in 0..<Nk where row[j] != -.infinity { any = true; break }
+                if any { softmaxRowInPlace(row, count: Nk, scale: scale) } else { row.update(repeating: 0, count: Nk) }
+            }
+        }
+        sgemm(transA: false, transB: false, M: M, N: D, K: Nk, alpha: 1, A: P, lda: Nk,
+              B: vh, ldb: ldV, beta: 0, C: out + b * M * ldOut + h * D, ldc: ldOut)
+    }
+}
+
+/// Accumulates dQ, dK, dV (same layouts and row strides as q, k, v; dK and dV may be two
+/// column ranges of one buffer).
+public func attentionBackward(
+    dQ: UnsafeMutablePointer<Float>, dK: UnsafeMutablePointer<Float>, dV: UnsafeMutablePointer<Float>,
+    dOut: UnsafePointer<Float>, ldOut: Int,
+    probs: UnsafePointer<Float>,
+    q: UnsafePointer<Float>, ldQ: Int,
+    k: UnsafePointer<Float>, ldK: Int,
+    v: UnsafePointer<Float>, ldV: Int,
+    B: Int, M: Int, Nk: Int, C: Int, H: Int
+) {
+    let D = C / H
+    let scale = 1 / Float(D).squareRoot()
+    nonisolated(unsafe) let dQ = dQ, dK = dK, dV = dV, dOut = dOut, probs = probs, q = q, k = k, v = v
+    Parallel.forEach(B * H) { task in
+        let b = task / H, h = task % H
+        let qo = b * M * ldQ + h * D, ko = b * Nk * ldK + h * D, vo = b * Nk * ldV + h * D
+        let dOh = dOut + b * M * ldOut + h * D
+        let P = probs + task * M * Nk
+        let dS = UnsafeMutablePointer<Float>.allocate(capacity: max(M * Nk, 1))
+        defer { dS.deallocate() }
+        sgemm(transA: false, transB: true, M: M, N: Nk, K: D, alpha: 1, A: dOh, lda: ldOut,
+              B: v + vo, ldb: ldV, beta: 0, C: dS, ldc: Nk)
+        sgemm(transA: true, transB: false, M: Nk, N: D, K: M, alpha: 1, A: P, lda: Nk,
+              B: dOh, ldb: ldOut, beta: 1, C: dV + vo, ldc: ldV)
+        for i in 0..<M {
+            let p = P + i * Nk, d = dS + i * Nk
+            let s = vdot(p, d, Nk)
+            for j in 0..<Nk { d[j] = p[j] * (d[j] - s) * scale }
+        }
+        sgemm(transA: false, transB: false, M: M, N: D, K: Nk, alpha: 1, A: dS, lda: Nk,
+              B: k + ko, ldb: ldK, beta: 1, C: dQ + qo, ldc: ldQ)
+        sgemm(transA: true, transB: false, M: Nk, N: D, K: M, alpha: 1, A: dS, lda: Nk,
+              B: q + qo, ldb: ldQ, beta: 1, C: dK + ko, ldc: ldK)
+    }
+}
+
+/// Reference: loops, Double sums, masked entries skipped. Same layouts as `attentionForward`.
+public func attentionForwardNaive<Mask: AttentionMask>(
+    out: UnsafeMutablePointer<Float>, ldOut: Int,
+    q: UnsafePointer<Float>, ldQ: Int, k: UnsafePointer<Float>, ldK: Int, v: UnsafePointer<Float>, ldV: Int,
+    B: Int, M: Int, Nk: Int, C: Int, H: Int, mask: Mask
+) {
+    let D = C / H
+    let scale = 1 / Double(D).squareRoot()
+    var s = [Double](repeating: 0, count: Nk)
+    for b in 0..<B {
+        for h in 0..<H {
+            for i in 0..<M {
+                var mx = -Double.infinity
+                for j in 0..<Nk {
+                    guard mask.allows(batch: b, query: i, key: j) else { s[j] = -.infinity; continue }
+                    var acc: Double = 0
+                    for d in 0..<D { acc += Double(q[(b * M + i) * ldQ + h * D + d]) * Double(k[(b * Nk + j) * ldK + h * D + d]) }
+                    s[j] = acc * scale
+                    mx = max(mx, s[j])
+                }
+                var total: Double = 0
+                for j in 0..<Nk { s[j] = s[j] == -.infinity ? 0 : exp(s[j] - mx); total += s[j] }
+                for d in 0..<D {
+                    var acc: Double = 0
+                    for j in 0..<Nk where s[j] != 0 { acc += s[j] / total * Double(v[(b * Nk + j) * ldV + h * D + d]) }
+                    out[(b * M + i) * ldOut + h * D + d] = total > 0 ? Float(acc) : 0
+                }
+            }
+        }
+    }
+}

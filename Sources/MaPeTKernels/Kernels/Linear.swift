@@ -1,0 +1,64 @@
+// Linear layer in PyTorch layout:  out [rows, OC] = input [rows, IC] · weightᵀ + bias,
+// weight [OC, IC], bias [OC] (optional). GEMMs through `sgemmParallel` (row blocks over
+// workers, single-threaded BLAS each).
+// Backward:  dInput += dOut · weight,  dWeight += dOutᵀ · input,  dBias += Σ_rows dOut.
+
+public func linearForward(
+    out: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
+    weight: UnsafePointer<Float>, bias: UnsafePointer<Float>?,
+    rows: Int, inFeatures IC: Int, outFeatures OC: Int
+) {
+    var beta: Float = 0
+    if let bias {
+        nonisolated(unsafe) let out = out, bias = bias
+        Parallel.forRanges(rows, grain: max(1, 16384 / max(OC, 1))) { r in
+            for i in r { (out + i * OC).update(from: bias, count: OC) }
+        }
+        beta = 1
+    }
+    sgemmParallel(transA: false, transB: true, M: rows, N: OC, K: IC, alpha: 1, A: input, lda: IC,
+                  B: weight, ldb: IC, beta: beta, C: out, ldc: OC)
+}
+
+/// Any of dInput, dWeight, dBias may be nil (not needed / frozen).
+public func linearBackward(
+    dInput: UnsafeMutablePointer<Float>?, dWeight: UnsafeMutablePointer<Float>?, dBias: UnsafeMutablePointer<Float>?,
+    dOut: UnsafePointer<Float>, input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
+    rows: Int, inFeatures IC: Int, outFeatures OC: Int
+) {
+    if let dInput {
+        sgemmParallel(transA: false, transB: false, M: rows, N: IC, K: OC, alpha: 1, A: dOut, lda: OC,
+                      B: weight, ldb: IC, beta: 1, C: dInput, ldc: IC)
+    }
+    if let dWeight {
+        sgemmParallel(transA: true, transB: false, M: OC, N: IC, K: rows, alpha: 1, A: dOut, lda: OC,
+                      B: input, ldb: IC, beta: 1, C: dWeight, ldc: IC)
+    }
+    if let dBias { columnSumAccumulate(dBias, dOut, rows: rows, cols: OC) }
+}
+
+/// dst[j] += Σ_i src[i, j], split over column blocks (row order fixed: deterministic).
+public func columnSumAccumulate(_ dst: UnsafeMutablePointer<Float>, _ src: UnsafePointer<Float>, rows: Int, cols: Int) {
+    nonisolated(unsafe) let dst = dst, src = src
+    Parallel.forRanges(cols, grain: 64) { c in
+        for i in 0..<rows {
+            let row = src + i * cols
+            for j in c { dst[j] += row[j] }
+        }
+    }
+}
+
+/// Reference: plain loops with Double accumulation.
+public func linearForwardNaive(
+    out: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
+    weight: UnsafePointer<Float>, bias: UnsafePointer<Float>?,
+    rows: Int, inFeatures IC: Int, outFeatures OC: Int
+) {
+    for i in 0..<rows {
+        for o in 0..<OC {
+            var acc = Double(bias?[o] ?? 0)
+            for k in 0..<IC { acc += Double(input[i * IC + k]) * Double(weight[o * IC + k]) }
+            out[i * OC + o] = Float(acc)
+        }
+    }
+}

@@ -1,0 +1,55 @@
+// Residual connection with optional layer scale (Touvron et al. 2021, CaiT) and optional
+// per-sample drop-path scale:
+//   out [B, T, C] = residual + keep[b] · gamma ⊙ branch      (gamma nil → 1, keep nil → 1)
+// `out` may be the residual buffer itself (in-place x += …).
+// Backward:  dResidual += dOut,  dBranch += keep[b] · gamma ⊙ dOut,
+//            dGamma += Σ_{b,t} keep[b] · dOut ⊙ branch.
+
+public func residualForward(
+    out: UnsafeMutablePointer<Float>, residual: UnsafePointer<Float>, branch: UnsafePointer<Float>,
+    gamma: UnsafePointer<Float>?, keep: UnsafePointer<Float>?, B: Int, T: Int, C: Int
+) {
+    nonisolated(unsafe) let out = out, residual = residual, branch = branch, gamma = gamma, keep = keep
+    Parallel.forRanges(B * T, grain: max(1, 8192 / max(C, 1))) { r in
+        for row in r {
+            let s = keep?[row / T] ?? 1
+            let o = out + row * C, x = residual + row * C, y = branch + row * C
+            if let gamma {
+                for j in 0..<C { o[j] = x[j] + s * gamma[j] * y[j] }
+            } else {
+                for j in 0..<C { o[j] = x[j] + s * y[j] }
+            }
+        }
+    }
+}
+
+/// dResidual is usually nil: the residual gradient is dOut itself, which callers keep flowing.
+public func residualBackward(
+    dResidual: UnsafeMutablePointer<Float>?, dBranch: UnsafeMutablePointer<Float>, dGamma: UnsafeMutablePointer<Float>?,
+    dOut: UnsafePointer<Float>, branch: UnsafePointer<Float>,
+    gamma: UnsafePointer<Float>?, keep: UnsafePointer<Float>?, B: Int, T: Int, C: Int
+) {
+    nonisolated(unsafe) let dResidual = dResidual, dBranch = dBranch, dOut = dOut, branch = branch, gamma = gamma, keep = keep
+    Parallel.forRanges(B * T, grain: max(1, 8192 / max(C, 1))) { r in
+        for row in r {
+            let s = keep?[row / T] ?? 1
+            let dy = dOut + row * C, db = dBranch + row * C
+            if let dResidual { let dr = dResidual + row * C; for j in 0..<C { dr[j] += dy[j] } }
+            if let gamma {
+                for j in 0..<C { db[j] += s * gamma[j] * dy[j] }
+            } else {
+                for j in 0..<C { db[j] += s * dy[j] }
+            }
+        }
+    }
+    guard let dGamma else { return }
+    nonisolated(unsafe) let dG = dGamma
+    Parallel.forRanges(C, grain: 16) { c in
+        for row in 0..<(B * T) {
+            let s = keep?[row / T] ?? 1
+            if s == 0 { continue }
+            let dy = dOut + row * C, y = branch + row * C
+            for j in c { dG[j] += s * dy[j] * y[j] }
+        }
+    }
+}

@@ -1,0 +1,335 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// The ViT classifier (Dosovitskiy et al. 2021; timm `VisionTransformer`, SPEC §1):
+//   x0 = [cls ; patch_embed(images)] + pos_embed,   x_{l+1} = block_l(x_l),
+//   'token': logits = head(norm(x_L)[:, 0]);   'avg': logits = head(fc_norm(mean_{t≥1} x_L[:, t])).
+// Parameters, gradients live in one block each, cut by a `ParameterTable` under timm names.
+// The training activations (`ViTActivations`) are allocated once per batch size and reused.
+
+public enum GlobalPool: String, Sendable { case token, avg }
+
+public struct ViTConfig: Sendable, Equatable {
+    public var imgSize = 224, patchSize = 16, inChans = 3
+    public var embedDim = 192, depth = 12, numHeads = 3
+    public var mlpRatio: Double = 4
+    public var numClasses = 1000
+    public var globalPool: GlobalPool = .token
+    /// Layer-scale init value; nil = no layer scale.
+    public var initValues: Float? = nil
+    public var dropPathRate: Float = 0
+    public var qkvBias = true
+
+    public init() {}
+
+    public var grid: Int { imgSize / patchSize }
+    public var numPatches: Int { grid * grid }
+    public var numTokens: Int { numPatches + 1 }
+    public var hidden: Int { Int(Double(embedDim) * mlpRatio) }
+    public var patchDim: Int { inChans * patchSize * patchSize }
+
+    /// A description of the first invalid field, or nil.
+    public var problem: String? {
+        if imgSize < 1 || patchSize < 1 || imgSize % patchSize != 0 { return "img_size (\(imgSize)) must be a positive multiple of patch_size (\(patchSize))" }
+        if inChans < 1 { return "in_chans must be ≥ 1, got \(inChans)" }
+        if embedDim < 1 || numHeads < 1 || embedDim % numHeads != 0 { return "embed_dim (\(embedDim)) must be a positive multiple of num_heads (\(numHeads))" }
+        if depth < 0 { return "depth must be ≥ 0, got \(depth)" }
+        if hidden < 1 { return "mlp_ratio gives an empty MLP (\(mlpRatio))" }
+        if numClasses < 1 { return "num_classes must be ≥ 1, got \(numClasses)" }
+        if !(dropPathRate >= 0 && dropPathRate < 1) { return "drop_path_rate must be in [0, 1), got \(dropPathRate)" }
+        if let v = initValues, !v.isFinite { return "init_values must be finite, got \(v)" }
+        return nil
+    }
+}
+
+/// Activations of one training forward at batch size B, kept for the backward.
+public final class ViTActivations: @unchecked Sendable {
+    public let B: Int
+    let arena: Arena
+    let patches, patchOut: UnsafeMutablePointer<Float>
+    /// xs[l] is the input of block l; xs[depth] the final tokens. [B, N, C] each.
+    let xs: [UnsafeMutablePointer<Float>]
+    let caches: [BlockCache]
+    let scratch: BlockScratch
+    let keeps: UnsafeMutablePointer<Float>         // [depth, 2, B]
+    let pooled, normOut, normMean, normRstd, logits, probs, losses: UnsafeMutablePointer<Float>
+    let dx, dPooled, dNormOut, dLogits: UnsafeMutablePointer<Float>
+    let targets: UnsafeMutablePointer<Int32>
+
+    init?(config k: ViTConfig, B: Int, blocks: Int) {
+        let N = k.numTokens, C = k.embedDim, n = k.numPatches, rows = B * N, K = k.numClasses
+        let probsCount = B * k.numHeads * N * N
+        var sizes = [B * n * k.patchDim, B * n * C] + Array(repeating: rows * C, count: blocks + 1)
+        for _ in 0..<blocks { sizes += BlockCache.floats(rows: rows, C: C, hidden: k.hidden, probs: probsCount, ownsKV: true) }
+        sizes += BlockScratch.floats(rows: rows, C: C, hidden: k.hidden, ownsKV: true)
+        sizes += [blocks * 2 * B, B * C, B * C, B, B, B * K, B * K, B, rows * C, B * C, B * C, B * K, B]
+        guard let arena = Arena(floats: Arena.size(sizes)) else { return nil }
+        self.B = B
+        self.arena = arena
+        patches = arena.take(B * n * k.patchDim); patchOut = arena.take(B * n * C)
+        xs = (0...blocks).map { _ in arena.take(rows * C) }
+        caches = (0..<blocks).map { _ in BlockCache(arena: arena, rows: rows, C: C, hidden: k.hidden, probs: probsCount, ownsKV: true) }
+        scratch = BlockScratch(arena: arena, rows: rows, C: C, hidden: k.hidden, ownsKV: true)
+        keeps = arena.take(blocks * 2 * B)
+        pooled = arena.take(B * C); normOut = arena.take(B * C); normMean = arena.take(B); normRstd = arena.take(B)
+        logits = arena.take(B * K); probs = arena.take(B * K); losses = arena.take(B)
+        dx = arena.take(rows * C); dPooled = arena.take(B * C); dNormOut = arena.take(B * C); dLogits = arena.take(B * K)
+        targets = UnsafeMutableRawPointer(arena.take(B)).assumingMemoryBound(to: Int32.self)
+    }
+}
+
+public final class VisionTransformer: @unchecked Sendable {
+    public let config: ViTConfig
+    public let table: ParameterTable
+    public let params: TensorStorage
+    public let grads: TensorStorage
+    public let blocks: [TransformerBlock]
+    /// Drop-path generator; its state advances once per training step.
+    public var rng: Xoshiro256StarStar
+    private var train: ViTActivations?
+    private let normName: String
+
+    public var parameterCount: Int { table.entries.reduce(0) { $0 + $1.count } }
+
+    /// The timm parameter table for `config`.
+    public static func makeTable(_ k: ViTConfig) -> ParameterTable {
+        var t = ParameterTable()
+        let C = k.embedDim
+        t.add("cls_token", [1, 1, C])
+        t.add("pos_embed", [1, k.numTokens, C])
+        t.add("patch_embed.proj.weight", [C, k.inChans, k.patchSize, k.patchSize])
+        t.add("patch_embed.proj.bias", [C])
+        for i in 0..<k.depth {
+            BlockTensors.register(in: &t, prefix: "blocks.\(i).", C: C, hidden: k.hidden, qkvBias: k.qkvBias, layerScale: k.initValues != nil)
+        }
+        let norm = k.globalPool == .avg ? "fc_norm" : "norm"
+        t.add(norm + ".weight", [C]); t.add(norm + ".bias", [C])
+        t.add("head.weight", [k.numClasses, C]); t.add("head.bias", [k.numClasses])
+        return t
+    }
+
+    /// A model initialised as SPEC §1 / timm: Linear trunc-normal(.02) with zero bias, pos_embed
+    /// trunc-normal(.02), cls_token normal(1e-6), patch conv PyTorch default (uniform ±1/√fan_in),
+    /// LayerNorm (1, 0), layer scale = init_values. Returns nil when memory runs out.
+    public init?(config: ViTConfig, seed: UInt64) {
+        precondition(config.problem == nil, config.problem ?? "")
+        self.config = config
+        let table = VisionTransformer.makeTable(config)
+        self.table = table
+        guard let p = TensorStorage(count: table.total, dtype: .float32),
+              let g = TensorStorage(count: table.total, dtype: .float32) else { return nil }
+        params = p; grads = g
+        normName = config.globalPool == .avg ? "fc_norm" : "norm"
+        let C = config.embedDim
+        blocks = (0..<config.depth).map { i in
+            TransformerBlock(C: C, H: config.numHeads, hidden: config.hidden,
+                             weights: BlockTensors(base: p.floats, table: table, prefix: "blocks.\(i)."),
+                             grads: BlockTensors(base: g.floats, table: table, prefix: "blocks.\(i)."))
+        }
+        rng = Xoshiro256StarStar(seed: seed, stream: 1)
+        initialize(seed: seed)
+    }
+
+    private func initialize(seed: UInt64) {
+        var r = Xoshiro256StarStar(seed: seed, stream: 0)
+        func normal() -> Double {
+            // Box–Muller; u1 in (0, 1].
+            let u1 = 1 - r.uniform(), u2 = r.uniform()
+            return (-2 * log(u1)).squareRoot() * cos(2 * Double.pi * u2)
+        }
+        for e in table.entries {
+            let p = params.floats + e.offset
+            let n = e.name
+            if n == "cls_token" {
+                for i in 0..<e.count { p[i] = Float(1e-6 * normal()) }
+            } else if n == "patch_embed.proj.weight" || n == "patch_embed.proj.bias" {
+                let bound = 1 / Double(config.patchDim).squareRoot()
+                for i in 0..<e.count { p[i] = Float(r.uniform(-bound, bound)) }
+            } else if n == "pos_embed" || (n.hasSuffix(".weight") && e.shape.count == 2) {
+                // timm trunc_normal_(std=.02) truncates at ±2 (absolute): redraw outside.
+                for i in 0..<e.count {
+                    var v = 0.02 * normal()
+                    while abs(v) > 2 { v = 0.02 * normal() }
+                    p[i] = Float(v)
+                }
+            } else if n.hasSuffix(".gamma") {
+                p.update(repeating: config.initValues ?? 1, count: e.count)
+            } else if n.hasSuffix("norm1.weight") || n.hasSuffix("norm2.weight") || n == "norm.weight" || n == "fc_norm.weight" {
+                p.update(repeating: 1, count: e.count)
+            } else {
+                p.update(repeating: 0, count: e.count)
+            }
+        }
+    }
+
+    private func ptr(_ name: String) -> UnsafeMutablePointer<Float> { params.floats + table.offset(name) }
+    private func grad(_ name: String) -> UnsafeMutablePointer<Float> { grads.floats + table.offset(name) }
+    private func optionalPtr(_ name: String) -> UnsafeMutablePointer<Float>? { table[name].map { params.floats + $0.offset } }
+    private func optionalGrad(_ name: String) -> UnsafeMutablePointer<Float>? { table[name].map { grads.floats + $0.offset } }
+
+    public func zeroGrad() { zero(grads.floats, table.total) }
+
+    // MARK: Embedding
+
+    /// x [B, N, C] = [cls ; patch_embed(images)] + pos_embed. `patches`/`patchOut` are scratch.
+    private func embed(x: UnsafeMutablePointer<Float>, patches: UnsafeMutablePointer<Float>, patchOut: UnsafeMutablePointer<Float>,
+                       images: UnsafePointer<Float>, B: Int) {
+        let k = config, C = k.embedDim, n = k.numPatches, N = k.numTokens
+        patchEmbedForward(out: patchOut, patches: patches, images: images, weight: ptr("patch_embed.proj.weight"),
+                          bias: ptr("patch_embed.proj.bias"), B: B, inChans: k.inChans, imgSize: k.imgSize, patch: k.patchSize, C: C)
+        nonisolated(unsafe) let x = x, patchOut = patchOut, cls = ptr("cls_token"), pos = ptr("pos_embed")
+        Parallel.forEach(B) { b in
+            let xb = x + b * N * C
+            for j in 0..<C { xb[j] = cls[j] + pos[j] }
+            for t in 0..<n {
+                let src = patchOut + (b * n + t) * C, dst = xb + (t + 1) * C, pe = pos + (t + 1) * C
+                for j in 0..<C { dst[j] = src[j] + pe[j] }
+            }
+        }
+    }
+
+    // MARK: Inference
+
+    /// Final tokens [B, N, C] without keeping activations: `norm(x_L)` for 'token', x_L for 'avg'
+    /// (timm's forward_features, where `norm` is the identity when fc_norm is used).
+    public func forwardFeatures(out: UnsafeMutablePointer<Float>, images: UnsafePointer<Float>, B: Int) -> Bool {
+        guard let final = inferenceTokens(images: images, B: B) else { return false }
+        let (x, arena) = final
+        let k = config, rows = B * k.numTokens, C = k.embedDim
+        if k.globalPool == .token {
+            let mean = arena.take(rows), rstd = arena.take(rows)
+            layerNormForward(out: out, mean: mean, rstd: rstd, input: x, weight: ptr("norm.weight"), bias: ptr("norm.bias"), rows: rows, cols: C)
+        } else {
+            out.update(from: x, count: rows * C)
+        }
+        return true
+    }
+
+    /// Logits [B, numClasses] without keeping activations.
+    public func forward(logits: UnsafeMutablePointer<Float>, images: UnsafePointer<Float>, B: Int) -> Bool {
+        guard let final = inferenceTokens(images: images, B: B) else { return false }
+        let (x, arena) = final
+        let C = config.embedDim
+        let pooled = arena.take(B * C), normOut = arena.take(B * C), mean = arena.take(B), rstd = arena.take(B)
+        head(logits: logits, pooled: pooled, normOut: normOut, mean: mean, rstd: rstd, x: x, B: B)
+        return true
+    }
+
+    /// Runs the blocks with one reused cache; returns the final tokens and the arena holding them.
+    private func inferenceTokens(images: UnsafePointer<Float>, B: Int) -> (UnsafeMutablePointer<Float>, Arena)? {
+        let k = config, N = k.numTokens, C = k.embedDim, rows = B * N
+        let probs = B * k.numHeads * N * N
+        var sizes = [B * k.numPatches * k.patchDim, B * k.numPatches * C, rows * C, rows * C, B * C, B * C, B, B, rows, rows]
+        sizes += BlockCache.floats(rows: rows, C: C, hidden: k.hidden, probs: probs, ownsKV: true)
+        guard let arena = Arena(floats: Arena.size(sizes)) else { return nil }
+        let patches = arena.take(B * k.numPatches * k.patchDim), patchOut = arena.take(B * k.numPatches * C)
+        var x = arena.take(rows * C), y = arena.take(rows * C)
+        let cache = BlockCache(arena: arena, rows: rows, C: C, hidden: k.hidden, probs: probs, ownsKV: true)
+        embed(x: x, patches: patches, patchOut: patchOut, images: images, B: B)
+        for blk in blocks {
+            blk.forward(out: y, x: x, cache: cache, B: B, T: N, mask: FullAttention(), keep1: nil, keep2: nil)
+            swap(&x, &y)
+        }
+        return (x, arena)
+    }
+
+    /// pool → norm → head on final tokens x [B, N, C].
+    private func head(logits: UnsafeMutablePointer<Float>, pooled: UnsafeMutablePointer<Float>, normOut: UnsafeMutablePointer<Float>,
+                      mean: UnsafeMutablePointer<Float>, rstd: UnsafeMutablePointer<Float>, x: UnsafePointer<Float>, B: Int) {
+        let k = config, N = k.numTokens, C = k.embedDim
+        if k.globalPool == .avg {
+            meanPoolForward(out: pooled, input: x, B: B, T: N, C: C, start: 1)
+        } else {
+            tokenSelectForward(out: pooled, input: x, B: B, T: N, C: C, token: 0)
+        }
+        layerNormForward(out: normOut, mean: mean, rstd: rstd, input: pooled, weight: ptr(normName + ".weight"),
+                         bias: ptr(normName + ".bias"), rows: B, cols: C)
+        linearForward(out: logits, input: normOut, weight: ptr("head.weight"), bias: ptr("head.bias"), rows: B, inFeatures: C, outFeatures: k.numClasses)
+    }
+
+    // MARK: Training
+
+    public enum StepError: Error, Equatable {
+        case outOfMemory
+        case nonFiniteLoss(Double)
+    }
+
+    /// Forward, mean cross-entropy (optional label smoothing), backward: adds ∂loss/∂θ into
+    /// `grads` and returns the loss. Labels must be in 0..<numClasses (checked by callers).
+    /// On a non-finite loss nothing is accumulated and the drop-path generator is rewound.
+    public func trainStep(images: UnsafePointer<Float>, labels: UnsafePointer<Int32>, B: Int, smoothing: Float = 0,
+                          logitsOut: UnsafeMutablePointer<Float>? = nil) -> Result<Double, StepError> {
+        let k = config, N = k.numTokens, C = k.embedDim, n = k.numPatches, K = k.numClasses
+        if train?.B != B {
+            train = nil
+            guard let a = ViTActivations(config: k, B: B, blocks: k.depth) else { return .failure(.outOfMemory) }
+            train = a
+        }
+        let a = train!
+        let savedRNG = rng
+        // Forward.
+        embed(x: a.xs[0], patches: a.patches, patchOut: a.patchOut, images: images, B: B)
+        for (l, blk) in blocks.enumerated() {
+            let rate = k.depth > 1 ? k.dropPathRate * Float(l) / Float(k.depth - 1) : 0
+            let keep1 = a.keeps + (2 * l) * B, keep2 = a.keeps + (2 * l + 1) * B
+            dropPathKeep(keep: keep1, B: B, rate: rate, rng: &rng)
+            dropPathKeep(keep: keep2, B: B, rate: rate, rng: &rng)
+            blk.forward(out: a.xs[l + 1], x: a.xs[l], cache: a.caches[l], B: B, T: N, mask: FullAttention(),
+                        keep1: rate > 0 ? keep1 : nil, keep2: rate > 0 ? keep2 : nil)
+        }
+        head(logits: a.logits, pooled: a.pooled, normOut: a.normOut, mean: a.normMean, rstd: a.normRstd, x: a.xs[k.depth], B: B)
+        a.targets.update(from: labels, count: B)
+        let (sum, count) = crossEntropyForward(losses: a.losses, probs: a.probs, logits: a.logits, targets: a.targets,
+                                               rows: B, K: K, smoothing: smoothing)
+        let loss = sum / Double(max(count, 1))
+        if let logitsOut { logitsOut.update(from: a.logits, count: B * K) }
+        guard loss.isFinite else { rng = savedRNG; return .failure(.nonFiniteLoss(loss)) }
+
+        // Backward.
+        zero(a.dLogits, B * K)
+        crossEntropyBackward(dLogits: a.dLogits, probs: a.probs, targets: a.targets, rows: B, K: K, smoothing: smoothing,
+                             scale: 1 / Float(max(count, 1)))
+        zero(a.dNormOut, B * C)
+        linearBackward(dInput: a.dNormOut, dWeight: grad("head.weight"), dBias: grad("head.bias"), dOut: a.dLogits,
+                       input: a.normOut, weight: ptr("head.weight"), rows: B, inFeatures: C, outFeatures: K)
+        zero(a.dPooled, B * C)
+        layerNormBackward(dInput: a.dPooled, dWeight: grad(normName + ".weight"), dBias: grad(normName + ".bias"),
+                          dOut: a.dNormOut, input: a.pooled, weight: ptr(normName + ".weight"),
+                          mean: a.normMean, rstd: a.normRstd, rows: B, cols: C)
+        zero(a.dx, B * N * C)
+        if k.globalPool == .avg {
+            meanPoolBackward(dInput: a.dx, dOut: a.dPooled, B: B, T: N, C: C, start: 1)
+        } else {
+            tokenSelectBackward(dInput: a.dx, dOut: a.dPooled, B: B, T: N, C: C, token: 0)
+        }
+        for l in stride(from: k.depth - 1, through: 0, by: -1) {
+            let rate = k.depth > 1 ? k.dropPathRate * Float(l) / Float(k.depth - 1) : 0
+            let keep1 = a.keeps + (2 * l) * B, keep2 = a.keeps + (2 * l + 1) * B
+            blocks[l].backward(dx: a.dx, x: a.xs[l], cache: a.caches[l], scratch: a.scratch, B: B, T: N,
+                               keep1: rate > 0 ? keep1 : nil, keep2: rate > 0 ? keep2 : nil)
+        }
+        // Embedding: dx [B, N, C] → cls, pos, patch tokens.
+        let dCls = grad("cls_token"), dPos = grad("pos_embed")
+        for b in 0..<B {
+            let g = a.dx + b * N * C
+            for j in 0..<C { dCls[j] += g[j] }
+        }
+        columnSumAccumulateBatched(dPos, a.dx, B: B, rowSize: N * C)
+        let dPatch = a.scratch.dLn  // [B, n, C] fits in [B·N, C]
+        nonisolated(unsafe) let dx = a.dx, dPatchS = dPatch
+        Parallel.forEach(B) { b in (dPatchS + b * n * C).update(from: dx + (b * N + 1) * C, count: n * C) }
+        patchEmbedBackward(dImages: nil, dWeight: grad("patch_embed.proj.weight"), dBias: grad("patch_embed.proj.bias"),
+                           dOut: dPatch, patches: a.patches, weight: ptr("patch_embed.proj.weight"),
+                           B: B, inChans: k.inChans, imgSize: k.imgSize, patch: k.patchSize, C: C)
+        return .success(loss)
+    }
+
+    /// Frees the training activations (they are re-allocated by the next `trainStep`).
+    public func releaseActivations() { train = nil }
+}
+
+/// dst[j] += Σ_b src[b·R + j] for j < R (parallel over j, b in order).
+func columnSumAccumulateBatched(_ dst: UnsafeMutablePointer<Float>, _ src: UnsafePointer<Float>, B: Int, rowSize R: Int) {
+    columnSumAccumulate(dst, src, rows: B, cols: R)
+}

@@ -1,0 +1,323 @@
+// The ViT kernels exposed one by one (mapet.ops): caller-owned buffers in and out, backward
+// functions accumulate into the gradient arrays they are given.
+import CPythonBridge
+import MaPeTKernels
+
+/// An optional float32 argument (None → nil).
+private func optionalF32(_ arena: BufferArena, _ args: Args, _ i: Int, _ name: String, _ shape: [Int?],
+                         writable: Bool = false) throws -> ArrayView<Float>? {
+    args.isNone(i) ? nil : try arena.float32(args[i], name, shape, writable: writable)
+}
+
+private func rate(_ args: Args, _ i: Int) throws -> Float {
+    let r = try args.double(i, "rate")
+    guard r >= 0 && r < 1 else { throw PyError.value("rate: expected a probability in [0, 1), got \(r)") }
+    return Float(r)
+}
+
+let layerKernelMethods: [Method] = [
+    Method(name: "layer_norm_forward", function: { _, a, n in call(a, n, "layer_norm_forward") { args in
+        // (out, mean, rstd, x, weight, bias)
+        try args.expect(6)
+        let arena = BufferArena(); defer { arena.release() }
+        let x = try arena.float32(args[3], "x", [nil, nil])
+        let (R, C) = (x.shape[0], x.shape[1])
+        let out = try arena.float32(args[0], "out", [R, C], writable: true)
+        let mean = try arena.float32(args[1], "mean", [R], writable: true)
+        let rstd = try arena.float32(args[2], "rstd", [R], writable: true)
+        let w = try arena.float32(args[4], "weight", [C]), b = try arena.float32(args[5], "bias", [C])
+        withoutGIL { layerNormForward(out: out.pointer, mean: mean.pointer, rstd: rstd.pointer, input: x.readOnly,
+                                      weight: w.readOnly, bias: b.readOnly, rows: R, cols: C) }
+        return none()
+    } }, doc: "layer_norm_forward(out, mean, rstd, x, weight, bias): x [R, C]."),
+
+    Method(name: "layer_norm_backward", function: { _, a, n in call(a, n, "layer_norm_backward") { args in
+        // (dx, dweight, dbias, dout, x, weight, mean, rstd)
+        try args.expect(8)
+        let arena = BufferArena(); defer { arena.release() }
+        let x = try arena.float32(args[4], "x", [nil, nil])
+        let (R, C) = (x.shape[0], x.shape[1])
+        let dx = try arena.float32(args[0], "dx", [R, C], writable: true)
+        let dw = try arena.float32(args[1], "dweight", [C], writable: true), db = try arena.float32(args[2], "dbias", [C], writable: true)
+        let dout = try arena.float32(args[3], "dout", [R, C]), w = try arena.float32(args[5], "weight", [C])
+        let mean = try arena.float32(args[6], "mean", [R]), rstd = try arena.float32(args[7], "rstd", [R])
+        withoutGIL { layerNormBackward(dInput: dx.pointer, dWeight: dw.pointer, dBias: db.pointer, dOut: dout.readOnly, input: x.readOnly,
+                                       weight: w.readOnly, mean: mean.readOnly, rstd: rstd.readOnly, rows: R, cols: C) }
+        return none()
+    } }, doc: "layer_norm_backward(dx, dweight, dbias, dout, x, weight, mean, rstd): accumulates."),
+
+    Method(name: "softmax_forward", function: { _, a, n in call(a, n, "softmax_forward") { args in
+        try args.expect(2)
+        let arena = BufferArena(); defer { arena.release() }
+        let x = try arena.float32(args[1], "x", [nil, nil])
+        let out = try arena.float32(args[0], "out", [x.shape[0], x.shape[1]], writable: true)
+        withoutGIL { softmaxForward(out: out.pointer, input: x.readOnly, rows: x.shape[0], cols: x.shape[1]) }
+        return none()
+    } }, doc: "softmax_forward(out, x): row softmax of x [R, C]."),
+
+    Method(name: "softmax_backward", function: { _, a, n in call(a, n, "softmax_backward") { args in
+        try args.expect(3)
+        let arena = BufferArena(); defer { arena.release() }
+        let y = try arena.float32(args[2], "out", [nil, nil])
+        let dx = try arena.float32(args[0], "dx", [y.shape[0], y.shape[1]], writable: true)
+        let dy = try arena.float32(args[1], "dout", [y.shape[0], y.shape[1]])
+        withoutGIL { softmaxBackward(dInput: dx.pointer, dOut: dy.readOnly, out: y.readOnly, rows: y.shape[0], cols: y.shape[1]) }
+        return none()
+    } }, doc: "softmax_backward(dx, dout, out): dx += out ⊙ (dout − rowsum(dout ⊙ out))."),
+
+    Method(name: "linear_forward", function: { _, a, n in call(a, n, "linear_forward") { args in
+        // (out, x, weight, bias|None)
+        try args.expect(4)
+        let arena = BufferArena(); defer { arena.release() }
+        let x = try arena.float32(args[1], "x", [nil, nil])
+        let w = try arena.float32(args[2], "weight", [nil, x.shape[1]])
+        let (R, IC, OC) = (x.shape[0], x.shape[1], w.shape[0])
+        let b = try optionalF32(arena, args, 3, "bias", [OC])
+        let out = try arena.float32(args[0], "out", [R, OC], writable: true)
+        withoutGIL { linearForward(out: out.pointer, input: x.readOnly, weight: w.readOnly, bias: b?.readOnly, rows: R, inFeatures: IC, outFeatures: OC) }
+        return none()
+    } }, doc: "linear_forward(out, x, weight, bias): out = x·weightᵀ + bias."),
+
+    Method(name: "linear_backward", function: { _, a, n in call(a, n, "linear_backward") { args in
+        // (dx|None, dweight|None, dbias|None, dout, x, weight)
+        try args.expect(6)
+        let arena = BufferArena(); defer { arena.release() }
+        let x = try arena.float32(args[4], "x", [nil, nil])
+        let w = try arena.float32(args[5], "weight", [nil, x.shape[1]])
+        let (R, IC, OC) = (x.shape[0], x.shape[1], w.shape[0])
+        let dout = try arena.float32(args[3], "dout", [R, OC])
+        let dx = try optionalF32(arena, args, 0, "dx", [R, IC], writable: true)
+        let dw = try optionalF32(arena, args, 1, "dweight", [OC, IC], writable: true)
+        let db = try optionalF32(arena, args, 2, "dbias", [OC], writable: true)
+        withoutGIL { linearBackward(dInput: dx?.pointer, dWeight: dw?.pointer, dBias: db?.pointer, dOut: dout.readOnly, input: x.readOnly,
+                                    weight: w.readOnly, rows: R, inFeatures: IC, outFeatures: OC) }
+        return none()
+    } }, doc: "linear_backward(dx, dweight, dbias, dout, x, weight): accumulates (None skips)."),
+
+    Method(name: "attention_forward", function: { _, a, n in call(a, n, "attention_forward") { args in
+        // (out [B,M,C], probs [B,H,M,Nk], q [B,M,C], k [B,Nk,C], v [B,Nk,C], heads, mask [B,M,Nk] int32 | None)
+        try args.expect(7)
+        let arena = BufferArena(); defer { arena.release() }
+        let q = try arena.float32(args[2], "q", [nil, nil, nil])
+        let (B, M, C) = (q.shape[0], q.shape[1], q.shape[2])
+        let k = try arena.float32(args[3], "k", [B, nil, C])
+        let Nk = k.shape[1]
+        let v = try arena.float32(args[4], "v", [B, Nk, C])
+        let H = try args.int(5, "heads", min: 1)
+        guard C % H == 0 else { throw PyError.value("heads: channel count \(C) is not a multiple of heads=\(H)") }
+        let out = try arena.float32(args[0], "out", [B, M, C], writable: true)
+        let probs = try arena.float32(args[1], "probs", [B, H, M, Nk], writable: true)
+        nonisolated(unsafe) let (po, pp, pq, pk, pv) = (out.pointer, probs.pointer, q.readOnly, k.readOnly, v.readOnly)
+        if args.isNone(6) {
+            withoutGIL { attentionForward(out: po, ldOut: C, probs: pp, q: pq, ldQ: C, k: pk, ldK: C, v: pv, ldV: C,
+                                          B: B, M: M, Nk: Nk, C: C, H: H, mask: FullAttention()) }
+        } else {
+            let m = try arena.int32(args[6], "mask", [B, M, Nk])
+            let mask = DenseAttentionMask(allowed: m.readOnly, M: M, Nk: Nk)
+            withoutGIL { attentionForward(out: po, ldOut: C, probs: pp, q: pq, ldQ: C, k: pk, ldK: C, v: pv, ldV: C,
+                                          B: B, M: M, Nk: Nk, C: C, H: H, mask: mask) }
+        }
+        return none()
+    } }, doc: "attention_forward(out, probs, q, k, v, heads, mask): multi-head attention; mask [B,M,Nk] int32 (nonzero = may attend) or None."),
+
+    Method(name: "attention_backward", function: { _, a, n in call(a, n, "attention_backward") { args in
+        // (dq, dk, dv, dout, probs, q, k, v, heads)
+        try args.expect(9)
+        let arena = BufferArena(); defer { arena.release() }
+        let q = try arena.float32(args[5], "q", [nil, nil, nil])
+        let (B, M, C) = (q.shape[0], q.shape[1], q.shape[2])
+        let k = try arena.float32(args[6], "k", [B, nil, C])
+        let Nk = k.shape[1]
+        let v = try arena.float32(args[7], "v", [B, Nk, C])
+        let H = try args.int(8, "heads", min: 1)
+        guard C % H == 0 else { throw PyError.value("heads: channel count \(C) is not a multiple of heads=\(H)") }
+        let dq = try arena.float32(args[0], "dq", [B, M, C], writable: true)
+        let dk = try arena.float32(args[1], "dk", [B, Nk, C], writable: true)
+        let dv = try arena.float32(args[2], "dv", [B, Nk, C], writable: true)
+        let dout = try arena.float32(args[3], "dout", [B, M, C])
+        let probs = try arena.float32(args[4], "probs", [B, H, M, Nk])
+        withoutGIL { attentionBackward(dQ: dq.pointer, dK: dk.pointer, dV: dv.pointer, dOut: dout.readOnly, ldOut: C, probs: probs.readOnly,
+                                       q: q.readOnly, ldQ: C, k: k.readOnly, ldK: C, v: v.readOnly, ldV: C, B: B, M: M, Nk: Nk, C: C, H: H) }
+        return none()
+    } }, doc: "attention_backward(dq, dk, dv, dout, probs, q, k, v, heads): accumulates."),
+
+    Method(name: "residual_forward", function: { _, a, n in call(a, n, "residual_forward") { args in
+        // (out, x, branch, gamma|None, keep|None)  all [B, T, C]
+        try args.expect(5)
+        let arena = BufferArena(); defer { arena.release() }
+        let x = try arena.float32(args[1], "x", [nil, nil, nil])
+        let (B, T, C) = (x.shape[0], x.shape[1], x.shape[2])
+        let y = try arena.float32(args[2], "branch", [B, T, C])
+        let gamma = try optionalF32(arena, args, 3, "gamma", [C]), keep = try optionalF32(arena, args, 4, "keep", [B])
+        let out = try arena.float32(args[0], "out", [B, T, C], writable: true)
+        withoutGIL { residualForward(out: out.pointer, residual: x.readOnly, branch: y.readOnly, gamma: gamma?.readOnly, keep: keep?.readOnly, B: B, T: T, C: C) }
+        return none()
+    } }, doc: "residual_forward(out, x, branch, gamma, keep): out = x + keep[b]·gamma⊙branch."),
+
+    Method(name: "residual_backward", function: { _, a, n in call(a, n, "residual_backward") { args in
+        // (dx|None, dbranch, dgamma|None, dout, branch, gamma|None, keep|None)
+        try args.expect(7)
+        let arena = BufferArena(); defer { arena.release() }
+        let y = try arena.float32(args[4], "branch", [nil, nil, nil])
+        let (B, T, C) = (y.shape[0], y.shape[1], y.shape[2])
+        let dx = try optionalF32(arena, args, 0, "dx", [B, T, C], writable: true)
+        let dy = try arena.float32(args[1], "dbranch", [B, T, C], writable: true)
+        let dg = try optionalF32(arena, args, 2, "dgamma", [C], writable: true)
+        let dout = try arena.float32(args[3], "dout", [B, T, C])
+        let gamma = try optionalF32(arena, args, 5, "gamma", [C]), keep = try optionalF32(arena, args, 6, "keep", [B])
+        withoutGIL { residualBackward(dResidual: dx?.pointer, dBranch: dy.pointer, dGamma: dg?.pointer, dOut: dout.readOnly, branch: y.readOnly,
+                                      gamma: gamma?.readOnly, keep: keep?.readOnly, B: B, T: T, C: C) }
+        return none()
+    } }, doc: "residual_backward(dx, dbranch, dgamma, dout, branch, gamma, keep): accumulates."),
+
+    Method(name: "drop_path_keep", function: { _, a, n in call(a, n, "drop_path_keep") { args in
+        // (keep [B], rate, seed)
+        try args.expect(3)
+        let arena = BufferArena(); defer { arena.release() }
+        let keep = try arena.float32(args[0], "keep", [nil], writable: true)
+        let r = try rate(args, 1)
+        var rng = Xoshiro256StarStar(seed: UInt64(bitPattern: Int64(try args.int(2, "seed"))), stream: 0)
+        dropPathKeep(keep: keep.pointer, B: keep.count, rate: r, rng: &rng)
+        return none()
+    } }, doc: "drop_path_keep(keep, rate, seed): per-sample scales in {0, 1/(1-rate)}."),
+
+    Method(name: "dropout_mask", function: { _, a, n in call(a, n, "dropout_mask") { args in
+        try args.expect(3)
+        let arena = BufferArena(); defer { arena.release() }
+        let mask = try arena.float32(args[0], "mask", [nil], writable: true)
+        let r = try rate(args, 1)
+        var rng = Xoshiro256StarStar(seed: UInt64(bitPattern: Int64(try args.int(2, "seed"))), stream: 0)
+        nonisolated(unsafe) let p = mask.pointer
+        withoutGIL { dropoutMask(mask: p, count: mask.count, rate: r, rng: &rng) }
+        return none()
+    } }, doc: "dropout_mask(mask, rate, seed): element scales in {0, 1/(1-rate)}."),
+
+    Method(name: "scale_rows_forward", function: { _, a, n in call(a, n, "scale_rows_forward") { args in
+        // (out [B, R], x [B, R], keep [B]) drop path;  with keep of x's size: dropout
+        try args.expect(3)
+        let arena = BufferArena(); defer { arena.release() }
+        let x = try arena.float32(args[1], "x", [nil, nil])
+        let out = try arena.float32(args[0], "out", [x.shape[0], x.shape[1]], writable: true)
+        let keep = try arena.float32(args[2], "keep", [nil])
+        if keep.count == x.shape[0] {
+            withoutGIL { dropPathForward(out: out.pointer, input: x.readOnly, keep: keep.readOnly, B: x.shape[0], rowSize: x.shape[1]) }
+        } else if keep.count == x.count {
+            withoutGIL { dropoutForward(out: out.pointer, input: x.readOnly, mask: keep.readOnly, count: x.count) }
+        } else {
+            throw PyError.value("keep: expected \(x.shape[0]) (per sample) or \(x.count) (per element) values, got \(keep.count)")
+        }
+        return none()
+    } }, doc: "scale_rows_forward(out, x, keep): drop path (keep [B]) or dropout (keep [B·R])."),
+
+    Method(name: "scale_rows_backward", function: { _, a, n in call(a, n, "scale_rows_backward") { args in
+        try args.expect(3)
+        let arena = BufferArena(); defer { arena.release() }
+        let dout = try arena.float32(args[1], "dout", [nil, nil])
+        let dx = try arena.float32(args[0], "dx", [dout.shape[0], dout.shape[1]], writable: true)
+        let keep = try arena.float32(args[2], "keep", [nil])
+        if keep.count == dout.shape[0] {
+            withoutGIL { dropPathBackward(dInput: dx.pointer, dOut: dout.readOnly, keep: keep.readOnly, B: dout.shape[0], rowSize: dout.shape[1]) }
+        } else if keep.count == dout.count {
+            withoutGIL { dropoutBackward(dInput: dx.pointer, dOut: dout.readOnly, mask: keep.readOnly, count: dout.count) }
+        } else {
+            throw PyError.value("keep: expected \(dout.shape[0]) (per sample) or \(dout.count) (per element) values, got \(keep.count)")
+        }
+        return none()
+    } }, doc: "scale_rows_backward(dx, dout, keep): dx += keep·dout (drop path or dropout)."),
+
+    Method(name: "patch_embed_forward", function: { _, a, n in call(a, n, "patch_embed_forward") { args in
+        // (out [B,n,C], patches [B,n,Cin·p·p], images [B,Cin,S,S], weight [C,Cin,p,p], bias [C]|None)
+        try args.expect(5)
+        let arena = BufferArena(); defer { arena.release() }
+        let w = try arena.float32(args[3], "weight", [nil, nil, nil, nil])
+        let (C, Cin, p) = (w.shape[0], w.shape[1], w.shape[2])
+        guard w.shape[3] == p, p > 0 else { throw PyError.value("weight: expected square kernels [C, Cin, p, p], got \(w.shape)") }
+        let img = try arena.float32(args[2], "images", [nil, Cin, nil, nil])
+        let (B, S) = (img.shape[0], img.shape[2])
+        guard img.shape[3] == S, S % p == 0 else { throw PyError.value("images: expected square images with a side divisible by \(p), got \(img.shape)") }
+        let nP = (S / p) * (S / p)
+        let b = try optionalF32(arena, args, 4, "bias", [C])
+        let out = try arena.float32(args[0], "out", [B, nP, C], writable: true)
+        let patches = try arena.float32(args[1], "patches", [B, nP, Cin * p * p], writable: true)
+        withoutGIL { patchEmbedForward(out: out.pointer, patches: patches.pointer, images: img.readOnly, weight: w.readOnly, bias: b?.readOnly,
+                                       B: B, inChans: Cin, imgSize: S, patch: p, C: C) }
+        return none()
+    } }, doc: "patch_embed_forward(out, patches, images, weight, bias)."),
+
+    Method(name: "patch_embed_backward", function: { _, a, n in call(a, n, "patch_embed_backward") { args in
+        // (dimages|None, dweight, dbias|None, dout, patches, weight, img_size)
+        try args.expect(7)
+        let arena = BufferArena(); defer { arena.release() }
+        let w = try arena.float32(args[5], "weight", [nil, nil, nil, nil])
+        let (C, Cin, p) = (w.shape[0], w.shape[1], w.shape[2])
+        let S = try args.int(6, "img_size", min: 1)
+        guard S % p == 0 else { throw PyError.value("img_size: \(S) is not divisible by the patch size \(p)") }
+        let nP = (S / p) * (S / p)
+        let patches = try arena.float32(args[4], "patches", [nil, nP, Cin * p * p])
+        let B = patches.shape[0]
+        let dout = try arena.float32(args[3], "dout", [B, nP, C])
+        let di = try optionalF32(arena, args, 0, "dimages", [B, Cin, S, S], writable: true)
+        let dw = try arena.float32(args[1], "dweight", [C, Cin, p, p], writable: true)
+        let db = try optionalF32(arena, args, 2, "dbias", [C], writable: true)
+        withoutGIL { patchEmbedBackward(dImages: di?.pointer, dWeight: dw.pointer, dBias: db?.pointer, dOut: dout.readOnly, patches: patches.readOnly,
+                                        weight: w.readOnly, B: B, inChans: Cin, imgSize: S, patch: p, C: C) }
+        return none()
+    } }, doc: "patch_embed_backward(dimages, dweight, dbias, dout, patches, weight, img_size): accumulates."),
+
+    Method(name: "mean_pool_forward", function: { _, a, n in call(a, n, "mean_pool_forward") { args in
+        try args.expect(3)
+        let arena = BufferArena(); defer { arena.release() }
+        let x = try arena.float32(args[1], "x", [nil, nil, nil])
+        let (B, T, C) = (x.shape[0], x.shape[1], x.shape[2])
+        let start = try args.int(2, "start", min: 0, max: T - 1)
+        let out = try arena.float32(args[0], "out", [B, C], writable: true)
+        withoutGIL { meanPoolForward(out: out.pointer, input: x.readOnly, B: B, T: T, C: C, start: start) }
+        return none()
+    } }, doc: "mean_pool_forward(out, x, start): mean over tokens start.. of x [B, T, C]."),
+
+    Method(name: "mean_pool_backward", function: { _, a, n in call(a, n, "mean_pool_backward") { args in
+        try args.expect(3)
+        let arena = BufferArena(); defer { arena.release() }
+        let dx = try arena.float32(args[0], "dx", [nil, nil, nil], writable: true)
+        let (B, T, C) = (dx.shape[0], dx.shape[1], dx.shape[2])
+        let dout = try arena.float32(args[1], "dout", [B, C])
+        let start = try args.int(2, "start", min: 0, max: T - 1)
+        withoutGIL { meanPoolBackward(dInput: dx.pointer, dOut: dout.readOnly, B: B, T: T, C: C, start: start) }
+        return none()
+    } }, doc: "mean_pool_backward(dx, dout, start): accumulates."),
+
+    Method(name: "cross_entropy_forward", function: { _, a, n in call(a, n, "cross_entropy_forward") { args in
+        // (losses [R], probs [R,K], logits [R,K], targets int32 [R], smoothing) -> mean loss over kept rows
+        try args.expect(5)
+        let arena = BufferArena(); defer { arena.release() }
+        let x = try arena.float32(args[2], "logits", [nil, nil])
+        let (R, K) = (x.shape[0], x.shape[1])
+        let t = try arena.int32(args[3], "targets", [R])
+        for i in 0..<R where t.pointer[i] >= K {
+            throw PyError.value("targets: expected class indices < \(K) (negative = ignored), got \(t.pointer[i]) at position \(i)")
+        }
+        let losses = try arena.float32(args[0], "losses", [R], writable: true)
+        let probs = try arena.float32(args[1], "probs", [R, K], writable: true)
+        let eps = try args.double(4, "smoothing")
+        guard eps >= 0 && eps <= 1 else { throw PyError.value("smoothing: expected a value in [0, 1], got \(eps)") }
+        let r = withoutGIL { crossEntropyForward(losses: losses.pointer, probs: probs.pointer, logits: x.readOnly, targets: t.readOnly,
+                                                 rows: R, K: K, smoothing: Float(eps)) }
+        return pyFloat(r.count > 0 ? r.sum / Double(r.count) : 0)
+    } }, doc: "cross_entropy_forward(losses, probs, logits, targets, smoothing) -> mean loss over rows with target ≥ 0."),
+
+    Method(name: "cross_entropy_backward", function: { _, a, n in call(a, n, "cross_entropy_backward") { args in
+        // (dlogits, probs, targets, smoothing, scale)
+        try args.expect(5)
+        let arena = BufferArena(); defer { arena.release() }
+        let p = try arena.float32(args[1], "probs", [nil, nil])
+        let (R, K) = (p.shape[0], p.shape[1])
+        let t = try arena.int32(args[2], "targets", [R])
+        for i in 0..<R where t.pointer[i] >= K {
+            throw PyError.value("targets: expected class indices < \(K) (negative = ignored), got \(t.pointer[i]) at position \(i)")
+        }
+        let d = try arena.float32(args[0], "dlogits", [R, K], writable: true)
+        let eps = Float(try args.double(3, "smoothing")), scale = Float(try args.double(4, "scale"))
+        withoutGIL { crossEntropyBackward(dLogits: d.pointer, probs: p.readOnly, targets: t.readOnly, rows: R, K: K, smoothing: eps, scale: scale) }
+        return none()
+    } }, doc: "cross_entropy_backward(dlogits, probs, targets, smoothing, scale): dlogits += scale·(p − q)."),
+]

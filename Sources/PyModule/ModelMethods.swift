@@ -1,0 +1,190 @@
+// The ViT classifier and AdamW behind opaque handles: creation from a config, the parameter
+// table, zero-copy views of the parameter/gradient/moment blocks, inference, train steps.
+import CPythonBridge
+import MaPeTKernels
+
+private func parameterTable(_ t: ParameterTable) throws -> PyObj {
+    try pyList(t.entries.map { e in
+        try? pyTuple([pyString(e.name), pyTuple(e.shape.map { pyInt($0) }), pyInt(e.offset)])
+    })
+}
+
+/// Validates images [B, inChans, S, S] for `config`, naming what differs.
+private func images(_ arena: BufferArena, _ obj: PyObj, _ k: ViTConfig) throws -> ArrayView<Float> {
+    let x = try arena.float32(obj, "images", [nil, nil, nil, nil])
+    guard x.shape[1] == k.inChans else {
+        throw PyError.value("images: expected \(k.inChans) channels (shape [B, \(k.inChans), \(k.imgSize), \(k.imgSize)]), got shape \(x.shape)")
+    }
+    guard x.shape[2] == k.imgSize, x.shape[3] == k.imgSize else {
+        throw PyError.value("images: expected \(k.imgSize)×\(k.imgSize) images (shape [B, \(k.inChans), \(k.imgSize), \(k.imgSize)]), got shape \(x.shape)")
+    }
+    guard x.shape[0] >= 1 else { throw PyError.value("images: expected at least one image, got shape \(x.shape)") }
+    return x
+}
+
+let modelMethods: [Method] = [
+    Method(name: "vit_create", function: { _, a, n in call(a, n, "vit_create") { args in
+        // (img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, num_classes,
+        //  global_pool, init_values|None, drop_path_rate, qkv_bias, seed)
+        try args.expect(13)
+        var k = ViTConfig()
+        k.imgSize = try args.int(0, "img_size", min: 1, max: 1 << 16)
+        k.patchSize = try args.int(1, "patch_size", min: 1, max: 1 << 16)
+        k.inChans = try args.int(2, "in_chans", min: 1, max: 1 << 12)
+        k.embedDim = try args.int(3, "embed_dim", min: 1, max: 1 << 16)
+        k.depth = try args.int(4, "depth", min: 0, max: 1024)
+        k.numHeads = try args.int(5, "num_heads", min: 1, max: 1 << 12)
+        k.mlpRatio = try args.finiteDouble(6, "mlp_ratio")
+        k.numClasses = try args.int(7, "num_classes", min: 1, max: 1 << 24)
+        let pool = try args.string(8, "global_pool")
+        guard let gp = GlobalPool(rawValue: pool) else { throw PyError.value("global_pool: expected 'token' or 'avg', got '\(pool)'") }
+        k.globalPool = gp
+        k.initValues = args.isNone(9) ? nil : Float(try args.finiteDouble(9, "init_values"))
+        k.dropPathRate = Float(try args.double(10, "drop_path_rate"))
+        k.qkvBias = try args.bool(11, "qkv_bias")
+        let seed = UInt64(bitPattern: Int64(try args.int(12, "seed")))
+        if let problem = k.problem { throw PyError.value(problem) }
+        guard k.mlpRatio > 0, Double(k.hidden) < 1e7 else { throw PyError.value("mlp_ratio: expected a positive ratio, got \(k.mlpRatio)") }
+        let total = VisionTransformer.makeTable(k).total
+        guard total < (1 << 34) else { throw PyError.value("model too large: \(total) parameters") }
+        guard let model = withoutGIL({ VisionTransformer(config: k, seed: seed) }) else {
+            throw PyError.memory("vit_create: could not allocate \(total) parameters")
+        }
+        guard let h = makeHandle(model) else { throw PythonErrorSet() }
+        return h
+    } }, doc: "vit_create(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, num_classes, global_pool, init_values, drop_path_rate, qkv_bias, seed) -> handle"),
+
+    Method(name: "vit_table", function: { _, a, n in call(a, n, "vit_table") { args in
+        try args.expect(1)
+        return try parameterTable(try args.handle(0, "model", VisionTransformer.self).table)
+    } }, doc: "vit_table(model) -> [(name, shape, offset)] in reference order."),
+
+    Method(name: "vit_blocks", function: { _, a, n in call(a, n, "vit_blocks") { args in
+        try args.expect(1)
+        let m = try args.handle(0, "model", VisionTransformer.self)
+        return try pyTuple([makeTensor(m.params, dtype: .float32, shape: [m.table.total]),
+                            makeTensor(m.grads, dtype: .float32, shape: [m.table.total])])
+    } }, doc: "vit_blocks(model) -> (params, grads): 1-d zero-copy views of the two contiguous blocks."),
+
+    Method(name: "vit_zero_grad", function: { _, a, n in call(a, n, "vit_zero_grad") { args in
+        try args.expect(1)
+        let m = try args.handle(0, "model", VisionTransformer.self)
+        withoutGIL { m.zeroGrad() }
+        return none()
+    } }, doc: "vit_zero_grad(model)"),
+
+    Method(name: "vit_forward", function: { _, a, n in call(a, n, "vit_forward") { args in
+        // (model, images, out [B, classes], features: bool)
+        try args.expect(4)
+        let m = try args.handle(0, "model", VisionTransformer.self)
+        let arena = BufferArena(); defer { arena.release() }
+        let x = try images(arena, args[1], m.config)
+        let B = x.shape[0], k = m.config
+        let features = try args.bool(3, "features")
+        let out = features ? try arena.float32(args[2], "out", [B, k.numTokens, k.embedDim], writable: true)
+                           : try arena.float32(args[2], "out", [B, k.numClasses], writable: true)
+        let ok = withoutGIL {
+            features ? m.forwardFeatures(out: out.pointer, images: x.readOnly, B: B) : m.forward(logits: out.pointer, images: x.readOnly, B: B)
+        }
+        guard ok else { throw PyError.memory("forward: could not allocate activations for batch \(B)") }
+        return none()
+    } }, doc: "vit_forward(model, images, out, features): logits [B, classes] or final tokens [B, N, C]."),
+
+    Method(name: "vit_train_step", function: { _, a, n in call(a, n, "vit_train_step") { args in
+        // (model, images, labels int32 [B], smoothing, logits_out|None) -> loss
+        try args.expect(5)
+        let m = try args.handle(0, "model", VisionTransformer.self)
+        let arena = BufferArena(); defer { arena.release() }
+        let x = try images(arena, args[1], m.config)
+        let B = x.shape[0], K = m.config.numClasses
+        let labels = try arena.int32(args[2], "labels", [B])
+        for i in 0..<B where labels.pointer[i] < 0 || labels.pointer[i] >= K {
+            throw PyError.value("labels: expected class indices in [0, \(K)), got \(labels.pointer[i]) at position \(i)")
+        }
+        let eps = try args.double(3, "label_smoothing")
+        guard eps >= 0 && eps <= 1 else { throw PyError.value("label_smoothing: expected a value in [0, 1], got \(eps)") }
+        let logits = args.isNone(4) ? nil : try arena.float32(args[4], "logits_out", [B, K], writable: true)
+        nonisolated(unsafe) let lo = logits?.pointer
+        let r = withoutGIL { m.trainStep(images: x.readOnly, labels: labels.readOnly, B: B, smoothing: Float(eps), logitsOut: lo) }
+        switch r {
+        case .success(let loss): return pyFloat(loss)
+        case .failure(.outOfMemory): throw PyError.memory("train_step: could not allocate activations for batch \(B)")
+        case .failure(.nonFiniteLoss(let v)):
+            throw PyError.value("train_step: the loss is not finite (\(v)); gradients were not changed (check the images for NaN/inf and the learning rate)")
+        }
+    } }, doc: "vit_train_step(model, images, labels, label_smoothing, logits_out) -> loss; adds gradients."),
+
+    Method(name: "vit_release", function: { _, a, n in call(a, n, "vit_release") { args in
+        try args.expect(1)
+        try args.handle(0, "model", VisionTransformer.self).releaseActivations()
+        return none()
+    } }, doc: "vit_release(model): frees the cached training activations."),
+
+    Method(name: "adamw_create", function: { _, a, n in call(a, n, "adamw_create") { args in
+        // (total, segments [(offset, count, decay, lr_scale)], lr, beta1, beta2, eps, weight_decay)
+        try args.expect(7)
+        let total = try args.int(0, "total", min: 0, max: 1 << 34)
+        let o = args[1]
+        guard mapet_py_list_check(o) != 0 else { throw PyError.type("segments: expected a list of (offset, count, decay, lr_scale), got \(typeName(o))") }
+        var segs: [AdamWSegment] = []
+        for i in 0..<PySequence_Size(o) {
+            guard let item = PySequence_GetItem(o, i) else { throw PythonErrorSet() }
+            defer { mapet_py_decref(item) }
+            guard mapet_py_tuple_check(item) != 0, PyTuple_Size(item) == 4 else { throw PyError.type("segments[\(i)]: expected a 4-tuple") }
+            let off = PyLong_AsLongLong(PyTuple_GetItem(item, 0)), cnt = PyLong_AsLongLong(PyTuple_GetItem(item, 1))
+            let decay = PyObject_IsTrue(PyTuple_GetItem(item, 2)), scale = PyFloat_AsDouble(PyTuple_GetItem(item, 3))
+            if PyErr_Occurred() != nil { throw PythonErrorSet() }
+            guard off >= 0, cnt >= 0, off + cnt <= total, scale.isFinite, scale >= 0 else {
+                throw PyError.value("segments[\(i)]: (\(off), \(cnt), _, \(scale)) is outside the block of \(total) or has a bad lr scale")
+            }
+            segs.append(AdamWSegment(offset: Int(off), count: Int(cnt), decay: decay != 0, lrScale: Float(scale)))
+        }
+        let lr = try args.finiteDouble(2, "lr"), b1 = try args.finiteDouble(3, "beta1"), b2 = try args.finiteDouble(4, "beta2")
+        let eps = try args.finiteDouble(5, "eps"), wd = try args.finiteDouble(6, "weight_decay")
+        guard let opt = AdamW(total: total, segments: segs, lr: Float(lr), beta1: Float(b1), beta2: Float(b2), eps: Float(eps), weightDecay: Float(wd)) else {
+            throw PyError.memory("AdamW: could not allocate moments for \(total) parameters")
+        }
+        guard let h = makeHandle(opt) else { throw PythonErrorSet() }
+        return h
+    } }, doc: "adamw_create(total, segments, lr, beta1, beta2, eps, weight_decay) -> handle"),
+
+    Method(name: "adamw_configure", function: { _, a, n in call(a, n, "adamw_configure") { args in
+        // (opt, lr, beta1, beta2, eps, weight_decay, step)
+        try args.expect(7)
+        let opt = try args.handle(0, "optimizer", AdamW.self)
+        opt.lr = Float(try args.finiteDouble(1, "lr")); opt.beta1 = Float(try args.finiteDouble(2, "beta1"))
+        opt.beta2 = Float(try args.finiteDouble(3, "beta2")); opt.eps = Float(try args.finiteDouble(4, "eps"))
+        opt.weightDecay = Float(try args.finiteDouble(5, "weight_decay"))
+        opt.step = try args.int(6, "step", min: 0)
+        return none()
+    } }, doc: "adamw_configure(opt, lr, beta1, beta2, eps, weight_decay, step)"),
+
+    Method(name: "adamw_moments", function: { _, a, n in call(a, n, "adamw_moments") { args in
+        try args.expect(1)
+        let opt = try args.handle(0, "optimizer", AdamW.self)
+        return try pyTuple([makeTensor(opt.m, dtype: .float32, shape: [opt.total]), makeTensor(opt.v, dtype: .float32, shape: [opt.total]),
+                            pyInt(opt.step)])
+    } }, doc: "adamw_moments(opt) -> (exp_avg, exp_avg_sq, step): zero-copy 1-d views."),
+
+    Method(name: "adamw_step", function: { _, a, n in call(a, n, "adamw_step") { args in
+        // (opt, params [total], grads [total], clip|None) -> grad norm before clipping
+        try args.expect(4)
+        let opt = try args.handle(0, "optimizer", AdamW.self)
+        let arena = BufferArena(); defer { arena.release() }
+        let p = try arena.float32(args[1], "params", [opt.total], writable: true)
+        let g = try arena.float32(args[2], "grads", [opt.total], writable: true)
+        var clip: Float? = nil
+        if !args.isNone(3) {
+            let c = try args.finiteDouble(3, "clip_grad")
+            guard c > 0 else { throw PyError.value("clip_grad: expected a positive max norm, got \(c)") }
+            clip = Float(c)
+        }
+        let norm = withoutGIL { opt.gradNorm(grads: g.readOnly) }
+        guard norm.isFinite else {
+            throw PyError.value("AdamW.step: the gradient norm is not finite (\(norm)); parameters were not changed")
+        }
+        nonisolated(unsafe) let (pp, gp) = (p.pointer, g.pointer)
+        _ = withoutGIL { opt.update(params: pp, grads: gp, clipNorm: clip, knownNorm: norm) }
+        return pyFloat(norm)
+    } }, doc: "adamw_step(opt, params, grads, clip_grad) -> gradient norm before clipping."),
+]
