@@ -472,7 +472,7 @@ def test_mapet_pretraining_learns_predictable_tokens():
     its level). The predicted patches are hidden from the query stream, but the context reveals
     the base, so a model that uses the context and the positions can reach ~0 loss; chance is
     log(V). MaPeT pre-training with Adam (written here on params_flat / grads_flat) must bring the
-    loss well below log(V)."""
+    mean loss of 10 consecutive steps below log(V)/10 within 400 steps (~165 steps, 2 s here)."""
     Vt, B = 8, 32
     rng = np.random.default_rng(0)
     m = create_pretrain_model("mapet_tiny_patch16_224", img_size=IMG, patch_size=PATCH, embed_dim=32, depth=2,
@@ -496,14 +496,14 @@ def test_mapet_pretraining_learns_predictable_tokens():
     mom, vel = np.zeros_like(p), np.zeros_like(p)
     lr, b1, b2 = 3e-3, 0.9, 0.999
     losses = []
-    for t in range(1, 301):
+    for t in range(1, 401):
         img, tokens = data()
         m.zero_grad()
         losses.append(m.train_step(img, tokens, sampler.sample(B)))
         mom[:] = b1 * mom + (1 - b1) * gr
         vel[:] = b2 * vel + (1 - b2) * gr * gr
         p -= lr * (mom / (1 - b1 ** t)) / (np.sqrt(vel / (1 - b2 ** t)) + 1e-8)
-        if t >= 50 and np.mean(losses[-10:]) < 0.25 * np.log(Vt):
+        if t >= 50 and np.mean(losses[-10:]) < 0.1 * np.log(Vt):
             break
     assert abs(losses[0] - np.log(Vt)) < 0.5
-    assert np.mean(losses[-10:]) < 0.25 * np.log(Vt), losses[-10:]
+    assert np.mean(losses[-10:]) < 0.1 * np.log(Vt), losses[-10:]
