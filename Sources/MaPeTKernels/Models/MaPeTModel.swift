@@ -1,0 +1,239 @@
+// MaPeT (Baraldi et al. 2023, SPEC §2): masked and permuted pre-training with two streams that
+// share every weight. With N = n + 1 tokens, P predicted tokens p_0 < … < p_{P−1} and
+// m_j = mask_positional_token + pos_embed[p_j]:
+//   content h0 = [cls + pos_0 ; patch_embed + pos_{1..n} ; m_0..m_{P−1}]   (PIM: without the m_j)
+//   query   g0 = [m_0..m_{P−1}]
+//   per block: K, V from norm1(h) only; h attends under TwoStreamContentMask, g under
+//   TwoStreamQueryMask (decided from the permutation ranks, never dense masks); both streams
+//   then run proj/MLP residuals with the same per-sample drop-path keep masks.
+//   logits [B, P, V] = decoder(norm(g_L)); loss = mean CE over the predicted tokens that count
+//   (PermutationBatch.inLoss) against tokens[b, p_j − 1].
+// The content stream's last block only feeds keys/values to the query stream, so only norm1
+// and kv are computed there.
+
+/// Activations of one two-stream pass at (B, P), kept for the backward.
+final class TwoStreamActivations: @unchecked Sendable {
+    let B, P, T: Int      // T = content rows per sample (N + P, or N for PIM)
+    let arena: Arena
+    let patches, patchOut: UnsafeMutablePointer<Float>
+    /// hs[l], gs[l]: inputs of block l ([B, T, C], [B, P, C]); hs[depth] is never computed.
+    let hs, gs: [UnsafeMutablePointer<Float>]
+    let hCaches, gCaches: [BlockCache]
+    let hScratch, gScratch: BlockScratch
+    let keeps: UnsafeMutablePointer<Float>        // [depth, 2, B]
+    let normOut, normMean, normRstd, logits, probs, losses: UnsafeMutablePointer<Float>
+    let dh, dg, dNormOut, dLogits: UnsafeMutablePointer<Float>
+    let targets: UnsafeMutablePointer<Int32>
+
+    init?(config k: PretrainConfig, B: Int, P: Int) {
+        let v = k.vit, C = v.embedDim, N = v.numTokens, n = v.numPatches, V = k.vocabSize, depth = v.depth
+        let T = k.kind == .mapet ? N + P : N
+        let hRows = B * T, gRows = B * P
+        let hProbs = B * v.numHeads * T * T, gProbs = B * v.numHeads * P * T
+        var sizes = [B * n * v.patchDim, B * n * C]
+        sizes += Array(repeating: hRows * C, count: depth + 1) + Array(repeating: gRows * C, count: depth + 1)
+        for _ in 0..<depth {
+            sizes += BlockCache.floats(rows: hRows, C: C, hidden: v.hidden, probs: hProbs, ownsKV: true)
+            sizes += BlockCache.floats(rows: gRows, C: C, hidden: v.hidden, probs: gProbs, ownsKV: false)
+        }
+        sizes += BlockScratch.floats(rows: hRows, C: C, hidden: v.hidden, ownsKV: true)
+        sizes += BlockScratch.floats(rows: gRows, C: C, hidden: v.hidden, ownsKV: false)
+        sizes += [depth * 2 * B, gRows * C, gRows, gRows, gRows * V, gRows * V, gRows,
+                  hRows * C, gRows * C, gRows * C, gRows * V, gRows]
+        guard let arena = Arena(floats: Arena.size(sizes)) else { return nil }
+        (self.B, self.P, self.T, self.arena) = (B, P, T, arena)
+        patches = arena.take(B * n * v.patchDim); patchOut = arena.take(B * n * C)
+        hs = (0...depth).map { _ in arena.take(hRows * C) }
+        gs = (0...depth).map { _ in arena.take(gRows * C) }
+        var hc: [BlockCache] = [], gc: [BlockCache] = []
+        for _ in 0..<depth {
+            hc.append(BlockCache(arena: arena, rows: hRows, C: C, hidden: v.hidden, probs: hProbs, ownsKV: true))
+            gc.append(BlockCache(arena: arena, rows: gRows, C: C, hidden: v.hidden, probs: gProbs, ownsKV: false))
+        }
+        (hCaches, gCaches) = (hc, gc)
+        hScratch = BlockScratch(arena: arena, rows: hRows, C: C, hidden: v.hidden, ownsKV: true)
+        gScratch = BlockScratch(arena: arena, rows: gRows, C: C, hidden: v.hidden, ownsKV: false)
+        keeps = arena.take(depth * 2 * B)
+        normOut = arena.take(gRows * C); normMean = arena.take(gRows); normRstd = arena.take(gRows)
+        logits = arena.take(gRows * V); probs = arena.take(gRows * V); losses = arena.take(gRows)
+        dh = arena.take(hRows * C); dg = arena.take(gRows * C); dNormOut = arena.take(gRows * C)
+        dLogits = arena.take(gRows * V)
+        targets = UnsafeMutableRawPointer(arena.take(gRows)).assumingMemoryBound(to: Int32.self)
+    }
+}
+
+public final class MaPeTModel: PretrainModel, @unchecked Sendable {
+    private var acts: TwoStreamActivations?
+
+    /// `config.kind` must be `.mapet` or `.pim`.
+    public override init?(config: PretrainConfig, seed: UInt64) {
+        precondition(config.twoStream, "MaPeTModel: kind must be mapet or pim")
+        super.init(config: config, seed: seed)
+    }
+
+    public var positionalTokens: Bool { config.kind == .mapet }
+
+    private func activations(B: Int, P: Int) -> TwoStreamActivations? {
+        if let a = acts, a.B == B, a.P == P { return a }
+        acts = nil
+        acts = TwoStreamActivations(config: config, B: B, P: P)
+        return acts
+    }
+
+    /// Frees the cached activations (re-allocated by the next call).
+    public func releaseActivations() { acts = nil }
+
+    // MARK: Forward
+
+    /// h0 and g0 from the images and the predicted positions.
+    private func embed(_ a: TwoStreamActivations, images: UnsafePointer<Float>, batch: PermutationBatch) {
+        let v = config.vit, C = v.embedDim, n = v.numPatches, N = v.numTokens, B = a.B, P = a.P, T = a.T
+        patchEmbedForward(out: a.patchOut, patches: a.patches, images: images, weight: ptr("patch_embed.proj.weight"),
+                          bias: ptr("patch_embed.proj.bias"), B: B, inChans: v.inChans, imgSize: v.imgSize,
+                          patch: v.patchSize, C: C)
+        nonisolated(unsafe) let h = a.hs[0], g = a.gs[0], patchOut = a.patchOut, cls = ptr("cls_token"),
+                                pos = ptr("pos_embed"), mpt = ptr(config.specialToken), predicted = batch.predictedPointer
+        let markers = positionalTokens
+        Parallel.forEach(B) { b in
+            let hb = h + b * T * C
+            for j in 0..<C { hb[j] = cls[j] + pos[j] }
+            for t in 0..<n {
+                let src = patchOut + (b * n + t) * C, dst = hb + (t + 1) * C, pe = pos + (t + 1) * C
+                for j in 0..<C { dst[j] = src[j] + pe[j] }
+            }
+            for i in 0..<P {
+                let pe = pos + Int(predicted[b * P + i]) * C, dst = g + (b * P + i) * C
+                for j in 0..<C { dst[j] = mpt[j] + pe[j] }
+                if markers { (hb + (N + i) * C).update(from: dst, count: C) }
+            }
+        }
+    }
+
+    /// Blocks and head; logits in a.logits. `training` applies the drawn drop-path masks.
+    private func runForward(_ a: TwoStreamActivations, images: UnsafePointer<Float>, batch: PermutationBatch, training: Bool) {
+        let v = config.vit, C = v.embedDim, B = a.B, P = a.P, T = a.T, depth = v.depth
+        embed(a, images: images, batch: batch)
+        let contentMask = TwoStreamContentMask(batch, positionalTokens: positionalTokens)
+        let queryMask = TwoStreamQueryMask(batch, positionalTokens: positionalTokens)
+        for (l, blk) in blocks.enumerated() {
+            let (keep1, keep2) = keepPointers(a.keeps, l: l, B: B, training: training)
+            let ch = a.hCaches[l], cg = a.gCaches[l]
+            if l < depth - 1 {
+                blk.forwardAttentionInputs(x: a.hs[l], cache: ch, rows: B * T)
+            } else {
+                // Last block: the content stream only provides keys and values.
+                let w = blk.w
+                layerNormForward(out: ch.ln1, mean: ch.ln1Mean, rstd: ch.ln1Rstd, input: a.hs[l], weight: w.norm1W,
+                                 bias: w.norm1B, rows: B * T, cols: C)
+                linearForward(out: ch.kv!, input: ch.ln1, weight: w.kvW, bias: w.kvB, rows: B * T, inFeatures: C, outFeatures: 2 * C)
+            }
+            blk.forwardAttentionInputs(x: a.gs[l], cache: cg, rows: B * P)
+            if l < depth - 1 {
+                blk.forwardAttention(cache: ch, source: ch, B: B, T: T, Nk: T, mask: contentMask)
+            }
+            blk.forwardAttention(cache: cg, source: ch, B: B, T: P, Nk: T, mask: queryMask)
+            if l < depth - 1 {
+                blk.forwardOutput(out: a.hs[l + 1], x: a.hs[l], cache: ch, B: B, T: T, keep1: keep1, keep2: keep2)
+            }
+            blk.forwardOutput(out: a.gs[l + 1], x: a.gs[l], cache: cg, B: B, T: P, keep1: keep1, keep2: keep2)
+        }
+        layerNormForward(out: a.normOut, mean: a.normMean, rstd: a.normRstd, input: a.gs[depth], weight: ptr("norm.weight"),
+                         bias: ptr("norm.bias"), rows: B * P, cols: C)
+        linearForward(out: a.logits, input: a.normOut, weight: ptr("decoder.weight"), bias: ptr("decoder.bias"),
+                      rows: B * P, inFeatures: C, outFeatures: config.vocabSize)
+    }
+
+    /// Inference logits [B, P, V] for the predicted positions of `batch` (ascending), no drop path.
+    /// images [B, inChans, S, S]; `batch` must have B samples of N tokens (callers check).
+    public func forward(logits: UnsafeMutablePointer<Float>, images: UnsafePointer<Float>, batch: PermutationBatch) -> Bool {
+        let B = batch.batchSize, P = batch.predictedCount
+        guard let a = activations(B: B, P: P) else { return false }
+        runForward(a, images: images, batch: batch, training: false)
+        logits.update(from: a.logits, count: B * P * config.vocabSize)
+        return true
+    }
+
+    // MARK: Training
+
+    /// Forward, mean cross-entropy over the predicted tokens in the loss, backward: adds
+    /// ∂loss/∂θ into `grads`, returns the loss. tokens [B, n] must be in 0..<V (callers check).
+    /// On a non-finite loss nothing is accumulated and the drop-path generator is rewound.
+    public func trainStep(images: UnsafePointer<Float>, tokens: UnsafePointer<Int32>, batch: PermutationBatch,
+                          logitsOut: UnsafeMutablePointer<Float>? = nil) -> Result<Double, StepError> {
+        let v = config.vit, C = v.embedDim, N = v.numTokens, n = v.numPatches, V = config.vocabSize, depth = v.depth
+        let B = batch.batchSize, P = batch.predictedCount
+        guard let a = activations(B: B, P: P) else { return .failure(.outOfMemory) }
+        let T = a.T
+        let savedRNG = rng
+        drawKeeps(a.keeps, B: B)
+        runForward(a, images: images, batch: batch, training: true)
+        let predicted = batch.predictedPointer
+        for b in 0..<B {
+            for j in 0..<P {
+                a.targets[b * P + j] = batch.inLoss(batch: b, predicted: j) ? tokens[b * n + Int(predicted[b * P + j]) - 1] : -1
+            }
+        }
+        let (sum, count) = crossEntropyForward(losses: a.losses, probs: a.probs, logits: a.logits, targets: a.targets,
+                                               rows: B * P, K: V)
+        let loss = count > 0 ? sum / Double(count) : 0
+        if let logitsOut { logitsOut.update(from: a.logits, count: B * P * V) }
+        guard loss.isFinite else { rng = savedRNG; return .failure(.nonFiniteLoss(loss)) }
+        guard count > 0 else { return .success(0) }
+
+        // Head.
+        zero(a.dLogits, B * P * V)
+        crossEntropyBackward(dLogits: a.dLogits, probs: a.probs, targets: a.targets, rows: B * P, K: V, scale: 1 / Float(count))
+        zero(a.dNormOut, B * P * C)
+        linearBackward(dInput: a.dNormOut, dWeight: grad("decoder.weight"), dBias: grad("decoder.bias"), dOut: a.dLogits,
+                       input: a.normOut, weight: ptr("decoder.weight"), rows: B * P, inFeatures: C, outFeatures: V)
+        zero(a.dg, B * P * C)
+        layerNormBackward(dInput: a.dg, dWeight: grad("norm.weight"), dBias: grad("norm.bias"), dOut: a.dNormOut,
+                          input: a.gs[depth], weight: ptr("norm.weight"), mean: a.normMean, rstd: a.normRstd, rows: B * P, cols: C)
+        zero(a.dh, B * T * C)
+
+        // Blocks, last to first.
+        let sh = a.hScratch, sg = a.gScratch, dKV = sh.dKV!
+        for l in stride(from: depth - 1, through: 0, by: -1) {
+            let blk = blocks[l], ch = a.hCaches[l], cg = a.gCaches[l]
+            let (keep1, keep2) = keepPointers(a.keeps, l: l, B: B, training: true)
+            let last = l == depth - 1
+            blk.backwardOutput(dx: a.dg, cache: cg, scratch: sg, B: B, T: P, keep1: keep1, keep2: keep2)
+            if !last { blk.backwardOutput(dx: a.dh, cache: ch, scratch: sh, B: B, T: T, keep1: keep1, keep2: keep2) }
+            zero(dKV, B * T * 2 * C)
+            blk.backwardAttention(cache: cg, scratch: sg, source: ch, dKV: dKV, B: B, T: P, Nk: T)
+            if !last { blk.backwardAttention(cache: ch, scratch: sh, source: ch, dKV: dKV, B: B, T: T, Nk: T) }
+            blk.backwardAttentionInputs(dx: a.dg, x: a.gs[l], cache: cg, scratch: sg, dKV: nil, rows: B * P)
+            if !last {
+                blk.backwardAttentionInputs(dx: a.dh, x: a.hs[l], cache: ch, scratch: sh, dKV: dKV, rows: B * T)
+            } else {
+                let w = blk.w, g = blk.g
+                zero(sh.dLn, B * T * C)
+                linearBackward(dInput: sh.dLn, dWeight: g.kvW, dBias: g.kvB, dOut: dKV, input: ch.ln1, weight: w.kvW,
+                               rows: B * T, inFeatures: C, outFeatures: 2 * C)
+                layerNormBackward(dInput: a.dh, dWeight: g.norm1W, dBias: g.norm1B, dOut: sh.dLn, input: a.hs[l], weight: w.norm1W,
+                                  mean: ch.ln1Mean, rstd: ch.ln1Rstd, rows: B * T, cols: C)
+            }
+        }
+
+        // Embedding: token rows of h; the m_j rows of h and g feed mask_positional_token and pos_embed[p_j].
+        let dPatch = sh.dBranch   // [B, n, C] fits in [B·T, C]
+        embedTokensBackward(dRows: a.dh, stride: T, dPatch: dPatch, patches: a.patches, B: B)
+        nonisolated(unsafe) let dMpt = grad(config.specialToken), dPos = grad("pos_embed"), dh = a.dh, dg = a.dg,
+                                order = predicted
+        let markers = positionalTokens
+        Parallel.forRanges(C, grain: 16) { r in
+            for b in 0..<B {
+                for i in 0..<P {
+                    let p = Int(order[b * P + i])
+                    let gRow = dg + (b * P + i) * C, hRow = dh + (b * T + N + i) * C, posRow = dPos + p * C
+                    for j in r {
+                        let d = markers ? gRow[j] + hRow[j] : gRow[j]
+                        dMpt[j] += d
+                        posRow[j] += d
+                    }
+                }
+            }
+        }
+        return .success(loss)
+    }
+}

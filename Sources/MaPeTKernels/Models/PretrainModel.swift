@@ -1,0 +1,201 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// What the pre-training models share (SPEC §1–2): a ViT trunk without classifier, one
+// learned special token and a linear head over the visual-token vocabulary.
+//   MaPeT / PIM (two-stream): cls_token, pos_embed, mask_positional_token, patch_embed, blocks,
+//                             norm, decoder [V, C]
+//   BEiT (MIM):               cls_token, pos_embed, mask_token, patch_embed, blocks, norm, lm_head [V, C]
+// The order is the PyTorch state_dict order of the references (a module's own parameters
+// first, then its submodules in registration order). Parameters and gradients live in one
+// block each, cut by a `ParameterTable`.
+
+public enum PretrainKind: String, Sendable {
+    /// Two-stream with auxiliary positional tokens.
+    case mapet
+    /// Two-stream without auxiliary positional tokens (XLNet-style permuted modeling).
+    case pim
+    /// BEiT masked image modeling.
+    case beit
+}
+
+public struct PretrainConfig: Sendable, Equatable {
+    /// The trunk (`numClasses` and `globalPool` are unused).
+    public var vit = ViTConfig()
+    public var kind: PretrainKind = .mapet
+    /// V: visual-token vocabulary (`num_tokens` in Python; outputs of decoder / lm_head).
+    public var vocabSize = 8192
+    /// Default context size L of the two-stream models (`least_number`); batches carry their own.
+    public var leastNumber = 50
+
+    public init() {}
+
+    public var twoStream: Bool { kind != .beit }
+    public var specialToken: String { twoStream ? "mask_positional_token" : "mask_token" }
+    public var headName: String { twoStream ? "decoder" : "lm_head" }
+
+    /// A description of the first invalid field, or nil.
+    public var problem: String? {
+        if let p = vit.problem { return p }
+        if vocabSize < 1 { return "num_tokens must be ≥ 1, got \(vocabSize)" }
+        if twoStream && !(leastNumber >= 1 && leastNumber < vit.numTokens) {
+            return "least_number must be in [1, \(vit.numTokens - 1)] for \(vit.numPatches) patches, got \(leastNumber)"
+        }
+        return nil
+    }
+}
+
+/// Parameters, gradients, blocks and the drop-path generator of a pre-training model.
+public class PretrainModel: @unchecked Sendable {
+    public let config: PretrainConfig
+    public let table: ParameterTable
+    public let params: TensorStorage
+    public let grads: TensorStorage
+    public let blocks: [TransformerBlock]
+    /// Drop-path generator; advances once per training step (rewound on a non-finite loss).
+    public var rng: Xoshiro256StarStar
+
+    public enum StepError: Error, Equatable {
+        case outOfMemory
+        case nonFiniteLoss(Double)
+    }
+
+    /// The reference parameter table for `config`.
+    public static func makeTable(_ k: PretrainConfig) -> ParameterTable {
+        var t = ParameterTable()
+        let v = k.vit, C = v.embedDim
+        t.add("cls_token", [1, 1, C])
+        t.add("pos_embed", [1, v.numTokens, C])
+        t.add(k.specialToken, [1, 1, C])
+        t.add("patch_embed.proj.weight", [C, v.inChans, v.patchSize, v.patchSize])
+        t.add("patch_embed.proj.bias", [C])
+        for i in 0..<v.depth {
+            BlockTensors.register(in: &t, prefix: "blocks.\(i).", C: C, hidden: v.hidden, qkvBias: v.qkvBias,
+                                  layerScale: v.initValues != nil)
+        }
+        t.add("norm.weight", [C]); t.add("norm.bias", [C])
+        t.add(k.headName + ".weight", [k.vocabSize, C]); t.add(k.headName + ".bias", [k.vocabSize])
+        return t
+    }
+
+    /// Allocates and initialises (SPEC §1); nil when memory runs out.
+    init?(config: PretrainConfig, seed: UInt64) {
+        precondition(config.problem == nil, config.problem ?? "")
+        self.config = config
+        let table = PretrainModel.makeTable(config)
+        self.table = table
+        guard let p = TensorStorage(count: table.total, dtype: .float32),
+              let g = TensorStorage(count: table.total, dtype: .float32) else { return nil }
+        params = p; grads = g
+        zero(p.floats, table.total)
+        zero(g.floats, table.total)
+        let v = config.vit
+        blocks = (0..<v.depth).map { i in
+            TransformerBlock(C: v.embedDim, H: v.numHeads, hidden: v.hidden,
+                             weights: BlockTensors(base: p.floats, table: table, prefix: "blocks.\(i)."),
+                             grads: BlockTensors(base: g.floats, table: table, prefix: "blocks.\(i)."))
+        }
+        rng = Xoshiro256StarStar(seed: seed, stream: 1)
+        initialize(seed: seed)
+    }
+
+    /// timm / reference init: Linear weights trunc-normal(.02) with zero bias; pos_embed and the
+    /// mask token trunc-normal(.02); cls_token normal(1e-6); the patch conv PyTorch's default
+    /// (uniform ±1/√fan_in, weight and bias); LayerNorm (1, 0); layer scale = init_values.
+    private func initialize(seed: UInt64) {
+        var r = Xoshiro256StarStar(seed: seed, stream: 0)
+        func normal() -> Double {
+            let u1 = 1 - r.uniform(), u2 = r.uniform()   // Box–Muller, u1 in (0, 1]
+            return (-2 * log(u1)).squareRoot() * cos(2 * Double.pi * u2)
+        }
+        func truncNormal() -> Float {
+            // timm trunc_normal_(std=.02) cuts at ±2 (absolute): redraw outside.
+            var x = 0.02 * normal()
+            while abs(x) > 2 { x = 0.02 * normal() }
+            return Float(x)
+        }
+        let k = config
+        for e in table.entries {
+            let p = params.floats + e.offset, n = e.name
+            if n == "cls_token" {
+                for i in 0..<e.count { p[i] = Float(1e-6 * normal()) }
+            } else if n == "patch_embed.proj.weight" || n == "patch_embed.proj.bias" {
+                let bound = 1 / Double(k.vit.patchDim).squareRoot()
+                for i in 0..<e.count { p[i] = Float(r.uniform(-bound, bound)) }
+            } else if n == "pos_embed" || n == k.specialToken || (n.hasSuffix(".weight") && e.shape.count == 2) {
+                for i in 0..<e.count { p[i] = truncNormal() }
+            } else if n.hasSuffix(".gamma") {
+                p.update(repeating: k.vit.initValues ?? 1, count: e.count)
+            } else if n.hasSuffix("norm1.weight") || n.hasSuffix("norm2.weight") || n == "norm.weight" {
+                p.update(repeating: 1, count: e.count)
+            } else {
+                p.update(repeating: 0, count: e.count)
+            }
+        }
+    }
+
+    public var parameterCount: Int { table.entries.reduce(0) { $0 + $1.count } }
+
+    func ptr(_ name: String) -> UnsafeMutablePointer<Float> { params.floats + table.offset(name) }
+    func grad(_ name: String) -> UnsafeMutablePointer<Float> { grads.floats + table.offset(name) }
+
+    public func zeroGrad() { zero(grads.floats, table.total) }
+
+    /// Drop-path rate of block l (linear 0 → drop_path_rate over depth, timm).
+    func dropRate(_ l: Int) -> Float {
+        let d = config.vit.depth
+        return d > 1 ? config.vit.dropPathRate * Float(l) / Float(d - 1) : 0
+    }
+
+    /// Draws the two per-sample keep masks of every block into keeps [depth, 2, B].
+    func drawKeeps(_ keeps: UnsafeMutablePointer<Float>, B: Int) {
+        for l in 0..<config.vit.depth {
+            dropPathKeep(keep: keeps + (2 * l) * B, B: B, rate: dropRate(l), rng: &rng)
+            dropPathKeep(keep: keeps + (2 * l + 1) * B, B: B, rate: dropRate(l), rng: &rng)
+        }
+    }
+
+    /// keep pointers of block l for a training pass (nil when the block's rate is 0 or at inference).
+    func keepPointers(_ keeps: UnsafeMutablePointer<Float>, l: Int, B: Int, training: Bool)
+        -> (UnsafePointer<Float>?, UnsafePointer<Float>?) {
+        guard training, dropRate(l) > 0 else { return (nil, nil) }
+        return (UnsafePointer(keeps + (2 * l) * B), UnsafePointer(keeps + (2 * l + 1) * B))
+    }
+
+    /// Gradient of the embedding for the token rows of a stream: dRows holds ∂L/∂x for rows
+    /// 0..<N of each sample (row stride `stride` rows per sample). Adds into cls_token, pos_embed
+    /// and the patch conv. `dPatch` [B, n, C] is scratch; `patches` the forward's patch cache.
+    /// Patches with `masked[b, t] != 0` were replaced by the mask token: no conv gradient.
+    func embedTokensBackward(dRows: UnsafePointer<Float>, stride T: Int, dPatch: UnsafeMutablePointer<Float>,
+                             patches: UnsafePointer<Float>, B: Int, masked: UnsafePointer<Int32>? = nil) {
+        let v = config.vit, C = v.embedDim, N = v.numTokens, n = v.numPatches
+        nonisolated(unsafe) let dCls = grad("cls_token"), dPos = grad("pos_embed"), dRows = dRows, dPatch = dPatch
+        // cls and pos: sum over samples, samples in order (deterministic), split over columns.
+        Parallel.forRanges(N * C, grain: 1024) { r in
+            for b in 0..<B {
+                let src = dRows + b * T * C
+                for j in r { dPos[j] += src[j] }
+            }
+        }
+        for b in 0..<B {
+            let src = dRows + b * T * C
+            for j in 0..<C { dCls[j] += src[j] }
+        }
+        nonisolated(unsafe) let masked = masked
+        Parallel.forEach(B) { b in
+            (dPatch + b * n * C).update(from: dRows + (b * T + 1) * C, count: n * C)
+            if let masked {
+                for t in 0..<n where masked[b * n + t] != 0 { (dPatch + (b * n + t) * C).update(repeating: 0, count: C) }
+            }
+        }
+        patchEmbedBackward(dImages: nil, dWeight: grad("patch_embed.proj.weight"), dBias: grad("patch_embed.proj.bias"),
+                           dOut: dPatch, patches: patches, weight: ptr("patch_embed.proj.weight"),
+                           B: B, inChans: v.inChans, imgSize: v.imgSize, patch: v.patchSize, C: C)
+    }
+}
+
+extension Xoshiro256StarStar {
+    /// The four state words (to save and restore a generator exactly).
+    public var stateWords: (UInt64, UInt64, UInt64, UInt64) { (s0, s1, s2, s3) }
+}

@@ -1,0 +1,228 @@
+// The pre-training models (MaPeT / PIM two-stream, BEiT MIM) behind opaque handles: creation,
+// the parameter table, zero-copy parameter/gradient blocks, the drop-path generator state,
+// inference and train steps. Every input is validated here (shapes, dtypes, token range,
+// batch consistency) so the Swift models never see a bad argument.
+import CPythonBridge
+import MaPeTKernels
+
+private func table(_ t: ParameterTable) throws -> PyObj {
+    try pyList(t.entries.map { e in
+        try? pyTuple([pyString(e.name), pyTuple(e.shape.map { pyInt($0) }), pyInt(e.offset)])
+    })
+}
+
+/// images [B, inChans, S, S] float32 for `k`, B ≥ 1.
+private func pretrainImages(_ arena: BufferArena, _ obj: PyObj, _ k: ViTConfig) throws -> ArrayView<Float> {
+    let want = "[B, \(k.inChans), \(k.imgSize), \(k.imgSize)]"
+    let x = try arena.float32(obj, "images", [nil, nil, nil, nil])
+    guard x.shape[1] == k.inChans else {
+        throw PyError.value("images: expected \(k.inChans) channels (shape \(want)), got shape \(x.shape)")
+    }
+    guard x.shape[2] == k.imgSize, x.shape[3] == k.imgSize else {
+        throw PyError.value("images: expected \(k.imgSize)×\(k.imgSize) images (shape \(want)), got shape \(x.shape)")
+    }
+    guard x.shape[0] >= 1 else { throw PyError.value("images: expected at least one image, got shape \(x.shape)") }
+    return x
+}
+
+/// tokens int32 [B, n] with every value in 0..<V.
+private func visualTokens(_ arena: BufferArena, _ obj: PyObj, B: Int, _ k: PretrainConfig) throws -> ArrayView<Int32> {
+    let n = k.vit.numPatches, V = k.vocabSize
+    let t = try arena.int32(obj, "tokens", [nil, nil])
+    guard t.shape == [B, n] else {
+        throw PyError.value("tokens: expected shape [\(B), \(n)] (the visual token of every patch of the \(B) images), got \(t.shape)")
+    }
+    for i in 0..<(B * n) where t.pointer[i] < 0 || Int(t.pointer[i]) >= V {
+        throw PyError.value("tokens: expected visual tokens in [0, \(V)), got \(t.pointer[i]) at [\(i / n), \(i % n)]")
+    }
+    return t
+}
+
+/// A permutation batch matching B images of `k`.
+private func permutationBatch(_ args: Args, _ i: Int, B: Int, _ k: PretrainConfig) throws -> PermutationBatch {
+    let batch = try args.handle(i, "batch", PermutationBatch.self)
+    guard batch.tokens == k.vit.numTokens else {
+        throw PyError.value("batch: permutations over \(batch.tokens) tokens, the model has \(k.vit.numTokens) (\(k.vit.numPatches) patches + class token)")
+    }
+    guard batch.batchSize == B else {
+        throw PyError.value("batch: holds \(batch.batchSize) permutations for \(B) images")
+    }
+    return batch
+}
+
+/// mask int32 [B, n] (non-zero = masked).
+private func patchMask(_ arena: BufferArena, _ obj: PyObj, B: Int, _ k: PretrainConfig) throws -> ArrayView<Int32> {
+    let n = k.vit.numPatches
+    let m = try arena.int32(obj, "mask", [nil, nil])
+    guard m.shape == [B, n] else {
+        throw PyError.value("mask: expected shape [\(B), \(n)] (one flag per patch of the \(B) images), got \(m.shape)")
+    }
+    return m
+}
+
+private func stepResult(_ r: Result<Double, PretrainModel.StepError>, B: Int) throws -> PyObj? {
+    switch r {
+    case .success(let loss): return pyFloat(loss)
+    case .failure(.outOfMemory): throw PyError.memory("train_step: could not allocate activations for batch \(B)")
+    case .failure(.nonFiniteLoss(let v)):
+        throw PyError.value("train_step: the loss is not finite (\(v)); gradients were not changed (check the images for NaN/inf and the learning rate)")
+    }
+}
+
+private func word(_ args: Args, _ i: Int, _ name: String) throws -> UInt64 {
+    UInt64(bitPattern: Int64(try args.int(i, name)))
+}
+
+let pretrainModelMethods: [Method] = [
+    Method(name: "pretrain_create", function: { _, a, n in call(a, n, "pretrain_create") { args in
+        // (kind, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, num_tokens,
+        //  least_number, init_values|None, drop_path_rate, qkv_bias, seed)
+        try args.expect(14)
+        var k = PretrainConfig()
+        let kind = try args.string(0, "kind")
+        guard let kd = PretrainKind(rawValue: kind) else { throw PyError.value("kind: expected 'mapet', 'pim' or 'beit', got '\(kind)'") }
+        k.kind = kd
+        k.vit.imgSize = try args.int(1, "img_size", min: 1, max: 1 << 16)
+        k.vit.patchSize = try args.int(2, "patch_size", min: 1, max: 1 << 16)
+        k.vit.inChans = try args.int(3, "in_chans", min: 1, max: 1 << 12)
+        k.vit.embedDim = try args.int(4, "embed_dim", min: 1, max: 1 << 16)
+        k.vit.depth = try args.int(5, "depth", min: 0, max: 1024)
+        k.vit.numHeads = try args.int(6, "num_heads", min: 1, max: 1 << 12)
+        k.vit.mlpRatio = try args.finiteDouble(7, "mlp_ratio")
+        guard k.vit.mlpRatio > 0, Double(k.vit.embedDim) * k.vit.mlpRatio < 1e7 else {
+            throw PyError.value("mlp_ratio: expected a positive ratio, got \(k.vit.mlpRatio)")
+        }
+        k.vocabSize = try args.int(8, "num_tokens", min: 1, max: 1 << 24)
+        k.leastNumber = try args.int(9, "least_number", min: 1, max: 1 << 30)
+        k.vit.initValues = args.isNone(10) ? nil : Float(try args.finiteDouble(10, "init_values"))
+        k.vit.dropPathRate = Float(try args.double(11, "drop_path_rate"))
+        k.vit.qkvBias = try args.bool(12, "qkv_bias")
+        let seed = UInt64(bitPattern: Int64(try args.int(13, "seed")))
+        if let problem = k.problem { throw PyError.value(problem) }
+        let total = PretrainModel.makeTable(k).total
+        guard total < (1 << 34) else { throw PyError.value("model too large: \(total) parameters") }
+        let model: PretrainModel? = withoutGIL {
+            k.twoStream ? MaPeTModel(config: k, seed: seed) : BEiTModel(config: k, seed: seed)
+        }
+        guard let model else { throw PyError.memory("pretrain_create: could not allocate \(total) parameters") }
+        guard let h = makeHandle(model) else { throw PythonErrorSet() }
+        return h
+    } }, doc: "pretrain_create(kind, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, num_tokens, least_number, init_values, drop_path_rate, qkv_bias, seed) -> handle"),
+
+    Method(name: "pretrain_table", function: { _, a, n in call(a, n, "pretrain_table") { args in
+        try args.expect(1)
+        return try table(try args.handle(0, "model", PretrainModel.self).table)
+    } }, doc: "pretrain_table(model) -> [(name, shape, offset)] in reference order."),
+
+    Method(name: "pretrain_blocks", function: { _, a, n in call(a, n, "pretrain_blocks") { args in
+        try args.expect(1)
+        let m = try args.handle(0, "model", PretrainModel.self)
+        return try pyTuple([makeTensor(m.params, dtype: .float32, shape: [m.table.total]),
+                            makeTensor(m.grads, dtype: .float32, shape: [m.table.total])])
+    } }, doc: "pretrain_blocks(model) -> (params, grads): 1-d zero-copy views of the two contiguous blocks."),
+
+    Method(name: "pretrain_zero_grad", function: { _, a, n in call(a, n, "pretrain_zero_grad") { args in
+        try args.expect(1)
+        let m = try args.handle(0, "model", PretrainModel.self)
+        withoutGIL { m.zeroGrad() }
+        return none()
+    } }, doc: "pretrain_zero_grad(model)"),
+
+    Method(name: "pretrain_rng_state", function: { _, a, n in call(a, n, "pretrain_rng_state") { args in
+        try args.expect(1)
+        let s = try args.handle(0, "model", PretrainModel.self).rng.stateWords
+        return try pyTuple([s.0, s.1, s.2, s.3].map { pyInt(Int(Int64(bitPattern: $0))) })
+    } }, doc: "pretrain_rng_state(model) -> 4 signed 64-bit words of the drop-path xoshiro256** state"),
+
+    Method(name: "pretrain_set_rng_state", function: { _, a, n in call(a, n, "pretrain_set_rng_state") { args in
+        try args.expect(5)
+        let m = try args.handle(0, "model", PretrainModel.self)
+        let s = (try word(args, 1, "s0"), try word(args, 2, "s1"), try word(args, 3, "s2"), try word(args, 4, "s3"))
+        guard s.0 | s.1 | s.2 | s.3 != 0 else { throw PyError.value("state: a xoshiro256** state must not be all zero") }
+        m.rng = Xoshiro256StarStar(state: s)
+        return none()
+    } }, doc: "pretrain_set_rng_state(model, s0, s1, s2, s3)"),
+
+    Method(name: "pretrain_set_seed", function: { _, a, n in call(a, n, "pretrain_set_seed") { args in
+        try args.expect(2)
+        let m = try args.handle(0, "model", PretrainModel.self)
+        m.rng = Xoshiro256StarStar(seed: try word(args, 1, "seed"), stream: 1)
+        return none()
+    } }, doc: "pretrain_set_seed(model, seed_bits): restarts the drop-path generator"),
+
+    Method(name: "pretrain_release", function: { _, a, n in call(a, n, "pretrain_release") { args in
+        try args.expect(1)
+        let m = try args.handle(0, "model", PretrainModel.self)
+        (m as? MaPeTModel)?.releaseActivations()
+        (m as? BEiTModel)?.releaseActivations()
+        return none()
+    } }, doc: "pretrain_release(model): frees the cached activations."),
+
+    Method(name: "twostream_forward", function: { _, a, n in call(a, n, "twostream_forward") { args in
+        // (model, images, batch, out [B, P, V])
+        try args.expect(4)
+        let m = try args.handle(0, "model", MaPeTModel.self)
+        let arena = BufferArena(); defer { arena.release() }
+        let x = try pretrainImages(arena, args[1], m.config.vit)
+        let B = x.shape[0]
+        let batch = try permutationBatch(args, 2, B: B, m.config)
+        let out = try arena.float32(args[3], "out", [B, batch.predictedCount, m.config.vocabSize], writable: true)
+        nonisolated(unsafe) let o = out.pointer
+        guard withoutGIL({ m.forward(logits: o, images: x.readOnly, batch: batch) }) else {
+            throw PyError.memory("forward: could not allocate activations for batch \(B)")
+        }
+        return none()
+    } }, doc: "twostream_forward(model, images, batch, out): logits [B, P, num_tokens] at the predicted positions."),
+
+    Method(name: "twostream_train_step", function: { _, a, n in call(a, n, "twostream_train_step") { args in
+        // (model, images, tokens int32 [B, n], batch, logits_out|None) -> loss
+        try args.expect(5)
+        let m = try args.handle(0, "model", MaPeTModel.self)
+        let arena = BufferArena(); defer { arena.release() }
+        let x = try pretrainImages(arena, args[1], m.config.vit)
+        let B = x.shape[0]
+        let tokens = try visualTokens(arena, args[2], B: B, m.config)
+        let batch = try permutationBatch(args, 3, B: B, m.config)
+        let logits = args.isNone(4) ? nil
+            : try arena.float32(args[4], "logits_out", [B, batch.predictedCount, m.config.vocabSize], writable: true)
+        nonisolated(unsafe) let lo = logits?.pointer
+        let r = withoutGIL { m.trainStep(images: x.readOnly, tokens: tokens.readOnly, batch: batch, logitsOut: lo) }
+        return try stepResult(r, B: B)
+    } }, doc: "twostream_train_step(model, images, tokens, batch, logits_out) -> loss; adds gradients."),
+
+    Method(name: "mim_forward", function: { _, a, n in call(a, n, "mim_forward") { args in
+        // (model, images, mask int32 [B, n], out [B, M, V]); every sample masks M patches
+        try args.expect(4)
+        let m = try args.handle(0, "model", BEiTModel.self)
+        let arena = BufferArena(); defer { arena.release() }
+        let x = try pretrainImages(arena, args[1], m.config.vit)
+        let B = x.shape[0], np = m.config.vit.numPatches
+        let mask = try patchMask(arena, args[2], B: B, m.config)
+        let counts = (0..<B).map { b in (0..<np).reduce(0) { $0 + (mask.pointer[b * np + $1] != 0 ? 1 : 0) } }
+        guard Set(counts).count == 1 else {
+            throw PyError.value("mask: every sample must mask the same number of patches for logits [B, M, num_tokens], got counts \(counts)")
+        }
+        let out = try arena.float32(args[3], "out", [B, counts[0], m.config.vocabSize], writable: true)
+        nonisolated(unsafe) let o = out.pointer
+        guard withoutGIL({ m.forward(logits: o, images: x.readOnly, masked: mask.readOnly, B: B) }) else {
+            throw PyError.memory("forward: could not allocate activations for batch \(B)")
+        }
+        return none()
+    } }, doc: "mim_forward(model, images, mask, out): logits [B, M, num_tokens] at the masked patches."),
+
+    Method(name: "mim_train_step", function: { _, a, n in call(a, n, "mim_train_step") { args in
+        // (model, images, tokens int32 [B, n], mask int32 [B, n], logits_out [M_total, V]|None) -> loss
+        try args.expect(5)
+        let m = try args.handle(0, "model", BEiTModel.self)
+        let arena = BufferArena(); defer { arena.release() }
+        let x = try pretrainImages(arena, args[1], m.config.vit)
+        let B = x.shape[0]
+        let tokens = try visualTokens(arena, args[2], B: B, m.config)
+        let mask = try patchMask(arena, args[3], B: B, m.config)
+        let M = m.maskedCount(mask.readOnly, B: B)
+        let logits = args.isNone(4) ? nil : try arena.float32(args[4], "logits_out", [M, m.config.vocabSize], writable: true)
+        nonisolated(unsafe) let lo = logits?.pointer
+        let r = withoutGIL { m.trainStep(images: x.readOnly, tokens: tokens.readOnly, masked: mask.readOnly, B: B, logitsOut: lo) }
+        return try stepResult(r, B: B)
+    } }, doc: "mim_train_step(model, images, tokens, mask, logits_out) -> loss; adds gradients."),
+]

@@ -1,0 +1,406 @@
+"""Pre-training models on the Swift engine: MaPeT, its PIM and BEiT (MIM) baselines.
+
+``create_pretrain_model("mapet_tiny_patch16_224")`` builds the two-stream MaPeT model with
+auxiliary positional tokens (SPEC §2), ``"pim_…"`` the same without them, ``"beit_…"`` the
+BEiT masked-image-modeling baseline. Parameters live in one contiguous Swift block under the
+PyTorch reference names (``mask_positional_token``, ``decoder`` / ``mask_token``,
+``lm_head`` and the timm ViT names), so ``state_dict()`` / ``grads()`` are zero-copy NumPy
+views and weights move to and from the reference models unchanged.
+
+Example:
+    >>> import numpy as np, mapet
+    >>> from mapet.pretrain_models import create_pretrain_model
+    >>> m = create_pretrain_model("mapet_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
+    ...                           num_tokens=16, least_number=5)
+    >>> batch = m.sampler(seed=0).sample(2)
+    >>> images = np.random.rand(2, 3, 32, 32).astype(np.float32)
+    >>> m(images, batch).shape
+    (2, 12, 16)
+    >>> loss = m.train_step(images, np.zeros((2, 16), np.int64), batch)
+"""
+import json
+import logging
+from collections import OrderedDict
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+
+from ._native import _core
+from .io import load_file, save_file
+from .sampling import PermutationBatch, PermutationSampler
+
+__all__ = ["MaPeT", "BEiT", "create_pretrain_model", "load_pretrain_model"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mapet"
+_RNG = "xoshiro256**"
+_U64 = (1 << 64) - 1
+
+_DEFAULTS: Dict[str, Any] = dict(
+    img_size=224, patch_size=16, in_chans=3, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0,
+    qkv_bias=True, init_values=0.1, drop_path_rate=0.1, num_tokens=8192, least_number=50,
+)
+
+_SIZES: Dict[str, Dict[str, Any]] = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+}
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= (1 << 63) else v
+
+
+def _images(images: Any) -> np.ndarray:
+    a = np.asarray(images)
+    if not np.issubdtype(a.dtype, np.floating):
+        raise TypeError(f"images: expected a floating-point array [B, C, H, W] (float32), got dtype {a.dtype}")
+    if a.ndim != 4:
+        raise ValueError(f"images: expected a 4-d array [B, C, H, W], got shape {a.shape}")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _tokens(tokens: Any, batch: int, num_patches: int, num_tokens: int) -> np.ndarray:
+    a = np.asarray(tokens)
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"tokens: expected an integer array [B, num_patches] of visual tokens, got dtype {a.dtype}")
+    if a.shape != (batch, num_patches):
+        raise ValueError(f"tokens: expected shape ({batch}, {num_patches}) (one visual token per patch), got {a.shape}")
+    if a.size and (a.min() < 0 or a.max() >= num_tokens):
+        bad = a[(a < 0) | (a >= num_tokens)].flat[0]
+        raise ValueError(f"tokens: expected visual tokens in [0, {num_tokens}), got {bad}")
+    return np.ascontiguousarray(a, dtype=np.int32)
+
+
+class _PretrainModel:
+    """Parameters, gradients, files and the drop-path generator (shared by MaPeT and BEiT)."""
+
+    _kind = ""
+
+    def __init__(self, seed: int, config: Dict[str, Any]) -> None:
+        unknown = sorted(set(config) - set(_DEFAULTS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown option(s) {unknown}; known: {sorted(_DEFAULTS)}")
+        cfg = dict(_DEFAULTS, **config)
+        for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "num_tokens", "least_number"):
+            v = cfg[key]
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{key}: expected an int, got {type(v).__name__}")
+            cfg[key] = int(v)
+        cfg["mlp_ratio"] = float(cfg["mlp_ratio"])
+        cfg["init_values"] = None if cfg["init_values"] is None else float(cfg["init_values"])
+        cfg["drop_path_rate"] = float(cfg["drop_path_rate"])
+        cfg["qkv_bias"] = bool(cfg["qkv_bias"])
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) <= _U64:
+            raise ValueError(f"seed: expected an int in [0, 2**64), got {seed!r}")
+        self._handle = _core.pretrain_create(
+            self._kind, cfg["img_size"], cfg["patch_size"], cfg["in_chans"], cfg["embed_dim"], cfg["depth"],
+            cfg["num_heads"], cfg["mlp_ratio"], cfg["num_tokens"], cfg["least_number"], cfg["init_values"],
+            cfg["drop_path_rate"], cfg["qkv_bias"], _signed(int(seed)))
+        self.config: Dict[str, Any] = cfg
+        self.seed = int(seed)
+        self._table: List[Tuple[str, Tuple[int, ...], int]] = _core.pretrain_table(self._handle)
+        params, grads = _core.pretrain_blocks(self._handle)
+        self.flat_params: np.ndarray = np.asarray(params)
+        """The whole parameter block (1-d float32, zero-copy)."""
+        self.flat_grads: np.ndarray = np.asarray(grads)
+        """The whole gradient block (1-d float32, zero-copy; all-reduce this in place)."""
+        self._params = self._views(self.flat_params)
+        self._grads = self._views(self.flat_grads)
+
+    def _views(self, flat: np.ndarray) -> "OrderedDict[str, np.ndarray]":
+        out: "OrderedDict[str, np.ndarray]" = OrderedDict()
+        for name, shape, offset in self._table:
+            count = int(np.prod(shape)) if shape else 1
+            out[name] = flat[offset:offset + count].reshape(shape)
+        return out
+
+    @property
+    def num_patches(self) -> int:
+        return (self.config["img_size"] // self.config["patch_size"]) ** 2
+
+    # ------------------------------------------------------------------ parameters
+
+    @property
+    def parameter_table(self) -> List[Tuple[str, Tuple[int, ...], int]]:
+        """Ordered (name, shape, offset) of every parameter inside ``flat_params`` / ``flat_grads``."""
+        return list(self._table)
+
+    @property
+    def num_params(self) -> int:
+        return sum(int(np.prod(s)) for _, s, _ in self._table)
+
+    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+        """Parameters under the reference names, in reference order: zero-copy views (writes change the model)."""
+        return OrderedDict(self._params)
+
+    def grads(self) -> "OrderedDict[str, np.ndarray]":
+        """Accumulated gradients under the parameter names: zero-copy views."""
+        return OrderedDict(self._grads)
+
+    def params_flat(self) -> np.ndarray:
+        """The whole parameter block as one 1-d float32 zero-copy view."""
+        return self.flat_params
+
+    def grads_flat(self) -> np.ndarray:
+        """The whole gradient block as one 1-d float32 zero-copy view (same layout as ``params_flat``)."""
+        return self.flat_grads
+
+    def zero_grad(self) -> None:
+        """Clear the gradient block."""
+        _core.pretrain_zero_grad(self._handle)
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Copy weights in by name (e.g. a reference PyTorch state_dict converted with ``.numpy()``).
+
+        Args:
+            state: name → array.
+            strict: require exactly the model's names; otherwise missing and unexpected names are
+                skipped (shapes must still match).
+
+        Raises:
+            KeyError: names differ (strict), listing the missing and unexpected ones.
+            ValueError: a shape differs or a value is not finite; the model is left unchanged.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state: expected a mapping name -> array, got {type(state).__name__}")
+        names = set(self._params)
+        missing = [n for n in self._params if n not in state]
+        unexpected = sorted(set(state) - names)
+        if strict and (missing or unexpected):
+            raise KeyError(f"load_state_dict: missing keys {missing}; unexpected keys {unexpected}")
+        staged = {}
+        for name, target in self._params.items():
+            if name not in state:
+                continue
+            value = np.asarray(state[name])
+            if value.shape != target.shape:
+                raise ValueError(f"load_state_dict: {name} has shape {tuple(value.shape)}, the model expects {target.shape}")
+            value = value.astype(np.float32, copy=False)
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"load_state_dict: {name} contains non-finite values")
+            staged[name] = value
+        for name, value in staged.items():
+            self._params[name][...] = value
+        if missing or unexpected:
+            log.info("load_state_dict: skipped missing %s, unexpected %s", missing, unexpected)
+
+    # ------------------------------------------------------------------ drop-path generator
+
+    def set_seed(self, seed: int) -> None:
+        """Restart the drop-path generator from ``seed`` (as at creation with that seed)."""
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) <= _U64:
+            raise ValueError(f"seed: expected an int in [0, 2**64), got {seed!r}")
+        _core.pretrain_set_seed(self._handle, _signed(int(seed)))
+
+    def rng_state(self) -> Dict[str, Any]:
+        """The drop-path generator's state (JSON-able); ``set_rng_state`` resumes training bitwise."""
+        return {"generator": _RNG, "state": [w & _U64 for w in _core.pretrain_rng_state(self._handle)]}
+
+    def set_rng_state(self, state: Mapping[str, Any]) -> None:
+        """Restore a state from ``rng_state()``.
+
+        Raises:
+            ValueError: not a state of this generator, or words outside [0, 2**64) / all zero.
+        """
+        if not isinstance(state, Mapping) or state.get("generator") != _RNG or len(state.get("state", ())) != 4:
+            raise ValueError(f"state: expected {{'generator': {_RNG!r}, 'state': [4 ints]}} from rng_state(), got {state!r}")
+        words = []
+        for w in state["state"]:
+            if isinstance(w, (bool, np.bool_)) or not isinstance(w, (int, np.integer)) or not 0 <= int(w) <= _U64:
+                raise ValueError(f"state: expected words in [0, 2**64), got {w!r}")
+            words.append(_signed(int(w)))
+        _core.pretrain_set_rng_state(self._handle, *words)
+
+    def release_activations(self) -> None:
+        """Free the cached activations (re-allocated by the next call)."""
+        _core.pretrain_release(self._handle)
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, path: str) -> None:
+        """Write a safetensors file: weights by reference name, metadata
+        ``{"format": "mapet", "model": kind, "config": json}``."""
+        save_file(dict(self._params), path,
+                  {"format": FORMAT, "model": self._kind, "config": json.dumps(self.config)})
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"{type(self).__name__}(kind={self._kind!r}, embed_dim={c['embed_dim']}, depth={c['depth']}, "
+                f"num_heads={c['num_heads']}, img_size={c['img_size']}, patch_size={c['patch_size']}, "
+                f"num_tokens={c['num_tokens']}, params={self.num_params})")
+
+
+class MaPeT(_PretrainModel):
+    """The MaPeT two-stream model (SPEC §2), or PIM with ``positional_tokens=False``.
+
+    Args:
+        positional_tokens: True for MaPeT (content stream carries the auxiliary positional tokens
+            m_j = mask_positional_token + pos_embed[p_j]), False for PIM (XLNet-style).
+        seed: initialisation and drop-path seed.
+        **config: ``img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
+            qkv_bias, init_values, drop_path_rate`` (timm names), ``num_tokens`` (visual-token
+            vocabulary, 8192) and ``least_number`` (context size for ``sampler()``, 50).
+    """
+
+    def __init__(self, positional_tokens: bool = True, seed: int = 0, **config: Any) -> None:
+        self._kind = "mapet" if positional_tokens else "pim"
+        super().__init__(seed, config)
+
+    @property
+    def positional_tokens(self) -> bool:
+        return self._kind == "mapet"
+
+    def sampler(self, seed: Optional[int] = None, upper_limit: Optional[int] = None) -> PermutationSampler:
+        """A ``PermutationSampler`` for this model (its num_patches and least_number)."""
+        return PermutationSampler(self.num_patches, self.config["least_number"], upper_limit=upper_limit, seed=seed)
+
+    def _batch(self, batch: Any, B: int) -> PermutationBatch:
+        if not isinstance(batch, PermutationBatch):
+            raise TypeError(f"batch: expected a mapet.PermutationBatch, got {type(batch).__name__}")
+        if batch.num_tokens != self.num_patches + 1:
+            raise ValueError(f"batch: permutations over {batch.num_tokens} tokens, the model has "
+                             f"{self.num_patches + 1} ({self.num_patches} patches + class token)")
+        if batch.batch_size != B:
+            raise ValueError(f"batch: holds {batch.batch_size} permutations for {B} images")
+        return batch
+
+    def __call__(self, images: Any, batch: PermutationBatch) -> np.ndarray:
+        """Logits [B, P, num_tokens] at the predicted positions ``batch.predicted`` (ascending);
+        inference (no drop path).
+
+        Args:
+            images: [B, in_chans, img_size, img_size] floats.
+            batch: a ``PermutationBatch`` of B permutations over num_patches + 1 tokens.
+        """
+        x = _images(images)
+        b = self._batch(batch, x.shape[0])
+        out = np.empty((x.shape[0], b.num_predicted, self.config["num_tokens"]), np.float32)
+        _core.twostream_forward(self._handle, x, b._handle, out)
+        return out
+
+    def train_step(self, images: Any, tokens: Any, batch: PermutationBatch, return_logits: bool = False):
+        """Forward, mean cross-entropy over the predicted tokens (those in ``batch.loss_mask``)
+        against ``tokens[b, p_j − 1]``, backward; adds the gradients into ``grads()``.
+
+        Args:
+            images: [B, in_chans, img_size, img_size] floats.
+            tokens: [B, num_patches] visual token of every patch, any integer dtype.
+            batch: the permutations (``PermutationBatch``).
+            return_logits: also return the training-mode logits [B, P, num_tokens].
+
+        Returns:
+            The loss (float), or (loss, logits).
+
+        Raises:
+            TypeError/ValueError naming the bad input; ValueError on a non-finite loss (gradients
+            and the drop-path generator unchanged).
+        """
+        x = _images(images)
+        B = x.shape[0]
+        b = self._batch(batch, B)
+        t = _tokens(tokens, B, self.num_patches, self.config["num_tokens"])
+        logits = np.empty((B, b.num_predicted, self.config["num_tokens"]), np.float32) if return_logits else None
+        loss = _core.twostream_train_step(self._handle, x, t, b._handle, logits)
+        return (loss, logits) if return_logits else loss
+
+
+class BEiT(_PretrainModel):
+    """BEiT masked image modeling (the MIM baseline): masked patch embeddings are replaced by
+    ``mask_token``; ``lm_head(norm(x))`` predicts their visual tokens.
+
+    Args: as ``MaPeT`` (``least_number`` is kept in the config but unused).
+    """
+
+    _kind = "beit"
+
+    def __init__(self, seed: int = 0, **config: Any) -> None:
+        super().__init__(seed, config)
+
+    def _mask(self, mask: Any, B: int) -> np.ndarray:
+        m = np.asarray(mask)
+        if not (m.dtype == np.bool_ or np.issubdtype(m.dtype, np.integer)):
+            raise TypeError(f"mask: expected a bool (or 0/1 integer) array [B, num_patches], got dtype {m.dtype}")
+        n = self.num_patches
+        if m.ndim == 3 and m.shape[1] * m.shape[2] == n:
+            m = m.reshape(m.shape[0], n)
+        if m.shape != (B, n):
+            raise ValueError(f"mask: expected shape ({B}, {n}) (or ({B}, grid, grid)), got {m.shape}")
+        return np.ascontiguousarray(m != 0, dtype=np.int32)
+
+    def __call__(self, images: Any, mask: Any) -> np.ndarray:
+        """Logits [B, M, num_tokens] at the masked patches (ascending per sample; every sample must
+        mask the same number M), inference.
+
+        Args:
+            images: [B, in_chans, img_size, img_size] floats.
+            mask: bool [B, num_patches] (e.g. ``BlockMaskGenerator.sample(B)``), True = masked.
+        """
+        x = _images(images)
+        m = self._mask(mask, x.shape[0])
+        counts = m.sum(axis=1)
+        if counts.size and (counts != counts[0]).any():
+            raise ValueError(f"mask: every sample must mask the same number of patches, got counts {counts.tolist()}")
+        out = np.empty((x.shape[0], int(counts[0]), self.config["num_tokens"]), np.float32)
+        _core.mim_forward(self._handle, x, m, out)
+        return out
+
+    def train_step(self, images: Any, tokens: Any, mask: Any, return_logits: bool = False):
+        """Forward, mean cross-entropy over all masked patches, backward (adds into ``grads()``).
+
+        Args:
+            images: [B, in_chans, img_size, img_size] floats.
+            tokens: [B, num_patches] visual tokens, any integer dtype.
+            mask: bool [B, num_patches], True = masked (counts may differ between samples).
+            return_logits: also return the logits [total masked, num_tokens] (sample-major).
+
+        Returns:
+            The loss (float), or (loss, logits).
+        """
+        x = _images(images)
+        B = x.shape[0]
+        m = self._mask(mask, B)
+        t = _tokens(tokens, B, self.num_patches, self.config["num_tokens"])
+        logits = np.empty((int(m.sum()), self.config["num_tokens"]), np.float32) if return_logits else None
+        loss = _core.mim_train_step(self._handle, x, t, m, logits)
+        return (loss, logits) if return_logits else loss
+
+
+def create_pretrain_model(name: str, seed: int = 0, **overrides: Any) -> Union[MaPeT, BEiT]:
+    """Build a pre-training model by name.
+
+    Args:
+        name: ``mapet_{tiny,small,base}_patch16_224`` (MaPeT), ``pim_…`` (PIM) or ``beit_…`` (MIM).
+        seed: initialisation / drop-path seed (fixed default: creation is reproducible).
+        **overrides: ``img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
+            qkv_bias, init_values, drop_path_rate, num_tokens, least_number``. Defaults follow the
+            paper's recipe: num_tokens 8192, least_number 50, init_values 0.1, drop_path_rate 0.1.
+
+    Example:
+        >>> from mapet.pretrain_models import create_pretrain_model
+        >>> create_pretrain_model("beit_small_patch16_224").config["embed_dim"]
+        384
+    """
+    kind, _, rest = str(name).partition("_")
+    size, _, tail = rest.partition("_")
+    if kind not in ("mapet", "pim", "beit") or size not in _SIZES or tail != "patch16_224":
+        names = [f"{k}_{s}_patch16_224" for k in ("mapet", "pim", "beit") for s in _SIZES]
+        raise ValueError(f"create_pretrain_model: unknown model {name!r}; available: {names}")
+    config = dict(_SIZES[size], **overrides)
+    if kind == "beit":
+        return BEiT(seed=seed, **config)
+    return MaPeT(positional_tokens=kind == "mapet", seed=seed, **config)
+
+
+def load_pretrain_model(path: str) -> Union[MaPeT, BEiT]:
+    """Load a model written by ``save(path)`` (weights and config, strict names)."""
+    tensors, metadata = load_file(path)
+    kind = metadata.get("model")
+    if metadata.get("format") != FORMAT or "config" not in metadata or kind not in ("mapet", "pim", "beit"):
+        raise ValueError(f"{path}: not a mapet pre-training model file (format={metadata.get('format')!r}, model={kind!r})")
+    config = json.loads(metadata["config"])
+    model = BEiT(**config) if kind == "beit" else MaPeT(positional_tokens=kind == "mapet", **config)
+    model.load_state_dict(tensors)
+    return model
