@@ -306,7 +306,7 @@ def load(path: str) -> VisionTransformer:
     kind = metadata.get("model", "vit")
     if kind != "vit":
         from .pretrain_models import load_pretrain_model
-        return load_pretrain_model(path, tensors, metadata)
+        return load_pretrain_model(path)
     model = VisionTransformer(**json.loads(metadata["config"]))
     model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optimizer.")})
     return model

@@ -195,6 +195,12 @@ class _PretrainModel:
             raise ValueError(f"seed: expected an int in [0, 2**64), got {seed!r}")
         _core.pretrain_set_seed(self._handle, _signed(int(seed)))
 
+    def reseed(self, seed: int, stream: int = 0) -> None:
+        """Restart the drop-path generator on a stream derived from (``seed``, ``stream``);
+        training loops pass the micro-batch number so a resumed run draws the same masks."""
+        derived = int(np.random.SeedSequence([int(seed) & _U64, int(stream)]).generate_state(1, np.uint64)[0])
+        self.set_seed(derived)
+
     def rng_state(self) -> Dict[str, Any]:
         """The drop-path generator's state (JSON-able); ``set_rng_state`` resumes training bitwise."""
         return {"generator": _RNG, "state": [w & _U64 for w in _core.pretrain_rng_state(self._handle)]}

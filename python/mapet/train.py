@@ -182,6 +182,28 @@ def _as_dataset(data, labels=None):
     return data
 
 
+class _ImagesWithTokens:
+    """Images [n, C, H, W] with their visual tokens [n, num_patches]: items (image, tokens)."""
+
+    def __init__(self, images: np.ndarray, tokens: Any, n_patches: int):
+        tokens = np.asarray(tokens)
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise TypeError(f"tokens: expected an integer array, got dtype {tokens.dtype}")
+        if tokens.shape != (images.shape[0], n_patches):
+            raise ValueError(f"tokens: expected shape ({images.shape[0]}, {n_patches}) (one token per patch of "
+                             f"every image), got {tokens.shape}")
+        self.images, self.tokens = images, tokens
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> tuple:
+        return self.images[i], self.tokens[i]
+
+    def get_batch(self, indices: np.ndarray) -> tuple:
+        return self.images[indices], np.ascontiguousarray(self.tokens[indices])
+
+
 def _make_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.999), clip_grad: Optional[float] = None,
                     layer_decay: Optional[float] = None):
     from .optim import AdamW
@@ -241,11 +263,10 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
     cfg = model.config
     grid = cfg["img_size"] // cfg["patch_size"]
     n_patches = grid * grid
-    if isinstance(data, np.ndarray) and tokens is not None:
-        data = ArrayDataset(data, np.asarray(tokens))
-    elif isinstance(data, tuple) and tokens is not None:
-        data = ArrayDataset(data[0], np.asarray(tokens))
-    dataset = _as_dataset(data)
+    if tokens is not None:
+        dataset = _ImagesWithTokens(_images_of(data), tokens, n_patches)
+    else:
+        dataset = _as_dataset(data)
     ctx = distributed.context()
     loader = DataLoader(dataset, batch_size, shuffle=True, seed=seed, prefetch=1)
     states: Dict[str, Any] = {}
