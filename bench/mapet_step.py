@@ -76,7 +76,7 @@ def main() -> None:
     B = args.batch
     sampler = mapet.PermutationSampler(196, 50, seed=0)
     batch = sampler.sample(B)
-    torch_step = mapet_step_fn(batch=B, threads=args.threads, orders=batch.orders)
+    torch_step = mapet_step_fn(batch=B, threads=args.threads, orders=batch.orders.copy())
     images = torch_step.images.numpy()
     tokens = torch_step.tokens.numpy()
     model = create_pretrain_model("mapet_tiny_patch16_224", **RECIPE)
