@@ -12,6 +12,7 @@ from .sampling import BlockMaskGenerator, PermutationBatch, PermutationSampler
 from . import checkpoint, config, data, schedules, viz
 from .models import VisionTransformer, create_model, load
 from .optim import AdamW
+from .pretrain_models import BEiT, MaPeT
 from .kmeans import KMeans
 from .tokenizers import FeatureTokenizer, PixelTokenizer
 
@@ -22,6 +23,6 @@ __all__ = [
     "set_num_threads", "get_num_threads", "blas_info", "ops",
     "DTMSchedule", "morph_tokens", "dtm_memberships", "ccvit_corrupt",
     "PermutationSampler", "PermutationBatch", "BlockMaskGenerator",
-    "VisionTransformer", "create_model", "load", "AdamW",
+    "VisionTransformer", "create_model", "load", "AdamW", "MaPeT", "BEiT",
     "KMeans", "PixelTokenizer", "FeatureTokenizer",
 ]
