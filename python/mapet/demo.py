@@ -29,8 +29,8 @@ DEMO_DEFAULTS: Dict[str, Any] = {
     "data": "digits", "seed": 0, "model": dict(_MODEL), "output_dir": "mapet-demo",
     "tokenizer": {"n_tokens": 256, "n_iter": 20, "path": None},
     "methods": ["mapet", "mim"],
-    "pretrain": {"epochs": 12, "batch_size": 64, "lr": 1.5e-3, "least_number": 16, "warmup_epochs": 1},
-    "finetune": {"epochs": 12, "batch_size": 64, "lr": 1e-3, "layer_decay": 0.75},
+    "pretrain": {"epochs": 10, "batch_size": 64, "lr": 1.5e-3, "least_number": 16, "warmup_epochs": 1},
+    "finetune": {"epochs": 10, "batch_size": 64, "lr": 1e-3, "layer_decay": 0.75},
     "linprobe": {"epochs": 100, "lr": 0.1},
 }
 
@@ -95,10 +95,45 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"results": results, "timings_s": timings, "budget": budget}, f, indent=2)
     viz.plot_curves(os.path.join(out, "curves.png"), curves)
+    if "mapet" in cfg["methods"]:
+        pictures(cfg, out)
     print(table)
     print("\nBudget:", budget)
-    print(f"Outputs in {out}/ (results.md, results.json, curves.png)")
+    print(f"Outputs in {out}/ (results.md, results.json, curves.png, masks.png, tokens.png)")
     return {"results": results, "timings": timings, "total_s": total}
+
+
+def pictures(cfg: Dict[str, Any], out: str, count: int = 8) -> None:
+    """masks.png: one permutation's content and query masks (black = may attend).
+    tokens.png: rows of (test images; their PixelTokenizer reconstruction; the MaPeT
+    prediction — visible patches as seen, each hidden patch drawn as the centroid of the
+    token MaPeT predicts for it)."""
+    from . import viz
+    from .data import load_digits
+    from .models import load
+    from .sampling import PermutationSampler
+    from .tokenizers import PixelTokenizer
+
+    m = cfg["model"]
+    images = load_digits(int(m["img_size"]), "test")[0][:count]
+    tokenizer = PixelTokenizer.load(os.path.join(out, "tokenizer.safetensors"))
+    model = load(os.path.join(out, "mapet", "model.safetensors"))
+    grid = int(m["img_size"]) // int(m["patch_size"])
+    sampler = PermutationSampler(grid * grid, least_number=model.config["least_number"], seed=int(cfg["seed"]))
+    batch = sampler.sample(count)
+    viz.plot_masks(os.path.join(out, "masks.png"), batch.content_mask(0), batch.query_mask(0))
+    tokens = tokenizer.encode(images)
+    predicted = np.argmax(model(images, batch), axis=-1)  # [count, P] for the hidden positions
+    shown = tokens.copy()
+    hidden = np.asarray(batch.predicted) - 1  # token positions 1..n are patches 0..n-1
+    np.put_along_axis(shown, hidden, predicted, axis=1)
+    seen = tokenizer.patchify(images)
+    guess = tokenizer.centroids[shown]
+    mask = np.zeros(tokens.shape, bool)
+    np.put_along_axis(mask, hidden, True, axis=1)
+    mixed = np.where(mask[..., None], guess, seen)
+    rows = [images, tokenizer.decode(tokens), tokenizer.unpatchify(mixed, (grid, grid))]
+    viz.image_grid(os.path.join(out, "tokens.png"), np.concatenate(rows), nrow=count, scale=4)
 
 
 @command("demo", "end-to-end demo on the built-in digits: tokenize, pre-train MaPeT and MIM, "
