@@ -135,6 +135,7 @@ FINETUNE_DEFAULTS = {
     "data": "digits", "seed": 0, "model": dict(_MODEL), "pretrained": None, "epochs": 10, "batch_size": 64,
     "lr": 1e-3, "weight_decay": 0.05, "layer_decay": 0.75, "warmup_epochs": 1, "min_lr": 1e-6,
     "label_smoothing": 0.1, "drop_path_rate": 0.1, "global_pool": "avg", "checkpoint_every": 0,
+    "init_values": 0.1,
 }
 
 
@@ -147,7 +148,8 @@ def run_finetune(cfg: Dict[str, Any]):
     val = _load_split(cfg, "test")
     model = create_model(f"vit_{cfg['model']['size']}_patch16_224", seed=int(cfg["seed"]),
                          num_classes=int(train[1].max()) + 1, pretrained=cfg.get("pretrained"),
-                         drop_path_rate=cfg["drop_path_rate"], global_pool=cfg["global_pool"], **_overrides(cfg))
+                         drop_path_rate=cfg["drop_path_rate"], global_pool=cfg["global_pool"],
+                         init_values=cfg.get("init_values", 0.1), **_overrides(cfg))
     model, history = finetune(model, train, epochs=int(cfg["epochs"]), batch_size=int(cfg["batch_size"]),
                               lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]),
                               layer_decay=cfg["layer_decay"], warmup_epochs=float(cfg["warmup_epochs"]),
@@ -168,7 +170,7 @@ def _finetune(args, cfg) -> int:
 
 
 LINPROBE_DEFAULTS = {"data": "digits", "seed": 0, "model": dict(_MODEL), "pretrained": None, "epochs": 100,
-                     "lr": 0.1, "pool": "avg"}
+                     "lr": 0.1, "pool": "avg", "init_values": 0.1}
 
 
 def run_linprobe(cfg: Dict[str, Any]) -> Dict[str, float]:
@@ -178,7 +180,7 @@ def run_linprobe(cfg: Dict[str, Any]) -> Dict[str, float]:
 
     train, val = _load_split(cfg, "train"), _load_split(cfg, "test")
     model = create_model(f"vit_{cfg['model']['size']}_patch16_224", seed=int(cfg["seed"]), num_classes=int(train[1].max()) + 1,
-                         pretrained=cfg.get("pretrained"), **_overrides(cfg))
+                         pretrained=cfg.get("pretrained"), init_values=cfg.get("init_values", 0.1), **_overrides(cfg))
     return linear_probe(model, train, val, epochs=int(cfg["epochs"]), lr=float(cfg["lr"]), pool=cfg["pool"],
                         seed=int(cfg["seed"]))
 
