@@ -311,3 +311,14 @@ def test_single_process_never_imports_mpi(tmp_path):
                           cwd=str(tmp_path), timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
+
+
+def test_shard_spans_place_each_rank_inside_the_global_batch():
+    # per-sample random streams (samplers) start at the rank's offset in the global batch
+    ds = ArrayDataset(np.zeros((81, 1, 1, 1), np.float32), np.arange(81))
+    spans = [[DataLoader(ds, 8).shard(r, 2).shard_span(b) for b in range(6)] for r in range(2)]
+    assert spans[0][0] == (0, 16) and spans[1][0] == (8, 16)
+    assert spans[0][5] == (0, 1) and spans[1][5] == (1, 1)  # the last global batch: 1 sample
+    for b in range(6):
+        parts = distributed.shard_batches(np.arange(81), 8, 0, 2)[b], distributed.shard_batches(np.arange(81), 8, 1, 2)[b]
+        assert spans[1][b][0] == len(parts[0]) and spans[0][b][1] == len(parts[0]) + len(parts[1])

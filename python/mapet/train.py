@@ -127,6 +127,20 @@ class _Loop:
         moments = [getattr(self.optimizer, a) for a in ("_m", "_v") if hasattr(self.optimizer, a)]
         distributed.check_equal(ctx, "optimizer moments", *moments)
 
+    def _align_streams(self):
+        """Distributed runs: point every per-sample random stream (a sampler state with
+        ``samples_drawn``) at this rank's offset inside the current global batch, so the ranks
+        together draw exactly what one process would; returns (state, global end) pairs."""
+        offset, length = self.loader.shard_span(self.loader.position - 1)
+        out = []
+        for state in self.states.values():
+            st = state.state_dict()
+            if "samples_drawn" in st:
+                start = int(st["samples_drawn"])
+                state.load_state_dict(dict(st, samples_drawn=start + offset))
+                out.append((state, start + length))
+        return out
+
     # -------------------------------------------------------------- the loop
 
     def run(self, stop_after: Optional[int] = None) -> Dict[str, List[float]]:
@@ -148,6 +162,7 @@ class _Loop:
                 self.model.reseed(self.seed, self.micro * self.ctx.world_size + self.ctx.rank)
                 self.micro += 1
                 pending += 1
+                streams = self._align_streams() if self.ctx.distributed else None
                 if batch is not None:  # None: this rank's part of the last global batch is empty
                     loss, n = self.step_fn(batch)
                     if not math.isfinite(loss):
@@ -156,6 +171,9 @@ class _Loop:
                     losses.append(loss)
                     local += n
                     seen += n * self.ctx.world_size
+                if streams is not None:
+                    for state, end in streams:
+                        state.load_state_dict(dict(state.state_dict(), samples_drawn=end))
                 end_of_epoch = self.loader.position >= len(self.loader)
                 if pending < self.accum and not end_of_epoch:
                     continue

@@ -115,6 +115,16 @@ class DataLoader:
         if int(epoch) != self.epoch:
             self.epoch, self.position = int(epoch), 0
 
+    def shard_span(self, batch: int) -> tuple:
+        """(offset of this rank's part inside global batch ``batch``, the global batch's length).
+
+        Lets per-sample random streams (permutation samplers, mask generators) draw, on every
+        rank, exactly the samples one process would draw for the same positions."""
+        g = self.batch_size * self.world_size
+        m = min(g, len(self.dataset) - batch * g)
+        base, extra = divmod(m, self.world_size)
+        return self.rank * base + min(self.rank, extra), m
+
     def state_dict(self) -> Dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
                 "batch_size": self.batch_size, "length": len(self.dataset), "world_size": self.world_size}
