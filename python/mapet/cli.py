@@ -86,6 +86,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    from . import distributed
+    if distributed.launched_by_mpi():
+        # under mpiexec: join the job before anything can fail, so that an error on any rank
+        # aborts all of them (and set a per-rank thread default that --threads overrides)
+        distributed.init()
     if args.verbose:
         logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -100,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from ._runtime import set_num_threads
         set_num_threads(args.threads)
     out = cfg.get("output_dir")
-    if out:
+    if out and distributed.context().is_main:
         os.makedirs(out, exist_ok=True)
         logger.info("resolved config saved to %s", save_resolved_config(out, cfg))
     return int(COMMANDS[args.command][3](args, cfg) or 0)

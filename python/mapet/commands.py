@@ -14,9 +14,20 @@ from typing import Any, Dict, Tuple
 
 import numpy as np
 
+from . import distributed
 from .cli import command
 
 log = logging.getLogger(__name__)
+
+
+def _emit(result: Any) -> None:
+    """Print a command's JSON result (rank 0 only under mpiexec)."""
+    if distributed.context().is_main:
+        print(json.dumps(result))
+
+
+def _is_main() -> bool:
+    return distributed.context().is_main
 
 _MODEL = {"size": "tiny", "img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3}
 
@@ -64,11 +75,14 @@ def tokenize_dataset(cfg: Dict[str, Any]) -> str:
         tokenizer = PixelTokenizer(patch_size=int(cfg["model"]["patch_size"]), n_tokens=int(tok_cfg["n_tokens"]),
                                    n_iter=int(tok_cfg.get("n_iter", 20)), seed=int(cfg.get("seed", 0)))
         tokenizer.fit(images)
-        tokenizer.save(_out(cfg, "tokenizer.safetensors"))
+        if _is_main():
+            tokenizer.save(_out(cfg, "tokenizer.safetensors"))
     tokens = tokenizer.encode(images)
     cache = _out(cfg, "tokens")
     grid = int(cfg["model"]["img_size"]) // int(cfg["model"]["patch_size"])
-    TokenCache.write(cache, tokens, n_tokens=tokenizer.n_tokens, tokenizer=tokenizer, grid=(grid, grid))
+    if _is_main():  # every rank computed the same tokens (same seed); one writes them
+        TokenCache.write(cache, tokens, n_tokens=tokenizer.n_tokens, tokenizer=tokenizer, grid=(grid, grid))
+    distributed.context().barrier()
     log.info("tokenized %d images into %s", len(images), cache)
     return cache
 
@@ -80,7 +94,9 @@ TOKENIZE_DEFAULTS = {"data": "digits", "seed": 0, "model": dict(_MODEL),
 @command("tokenize", "fit the CCViT pixel tokenizer and cache the visual tokens of a dataset",
          defaults=TOKENIZE_DEFAULTS)
 def _tokenize(args, cfg) -> int:
-    print(tokenize_dataset(cfg))
+    cache = tokenize_dataset(cfg)
+    if _is_main():
+        print(cache)
     return 0
 
 
@@ -118,14 +134,15 @@ def run_pretrain(cfg: Dict[str, Any]):
                               accum_steps=int(cfg["accum_steps"]), seed=int(cfg["seed"]),
                               output_dir=_out(cfg, "checkpoints"), checkpoint_every=int(cfg["checkpoint_every"]),
                               progress=bool(cfg.get("progress", True)))
-    model.save(_out(cfg, "model.safetensors"))
+    if _is_main():
+        model.save(_out(cfg, "model.safetensors"))
     return model, history
 
 
 @command("pretrain", "pre-train a ViT with MaPeT, PIM or MIM on cached visual tokens", defaults=PRETRAIN_DEFAULTS)
 def _pretrain(args, cfg) -> int:
     _, history = run_pretrain(cfg)
-    print(json.dumps({"final_loss": history["loss"][-1], "steps": len(history["loss"])}))
+    _emit({"final_loss": history["loss"][-1], "steps": len(history["loss"])})
     return 0
 
 
@@ -157,7 +174,8 @@ def run_finetune(cfg: Dict[str, Any]):
                               seed=int(cfg["seed"]), output_dir=_out(cfg, "checkpoints"),
                               checkpoint_every=int(cfg["checkpoint_every"]),
                               progress=bool(cfg.get("progress", True)))
-    model.save(_out(cfg, "model.safetensors"))
+    if _is_main():
+        model.save(_out(cfg, "model.safetensors"))
     return model, history, evaluate(model, val)
 
 
@@ -165,7 +183,7 @@ def run_finetune(cfg: Dict[str, Any]):
          defaults=FINETUNE_DEFAULTS)
 def _finetune(args, cfg) -> int:
     _, _, metrics = run_finetune(cfg)
-    print(json.dumps(metrics))
+    _emit(metrics)
     return 0
 
 
@@ -187,7 +205,7 @@ def run_linprobe(cfg: Dict[str, Any]) -> Dict[str, float]:
 
 @command("linprobe", "linear probe: a linear classifier on frozen features", defaults=LINPROBE_DEFAULTS)
 def _linprobe(args, cfg) -> int:
-    print(json.dumps(run_linprobe(cfg)))
+    _emit(run_linprobe(cfg))
     return 0
 
 
@@ -201,5 +219,5 @@ def _eval(args, cfg) -> int:
 
     if not cfg.get("checkpoint"):
         raise SystemExit("python -m mapet eval: set --set checkpoint=PATH (a model.safetensors)")
-    print(json.dumps(evaluate(load(cfg["checkpoint"]), _load_split(cfg, "test"))))
+    _emit(evaluate(load(cfg["checkpoint"]), _load_split(cfg, "test")))
     return 0

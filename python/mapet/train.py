@@ -7,6 +7,12 @@ atomic checkpoints (weights, optimizer moments, sampler and loader state, step, 
 after every epoch and every ``checkpoint_every`` optimizer steps. Started again with the same
 ``output_dir``, a run resumes from ``last.safetensors`` and continues exactly as if it had
 never stopped (bitwise, for a fixed thread count).
+
+Under ``mpiexec -n N`` the same loops run data-parallel (:mod:`mapet.distributed`): the
+loader is sharded so that ``batch_size`` is per rank (global batch N × batch_size), the ranks
+check they run the same configuration, start from rank 0's parameters, average their
+gradients weighted by sample counts before every optimizer step, and only rank 0 logs,
+checkpoints and draws a progress bar.
 """
 from __future__ import annotations
 
@@ -58,6 +64,9 @@ class _Loop:
         self.model, self.optimizer, self.loader, self.step_fn = model, optimizer, loader, step_fn
         self.epochs, self.lr, self.min_lr, self.warmup_start_lr = int(epochs), float(lr), float(min_lr), float(warmup_start_lr)
         self.accum = int(accum_steps)
+        self.ctx = distributed.context()
+        if self.ctx.distributed:
+            loader.shard(self.ctx.rank, self.ctx.world_size)
         self.steps_per_epoch = -(-len(loader) // self.accum)
         self.total_steps = self.epochs * self.steps_per_epoch
         self.warmup_steps = min(int(round(warmup_epochs * self.steps_per_epoch)), self.total_steps)
@@ -65,17 +74,22 @@ class _Loop:
         self.states = dict(states or {})
         self.log_every, self.progress, self.desc = max(1, int(log_every)), progress, desc
         self.config = dict(config or {})
-        self.ctx = distributed.context()
         self.step = 0
         self.micro = 0  # micro-batches run so far: seeds the model's drop-path stream
         self.seed = int(seed)
         self.history: Dict[str, List[float]] = {"loss": [], "lr": []}
+        self.comm_seconds = 0.0  # time in gradient/loss all-reduces (distributed runs)
+        self.hparams = {"epochs": self.epochs, "lr": self.lr, "min_lr": self.min_lr,
+                        "warmup_start_lr": self.warmup_start_lr, "warmup_steps": self.warmup_steps,
+                        "accum_steps": self.accum, "batch_size": loader.batch_size, "samples": len(loader.dataset),
+                        "seed": self.seed, "world_size": self.ctx.world_size}
 
     # -------------------------------------------------------------- checkpoints
 
     def _save(self) -> None:
         if not self.output_dir or not self.ctx.is_main:
             return
+        os.makedirs(self.output_dir, exist_ok=True)  # a directory: resume looks for <dir>/last.safetensors
         opt = dict(self.optimizer.state_dict())
         groups = {"model": self.model.state_dict(),
                   "optimizer.exp_avg": opt.pop("exp_avg"), "optimizer.exp_avg_sq": opt.pop("exp_avg_sq")}
@@ -101,35 +115,70 @@ class _Loop:
         log.info("%s: resumed from %s at step %d/%d", self.desc, path, self.step, self.total_steps)
         return True
 
+    def _synchronize(self) -> None:
+        """Distributed start: same config and code everywhere, same resumed state, rank 0's weights."""
+        ctx = self.ctx
+        distributed.check_same_everywhere(ctx, {"config": self.config, "hparams": self.hparams},
+                                          "the run's configuration or the mapet build")
+        distributed.check_same_everywhere(
+            ctx, {"step": self.step, "micro": self.micro, "loader": self.loader.state_dict()},
+            "the resumed state (is the checkpoint directory on a file system every rank sees?)")
+        distributed.broadcast_parameters(ctx, self.model.flat_params)
+        moments = [getattr(self.optimizer, a) for a in ("_m", "_v") if hasattr(self.optimizer, a)]
+        distributed.check_equal(ctx, "optimizer moments", *moments)
+
+    def _align_streams(self):
+        """Distributed runs: point every per-sample random stream (a sampler state with
+        ``samples_drawn``) at this rank's offset inside the current global batch, so the ranks
+        together draw exactly what one process would; returns (state, global end) pairs."""
+        offset, length = self.loader.shard_span(self.loader.position - 1)
+        out = []
+        for state in self.states.values():
+            st = state.state_dict()
+            if "samples_drawn" in st:
+                start = int(st["samples_drawn"])
+                state.load_state_dict(dict(st, samples_drawn=start + offset))
+                out.append((state, start + length))
+        return out
+
     # -------------------------------------------------------------- the loop
 
     def run(self, stop_after: Optional[int] = None) -> Dict[str, List[float]]:
         """Train to the end (or until ``stop_after`` optimizer steps have been taken in total)."""
         self._resume()
-        bar = _progress(self.total_steps, self.step, self.desc, self.progress)
+        if self.ctx.distributed:
+            self._synchronize()
+        bar = _progress(self.total_steps, self.step, self.desc, self.progress and self.ctx.is_main)
         t0, done0 = time.perf_counter(), self.step
         seen = 0
-        pending, losses = 0, []  # micro-batches accumulated since the last optimizer step
+        pending, losses, local = 0, [], 0  # micro-batches, their losses and samples since the last step
         self.optimizer.zero_grad()
         while self.step < self.total_steps:
             epoch = self.loader.epoch
             for batch in self.loader:
                 # Drop path draws from a stream fixed by (seed, micro-batch number): a resumed
                 # run continues the same random sequence without storing generator state.
-                self.model.reseed(self.seed, self.micro)
+                # rank r of W draws stream micro·W + r: one process (W = 1) keeps stream = micro
+                self.model.reseed(self.seed, self.micro * self.ctx.world_size + self.ctx.rank)
                 self.micro += 1
-                loss, n = self.step_fn(batch)
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"{self.desc}: loss is {loss} at step {self.step}; "
-                                             "lower the learning rate or check the inputs")
-                losses.append(loss)
-                seen += n
                 pending += 1
+                streams = self._align_streams() if self.ctx.distributed else None
+                if batch is not None:  # None: this rank's part of the last global batch is empty
+                    loss, n = self.step_fn(batch)
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(f"{self.desc}: loss is {loss} at step {self.step}; "
+                                                 "lower the learning rate or check the inputs")
+                    losses.append(loss)
+                    local += n
+                    seen += n * self.ctx.world_size
+                if streams is not None:
+                    for state, end in streams:
+                        state.load_state_dict(dict(state.state_dict(), samples_drawn=end))
                 end_of_epoch = self.loader.position >= len(self.loader)
                 if pending < self.accum and not end_of_epoch:
                     continue
-                self._optimizer_step(pending, losses)
-                pending, losses = 0, []
+                self._optimizer_step(losses, local)
+                pending, losses, local = 0, [], 0
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{self.history['loss'][-1]:.4f}")
@@ -154,19 +203,28 @@ class _Loop:
             bar.close()
         return self.history
 
-    def _optimizer_step(self, pending: int, losses: List[float]) -> None:
+    def _optimizer_step(self, losses: List[float], local: int) -> None:
+        """Average the accumulated micro-batch gradients (over ranks too), step, record.
+
+        ``losses`` are this rank's non-empty micro-batch mean losses, ``local`` their samples.
+        Each rank's gradient is the mean of its micro-batch means; across ranks it is weighted
+        by ``local`` (exactly the combined-batch gradient when micro-batches are equal-sized).
+        """
         grads = self.model.flat_grads
-        if pending > 1:
-            grads *= np.float32(1.0 / pending)
+        if len(losses) > 1:
+            grads *= np.float32(1.0 / len(losses))
+        loss = float(np.mean(losses)) if losses else 0.0
         if self.ctx.distributed:
-            distributed.average_gradients(self.ctx, grads, 1)
+            t0 = time.perf_counter()
+            stats = self.ctx.allreduce_(np.array([local, loss * local], dtype=np.float64))
+            total = int(round(stats[0]))
+            distributed.average_gradients(self.ctx, grads, local, total)
+            loss = float(stats[1] / max(total, 1))
+            self.comm_seconds += time.perf_counter() - t0
         lr = cosine_lr(self.step, self.total_steps, self.lr, self.warmup_steps, self.warmup_start_lr, self.min_lr)
         self.optimizer.step(lr=lr)
         self.optimizer.zero_grad()
         self.step += 1
-        loss = float(np.mean(losses))
-        if self.ctx.distributed:
-            loss = self.ctx.sum(loss) / self.ctx.world_size
         self.history["loss"].append(loss)
         self.history["lr"].append(lr)
 
@@ -431,8 +489,16 @@ def linear_probe(model: Any, train: Any, val: Any = None, *, epochs: int = 100, 
 
 
 def evaluate(model: Any, data: Any, batch_size: int = 256) -> Dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy of a classifier on (images, labels)."""
+    """Top-1 accuracy and mean cross-entropy of a classifier on (images, labels).
+
+    Under ``mpiexec`` every rank evaluates a contiguous share of the rows and the counts are
+    summed, so every rank returns the same metrics of the whole set."""
     images, labels = _images_of(data), _labels_of(data)
+    n = images.shape[0]
+    ctx = distributed.context()
+    if ctx.distributed:
+        share = distributed.contiguous_shard(n, ctx)
+        images, labels = images[share], labels[share]
     correct, loss = 0, 0.0
     for i in range(0, images.shape[0], batch_size):
         logits = np.asarray(model(images[i:i + batch_size]), dtype=np.float64)
@@ -440,5 +506,7 @@ def evaluate(model: Any, data: Any, batch_size: int = 256) -> Dict[str, float]:
         correct += int(np.sum(np.argmax(logits, 1) == y))
         z = logits - logits.max(1, keepdims=True)
         loss += float(np.sum(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]))
-    n = images.shape[0]
+    if ctx.distributed:
+        correct, loss = ctx.allreduce_(np.array([correct, loss], dtype=np.float64))
+        correct = int(round(correct))
     return {"top1": correct / n, "loss": loss / n}

@@ -71,14 +71,37 @@ class DataLoader:
         self.shuffle, self.drop_last, self.seed = bool(shuffle), bool(drop_last), int(seed)
         self.prefetch, self.return_indices = int(prefetch), bool(return_indices)
         self.epoch, self.position = 0, 0
+        self.rank, self.world_size = 0, 1
         if len(self) == 0:
             raise ValueError(f"DataLoader: drop_last with batch_size {batch_size} > {len(dataset)} samples "
                              "leaves no batch")
 
     def __len__(self) -> int:
-        """Batches per epoch."""
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        """Batches per epoch (per rank when sharded: the same on every rank)."""
+        n, g = len(self.dataset), self.batch_size * self.world_size
+        return n // g if self.drop_last else -(-n // g)
+
+    def shard(self, rank: int, world_size: int) -> "DataLoader":
+        """Make this loader yield only rank ``rank``'s part of every global batch (data parallel).
+
+        The epoch's order is cut into global batches of ``world_size × batch_size`` samples,
+        each dealt to the ranks in contiguous near-equal parts
+        (:func:`mapet.distributed.shard_batches`): every sample is seen once per epoch across
+        ranks, the ranks' parts together are exactly the single-process batch of size
+        ``world_size × batch_size``, and all ranks yield ``len(self)`` items. A rank whose part
+        of the last, short global batch is empty yields ``None`` there (a zero-sample
+        micro-batch). Position and epoch count global batches, so one ``state_dict`` fits all ranks.
+
+        Returns:
+            self.
+        """
+        if not 0 <= int(rank) < int(world_size):
+            raise ValueError(f"DataLoader.shard: rank must be in [0, {world_size}), got {rank}")
+        self.rank, self.world_size = int(rank), int(world_size)
+        if len(self) == 0:
+            raise ValueError(f"DataLoader.shard: drop_last with {world_size} × batch_size {self.batch_size} "
+                             f"> {len(self.dataset)} samples leaves no batch")
+        return self
 
     def order(self, epoch: int) -> np.ndarray:
         """The sample order of ``epoch`` (int64 indices)."""
@@ -92,15 +115,29 @@ class DataLoader:
         if int(epoch) != self.epoch:
             self.epoch, self.position = int(epoch), 0
 
+    def shard_span(self, batch: int) -> tuple:
+        """(offset of this rank's part inside global batch ``batch``, the global batch's length).
+
+        Lets per-sample random streams (permutation samplers, mask generators) draw, on every
+        rank, exactly the samples one process would draw for the same positions."""
+        g = self.batch_size * self.world_size
+        m = min(g, len(self.dataset) - batch * g)
+        base, extra = divmod(m, self.world_size)
+        return self.rank * base + min(self.rank, extra), m
+
     def state_dict(self) -> Dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "batch_size": self.batch_size, "length": len(self.dataset)}
+                "batch_size": self.batch_size, "length": len(self.dataset), "world_size": self.world_size}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Continue from a ``state_dict()``; the dataset length and batch size must match."""
         for key, mine in (("length", len(self.dataset)), ("batch_size", self.batch_size)):
             if key in state and int(state[key]) != mine:
                 raise ValueError(f"DataLoader.load_state_dict: saved {key} {state[key]} != current {mine}")
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.world_size and int(state["position"]) != 0:
+            raise ValueError(f"DataLoader.load_state_dict: saved mid-epoch with {saved_world} ranks, now "
+                             f"{self.world_size}; resume with the same number of ranks")
         if not 0 <= int(state["position"]) <= len(self):
             raise ValueError(f"DataLoader.load_state_dict: position {state['position']} outside 0..{len(self)}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
@@ -117,6 +154,12 @@ class DataLoader:
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
         order = self.order(epoch)
+        if self.world_size > 1:
+            from ..distributed import shard_batches
+            parts = shard_batches(order, self.batch_size, self.rank, self.world_size, self.drop_last)
+            for b in range(start, len(self)):
+                yield self._batch(parts[b]) if len(parts[b]) else None
+            return
         for b in range(start, len(self)):
             yield self._batch(order[b * self.batch_size:(b + 1) * self.batch_size])
 
