@@ -22,11 +22,13 @@ calling :func:`init`), rank and world size come from ``mpi4py``:
 
 Why gradients are all-reduced after backward and not in buckets during it: overlapping needs
 hooks in the Swift backward and pays only when communication is a noticeable share of a step
-and there are spare cores to drive it. ``bench/distributed.py`` measured, on this 2-core
-machine with 2 ranks × 1 thread, a ViT-Tiny (5.5 M parameters, batch 16 per rank, 224²) step
-where the one 22 MB ``Allreduce`` takes about 1 % of the step (shared-memory transport); the
-best overlap could hide that 1 %, and both cores are busy with backward anyway. On a
-cluster with a slow network the share grows; bucketed overlap is the next step then.
+and a core is free to drive it. ``bench/distributed.py`` measured on this 2-core machine
+(2 ranks × 1 thread, ViT-Tiny/16 at 224 px, 8 images per rank, 5.7 M parameters): the one
+23 MB ``Allreduce`` took 27–89 ms (median 47 ms) of a 1.6–2.1 s step (median 1.9 s), i.e.
+about 2.5 % (shared-memory transport). Perfect overlap could hide at most that 2.5 %, and both
+cores are busy with backward anyway, so it is not done. On a cluster with a slow network the
+share grows (23 MB per step at 10 Gb/s ≈ 20–40 ms with a ring); bucketed overlap is the next
+step then.
 
 Install the optional MPI stack from PyPI (no system packages): ``pip install "mapet[mpi]"``
 brings ``mpi4py`` and the ``mpich`` wheel with its ``mpiexec``.
