@@ -182,13 +182,18 @@ def _install_abort_hook(ctx: Context) -> None:
 
     def hook(kind, value, tb):
         try:
-            previous(kind, value, tb)
+            # The one-line verdict first, then the traceback; both flushed, then a short pause:
+            # MPI_Abort tears the launcher's output forwarding down, and text still in flight
+            # would be lost.
             sys.stderr.write(f"mapet: rank {ctx.rank} of {ctx.world_size} failed: {kind.__name__}: {value}; "
                              "aborting the job\n")
+            sys.stderr.flush()
+            previous(kind, value, tb)
             sys.stderr.flush()
             if getattr(value, "collective", False):
                 # raised on every rank at once: let every rank print its message first
                 ctx.barrier()
+            time.sleep(0.5)
         finally:
             ctx.abort(1)
 
