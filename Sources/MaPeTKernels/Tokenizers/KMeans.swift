@@ -1,4 +1,4 @@
-// k-means (Lloyd 1982) with faiss's semantics, exact, deterministic, and with Hamerly bounds.
+// k-means (Lloyd 1982) with faiss's semantics, exact, deterministic, and with Yinyang bounds.
 //
 //   x [n, d] float32 points, centroids [k, d], labels [n]
 //
@@ -43,7 +43,7 @@ public struct KMeansOptions: Sendable {
     public var seed: UInt64
     /// Stream of the run's generator (the redo index): restarts draw independent numbers.
     public var stream: UInt64
-    /// Hamerly bounds on (true) or plain Lloyd (false); the labels are the same.
+    /// Yinyang bounds on (true) or plain Lloyd (false); the labels are the same.
     public var bounds: Bool
 
     public init(k: Int, iterations: Int, spherical: Bool = false, initialization: KMeansInit = .random,
