@@ -5,9 +5,10 @@ scikit-learn with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset; faiss, whose wheel
 OpenBLAS 0.3.15, with them set to the machine's values), libraries alternate, and the table shows
 medians. All sides cluster the same synthetic data (Gaussian blobs, fixed seed) from the SAME
 initial centroids (k distinct data points drawn with a fixed seed: faiss `train(x, init_centroids=)`,
-scikit-learn `init=array, n_init=1`, mapet `fit(x, init_centroids=)`), run plain Lloyd for the same
-number of iterations (faiss nredo=1; scikit-learn algorithm="lloyd", tol=0 — it still stops early
-when no label changes, which is a converged Lloyd run; its n_iter_ is printed), and every side's final
+scikit-learn `init=array, n_init=1`, mapet `fit(x, init_centroids=)`), run plain Lloyd for at most the
+same number of iterations (faiss nredo=1 — faiss 1.15 stops early by its default early_stop_threshold;
+scikit-learn algorithm="lloyd", tol=0 — it still stops once no label changes, a converged Lloyd run;
+the iterations each side ran are printed; mapet always runs them all), and every side's final
 centroids are scored by one evaluator (exact Σ min ‖x − c‖² in float64 over float32 distances).
 
     PY=/tmp/mapet-peers/bin/python

@@ -220,7 +220,7 @@ public func kmeansFit(centroids: UnsafeMutablePointer<Float>, labels: UnsafeMuta
     let P = KMeansBlocks.points
     let blocks = (n + P - 1) / P
     // Yinyang groups (KMeansYinyang.swift), formed once from the initial centroids.
-    let groups: CentroidGroups? = o.bounds ? groupCentroids(centroids, k: k, d: d, seed: o.seed &+ o.stream) : nil
+    let groups: CentroidGroups? = o.bounds ? groupCentroids(centroids, k: k, d: d, n: n, seed: o.seed &+ o.stream) : nil
     let t = groups?.t ?? 0
     var largest = 1
     if let groups { for g in 0..<t { largest = max(largest, groups.offsets[g + 1] - groups.offsets[g]) } }

@@ -38,9 +38,10 @@ public struct CentroidGroups {
 }
 
 /// Groups the centroids c [k, d] by a short k-means of the centroids themselves (5 plain Lloyd
-/// iterations, random init from the run's seed) into t = max(1, k / 10) groups.
-func groupCentroids(_ c: UnsafePointer<Float>, k: Int, d: Int, seed: UInt64) -> CentroidGroups {
-    let t = max(1, k / 10)
+/// iterations, random init from the run's seed) into t = max(1, k / 10) groups, fewer when the
+/// n × t bounds would exceed 2²⁷ floats (512 MiB), so memory stays bounded for any n.
+func groupCentroids(_ c: UnsafePointer<Float>, k: Int, d: Int, n: Int, seed: UInt64) -> CentroidGroups {
+    let t = max(1, min(k / 10, (1 << 27) / max(n, 1)))
     let labels = UnsafeMutablePointer<Int32>.allocate(capacity: k)
     defer { labels.deallocate() }
     if t == 1 {
