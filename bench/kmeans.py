@@ -3,8 +3,13 @@
 Each measurement runs in its own process in that library's fastest environment (mapet and
 scikit-learn with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset; faiss, whose wheel bundles
 OpenBLAS 0.3.15, with them set to the machine's values), libraries alternate, and the table shows
-medians. All sides cluster the same synthetic data (Gaussian blobs, fixed seed) from a random
-init; every side's final centroids are scored with one evaluator (exact Σ min ‖x − c‖²).
+medians. All sides cluster the same synthetic data (Gaussian blobs, fixed seed) from the SAME
+initial centroids (k distinct data points drawn with a fixed seed: faiss `train(x, init_centroids=)`,
+scikit-learn `init=array, n_init=1`, mapet `fit(x, init_centroids=)`), run plain Lloyd for at most the
+same number of iterations (faiss nredo=1 — faiss 1.15 stops early by its default early_stop_threshold;
+scikit-learn algorithm="lloyd", tol=0 — it still stops once no label changes, a converged Lloyd run;
+the iterations each side ran are printed; mapet always runs them all), and every side's final
+centroids are scored by one evaluator (exact Σ min ‖x − c‖² in float64 over float32 distances).
 
     PY=/tmp/mapet-peers/bin/python
     $PY bench/kmeans.py             # the issue's sizes (slow on 2 cores)
@@ -37,6 +42,12 @@ def make_data(n, d, seed=0, centers=None):
     return x
 
 
+def initial_centroids(x, k, seed=1234):
+    """k distinct data points, the same for every library."""
+    idx = np.sort(np.random.default_rng(seed).choice(x.shape[0], size=k, replace=False))
+    return np.ascontiguousarray(x[idx])
+
+
 def worker(lib, task, n, d, k, iters, out):
     x = make_data(n, d)
     if task == "encode":
@@ -55,22 +66,24 @@ def worker(lib, task, n, d, k, iters, out):
             t = time.perf_counter(); I = pairwise_distances_argmin(x, cent); dt = time.perf_counter() - t
         np.save(out, np.asarray(I).reshape(-1).astype(np.int32))
         return dt
+    init = initial_centroids(x, k)
     if lib == "mapet":
         import mapet
         km = mapet.KMeans(k, n_iter=iters, seed=1234, max_points_per_centroid=1 << 20)
-        t = time.perf_counter(); km.fit(x); dt = time.perf_counter() - t
-        c = km.cluster_centers_
+        t = time.perf_counter(); km.fit(x, init_centroids=init); dt = time.perf_counter() - t
+        c, n_iter = km.cluster_centers_, km.n_iter_
     elif lib == "faiss":
         import faiss
-        km = faiss.Kmeans(d, k, niter=iters, seed=1234, max_points_per_centroid=1 << 20)
-        t = time.perf_counter(); km.train(x); dt = time.perf_counter() - t
-        c = km.centroids
+        km = faiss.Kmeans(d, k, niter=iters, nredo=1, seed=1234, max_points_per_centroid=1 << 20)
+        t = time.perf_counter(); km.train(x, init_centroids=init); dt = time.perf_counter() - t
+        c, n_iter = km.centroids, len(km.obj)
     else:
         from sklearn.cluster import KMeans
-        km = KMeans(k, init="random", n_init=1, max_iter=iters, tol=0.0, algorithm="lloyd", random_state=1234)
+        km = KMeans(k, init=init, n_init=1, max_iter=iters, tol=0.0, algorithm="lloyd", random_state=1234)
         t = time.perf_counter(); km.fit(x); dt = time.perf_counter() - t
-        c = km.cluster_centers_.astype(np.float32)
+        c, n_iter = km.cluster_centers_.astype(np.float32), int(km.n_iter_)
     np.save(out, c)
+    print(f"n_iter {n_iter}")
     return dt
 
 
@@ -89,7 +102,9 @@ def run(lib, task, size, out):
     r = subprocess.run(cmd, env=env_for(lib), capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{lib} {task} failed:\n{r.stderr[-2000:]}")
-    return float(r.stdout.strip().splitlines()[-1])
+    lines = r.stdout.strip().splitlines()
+    n_iter = next((int(l.split()[1]) for l in lines if l.startswith("n_iter")), 0)
+    return float(lines[-1]), n_iter
 
 
 def main():
@@ -102,20 +117,25 @@ def main():
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--libs", default="mapet,faiss,sklearn")
     ap.add_argument("--tasks", default="fit_a,fit_b,encode")
+    ap.add_argument("--encode-libs", default="mapet,faiss", help="scikit-learn has no BLAS k=1 search worth timing at 1M")
     a = ap.parse_args()
     sizes = QUICK if a.quick else FULL
     libs = a.libs.split(",")
     import mapet
     rows = []
     for task in a.tasks.split(","):
+        libs = [l for l in a.libs.split(",") if task != "encode" or l in a.encode_libs.split(",")]
         size = sizes[task]
         n, d, k, iters = size
         times = {l: [] for l in libs}
+        n_iters = {l: 0 for l in libs}
         results = {}
         for r in range(a.runs):
             for lib in (libs if r % 2 == 0 else libs[::-1]):
                 out = f"/tmp/bench_kmeans_{lib}_{task}.npy"
-                times[lib].append(run(lib, task, size, out))
+                dt, n_iters[lib] = run(lib, task, size, out)
+                times[lib].append(dt)
+                print(f"  {task} {lib} run {r}: {dt:.2f} s", flush=True)
                 results[lib] = np.load(out)
         x = make_data(n, d)
         ev = mapet.KMeans(k)
@@ -128,16 +148,19 @@ def main():
             else:
                 ev.cluster_centers_ = np.ascontiguousarray(results[lib], np.float32)
                 line[lib] = (float(np.median(times[lib])), float(ev.assign(x)[0].astype(np.float64).sum()))
-        rows.append((task, size, line, times))
+        rows.append((task, size, line, times, n_iters))
     print(f"\nmedian of {a.runs} runs per library, alternating, 2 threads; objective = Σ min‖x−c‖² of the final centroids")
-    for task, (n, d, k, iters), line, times in rows:
+    for task, (n, d, k, iters), line, times, n_iters in rows:
         label = f"{task}: {n}×{d} → {k}" + (f", {iters} it" if iters else " (encode)")
         print(label)
-        peers = [l for l in line if l != "mapet"]
-        best_peer = min(peers, key=lambda l: line[l][0]) if peers else None
         for lib, (t, v) in line.items():
-            extra = f"objective {v:.6e}" if task != "encode" else f"labels agreeing with mapet {v:.4%}"
-            ratio = f"  mapet/{lib} = {line['mapet'][0] / t:.2f}×" if lib != "mapet" and "mapet" in line else ""
+            if task == "encode":
+                extra = f"labels agreeing with mapet {v:.4%}"
+            else:
+                extra = f"{n_iters[lib]} it, objective {v:.6e}"
+                if "mapet" in line and lib != "mapet":
+                    extra += f" (mapet/{lib} objective {line['mapet'][1] / v:.5f})"
+            ratio = f"  time mapet/{lib} = {line['mapet'][0] / t:.2f}×" if lib != "mapet" and "mapet" in line else ""
             print(f"  {lib:8s} {t:8.2f} s  (runs {', '.join(f'{s:.2f}' for s in times[lib])})  {extra}{ratio}")
 
 

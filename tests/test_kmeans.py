@@ -95,6 +95,28 @@ def test_bounds_give_the_plain_lloyd_result():
     assert all(h["searched"] == n for h in b.history_)
 
 
+def test_yinyang_groups_give_the_plain_lloyd_result_and_float64_lloyd_labels():
+    # k = 300 → 30 centroid groups: the group filter and its GEMM fallback both run. Blobs share
+    # centroids (k < blobs) so points keep moving for several iterations.
+    rng = np.random.default_rng(11)
+    x, _ = blobs(12, rng.standard_normal((500, 48)) * 1.5, 1.0, rng)
+    init = x[rng.choice(len(x), 300, replace=False)]
+    a = mapet.KMeans(300, n_iter=16, bounds=True).fit(x, init_centroids=init)
+    b = mapet.KMeans(300, n_iter=16, bounds=False).fit(x, init_centroids=init)
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    np.testing.assert_array_equal(a.labels_, b.labels_)
+    assert a.obj == b.obj and a.inertia_ == b.inertia_
+    searched = [h["searched"] for h in a.history_]
+    assert searched[0] == len(x) and searched[-1] < len(x) // 4    # converged: the bounds prove every label
+    # The final labels are the float64 arg-min at the final centroids (no near ties on this data).
+    D = brute_force(x, a.cluster_centers_)
+    top2 = np.sort(D, 1)[:, :2]
+    clear = top2[:, 1] - top2[:, 0] > 1e-3 * top2[:, 0]
+    assert clear.mean() > 0.99
+    final = a.predict(x)
+    np.testing.assert_array_equal(final[clear], D.argmin(1)[clear])
+
+
 def test_empty_cluster_is_split_faiss_style():
     rng = np.random.default_rng(6)
     x, _ = blobs(50, np.array([[5.0, 0, 0, 0], [-5.0, 0, 0, 0], [0, 5.0, 0, 0]]), 0.5, rng)

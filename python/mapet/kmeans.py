@@ -12,8 +12,10 @@ after every update (with unit centroids the L2 arg-min is the inner-product arg-
 logged); ``n_redo`` restarts keep the run with the lowest final objective.
 
 Exactness and speed: the distance pass is a blocked GEMM (‖x‖² − 2x·c + ‖c‖²) fused with the
-arg-min, so no n × k matrix is allocated; from the second iteration on, Hamerly bounds skip the
-search for points that provably keep their centroid, so the labels are those of plain Lloyd.
+arg-min, so no n × k matrix is allocated; from the second iteration on, Yinyang bounds (Ding et
+al. 2015: one lower bound per group of ~10 centroids) skip points that provably keep their centroid
+and restrict the others to the groups that could hold a closer one; near ties go to the GEMM search,
+so the labels are exactly those of plain Lloyd.
 Results depend on ``seed`` only, never on ``mapet.set_num_threads``.
 
 ``partial_fit`` is mini-batch k-means (Sculley 2010): each chunk is assigned and every centroid
@@ -74,7 +76,7 @@ class KMeans:
             (a uniform subsample when there are more; logged at INFO).
         seed: the only source of randomness (subsample, initialisation, splits).
         verbose: print one line per iteration (objective, seconds, splits, points searched).
-        bounds: use Hamerly bounds to skip points that cannot change cluster (same result).
+        bounds: use Yinyang bounds to skip distance work that cannot change a label (same result).
 
     Attributes (after ``fit``):
         cluster_centers_ / centroids: float32 [k, d].

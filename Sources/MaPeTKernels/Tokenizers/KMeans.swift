@@ -1,4 +1,4 @@
-// k-means (Lloyd 1982) with faiss's semantics, exact, deterministic, and with Hamerly bounds.
+// k-means (Lloyd 1982) with faiss's semantics, exact, deterministic, and with Yinyang bounds.
 //
 //   x [n, d] float32 points, centroids [k, d], labels [n]
 //
@@ -17,13 +17,11 @@
 // size_e = size_j / 2 (rounded down), size_j −= size_e. The draws come from the run's own
 // xoshiro256** stream, so the result depends only on (seed, redo index).
 //
-// Skipping work (Hamerly, "Making k-means even faster", SDM 2010): each point keeps an upper
-// bound u_i ≥ ‖x_i − c_{a_i}‖ and a lower bound l_i ≤ min_{j ≠ a_i} ‖x_i − c_j‖. After the
-// centroids move by δ_j, u_i += δ_{a_i} and l_i −= max_{j ≠ a_i} δ_j. At the next assignment
-// u_i is tightened to the exact distance; if it is still below l_i (less a float safety margin
-// that covers the GEMM identity's rounding), no other centroid can be closer and the point keeps
-// its label without the distance pass. Otherwise the point joins its block's GEMM search. The
-// labels are therefore those of plain Lloyd; only the work differs.
+// Skipping work (Yinyang bounds, KMeansYinyang.swift): each point keeps an upper bound on the
+// distance to its centroid and one lower bound per group of centroids; points whose bounds prove
+// their label skip the distance pass, the others search only the groups their bounds cannot
+// exclude, and near ties go to the same GEMM search as plain Lloyd. The labels are therefore those
+// of plain Lloyd (bounds = false); only the work differs.
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -45,7 +43,7 @@ public struct KMeansOptions: Sendable {
     public var seed: UInt64
     /// Stream of the run's generator (the redo index): restarts draw independent numbers.
     public var stream: UInt64
-    /// Hamerly bounds on (true) or plain Lloyd (false); the labels are the same.
+    /// Yinyang bounds on (true) or plain Lloyd (false); the labels are the same.
     public var bounds: Bool
 
     public init(k: Int, iterations: Int, spherical: Bool = false, initialization: KMeansInit = .random,
@@ -221,10 +219,18 @@ public func kmeansFit(centroids: UnsafeMutablePointer<Float>, labels: UnsafeMuta
 
     let P = KMeansBlocks.points
     let blocks = (n + P - 1) / P
+    // Yinyang groups (KMeansYinyang.swift), formed once from the initial centroids.
+    let groups: CentroidGroups? = o.bounds ? groupCentroids(centroids, k: k, d: d, n: n, seed: o.seed &+ o.stream) : nil
+    let t = groups?.t ?? 0
+    var largest = 1
+    if let groups { for g in 0..<t { largest = max(largest, groups.offsets[g + 1] - groups.offsets[g]) } }
+    let largestGroup = largest
     let norms = UnsafeMutablePointer<Float>.allocate(capacity: k)
     let xnorm = UnsafeMutablePointer<Float>.allocate(capacity: n)
     let upper = UnsafeMutablePointer<Float>.allocate(capacity: n)
-    let lower = UnsafeMutablePointer<Float>.allocate(capacity: n)
+    let lower = UnsafeMutablePointer<Float>.allocate(capacity: max(1, n * t))
+    let drift = UnsafeMutablePointer<Float>.allocate(capacity: k)
+    let groupDrift = UnsafeMutablePointer<Float>.allocate(capacity: max(1, t))
     let blockObjective = UnsafeMutablePointer<Double>.allocate(capacity: blocks)
     let blockSearched = UnsafeMutablePointer<Int>.allocate(capacity: blocks)
     let counts = UnsafeMutablePointer<Int>.allocate(capacity: k)
@@ -232,45 +238,66 @@ public func kmeansFit(centroids: UnsafeMutablePointer<Float>, labels: UnsafeMuta
     let order = UnsafeMutablePointer<Int32>.allocate(capacity: n)
     let old = UnsafeMutablePointer<Float>.allocate(capacity: o.bounds ? k * d : 1)
     defer {
-        norms.deallocate(); xnorm.deallocate(); upper.deallocate(); lower.deallocate()
-        blockObjective.deallocate(); blockSearched.deallocate(); counts.deallocate(); offsets.deallocate()
-        order.deallocate(); old.deallocate()
+        norms.deallocate(); xnorm.deallocate(); upper.deallocate(); lower.deallocate(); drift.deallocate()
+        groupDrift.deallocate(); blockObjective.deallocate(); blockSearched.deallocate(); counts.deallocate()
+        offsets.deallocate(); order.deallocate(); old.deallocate(); groups?.deallocate()
     }
-    nonisolated(unsafe) let (xs, cs, ns, xn, up, lw, bo, bs, lb) =
-        (x, centroids, norms, xnorm, upper, lower, blockObjective, blockSearched, labels)
+    nonisolated(unsafe) let (xs, cs, ns, xn, up, lw, bo, bs, lb, gs) =
+        (x, centroids, norms, xnorm, upper, lower, blockObjective, blockSearched, labels, groups)
     Parallel.forRanges(n, grain: 1024) { r in for i in r { xn[i] = squaredNorm(xs + i * d, d) } }
 
     // Rounding slack of a distance computed through ‖x‖² − 2x·c + ‖c‖² in float: |Δd²| ≲ e·(‖x‖² + ‖c‖²)
-    // with e ≈ √d · 2⁻²⁴ per product; 64× that, then |Δd| ≤ √|Δd²|.
+    // with e ≈ √d · 2⁻²⁴ per product; 64× that, then |Δd| ≤ min(√|Δd²|, |Δd²| / d) (distanceMargin).
     let slack = Float(64.0 * Double(d).squareRoot() * 0x1.0p-24)
 
-    /// One assignment pass; with `useBounds` points whose bounds prove their label skip the search.
+    /// One assignment pass; with `useBounds` points whose bounds prove their label skip the search,
+    /// and the others search only the groups their bounds cannot exclude.
     func assign(useBounds: Bool) -> (Double, Int) {
         centroidSquaredNorms(ns, centroids: cs, k: k, d: d)
         var cmax: Float = 0
         for j in 0..<k { cmax = max(cmax, ns[j]) }
         let cmaxS = cmax
-        Parallel.forRanges(blocks) { range in
+        // Workers take blocks round-robin (bound-skipping makes block costs uneven); each block's
+        // result depends on its own points only, so any thread count gives the same labels.
+        let workers = max(1, min(Parallel.threadCount, blocks))
+        Parallel.forEach(workers) { w in
             let scratch = UnsafeMutablePointer<Float>.allocate(capacity: P * KMeansBlocks.centroids)
             let gathered = UnsafeMutablePointer<Float>.allocate(capacity: useBounds ? P * d : 1)
             let idx = UnsafeMutablePointer<Int>.allocate(capacity: P)
             let lab = UnsafeMutablePointer<Int32>.allocate(capacity: P)
             let best = UnsafeMutablePointer<Float>.allocate(capacity: 2 * P)
             let own = UnsafeMutablePointer<Float>.allocate(capacity: P)
+            let groupMin = UnsafeMutablePointer<Float>.allocate(capacity: max(1, P * t))
+            let dist = UnsafeMutablePointer<Float>.allocate(capacity: largestGroup)
             defer {
                 scratch.deallocate(); gathered.deallocate(); idx.deallocate(); lab.deallocate(); best.deallocate()
-                own.deallocate()
+                own.deallocate(); groupMin.deallocate(); dist.deallocate()
             }
-            for b in range {
+            var b = w
+            while b < blocks {
+                defer { b += workers }
                 let lo = b * P, rows = min(P, n - lo)
                 var obj = 0.0
-                var m = 0
-                if useBounds {
+                var m = 0, searched = 0
+                if useBounds, let gs {
                     for i in lo..<(lo + rows) {
-                        let dd = squaredDistance(xs + i * d, cs + Int(lb[i]) * d, d)
+                        let a = lb[i]
+                        let dd = squaredDistance(xs + i * d, cs + Int(a) * d, d)
                         own[i - lo] = dd
-                        let margin = (slack * (xn[i] + cmaxS)).squareRoot()
-                        if dd.squareRoot() + margin < lw[i] { continue }
+                        let e = slack * (xn[i] + cmaxS)
+                        let bounds = lw + i * t
+                        var gmin = Float.infinity
+                        for g in 0..<t { gmin = min(gmin, bounds[g]) }
+                        let u = dd.squareRoot()
+                        if u + 2 * distanceMargin(e, u) < gmin { continue }
+                        searched += 1
+                        let r = yinyangSearch(x: xs + i * d, xn: xn[i], a: a, own: dd, lower: bounds, error: e,
+                                              centroids: cs, norms: ns, d: d, groups: gs, dist: dist)
+                        if r >= 0 {
+                            if r != a { lb[i] = r; own[i - lo] = -1 }
+                            continue
+                        }
+                        // No clear winner: the plain GEMM search decides, as without bounds.
                         own[i - lo] = -1
                         idx[m] = i
                         (gathered + m * d).update(from: xs + i * d, count: d)
@@ -278,18 +305,26 @@ public func kmeansFit(centroids: UnsafeMutablePointer<Float>, labels: UnsafeMuta
                     }
                     if m > 0 {
                         nearestCentroidsBlock(label: lab, best: best, second: best + P, x: gathered, rows: m, d: d,
-                                              centroids: cs, norms: ns, k: k, scratch: scratch)
+                                              centroids: cs, norms: ns, k: k, scratch: scratch,
+                                              groupOf: gs.groupOf, groupMin: groupMin, t: t)
                     }
                 } else {
                     m = rows
+                    searched = rows
                     for r in 0..<rows { idx[r] = lo + r; own[r] = -1 }
                     nearestCentroidsBlock(label: lab, best: best, second: best + P, x: xs + lo * d, rows: rows, d: d,
-                                          centroids: cs, norms: ns, k: k, scratch: scratch)
+                                          centroids: cs, norms: ns, k: k, scratch: scratch,
+                                          groupOf: gs?.groupOf, groupMin: gs == nil ? nil : groupMin, t: t)
                 }
                 for r in 0..<m {
                     let i = idx[r]
                     lb[i] = lab[r]
-                    lw[i] = max(0, xn[i] + best[P + r]).squareRoot()
+                    if let gs {
+                        // Group minima of the GEMM; the label's own group falls back to the runner-up overall.
+                        let bounds = lw + i * t, gm = groupMin + r * t
+                        for g in 0..<t { bounds[g] = max(0, xn[i] + gm[g]).squareRoot() }
+                        bounds[Int(gs.groupOf[Int(lab[r])])] = max(0, xn[i] + best[P + r]).squareRoot()
+                    }
                 }
                 // Objective from exact distances (the same for searched and skipped points).
                 for i in lo..<(lo + rows) {
@@ -299,7 +334,7 @@ public func kmeansFit(centroids: UnsafeMutablePointer<Float>, labels: UnsafeMuta
                     obj += Double(dd)
                 }
                 bo[b] = obj
-                bs[b] = m
+                bs[b] = searched
             }
         }
         var total = 0.0, searched = 0
@@ -317,20 +352,19 @@ public func kmeansFit(centroids: UnsafeMutablePointer<Float>, labels: UnsafeMuta
         clusterMeans(centroids, weight: nil, x: x, d: d, counts: counts, offsets: offsets, order: order, k: k)
         let splits = splitEmptyClusters(centroids, sizes: counts, n: n, k: k, d: d, rng: &rng)
         if o.spherical { normalizeRows(centroids, rows: k, d: d) }
-        if o.bounds {
-            // Drifts δ_j; u += δ_a, l −= max_{j≠a} δ_j (top two drifts cover j ≠ a).
-            var d1: Float = 0, d2: Float = 0, a1 = -1
-            for j in 0..<k {
-                let dj = squaredDistance(old + j * d, centroids + j * d, d).squareRoot()
-                norms[j] = dj
-                if dj > d1 { d2 = d1; d1 = dj; a1 = j } else if dj > d2 { d2 = dj }
+        if let groups {
+            // Drifts δ_j and per-group maxima Δ_g; u += δ_a, l_g −= Δ_g.
+            nonisolated(unsafe) let (dr, gd, oldC) = (drift, groupDrift, UnsafePointer(old))
+            Parallel.forRanges(k, grain: 64) { r in
+                for j in r { dr[j] = squaredDistance(oldC + j * d, cs + j * d, d).squareRoot() }
             }
-            let (top, runner, arg) = (d1, d2, a1)
-            Parallel.forRanges(n, grain: 4096) { r in
+            for g in 0..<t { gd[g] = 0 }
+            for j in 0..<k { let g = Int(groups.groupOf[j]); gd[g] = max(gd[g], dr[j]) }
+            Parallel.forRanges(n, grain: 1024) { r in
                 for i in r {
-                    let a = Int(lb[i])
-                    up[i] += ns[a]
-                    lw[i] = max(0, lw[i] - (a == arg ? runner : top))
+                    up[i] += dr[Int(lb[i])]
+                    let bounds = lw + i * t
+                    for g in 0..<t { bounds[g] -= gd[g] }
                 }
             }
             haveBounds = true

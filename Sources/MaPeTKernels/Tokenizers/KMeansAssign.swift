@@ -60,19 +60,32 @@ public func centroidSquaredNorms(_ norms: UnsafeMutablePointer<Float>, centroids
 /// Writes label[r], best[r] = min_j s_j and second[r] = the runner-up s_j, where
 /// s_j = ‖c_j‖² − 2 x_r·c_j (add ‖x_r‖² for the squared distance).
 /// `scratch` holds KMeansBlocks.points × KMeansBlocks.centroids floats; rows ≤ KMeansBlocks.points.
+/// With `groupOf` ([k] group of each centroid, t groups), also writes groupMin [rows, t] = the
+/// minimum s_j over each group (for Yinyang bounds).
 @inlinable
 public func nearestCentroidsBlock(
     label: UnsafeMutablePointer<Int32>, best: UnsafeMutablePointer<Float>, second: UnsafeMutablePointer<Float>,
     x: UnsafePointer<Float>, rows: Int, d: Int,
     centroids: UnsafePointer<Float>, norms: UnsafePointer<Float>, k: Int,
-    scratch: UnsafeMutablePointer<Float>
+    scratch: UnsafeMutablePointer<Float>,
+    groupOf: UnsafePointer<Int32>? = nil, groupMin: UnsafeMutablePointer<Float>? = nil, t: Int = 0
 ) {
     for r in 0..<rows { best[r] = .infinity; second[r] = .infinity; label[r] = 0 }
+    if let groupMin { for q in 0..<(rows * t) { groupMin[q] = .infinity } }
     var c0 = 0
     while c0 < k {
         let cc = min(KMeansBlocks.centroids, k - c0)
         sgemm(transA: false, transB: true, M: rows, N: cc, K: d, alpha: -2, A: x, lda: d,
               B: centroids + c0 * d, ldb: d, beta: 0, C: scratch, ldc: cc)
+        if let groupOf, let groupMin {
+            for r in 0..<rows {
+                let g = scratch + r * cc, gm = groupMin + r * t
+                for j in 0..<cc {
+                    let s = norms[c0 + j] + g[j], q = Int(groupOf[c0 + j])
+                    if s < gm[q] { gm[q] = s }
+                }
+            }
+        }
         for r in 0..<rows {
             let g = scratch + r * cc
             var b1 = best[r], b2 = second[r], a = label[r]
