@@ -53,5 +53,5 @@ def test_demo_on_a_tiny_budget(tmp_path):
                "--set", "pretrain.epochs=1", "--set", "pretrain.least_number=4", "--set", "finetune.epochs=1",
                "--set", "linprobe.epochs=3", "-o", "demo", cwd=tmp_path)
     assert "MaPeT" in out and "MIM" in out and "scratch" in out
-    for f in ("results.md", "results.json", "curves.png", "masks.png", "tokens.png"):
+    for f in ("results.md", "results.png", "results.json", "curves.png", "masks.png", "tokens.png"):
         assert os.path.exists(os.path.join(tmp_path, "demo", f))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mapet import viz
 from mapet.viz import PALETTE, encode_png, image_grid, plot_curves, plot_masks, write_png
 
 
@@ -106,3 +107,18 @@ def test_plot_curves_numpy_backend(tmp_path):
         assert np.any(np.all(legend == PALETTE[k], axis=2))
     with pytest.raises(ValueError, match="no curves"):
         plot_curves(str(tmp_path / "e.png"), {})
+
+
+def test_plot_bars_numpy_heights_follow_values(tmp_path):
+    path = tmp_path / "bars.png"
+    table = {"scratch": {"probe": 0.25, "fine-tune": 1.0}, "mapet": {"probe": 0.5, "fine-tune": 0.0}}
+    assert viz.plot_bars(str(path), table, backend="numpy", width=200, height=140) == "numpy"
+    pixels = _decode_png(path.read_bytes())
+    plot_h = 140 - 2 * 20
+    for j, expected in enumerate([[0.25, 1.0], [0.5, 0.0]]):  # rows
+        for k, v in enumerate(expected):  # columns → colours
+            colour = viz.PALETTE[k]
+            match = np.all(pixels == colour, axis=-1)
+            group = slice(20 + int(j * 80), 20 + int((j + 1) * 80))
+            heights = match[:, group].sum(axis=0)
+            assert heights.max() == int(round(v * plot_h)), (j, k, heights.max())

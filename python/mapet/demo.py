@@ -95,11 +95,14 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"results": results, "timings_s": timings, "budget": budget}, f, indent=2)
     viz.plot_curves(os.path.join(out, "curves.png"), curves)
+    viz.plot_bars(os.path.join(out, "results.png"),
+                  {names.get(r, r): {"linear probe": v["linear_probe_top1"], "fine-tune": v["finetune_top1"]}
+                   for r, v in results.items()}, title="top-1 on the digits test split")
     if "mapet" in cfg["methods"]:
         pictures(cfg, out)
     print(table)
     print("\nBudget:", budget)
-    print(f"Outputs in {out}/ (results.md, results.json, curves.png, masks.png, tokens.png)")
+    print(f"Outputs in {out}/ (results.md, results.png, results.json, curves.png, masks.png, tokens.png)")
     return {"results": results, "timings": timings, "total_s": total}
 
 

@@ -233,3 +233,68 @@ def plot_curves(path: str, curves: Mapping[str, Sequence[float]], title: Optiona
             return "matplotlib"
     write_png(path, _curves_numpy(curves, width, height, logy))
     return "numpy"
+
+
+def plot_bars(path: str, table: Mapping[str, Mapping[str, float]], title: Optional[str] = None,
+              backend: str = "auto", width: int = 640, height: int = 400) -> str:
+    """Grouped bar chart of a results table (e.g. method → {"linear probe": 0.9, "fine-tune": 0.8})
+    with values in [0, 1] (accuracies), written as a PNG.
+
+    Rows are groups along x, columns are bars within a group in ``PALETTE`` order. The NumPy
+    renderer (used without matplotlib) draws the bars, gridlines at 0.25 steps and a baseline;
+    a bar of value v is ``round(v · plot height)`` pixels tall.
+
+    Returns:
+        The backend used ("matplotlib" or "numpy").
+    """
+    if not table:
+        raise ValueError("plot_bars: empty table")
+    rows = list(table)
+    cols = list(dict.fromkeys(c for r in rows for c in table[r]))
+    values = np.array([[float(table[r].get(c, np.nan)) for c in cols] for r in rows])
+    if backend in ("auto", "matplotlib"):
+        try:
+            import matplotlib
+            matplotlib.use("Agg", force=False)
+            import matplotlib.pyplot as plt
+        except ImportError:
+            if backend == "matplotlib":
+                raise
+        else:
+            fig, ax = plt.subplots(figsize=(width / 100, height / 100), dpi=100)
+            try:
+                w = 0.8 / len(cols)
+                for j, c in enumerate(cols):
+                    ax.bar(np.arange(len(rows)) + (j - (len(cols) - 1) / 2) * w, values[:, j], w, label=c,
+                           color=PALETTE[j % len(PALETTE)] / 255.0)
+                ax.set_xticks(np.arange(len(rows)), rows)
+                ax.set_ylim(0, 1)
+                if title:
+                    ax.set_title(title)
+                ax.legend()
+                ax.grid(axis="y", alpha=0.3)
+                fig.tight_layout()
+                fig.savefig(path, format="png")
+            finally:
+                plt.close(fig)
+            return "matplotlib"
+    margin = 20
+    plot_h = height - 2 * margin
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    for k in range(1, 5):  # gridlines at 0.25, 0.5, 0.75, 1.0
+        y = height - margin - int(round(k / 4 * plot_h))
+        canvas[y, margin:width - margin] = (220, 220, 220)
+    group_w = (width - 2 * margin) / len(rows)
+    bar_w = max(1, int(group_w * 0.8 / len(cols)))
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            v = values[i, j]
+            if not np.isfinite(v):
+                continue
+            h = int(round(min(max(v, 0.0), 1.0) * plot_h))
+            x0 = int(margin + i * group_w + group_w * 0.1 + j * bar_w)
+            if h:
+                canvas[height - margin - h:height - margin, x0:x0 + bar_w - 1] = PALETTE[j % len(PALETTE)]
+    canvas[height - margin, margin:width - margin] = (0, 0, 0)  # baseline
+    write_png(path, canvas)
+    return "numpy"
