@@ -7,12 +7,12 @@ and a distributed engine can all-reduce ``flat_grads`` in place.
 """
 import json
 import logging
-from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 from ._native import _core
+from ._params import ParameterBlock
 from .io import load_file, save_file
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def _labels(labels: Any, batch: int, num_classes: int) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int32)
 
 
-class VisionTransformer:
+class VisionTransformer(ParameterBlock):
     """A ViT classifier (SPEC §1; timm ``VisionTransformer`` names).
 
     Args:
@@ -91,40 +91,7 @@ class VisionTransformer:
             cfg["init_values"], cfg["drop_path_rate"], cfg["qkv_bias"], int(seed))
         self.config: Dict[str, Any] = cfg
         self.seed = int(seed)
-        self._table: List[Tuple[str, Tuple[int, ...], int]] = _core.vit_table(self._handle)
-        params, grads = _core.vit_blocks(self._handle)
-        self.flat_params: np.ndarray = np.asarray(params)
-        """The whole parameter block (1-d float32, zero-copy)."""
-        self.flat_grads: np.ndarray = np.asarray(grads)
-        """The whole gradient block (1-d float32, zero-copy; all-reduce this in place)."""
-        self._params = self._views(self.flat_params)
-        self._grads = self._views(self.flat_grads)
-
-    def _views(self, flat: np.ndarray) -> "OrderedDict[str, np.ndarray]":
-        out: "OrderedDict[str, np.ndarray]" = OrderedDict()
-        for name, shape, offset in self._table:
-            count = int(np.prod(shape)) if shape else 1
-            out[name] = flat[offset:offset + count].reshape(shape)
-        return out
-
-    # ------------------------------------------------------------------ parameters
-
-    @property
-    def parameter_table(self) -> List[Tuple[str, Tuple[int, ...], int]]:
-        """Ordered (name, shape, offset) of every parameter inside ``flat_params``/``flat_grads``."""
-        return list(self._table)
-
-    @property
-    def num_params(self) -> int:
-        return sum(int(np.prod(s)) for _, s, _ in self._table)
-
-    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
-        """Parameters under the reference names: zero-copy views (writes change the model)."""
-        return OrderedDict(self._params)
-
-    def grads(self) -> "OrderedDict[str, np.ndarray]":
-        """Accumulated gradients under the parameter names: zero-copy views."""
-        return OrderedDict(self._grads)
+        self._bind(_core.vit_table(self._handle), *_core.vit_blocks(self._handle))
 
     def zero_grad(self) -> None:
         """Clear the gradient block."""
@@ -134,40 +101,6 @@ class VisionTransformer:
         """Restart the drop-path generator on ``stream`` of ``seed`` (training loops pass the
         micro-batch number, so a resumed run draws exactly the masks it would have drawn)."""
         _core.vit_reseed(self._handle, int(seed), int(stream))
-
-    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
-        """Copy weights in by name (e.g. a timm/PyTorch state_dict converted with ``.numpy()``).
-
-        Args:
-            state: name → array.
-            strict: require exactly the model's names; otherwise missing and unexpected names
-                are skipped (shapes must still match).
-
-        Raises:
-            KeyError: names differ (strict), listing missing and unexpected ones.
-            ValueError: a shape differs or a value is not finite; the model is left unchanged.
-        """
-        names = set(self._params)
-        missing = sorted(names - set(state))
-        unexpected = sorted(set(state) - names)
-        if strict and (missing or unexpected):
-            raise KeyError(f"load_state_dict: missing keys {missing}; unexpected keys {unexpected}")
-        staged = {}
-        for name in self._params:
-            if name not in state:
-                continue
-            value = np.asarray(state[name])
-            want = self._params[name].shape
-            if value.shape != want:
-                raise ValueError(f"load_state_dict: {name} has shape {tuple(value.shape)}, the model expects {want}")
-            value = value.astype(np.float32, copy=False)
-            if not np.all(np.isfinite(value)):
-                raise ValueError(f"load_state_dict: {name} contains non-finite values")
-            staged[name] = value
-        for name, value in staged.items():
-            self._params[name][...] = value
-        if missing or unexpected:
-            log.info("load_state_dict: skipped missing %s, unexpected %s", missing, unexpected)
 
     # ------------------------------------------------------------------ compute
 

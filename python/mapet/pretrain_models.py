@@ -20,12 +20,12 @@ Example:
 """
 import json
 import logging
-from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 
 from ._native import _core
+from ._params import ParameterBlock
 from .io import load_file, save_file
 from .sampling import PermutationBatch, PermutationSampler
 
@@ -74,7 +74,7 @@ def _tokens(tokens: Any, batch: int, num_patches: int, num_tokens: int) -> np.nd
     return np.ascontiguousarray(a, dtype=np.int32)
 
 
-class _PretrainModel:
+class _PretrainModel(ParameterBlock):
     """Parameters, gradients, files and the drop-path generator (shared by MaPeT and BEiT)."""
 
     _kind = ""
@@ -101,91 +101,15 @@ class _PretrainModel:
             cfg["drop_path_rate"], cfg["qkv_bias"], _signed(int(seed)))
         self.config: Dict[str, Any] = cfg
         self.seed = int(seed)
-        self._table: List[Tuple[str, Tuple[int, ...], int]] = _core.pretrain_table(self._handle)
-        params, grads = _core.pretrain_blocks(self._handle)
-        self.flat_params: np.ndarray = np.asarray(params)
-        """The whole parameter block (1-d float32, zero-copy)."""
-        self.flat_grads: np.ndarray = np.asarray(grads)
-        """The whole gradient block (1-d float32, zero-copy; all-reduce this in place)."""
-        self._params = self._views(self.flat_params)
-        self._grads = self._views(self.flat_grads)
-
-    def _views(self, flat: np.ndarray) -> "OrderedDict[str, np.ndarray]":
-        out: "OrderedDict[str, np.ndarray]" = OrderedDict()
-        for name, shape, offset in self._table:
-            count = int(np.prod(shape)) if shape else 1
-            out[name] = flat[offset:offset + count].reshape(shape)
-        return out
+        self._bind(_core.pretrain_table(self._handle), *_core.pretrain_blocks(self._handle))
 
     @property
     def num_patches(self) -> int:
         return (self.config["img_size"] // self.config["patch_size"]) ** 2
 
-    # ------------------------------------------------------------------ parameters
-
-    @property
-    def parameter_table(self) -> List[Tuple[str, Tuple[int, ...], int]]:
-        """Ordered (name, shape, offset) of every parameter inside ``flat_params`` / ``flat_grads``."""
-        return list(self._table)
-
-    @property
-    def num_params(self) -> int:
-        return sum(int(np.prod(s)) for _, s, _ in self._table)
-
-    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
-        """Parameters under the reference names, in reference order: zero-copy views (writes change the model)."""
-        return OrderedDict(self._params)
-
-    def grads(self) -> "OrderedDict[str, np.ndarray]":
-        """Accumulated gradients under the parameter names: zero-copy views."""
-        return OrderedDict(self._grads)
-
-    def params_flat(self) -> np.ndarray:
-        """The whole parameter block as one 1-d float32 zero-copy view."""
-        return self.flat_params
-
-    def grads_flat(self) -> np.ndarray:
-        """The whole gradient block as one 1-d float32 zero-copy view (same layout as ``params_flat``)."""
-        return self.flat_grads
-
     def zero_grad(self) -> None:
         """Clear the gradient block."""
         _core.pretrain_zero_grad(self._handle)
-
-    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
-        """Copy weights in by name (e.g. a reference PyTorch state_dict converted with ``.numpy()``).
-
-        Args:
-            state: name → array.
-            strict: require exactly the model's names; otherwise missing and unexpected names are
-                skipped (shapes must still match).
-
-        Raises:
-            KeyError: names differ (strict), listing the missing and unexpected ones.
-            ValueError: a shape differs or a value is not finite; the model is left unchanged.
-        """
-        if not isinstance(state, Mapping):
-            raise TypeError(f"state: expected a mapping name -> array, got {type(state).__name__}")
-        names = set(self._params)
-        missing = [n for n in self._params if n not in state]
-        unexpected = sorted(set(state) - names)
-        if strict and (missing or unexpected):
-            raise KeyError(f"load_state_dict: missing keys {missing}; unexpected keys {unexpected}")
-        staged = {}
-        for name, target in self._params.items():
-            if name not in state:
-                continue
-            value = np.asarray(state[name])
-            if value.shape != target.shape:
-                raise ValueError(f"load_state_dict: {name} has shape {tuple(value.shape)}, the model expects {target.shape}")
-            value = value.astype(np.float32, copy=False)
-            if not np.all(np.isfinite(value)):
-                raise ValueError(f"load_state_dict: {name} contains non-finite values")
-            staged[name] = value
-        for name, value in staged.items():
-            self._params[name][...] = value
-        if missing or unexpected:
-            log.info("load_state_dict: skipped missing %s, unexpected %s", missing, unexpected)
 
     # ------------------------------------------------------------------ drop-path generator
 

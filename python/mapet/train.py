@@ -20,14 +20,14 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from . import distributed
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .data import ArrayDataset, DataLoader
-from .schedules import cosine_lr, layer_decay_scales
+from .schedules import cosine_lr
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,6 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
         dataset = _ImagesWithTokens(_images_of(data), tokens, n_patches)
     else:
         dataset = _as_dataset(data)
-    ctx = distributed.context()
     loader = DataLoader(dataset, batch_size, shuffle=True, seed=seed, prefetch=1)
     states: Dict[str, Any] = {}
     if method in ("mapet", "pim"):
