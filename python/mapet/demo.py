@@ -45,6 +45,10 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
     base = {k: v for k, v in cfg.items() if k not in ("pretrain", "finetune", "linprobe", "methods")}
     timings: Dict[str, float] = {}
 
+    def stage(text: str) -> None:
+        print(f"[{time.perf_counter() - t_start:5.0f} s] {text}", flush=True)
+
+    stage("fitting the pixel tokenizer and caching the tokens of the training digits")
     t = time.perf_counter()
     cache = tokenize_dataset(dict(base, output_dir=out))
     timings["tokenize"] = time.perf_counter() - t
@@ -52,6 +56,7 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
     results: Dict[str, Dict[str, float]] = {}
     curves: Dict[str, Any] = {}
     for method in cfg["methods"]:
+        stage(f"pre-training with {method} for {cfg['pretrain']['epochs']} epochs")
         t = time.perf_counter()
         pcfg = copy.deepcopy(base)
         pcfg.update(method=method, tokens=cache, output_dir=os.path.join(out, method), progress=False)
@@ -64,6 +69,7 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
         timings[f"pretrain {method}"] = time.perf_counter() - t
     for row, pretrained in [("scratch", None)] + [(m, os.path.join(out, m, "model.safetensors"))
                                                    for m in cfg["methods"]]:
+        stage(f"linear probe and fine-tuning: {row}")
         t = time.perf_counter()
         lcfg = dict(base, pretrained=pretrained, pool="avg", **cfg["linprobe"])
         probe = run_linprobe(lcfg)
