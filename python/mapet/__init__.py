@@ -1,7 +1,8 @@
 """mapet: masked and permuted pre-training of Vision Transformers on a Swift engine.
 
-Pre-train ViTs with MaPeT (masked and permuted two-stream pre-training), its MIM and PIM
-baselines, CCViT and DTM; tokenize images with k-means; fine-tune and linear-probe. The
+Pre-train ViTs with MaPeT (masked and permuted two-stream pre-training) and its MIM and PIM
+baselines (CCViT and DTM objectives exist as kernels); tokenize images with k-means;
+fine-tune and linear-probe. The
 training loop is Python; every hot path runs in Swift; NumPy arrays cross without copies.
 """
 from ._native import _core

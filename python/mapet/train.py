@@ -31,7 +31,7 @@ from .schedules import cosine_lr
 
 log = logging.getLogger(__name__)
 
-PRETRAIN_METHODS = ("mapet", "pim", "mim", "ccvit", "dtm")
+PRETRAIN_METHODS = ("mapet", "pim", "mim")
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
@@ -335,7 +335,7 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
             images, toks = batch[0], batch[-1]
             perm = sampler.sample(images.shape[0])
             return model.train_step(images, toks, perm), images.shape[0]
-    elif method == "mim":
+    else:  # mim
         count = num_masking_patches or int(round(n_patches * 75 / 196))
         masks = BlockMaskGenerator(grid, count, min_num_patches=min(16, count), seed=seed)
         states["masks"] = masks
@@ -343,8 +343,6 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
         def step_fn(batch):
             images, toks = batch[0], batch[-1]
             return model.train_step(images, toks, masks.sample(images.shape[0])), images.shape[0]
-    else:
-        raise NotImplementedError(f"pretrain(method={method!r}) is not wired yet")
     optimizer = _make_optimizer(model, lr, weight_decay, clip_grad=clip_grad)
     loop = _Loop(model, optimizer, loader, step_fn, epochs=epochs, lr=lr, warmup_epochs=warmup_epochs,
                  min_lr=min_lr, warmup_start_lr=warmup_start_lr, accum_steps=accum_steps, output_dir=output_dir,
