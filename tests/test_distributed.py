@@ -322,3 +322,33 @@ def test_shard_spans_place_each_rank_inside_the_global_batch():
     for b in range(6):
         parts = distributed.shard_batches(np.arange(81), 8, 0, 2)[b], distributed.shard_batches(np.arange(81), 8, 1, 2)[b]
         assert spans[1][b][0] == len(parts[0]) and spans[0][b][1] == len(parts[0]) + len(parts[1])
+
+
+TOKENIZE_JOB = """
+    import numpy as np
+    import mapet
+    from mapet import distributed
+    from mapet.data import load_digits
+    ctx = distributed.init()
+    x = load_digits(16, "all")[0][:301]          # 301 rows: uneven shares (150 / 151)
+    tok = mapet.PixelTokenizer(patch_size=4, n_tokens=16, n_iter=3, seed=0).fit(x[:200])
+    cache = distributed.tokenize_to_cache(tok, x, "cache", batch_size=64)
+    assert len(cache) == 301
+    tok.save("tok-%d.safetensors" % ctx.rank)
+"""
+
+
+def test_tokenizing_across_ranks_writes_shards_with_one_manifest(tmp_path):
+    from mapet.data import TokenCache, load_digits
+    from mapet.tokenizers import PixelTokenizer
+    proc, _ = _run(TOKENIZE_JOB, tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(os.listdir(tmp_path / "cache"))
+    assert files == ["manifest.json", "tokens-00000-of-00002.npy", "tokens-00001-of-00002.npy"]
+    # Both ranks fitted the same tokenizer; the joined shards equal one process encoding everything.
+    tok = PixelTokenizer.load(str(tmp_path / "tok-0.safetensors"))
+    assert np.array_equal(tok.centroids, PixelTokenizer.load(str(tmp_path / "tok-1.safetensors")).centroids)
+    x = load_digits(16, "all")[0][:301]
+    cache = TokenCache.open(str(tmp_path / "cache"), length=301, tokenizer=tok, n_patches=16, verify=True)
+    assert np.array_equal(np.asarray(cache.tokens), tok.encode(x))
+    assert [s["stop"] - s["start"] for s in cache.manifest["shards"]] == [150, 151]

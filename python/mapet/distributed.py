@@ -46,7 +46,7 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -600,3 +600,52 @@ class KMeans:
     def predict(self, x: Any) -> np.ndarray:
         """int32 index of the nearest centroid of each of this rank's rows."""
         return self.assign(x)[1]
+
+
+# ------------------------------------------------------------------ tokenizing across ranks
+
+def tokenize_to_cache(tokenizer: Any, images: np.ndarray, directory: str, ctx: Optional[Context] = None,
+                      batch_size: int = 256, dataset: Optional[str] = None,
+                      grid: Optional[Sequence[int]] = None):
+    """Tokenize a dataset spread over ranks into one token cache: every rank encodes its
+    contiguous share of the rows into its own shard file ``tokens-RRRRR-of-WWWWW.npy``, then
+    rank 0 writes the one manifest that lists the shards (written last, atomically).
+
+    Args:
+        tokenizer: a fitted tokenizer with ``encode`` and ``n_tokens`` (e.g. PixelTokenizer); every
+            rank must hold the same one (fit with the same seed, or load the same file).
+        images: the whole dataset as seen by every rank (an array or a memmap; each rank reads only
+            its rows).
+        directory: the cache directory (on a file system all ranks see).
+        batch_size: images encoded per call.
+
+    Returns:
+        The opened ``TokenCache`` (on every rank).
+    """
+    from .data.token_cache import MANIFEST, TokenCache, _FORMAT, _VERSION, _sha256_file, tokenizer_fingerprint
+    from .io import atomic_write
+
+    ctx = ctx or context()
+    n = len(images)
+    lo, hi = n * ctx.rank // ctx.world_size, n * (ctx.rank + 1) // ctx.world_size
+    dtype = np.dtype(np.int16 if tokenizer.n_tokens <= np.iinfo(np.int16).max else np.int32)
+    parts = [np.asarray(tokenizer.encode(images[i:min(i + batch_size, hi)])) for i in range(lo, hi, batch_size)]
+    n_patches = int(parts[0].shape[1]) if parts else 0
+    mine = np.concatenate(parts).astype(dtype) if parts else np.zeros((0, n_patches), dtype)
+    name = f"tokens-{ctx.rank:05d}-of-{ctx.world_size:05d}.npy"
+    os.makedirs(directory, exist_ok=True)
+    if ctx.is_main and os.path.exists(os.path.join(directory, MANIFEST)):
+        os.unlink(os.path.join(directory, MANIFEST))  # not a valid cache until the new manifest lands
+    atomic_write(os.path.join(directory, name), lambda f: np.save(f, mine, allow_pickle=False))
+    shards = ctx.allgather({"file": name, "start": lo, "stop": hi, "n_patches": int(mine.shape[1]),
+                            "sha256": _sha256_file(os.path.join(directory, name))})
+    if ctx.is_main:
+        n_patches = max(s.pop("n_patches") for s in shards)
+        manifest = {"format": _FORMAT, "version": _VERSION, "complete": True, "length": n,
+                    "n_patches": n_patches, "grid": list(grid) if grid is not None else None,
+                    "n_tokens": int(tokenizer.n_tokens), "dtype": dtype.name,
+                    "tokenizer": tokenizer_fingerprint(tokenizer), "dataset": dataset, "shards": shards}
+        blob = json.dumps(manifest, indent=2).encode()
+        atomic_write(os.path.join(directory, MANIFEST), lambda f: f.write(blob))
+    ctx.barrier()
+    return TokenCache.open(directory)

@@ -174,10 +174,30 @@ class TokenCache:
             raise TokenCacheError(f"{mpath}: corrupt manifest ({e})") from None
         if m.get("format") != _FORMAT or not m.get("complete"):
             raise TokenCacheError(f"{mpath}: not a complete mapet token cache")
-        try:
-            tokens = np.load(tpath, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise TokenCacheError(f"{tpath}: cannot read tokens ({e})") from None
+        if m.get("shards"):
+            # Written by several ranks (mapet.distributed.tokenize_to_cache): one file per rank,
+            # rows [start, stop) each, joined here in order.
+            parts = []
+            for shard in m["shards"]:
+                spath = os.path.join(directory, shard["file"])
+                try:
+                    part = np.load(spath, mmap_mode="r" if mmap else None, allow_pickle=False)
+                except (OSError, ValueError) as e:
+                    raise TokenCacheError(f"{spath}: cannot read token shard ({e})") from None
+                if part.shape != (shard["stop"] - shard["start"], m["n_patches"]):
+                    raise TokenCacheError(f"{spath}: holds {part.shape}, manifest says rows "
+                                          f"{shard['start']}..{shard['stop']} of {m['n_patches']} tokens")
+                if verify and _sha256_file(spath) != shard.get("sha256"):
+                    raise TokenCacheError(f"{spath}: checksum differs from the manifest (file modified or corrupt)")
+                parts.append(part)
+            if [s["start"] for s in m["shards"]] != [0] + [s["stop"] for s in m["shards"][:-1]]:
+                raise TokenCacheError(f"{mpath}: shards do not tile the rows 0..{m['length']} in order")
+            tokens, tpath, verify = np.concatenate(parts), mpath, False
+        else:
+            try:
+                tokens = np.load(tpath, mmap_mode="r" if mmap else None, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise TokenCacheError(f"{tpath}: cannot read tokens ({e})") from None
         want_shape = (m["length"], m["n_patches"])
         if tokens.shape != want_shape or tokens.dtype.name != m["dtype"]:
             raise TokenCacheError(f"{tpath}: holds {tokens.dtype.name} {tokens.shape}, manifest says "
