@@ -28,21 +28,28 @@ sys.path.insert(0, os.path.join(HERE, "..", "python"))
 import numpy as np  # noqa: E402
 
 
-def vit_steps(batch, steps, ctx=None):
-    """Median seconds per optimizer step and per gradient all-reduce (ViT-Tiny/16, 224 px)."""
+def vit_steps(batch, steps, ctx=None, kind="vit"):
+    """Median seconds per optimizer step and per gradient all-reduce (ViT-Tiny/16 or MaPeT-Tiny/16
+    with 8192 tokens and least_number 50, 224 px)."""
     import mapet
     from mapet import distributed
     from mapet.optim import AdamW
-    model = mapet.create_model("vit_tiny_patch16_224", num_classes=1000, seed=0)
-    opt = AdamW(model, lr=1e-4, weight_decay=0.05)
     rng = np.random.default_rng(0 if ctx is None else ctx.rank)
     x = rng.random((batch, 3, 224, 224), dtype=np.float32)
-    y = rng.integers(0, 1000, batch)
+    if kind == "mapet":
+        model = mapet.create_model("mapet_tiny_patch16_224", seed=0)
+        tokens = rng.integers(0, 8192, (batch, 196))
+        perm = mapet.PermutationSampler(196, least_number=50, seed=0 if ctx is None else ctx.rank).sample(batch)
+        model.train_step_args = (tokens, perm)
+    else:
+        model = mapet.create_model("vit_tiny_patch16_224", num_classes=1000, seed=0)
+        model.train_step_args = (rng.integers(0, 1000, batch),)
+    opt = AdamW(model, lr=1e-4, weight_decay=0.05)
     step_t, comm_t = [], []
     for i in range(steps + 1):  # the first step warms up
         t0 = time.perf_counter()
         opt.zero_grad()
-        model.train_step(x, y)
+        model.train_step(x, *model.train_step_args)
         tc = time.perf_counter()
         if ctx is not None:
             distributed.average_gradients(ctx, model.flat_grads, batch, total=batch * ctx.world_size)
@@ -82,7 +89,7 @@ def worker(args):
     from mapet import distributed
     ctx = distributed.init()
     mapet.set_num_threads(1)
-    step, comm, _ = vit_steps(args.batch, args.steps, ctx)
+    step, comm, _ = vit_steps(args.batch, args.steps, ctx, args.model)
     x = kmeans_data(args.n, args.d, ctx.rank, ctx.world_size)
     kit, kcomm, _ = kmeans_iters(x, args.k, args.iters, ctx)
     times = ctx.allgather((step, comm, kit, kcomm))
@@ -94,7 +101,7 @@ def worker(args):
 def single(args):
     import mapet
     mapet.set_num_threads(2)
-    step, _, _ = vit_steps(2 * args.batch, args.steps)
+    step, _, _ = vit_steps(2 * args.batch, args.steps, kind=args.model)
     kit, _, _ = kmeans_iters(kmeans_data(args.n, args.d), args.k, args.iters)
     return {"step": step, "kmeans": kit}
 
@@ -108,6 +115,7 @@ def main():
     p.add_argument("--d", type=int, default=48)
     p.add_argument("--k", type=int, default=1024)
     p.add_argument("--iters", type=int, default=4)
+    p.add_argument("--model", choices=("vit", "mapet"), default="vit", help="ViT-Tiny or MaPeT-Tiny step")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -115,7 +123,7 @@ def main():
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     mpiexec = mpiexec if os.path.exists(mpiexec) else shutil.which("mpiexec")
     cmd = [mpiexec, "-n", "2", sys.executable, os.path.abspath(__file__), "--worker"] + \
-          [f"--{a}={getattr(args, a)}" for a in ("batch", "steps", "n", "d", "k", "iters")]
+          [f"--{a}={getattr(args, a)}" for a in ("batch", "steps", "n", "d", "k", "iters", "model")]
     one, two = [], []
     for r in range(args.rounds):
         one.append(single(args))
@@ -125,7 +133,7 @@ def main():
               f"2 ranks×1 step {two[-1]['step']:.3f}s (allreduce {two[-1]['comm'] * 1e3:.1f} ms) "
               f"kmeans {two[-1]['kmeans']:.3f}s (allreduce {two[-1]['kcomm'] * 1e3:.2f} ms)", flush=True)
     med = lambda rows, key: statistics.median(r[key] for r in rows)  # noqa: E731
-    print(f"\nViT-Tiny/16 step, global batch {2 * args.batch}, 224 px (median of {args.rounds} rounds):")
+    print(f"\n{'MaPeT' if args.model == 'mapet' else 'ViT'}-Tiny/16 step, global batch {2 * args.batch}, 224 px (median of {args.rounds} rounds):")
     s1, s2, c2 = med(one, "step"), med(two, "step"), med(two, "comm")
     print(f"  1 process × 2 threads {s1:.3f} s | 2 ranks × 1 thread {s2:.3f} s | "
           f"scaling efficiency {s1 / s2:.2f} | communication {100 * c2 / s2:.1f} % of the step ({c2 * 1e3:.1f} ms)")

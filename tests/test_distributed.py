@@ -6,6 +6,7 @@ single process in this test: the same weights as one process on the combined bat
 centroids as single-process k-means on the concatenated points, a failing rank ending the job
 quickly with its rank named, and a single process that never imports mpi4py.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -352,3 +353,20 @@ def test_tokenizing_across_ranks_writes_shards_with_one_manifest(tmp_path):
     cache = TokenCache.open(str(tmp_path / "cache"), length=301, tokenizer=tok, n_patches=16, verify=True)
     assert np.array_equal(np.asarray(cache.tokens), tok.encode(x))
     assert [s["stop"] - s["start"] for s in cache.manifest["shards"]] == [150, 151]
+
+
+def test_cli_pretrain_runs_unchanged_under_mpiexec(tmp_path):
+    env = dict(os.environ, PYTHONPATH=PYTHON_DIR, HYDRA_LAUNCHER="fork")
+    tiny = ["--set", "model.img_size=16", "--set", "model.patch_size=4", "--set", "model.embed_dim=24",
+            "--set", "model.depth=2", "--set", "model.num_heads=3", "--set", "tokenizer.n_tokens=16",
+            "--set", "tokenizer.n_iter=3"]
+    subprocess.run([sys.executable, "-m", "mapet", "tokenize", *tiny, "-o", "tok"], cwd=tmp_path, env=env,
+                   check=True, capture_output=True, timeout=120)
+    r = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-m", "mapet", "pretrain", *tiny,
+                        "--set", "tokens=tok/tokens", "--set", "epochs=1", "--set", "least_number=4", "-o", "pt"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(out) == 1  # only rank 0 prints
+    assert json.loads(out[0])["steps"] == -(-1438 // (64 * 2))  # global batch = 2 ranks × 64
+    assert os.path.exists(tmp_path / "pt" / "model.safetensors")
