@@ -177,6 +177,23 @@ def _curves_numpy(curves: Mapping[str, Sequence[float]], width: int, height: int
     return canvas
 
 
+def _pyplot(backend: str, caller: str):
+    """matplotlib.pyplot (Agg) for backend "matplotlib", or for "auto" when it is installed; else None."""
+    if backend not in ("auto", "matplotlib", "numpy"):
+        raise ValueError(f"{caller}: backend must be 'auto', 'matplotlib' or 'numpy', got {backend!r}")
+    if backend == "numpy":
+        return None
+    try:
+        import matplotlib
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        if backend == "matplotlib":
+            raise
+        return None
+    return plt
+
+
 def plot_curves(path: str, curves: Mapping[str, Sequence[float]], title: Optional[str] = None,
                 xlabel: str = "step", logy: bool = False, backend: str = "auto",
                 width: int = 640, height: int = 400) -> str:
@@ -199,38 +216,29 @@ def plot_curves(path: str, curves: Mapping[str, Sequence[float]], title: Optiona
     """
     if not curves:
         raise ValueError("plot_curves: no curves given")
-    if backend not in ("auto", "matplotlib", "numpy"):
-        raise ValueError(f"plot_curves: backend must be 'auto', 'matplotlib' or 'numpy', got {backend!r}")
-    if backend in ("auto", "matplotlib"):
+    plt = _pyplot(backend, "plot_curves")
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(width / 100, height / 100), dpi=100)
         try:
-            import matplotlib
-            matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
-        except ImportError:
-            if backend == "matplotlib":
-                raise
-        else:
-            fig, ax = plt.subplots(figsize=(width / 100, height / 100), dpi=100)
-            try:
-                for k, (name, values) in enumerate(curves.items()):
-                    ax.plot(np.asarray(values, dtype=np.float64).ravel(), label=name,
-                            color=PALETTE[k % len(PALETTE)] / 255.0)
-                if logy:
-                    ax.set_yscale("log")
-                ax.set_xlabel(xlabel)
-                if title:
-                    ax.set_title(title)
-                ax.grid(alpha=0.3)
-                ax.legend()
-                fig.tight_layout()
-                import io as _io
-                buf = _io.BytesIO()
-                fig.savefig(buf, format="png")
-            finally:
-                plt.close(fig)
-            data = buf.getvalue()
-            atomic_write(path, lambda f: f.write(data))
-            return "matplotlib"
+            for k, (name, values) in enumerate(curves.items()):
+                ax.plot(np.asarray(values, dtype=np.float64).ravel(), label=name,
+                        color=PALETTE[k % len(PALETTE)] / 255.0)
+            if logy:
+                ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            if title:
+                ax.set_title(title)
+            ax.grid(alpha=0.3)
+            ax.legend()
+            fig.tight_layout()
+            import io as _io
+            buf = _io.BytesIO()
+            fig.savefig(buf, format="png")
+        finally:
+            plt.close(fig)
+        data = buf.getvalue()
+        atomic_write(path, lambda f: f.write(data))
+        return "matplotlib"
     write_png(path, _curves_numpy(curves, width, height, logy))
     return "numpy"
 
@@ -252,32 +260,25 @@ def plot_bars(path: str, table: Mapping[str, Mapping[str, float]], title: Option
     rows = list(table)
     cols = list(dict.fromkeys(c for r in rows for c in table[r]))
     values = np.array([[float(table[r].get(c, np.nan)) for c in cols] for r in rows])
-    if backend in ("auto", "matplotlib"):
+    plt = _pyplot(backend, "plot_bars")
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(width / 100, height / 100), dpi=100)
         try:
-            import matplotlib
-            matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
-        except ImportError:
-            if backend == "matplotlib":
-                raise
-        else:
-            fig, ax = plt.subplots(figsize=(width / 100, height / 100), dpi=100)
-            try:
-                w = 0.8 / len(cols)
-                for j, c in enumerate(cols):
-                    ax.bar(np.arange(len(rows)) + (j - (len(cols) - 1) / 2) * w, values[:, j], w, label=c,
-                           color=PALETTE[j % len(PALETTE)] / 255.0)
-                ax.set_xticks(np.arange(len(rows)), rows)
-                ax.set_ylim(0, 1)
-                if title:
-                    ax.set_title(title)
-                ax.legend()
-                ax.grid(axis="y", alpha=0.3)
-                fig.tight_layout()
-                fig.savefig(path, format="png")
-            finally:
-                plt.close(fig)
-            return "matplotlib"
+            w = 0.8 / len(cols)
+            for j, c in enumerate(cols):
+                ax.bar(np.arange(len(rows)) + (j - (len(cols) - 1) / 2) * w, values[:, j], w, label=c,
+                       color=PALETTE[j % len(PALETTE)] / 255.0)
+            ax.set_xticks(np.arange(len(rows)), rows)
+            ax.set_ylim(0, 1)
+            if title:
+                ax.set_title(title)
+            ax.legend()
+            ax.grid(axis="y", alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(path, format="png")
+        finally:
+            plt.close(fig)
+        return "matplotlib"
     margin = 20
     plot_h = height - 2 * margin
     canvas = np.full((height, width, 3), 255, np.uint8)

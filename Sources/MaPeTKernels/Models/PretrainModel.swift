@@ -100,39 +100,9 @@ public class PretrainModel: @unchecked Sendable {
         initialize(seed: seed)
     }
 
-    /// timm / reference init: Linear weights trunc-normal(.02) with zero bias; pos_embed and the
-    /// mask token trunc-normal(.02); cls_token normal(1e-6); the patch conv PyTorch's default
-    /// (uniform ±1/√fan_in, weight and bias); LayerNorm (1, 0); layer scale = init_values.
     private func initialize(seed: UInt64) {
-        var r = Xoshiro256StarStar(seed: seed, stream: 0)
-        func normal() -> Double {
-            let u1 = 1 - r.uniform(), u2 = r.uniform()   // Box–Muller, u1 in (0, 1]
-            return (-2 * log(u1)).squareRoot() * cos(2 * Double.pi * u2)
-        }
-        func truncNormal() -> Float {
-            // timm trunc_normal_(std=.02) cuts at ±2 (absolute): redraw outside.
-            var x = 0.02 * normal()
-            while abs(x) > 2 { x = 0.02 * normal() }
-            return Float(x)
-        }
-        let k = config
-        for e in table.entries {
-            let p = params.floats + e.offset, n = e.name
-            if n == "cls_token" {
-                for i in 0..<e.count { p[i] = Float(1e-6 * normal()) }
-            } else if n == "patch_embed.proj.weight" || n == "patch_embed.proj.bias" {
-                let bound = 1 / Double(k.vit.patchDim).squareRoot()
-                for i in 0..<e.count { p[i] = Float(r.uniform(-bound, bound)) }
-            } else if n == "pos_embed" || n == k.specialToken || (n.hasSuffix(".weight") && e.shape.count == 2) {
-                for i in 0..<e.count { p[i] = truncNormal() }
-            } else if n.hasSuffix(".gamma") {
-                p.update(repeating: k.vit.initValues ?? 1, count: e.count)
-            } else if n.hasSuffix("norm1.weight") || n.hasSuffix("norm2.weight") || n == "norm.weight" {
-                p.update(repeating: 1, count: e.count)
-            } else {
-                p.update(repeating: 0, count: e.count)
-            }
-        }
+        initializeParameters(params.floats, table: table, seed: seed, patchDim: config.vit.patchDim,
+                             initValues: config.vit.initValues, truncNormal: [config.specialToken])
     }
 
     public var parameterCount: Int { table.entries.reduce(0) { $0 + $1.count } }

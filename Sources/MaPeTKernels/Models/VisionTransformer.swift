@@ -132,35 +132,8 @@ public final class VisionTransformer: @unchecked Sendable {
     }
 
     private func initialize(seed: UInt64) {
-        var r = Xoshiro256StarStar(seed: seed, stream: 0)
-        func normal() -> Double {
-            // Box–Muller; u1 in (0, 1].
-            let u1 = 1 - r.uniform(), u2 = r.uniform()
-            return (-2 * log(u1)).squareRoot() * cos(2 * Double.pi * u2)
-        }
-        for e in table.entries {
-            let p = params.floats + e.offset
-            let n = e.name
-            if n == "cls_token" {
-                for i in 0..<e.count { p[i] = Float(1e-6 * normal()) }
-            } else if n == "patch_embed.proj.weight" || n == "patch_embed.proj.bias" {
-                let bound = 1 / Double(config.patchDim).squareRoot()
-                for i in 0..<e.count { p[i] = Float(r.uniform(-bound, bound)) }
-            } else if n == "pos_embed" || (n.hasSuffix(".weight") && e.shape.count == 2) {
-                // timm trunc_normal_(std=.02) truncates at ±2 (absolute): redraw outside.
-                for i in 0..<e.count {
-                    var v = 0.02 * normal()
-                    while abs(v) > 2 { v = 0.02 * normal() }
-                    p[i] = Float(v)
-                }
-            } else if n.hasSuffix(".gamma") {
-                p.update(repeating: config.initValues ?? 1, count: e.count)
-            } else if n.hasSuffix("norm1.weight") || n.hasSuffix("norm2.weight") || n == "norm.weight" || n == "fc_norm.weight" {
-                p.update(repeating: 1, count: e.count)
-            } else {
-                p.update(repeating: 0, count: e.count)
-            }
-        }
+        initializeParameters(params.floats, table: table, seed: seed, patchDim: config.patchDim,
+                             initValues: config.initValues)
     }
 
     private func ptr(_ name: String) -> UnsafeMutablePointer<Float> { params.floats + table.offset(name) }
