@@ -460,8 +460,14 @@ def test_engine_validates_even_without_the_facade():
         _core.twostream_forward(m._handle, x, None, np.empty((2, 12, V), np.float32))
     with pytest.raises(ValueError, match="mask: expected shape"):
         _core.mim_train_step(b._handle, x, tokens, np.zeros((2, 4), np.int32), None)
-    with pytest.raises(ValueError, match="kind: expected 'mapet', 'pim' or 'beit'"):
-        _core.pretrain_create("vit", 16, 4, 3, 24, 2, 3, 4.0, 11, 5, None, 0.0, True, 0)
+    with pytest.raises(ValueError, match="kind: expected 'mapet', 'pim', 'beit', 'ccvit' or 'dtm'"):
+        _core.pretrain_create("vit", 16, 4, 3, 24, 2, 3, 4.0, 11, 5, None, 0.0, True, 0, 1, 1)
+    with pytest.raises(ValueError, match=r"early_layers must be in \[1, depth=2\], got 3"):
+        _core.pretrain_create("ccvit", 16, 4, 3, 24, 2, 3, 4.0, 11, 5, None, 0.0, True, 0, 3, 2)
+    with pytest.raises(TypeError, match="model: expected a beit model, got a dtm model"):
+        d = create_pretrain_model("dtm_tiny_patch16_224", img_size=IMG, patch_size=PATCH, embed_dim=24, depth=1,
+                                  num_heads=3, output_dim=8)
+        _core.mim_train_step(d._handle, x, tokens, np.zeros((2, n), np.int32), None)
 
 
 # ------------------------------------------------------------------ learning

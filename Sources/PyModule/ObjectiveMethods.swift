@@ -4,7 +4,7 @@ import CPythonBridge
 import MaPeTKernels
 
 /// Every id in `ids` must lie in 0..<bound (a bad id would index out of bounds in Swift).
-private func checkIds(_ ids: ArrayView<Int32>, _ name: String, below bound: Int, what: String) throws {
+func checkIds(_ ids: ArrayView<Int32>, _ name: String, below bound: Int, what: String) throws {
     for k in 0..<ids.count {
         let v = Int(ids.pointer[k])
         if v < 0 || v >= bound {

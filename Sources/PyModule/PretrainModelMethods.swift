@@ -1,4 +1,4 @@
-// The pre-training models (MaPeT / PIM two-stream, BEiT MIM) behind opaque handles: creation,
+// The pre-training models (MaPeT / PIM two-stream, BEiT MIM, CCViT, DTM) behind opaque handles: creation,
 // the parameter table, zero-copy parameter/gradient blocks, the drop-path generator state,
 // inference and train steps. Every input is validated here (shapes, dtypes, token range,
 // batch consistency) so the Swift models never see a bad argument.
@@ -50,16 +50,6 @@ private func permutationBatch(_ args: Args, _ i: Int, B: Int, _ k: PretrainConfi
     return batch
 }
 
-/// mask int32 [B, n] (non-zero = masked).
-private func patchMask(_ arena: BufferArena, _ obj: PyObj, B: Int, _ k: PretrainConfig) throws -> ArrayView<Int32> {
-    let n = k.vit.numPatches
-    let m = try arena.int32(obj, "mask", [nil, nil])
-    guard m.shape == [B, n] else {
-        throw PyError.value("mask: expected shape [\(B), \(n)] (one flag per patch of the \(B) images), got \(m.shape)")
-    }
-    return m
-}
-
 private func stepResult(_ r: Result<Double, PretrainModel.StepError>, B: Int) throws -> PyObj? {
     switch r {
     case .success(let loss): return pyFloat(loss)
@@ -69,6 +59,25 @@ private func stepResult(_ r: Result<Double, PretrainModel.StepError>, B: Int) th
     }
 }
 
+/// The masked-encoder model of `kind` behind argument 0.
+private func maskedModel(_ args: Args, _ kind: PretrainKind) throws -> BEiTModel {
+    let m = try args.handle(0, "model", BEiTModel.self)
+    guard m.config.kind == kind else {
+        throw PyError.type("model: expected a \(kind.rawValue) model, got a \(m.config.kind.rawValue) model")
+    }
+    return m
+}
+
+/// flags int32 [B, n] (non-zero = flagged) under `name`.
+private func patchFlags(_ arena: BufferArena, _ obj: PyObj, _ name: String, B: Int, _ k: PretrainConfig) throws -> ArrayView<Int32> {
+    let n = k.vit.numPatches
+    let m = try arena.int32(obj, name, [nil, nil])
+    guard m.shape == [B, n] else {
+        throw PyError.value("\(name): expected shape [\(B), \(n)] (one flag per patch of the \(B) images), got \(m.shape)")
+    }
+    return m
+}
+
 private func word(_ args: Args, _ i: Int, _ name: String) throws -> UInt64 {
     UInt64(bitPattern: Int64(try args.int(i, name)))
 }
@@ -76,11 +85,13 @@ private func word(_ args: Args, _ i: Int, _ name: String) throws -> UInt64 {
 let pretrainModelMethods: [Method] = [
     Method(name: "pretrain_create", function: { _, a, n in call(a, n, "pretrain_create") { args in
         // (kind, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, num_tokens,
-        //  least_number, init_values|None, drop_path_rate, qkv_bias, seed)
-        try args.expect(14)
+        //  least_number, init_values|None, drop_path_rate, qkv_bias, seed, early_layers, head_layers)
+        try args.expect(16)
         var k = PretrainConfig()
         let kind = try args.string(0, "kind")
-        guard let kd = PretrainKind(rawValue: kind) else { throw PyError.value("kind: expected 'mapet', 'pim' or 'beit', got '\(kind)'") }
+        guard let kd = PretrainKind(rawValue: kind) else {
+            throw PyError.value("kind: expected 'mapet', 'pim', 'beit', 'ccvit' or 'dtm', got '\(kind)'")
+        }
         k.kind = kd
         k.vit.imgSize = try args.int(1, "img_size", min: 1, max: 1 << 16)
         k.vit.patchSize = try args.int(2, "patch_size", min: 1, max: 1 << 16)
@@ -98,16 +109,19 @@ let pretrainModelMethods: [Method] = [
         k.vit.dropPathRate = Float(try args.double(11, "drop_path_rate"))
         k.vit.qkvBias = try args.bool(12, "qkv_bias")
         let seed = UInt64(bitPattern: Int64(try args.int(13, "seed")))
+        k.earlyLayers = try args.int(14, "early_layers", min: 1, max: 1024)
+        k.headLayers = try args.int(15, "head_layers", min: 1, max: 64)
         if let problem = k.problem { throw PyError.value(problem) }
         let total = PretrainModel.makeTable(k).total
         guard total < (1 << 34) else { throw PyError.value("model too large: \(total) parameters") }
         let model: PretrainModel? = withoutGIL {
-            k.twoStream ? MaPeTModel(config: k, seed: seed) : BEiTModel(config: k, seed: seed)
+            k.twoStream ? MaPeTModel(config: k, seed: seed)
+                : k.kind == .ccvit ? CCViTModel(config: k, seed: seed) : BEiTModel(config: k, seed: seed)
         }
         guard let model else { throw PyError.memory("pretrain_create: could not allocate \(total) parameters") }
         guard let h = makeHandle(model) else { throw PythonErrorSet() }
         return h
-    } }, doc: "pretrain_create(kind, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, num_tokens, least_number, init_values, drop_path_rate, qkv_bias, seed) -> handle"),
+    } }, doc: "pretrain_create(kind, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, num_tokens, least_number, init_values, drop_path_rate, qkv_bias, seed, early_layers, head_layers) -> handle"),
 
     Method(name: "pretrain_table", function: { _, a, n in call(a, n, "pretrain_table") { args in
         try args.expect(1)
@@ -154,7 +168,7 @@ let pretrainModelMethods: [Method] = [
         try args.expect(1)
         let m = try args.handle(0, "model", PretrainModel.self)
         (m as? MaPeTModel)?.releaseActivations()
-        (m as? BEiTModel)?.releaseActivations()
+        (m as? BEiTModel)?.releaseActivations()   // BEiT, DTM and CCViT
         return none()
     } }, doc: "pretrain_release(model): frees the cached activations."),
 
@@ -193,11 +207,11 @@ let pretrainModelMethods: [Method] = [
     Method(name: "mim_forward", function: { _, a, n in call(a, n, "mim_forward") { args in
         // (model, images, mask int32 [B, n], out [B, M, V]); every sample masks M patches
         try args.expect(4)
-        let m = try args.handle(0, "model", BEiTModel.self)
+        let m = try maskedModel(args, .beit)
         let arena = BufferArena(); defer { arena.release() }
         let x = try pretrainImages(arena, args[1], m.config.vit)
         let B = x.shape[0], np = m.config.vit.numPatches
-        let mask = try patchMask(arena, args[2], B: B, m.config)
+        let mask = try patchFlags(arena, args[2], "mask", B: B, m.config)
         let counts = (0..<B).map { b in (0..<np).reduce(0) { $0 + (mask.pointer[b * np + $1] != 0 ? 1 : 0) } }
         guard Set(counts).count == 1 else {
             throw PyError.value("mask: every sample must mask the same number of patches for logits [B, M, num_tokens], got counts \(counts)")
@@ -213,16 +227,110 @@ let pretrainModelMethods: [Method] = [
     Method(name: "mim_train_step", function: { _, a, n in call(a, n, "mim_train_step") { args in
         // (model, images, tokens int32 [B, n], mask int32 [B, n], logits_out [M_total, V]|None) -> loss
         try args.expect(5)
-        let m = try args.handle(0, "model", BEiTModel.self)
+        let m = try maskedModel(args, .beit)
         let arena = BufferArena(); defer { arena.release() }
         let x = try pretrainImages(arena, args[1], m.config.vit)
         let B = x.shape[0]
         let tokens = try visualTokens(arena, args[2], B: B, m.config)
-        let mask = try patchMask(arena, args[3], B: B, m.config)
+        let mask = try patchFlags(arena, args[3], "mask", B: B, m.config)
         let M = m.maskedCount(mask.readOnly, B: B)
         let logits = args.isNone(4) ? nil : try arena.float32(args[4], "logits_out", [M, m.config.vocabSize], writable: true)
         nonisolated(unsafe) let lo = logits?.pointer
         let r = withoutGIL { m.trainStep(images: x.readOnly, tokens: tokens.readOnly, masked: mask.readOnly, B: B, logitsOut: lo) }
         return try stepResult(r, B: B)
     } }, doc: "mim_train_step(model, images, tokens, mask, logits_out) -> loss; adds gradients."),
+    Method(name: "dtm_forward", function: { _, a, n in call(a, n, "dtm_forward") { args in
+        // (model, images, mask int32 [B, n], out [B, n, D])
+        try args.expect(4)
+        let m = try maskedModel(args, .dtm)
+        let arena = BufferArena(); defer { arena.release() }
+        let x = try pretrainImages(arena, args[1], m.config.vit)
+        let B = x.shape[0]
+        let mask = try patchFlags(arena, args[2], "mask", B: B, m.config)
+        let out = try arena.float32(args[3], "out", [B, m.config.vit.numPatches, m.config.vocabSize], writable: true)
+        nonisolated(unsafe) let o = out.pointer
+        guard withoutGIL({ m.forward(logits: o, images: x.readOnly, masked: mask.readOnly, select: nil, B: B) }) else {
+            throw PyError.memory("forward: could not allocate activations for batch \(B)")
+        }
+        return none()
+    } }, doc: "dtm_forward(model, images, mask, out): predictions [B, n, output_dim] at every patch."),
+
+    Method(name: "dtm_train_step", function: { _, a, n in call(a, n, "dtm_train_step") { args in
+        // (model, images, mask int32 [B, n], target [B, n, D], memberships int32 [L, B, n], beta, pred_out|None) -> loss
+        try args.expect(7)
+        let m = try maskedModel(args, .dtm)
+        let arena = BufferArena(); defer { arena.release() }
+        let x = try pretrainImages(arena, args[1], m.config.vit)
+        let B = x.shape[0], np = m.config.vit.numPatches, D = m.config.vocabSize
+        let mask = try patchFlags(arena, args[2], "mask", B: B, m.config)
+        let target = try arena.float32(args[3], "target", [nil, nil, nil])
+        guard target.shape == [B, np, D] else {
+            throw PyError.value("target: expected teacher features of shape [\(B), \(np), \(D)] (batch, patches, output_dim), got \(target.shape)")
+        }
+        let mem = try arena.int32(args[4], "memberships", [nil, nil, nil])
+        guard mem.shape[0] >= 1, mem.shape[1] == B, mem.shape[2] == np else {
+            throw PyError.value("memberships: expected shape [L ≥ 1, \(B), \(np)], got \(mem.shape)")
+        }
+        try checkIds(mem, "memberships", below: np, what: "group ids")
+        let beta = try args.finiteDouble(5, "beta")
+        guard beta > 0 else { throw PyError.value("beta: expected a positive number, got \(beta)") }
+        let pred = args.isNone(6) ? nil : try arena.float32(args[6], "pred_out", [B, np, D], writable: true)
+        nonisolated(unsafe) let (px, pm, pt, pmem, po) = (x.readOnly, mask.readOnly, target.readOnly, mem.readOnly, pred?.pointer)
+        let L = mem.shape[0]
+        let r = withoutGIL {
+            m.dtmTrainStep(images: px, masked: pm, target: pt, membership: pmem, L: L, beta: beta, B: B, predOut: po)
+        }
+        return try stepResult(r, B: B)
+    } }, doc: "dtm_train_step(model, images, mask, target, memberships, beta, pred_out) -> loss; adds gradients."),
+
+    Method(name: "ccvit_forward", function: { _, a, n in call(a, n, "ccvit_forward") { args in
+        // (model, images, mask int32 [B, n], replaced int32 [B, n], logits_out [M, V], pixels_out [M, P])
+        try args.expect(6)
+        let m = try args.handle(0, "model", CCViTModel.self)
+        let arena = BufferArena(); defer { arena.release() }
+        let x = try pretrainImages(arena, args[1], m.config.vit)
+        let B = x.shape[0]
+        let mask = try patchFlags(arena, args[2], "mask", B: B, m.config)
+        let replaced = try patchFlags(arena, args[3], "replaced", B: B, m.config)
+        let M = (0..<mask.count).reduce(0) { $0 + (mask.pointer[$1] != 0 || replaced.pointer[$1] != 0 ? 1 : 0) }
+        let logits = try arena.float32(args[4], "logits_out", [M, m.config.vocabSize], writable: true)
+        let pixels = try arena.float32(args[5], "pixels_out", [M, m.config.vit.patchDim], writable: true)
+        nonisolated(unsafe) let (px, pm, pr, lo, po) = (x.readOnly, mask.readOnly, replaced.readOnly, logits.pointer, pixels.pointer)
+        guard withoutGIL({ m.forward(logits: lo, pixels: po, images: px, masked: pm, replaced: pr, B: B) }) else {
+            throw PyError.memory("forward: could not allocate activations for batch \(B)")
+        }
+        return none()
+    } }, doc: "ccvit_forward(model, images, mask, replaced, logits_out[M,V], pixels_out[M,P]) at the corrupted patches."),
+
+    Method(name: "ccvit_train_step", function: { _, a, n in call(a, n, "ccvit_train_step") { args in
+        // (model, images, tokens int32 [B, n], pixel_targets [B, n, P], mask, replaced, token_weight,
+        //  pixel_weight, logits_out|None, pixels_out|None) -> (loss, token_loss, pixel_loss)
+        try args.expect(10)
+        let m = try args.handle(0, "model", CCViTModel.self)
+        let arena = BufferArena(); defer { arena.release() }
+        let x = try pretrainImages(arena, args[1], m.config.vit)
+        let B = x.shape[0], np = m.config.vit.numPatches, P = m.config.vit.patchDim
+        let tokens = try visualTokens(arena, args[2], B: B, m.config)
+        let targets = try arena.float32(args[3], "pixel_targets", [nil, nil, nil])
+        guard targets.shape == [B, np, P] else {
+            throw PyError.value("pixel_targets: expected shape [\(B), \(np), \(P)] (batch, patches, in_chans·patch²), got \(targets.shape)")
+        }
+        let mask = try patchFlags(arena, args[4], "mask", B: B, m.config)
+        let replaced = try patchFlags(arena, args[5], "replaced", B: B, m.config)
+        let tw = try args.finiteDouble(6, "token_weight"), pw = try args.finiteDouble(7, "pixel_weight")
+        guard tw >= 0, pw >= 0 else { throw PyError.value("token_weight, pixel_weight: expected non-negative weights, got \(tw), \(pw)") }
+        let M = (0..<mask.count).reduce(0) { $0 + (mask.pointer[$1] != 0 || replaced.pointer[$1] != 0 ? 1 : 0) }
+        let logits = args.isNone(8) ? nil : try arena.float32(args[8], "logits_out", [M, m.config.vocabSize], writable: true)
+        let pixels = args.isNone(9) ? nil : try arena.float32(args[9], "pixels_out", [M, P], writable: true)
+        nonisolated(unsafe) let (px, pt, ptg, pm, pr) = (x.readOnly, tokens.readOnly, targets.readOnly, mask.readOnly, replaced.readOnly)
+        nonisolated(unsafe) let (lo, po) = (logits?.pointer, pixels?.pointer)
+        let r = withoutGIL {
+            m.trainStep(images: px, tokens: pt, pixelTargets: ptg, masked: pm, replaced: pr, B: B,
+                        tokenWeight: tw, pixelWeight: pw, logitsOut: lo, pixelsOut: po)
+        }
+        switch r {
+        case .success(let l): return try pyTuple([pyFloat(l.total), pyFloat(l.tokens), pyFloat(l.pixels)])
+        case .failure(let e): return try stepResult(.failure(e), B: B)
+        }
+    } }, doc: "ccvit_train_step(model, images, tokens, pixel_targets, mask, replaced, token_weight, pixel_weight, logits_out, pixels_out) -> (loss, token_loss, pixel_loss); adds gradients."),
 ]

@@ -176,7 +176,7 @@ def create_model(name: str, seed: int = 0, pretrained: Any = None, **overrides: 
 
     Args:
         name: ``vit_{tiny,small,base}_patch16_224`` (classifier), or a pre-training model
-            ``mapet_*`` / ``pim_*`` / ``beit_*`` (see ``mapet.pretrain_models``).
+            ``mapet_*`` / ``pim_*`` / ``beit_*`` / ``ccvit_*`` / ``dtm_*`` (see ``mapet.pretrain_models``).
         seed: initialisation / drop-path seed.
         pretrained: a path to a safetensors file (``model.save`` output, or any reference
             checkpoint) or a state_dict (name → array). Every key whose name and shape match is
@@ -190,14 +190,14 @@ def create_model(name: str, seed: int = 0, pretrained: Any = None, **overrides: 
         >>> mapet.create_model("vit_small_patch16_224", num_classes=100).config["embed_dim"]
         384
     """
-    if name.split("_")[0] in ("mapet", "pim", "beit"):
+    if name.split("_")[0] in ("mapet", "pim", "beit", "ccvit", "dtm"):
         from .pretrain_models import create_pretrain_model
         model = create_pretrain_model(name, seed=seed, **overrides)
     elif name in _ARCHS:
         model = VisionTransformer(seed=seed, **dict(_ARCHS[name], **overrides))
     else:
         raise ValueError(f"create_model: unknown model {name!r}; available: {sorted(_ARCHS)} and "
-                         "mapet_/pim_/beit_{tiny,small,base}_patch16_224")
+                         "mapet_/pim_/beit_/ccvit_/dtm_{tiny,small,base}_patch16_224")
     if pretrained is not None:
         model.pretrained_report = load_pretrained(model, pretrained)
     return model

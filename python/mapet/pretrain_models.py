@@ -1,11 +1,14 @@
-"""Pre-training models on the Swift engine: MaPeT, its PIM and BEiT (MIM) baselines.
+"""Pre-training models on the Swift engine: MaPeT, its PIM and BEiT (MIM) baselines, CCViT, DTM.
 
 ``create_pretrain_model("mapet_tiny_patch16_224")`` builds the two-stream MaPeT model with
 auxiliary positional tokens (SPEC §2), ``"pim_…"`` the same without them, ``"beit_…"`` the
-BEiT masked-image-modeling baseline. Parameters live in one contiguous Swift block under the
-PyTorch reference names (``mask_positional_token``, ``decoder`` / ``mask_token``,
-``lm_head`` and the timm ViT names), so ``state_dict()`` / ``grads()`` are zero-copy NumPy
-views and weights move to and from the reference models unchanged.
+BEiT masked-image-modeling baseline, ``"ccvit_…"`` CCViT (SPEC §4: token head and pixel
+head) and ``"dtm_…"`` the DTM student (SPEC §5: a masked encoder regressing morphed teacher
+features). Parameters live in one contiguous Swift block under the PyTorch reference names
+(``mask_positional_token``, ``decoder`` / ``mask_token``, ``lm_head``, CCViT's
+``cls_pt_layers`` / ``cls_pt_norm`` / ``cls_pt_lm_head`` and the timm ViT names), so
+``state_dict()`` / ``grads()`` are zero-copy NumPy views and weights move to and from the
+reference models unchanged.
 
 Example:
     >>> import numpy as np, mapet
@@ -20,7 +23,7 @@ Example:
 """
 import json
 import logging
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -29,7 +32,7 @@ from ._params import ParameterBlock
 from .io import load_file, save_file
 from .sampling import PermutationBatch, PermutationSampler
 
-__all__ = ["MaPeT", "BEiT", "create_pretrain_model", "load_pretrain_model"]
+__all__ = ["MaPeT", "BEiT", "CCViT", "DTM", "create_pretrain_model", "load_pretrain_model"]
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +78,20 @@ def _tokens(tokens: Any, batch: int, num_patches: int, num_tokens: int) -> np.nd
 
 
 class _PretrainModel(ParameterBlock):
-    """Parameters, gradients, files and the drop-path generator (shared by MaPeT and BEiT)."""
+    """Parameters, gradients, files and the drop-path generator (shared by every pre-training model)."""
 
     _kind = ""
+    #: Options of this kind beyond ``_DEFAULTS`` (name → default).
+    _extra: Dict[str, Any] = {}
 
     def __init__(self, seed: int, config: Dict[str, Any]) -> None:
-        unknown = sorted(set(config) - set(_DEFAULTS))
+        defaults = dict(_DEFAULTS, **self._extra)
+        unknown = sorted(set(config) - set(defaults))
         if unknown:
-            raise TypeError(f"{type(self).__name__}: unknown option(s) {unknown}; known: {sorted(_DEFAULTS)}")
-        cfg = dict(_DEFAULTS, **config)
-        for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "num_tokens", "least_number"):
+            raise TypeError(f"{type(self).__name__}: unknown option(s) {unknown}; known: {sorted(defaults)}")
+        cfg = dict(defaults, **config)
+        for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "num_tokens",
+                    "least_number", *self._extra):
             v = cfg[key]
             if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
                 raise TypeError(f"{key}: expected an int, got {type(v).__name__}")
@@ -97,11 +104,17 @@ class _PretrainModel(ParameterBlock):
             raise ValueError(f"seed: expected an int in [0, 2**64), got {seed!r}")
         self._handle = _core.pretrain_create(
             self._kind, cfg["img_size"], cfg["patch_size"], cfg["in_chans"], cfg["embed_dim"], cfg["depth"],
-            cfg["num_heads"], cfg["mlp_ratio"], cfg["num_tokens"], cfg["least_number"], cfg["init_values"],
-            cfg["drop_path_rate"], cfg["qkv_bias"], _signed(int(seed)))
+            cfg["num_heads"], cfg["mlp_ratio"], self._head_size(cfg), cfg["least_number"], cfg["init_values"],
+            cfg["drop_path_rate"], cfg["qkv_bias"], _signed(int(seed)), cfg.get("early_layers", 1),
+            cfg.get("head_layers", 1))
         self.config: Dict[str, Any] = cfg
         self.seed = int(seed)
         self._bind(_core.pretrain_table(self._handle), *_core.pretrain_blocks(self._handle))
+
+    @staticmethod
+    def _head_size(cfg: Dict[str, Any]) -> int:
+        """Outputs of ``lm_head`` / ``decoder``."""
+        return cfg["num_tokens"]
 
     @property
     def num_patches(self) -> int:
@@ -298,39 +311,224 @@ class BEiT(_PretrainModel):
         return (loss, logits) if return_logits else loss
 
 
-def create_pretrain_model(name: str, seed: int = 0, **overrides: Any) -> Union[MaPeT, BEiT]:
+def _flags(flags: Any, B: int, n: int, name: str) -> np.ndarray:
+    """A [B, n] (or [B, grid, grid]) bool / 0-1 integer array as int32 0/1."""
+    m = np.asarray(flags)
+    if not (m.dtype == np.bool_ or np.issubdtype(m.dtype, np.integer)):
+        raise TypeError(f"{name}: expected a bool (or 0/1 integer) array [B, num_patches], got dtype {m.dtype}")
+    if m.ndim == 3 and m.shape[1] * m.shape[2] == n:
+        m = m.reshape(m.shape[0], n)
+    if m.shape != (B, n):
+        raise ValueError(f"{name}: expected shape ({B}, {n}) (or ({B}, grid, grid)), got {m.shape}")
+    return np.ascontiguousarray(m != 0, dtype=np.int32)
+
+
+class CCViT(_PretrainModel):
+    """CCViT (SPEC §4): BEiT-style masked encoder with two heads on the corrupted patches.
+
+    The images come in already corrupted (:func:`mapet.ccvit_corrupt`: a few visible patches
+    replaced by their centroid's pixels); ``mask`` patches are swapped for ``mask_token``.
+    On the corrupted positions (``mask | replaced``):
+
+    - token head: ``lm_head(norm(x_L))`` → cross-entropy against the centroid ids;
+    - pixel head: ``[x_L class row ; x_early patch rows]`` → ``cls_pt_layers`` (``head_layers``
+      blocks) → ``cls_pt_norm`` → ``cls_pt_lm_head`` → in_chans·patch² values, MSE against
+      the per-patch normalised clean pixels (:func:`mapet.ccvit_pixel_targets`).
+
+    Args: as ``MaPeT``, plus ``early_layers`` (blocks before the pixel head reads the patch
+    tokens; 9 for a 12-block model) and ``head_layers`` (2). ``num_tokens`` = number of centroids.
+    """
+
+    _kind = "ccvit"
+    _extra = {"early_layers": 9, "head_layers": 2}
+
+    def __init__(self, seed: int = 0, **config: Any) -> None:
+        super().__init__(seed, config)
+        #: {"loss", "token_loss", "pixel_loss"} of the last ``train_step``.
+        self.last_losses: Dict[str, float] = {}
+
+    @property
+    def pixel_dim(self) -> int:
+        """Values per patch of the pixel head: in_chans · patch_size²."""
+        return self.config["in_chans"] * self.config["patch_size"] ** 2
+
+    def _flags(self, mask: Any, replaced: Any, B: int) -> Tuple[np.ndarray, np.ndarray]:
+        return _flags(mask, B, self.num_patches, "mask"), _flags(replaced, B, self.num_patches, "replaced")
+
+    def __call__(self, images: Any, mask: Any, replaced: Any) -> Tuple[np.ndarray, np.ndarray]:
+        """Inference: (token logits [M, num_tokens], pixels [M, in_chans·patch²]) at the M
+        corrupted patches (``mask | replaced``; sample-major, patch ascending)."""
+        x = _images(images)
+        m, r = self._flags(mask, replaced, x.shape[0])
+        M = int(((m != 0) | (r != 0)).sum())
+        logits = np.empty((M, self.config["num_tokens"]), np.float32)
+        pixels = np.empty((M, self.pixel_dim), np.float32)
+        _core.ccvit_forward(self._handle, x, m, r, logits, pixels)
+        return logits, pixels
+
+    def train_step(self, images: Any, tokens: Any, pixel_targets: Any, mask: Any, replaced: Any, *,
+                   token_weight: float = 1.0, pixel_weight: float = 1.0, return_outputs: bool = False):
+        """Forward, ``token_weight · CE + pixel_weight · MSE`` on the corrupted patches, backward
+        (adds into ``grads()``).
+
+        Args:
+            images: [B, in_chans, img_size, img_size] corrupted images.
+            tokens: [B, num_patches] centroid ids of the clean patches.
+            pixel_targets: [B, num_patches, in_chans·patch²] per-patch normalised clean pixels.
+            mask: bool [B, num_patches], block-masked patches.
+            replaced: bool [B, num_patches], centroid-replaced patches.
+            token_weight, pixel_weight: the loss weights (1 : 1 in the paper).
+            return_outputs: also return (token logits [M, num_tokens], pixels [M, in_chans·patch²]).
+
+        Returns:
+            The weighted loss (float), or (loss, logits, pixels). The two parts are in
+            ``last_losses``.
+        """
+        x = _images(images)
+        B = x.shape[0]
+        m, r = self._flags(mask, replaced, B)
+        t = _tokens(tokens, B, self.num_patches, self.config["num_tokens"])
+        tg = np.asarray(pixel_targets)
+        if not np.issubdtype(tg.dtype, np.floating):
+            raise TypeError(f"pixel_targets: expected a float array [B, num_patches, {self.pixel_dim}], got dtype {tg.dtype}")
+        tg = np.ascontiguousarray(tg, dtype=np.float32)
+        for name, w in (("token_weight", token_weight), ("pixel_weight", pixel_weight)):
+            if not (isinstance(w, (int, float, np.floating, np.integer)) and np.isfinite(w) and w >= 0):
+                raise ValueError(f"{name}: expected a finite non-negative number, got {w!r}")
+        M = int(((m != 0) | (r != 0)).sum())
+        logits = np.empty((M, self.config["num_tokens"]), np.float32) if return_outputs else None
+        pixels = np.empty((M, self.pixel_dim), np.float32) if return_outputs else None
+        loss, ce, mse = _core.ccvit_train_step(self._handle, x, t, tg, m, r, float(token_weight), float(pixel_weight),
+                                               logits, pixels)
+        self.last_losses = {"loss": loss, "token_loss": ce, "pixel_loss": mse}
+        return (loss, logits, pixels) if return_outputs else loss
+
+
+class DTM(_PretrainModel):
+    """The DTM student (SPEC §5): a BEiT-style masked encoder whose ``lm_head`` maps every
+    patch token to the teacher's dimension ``output_dim``; trained with the group-mean
+    smooth-L1 loss under dynamic token morphing of the teacher features
+    (:func:`mapet.dtm_memberships`, :func:`mapet.ops.dtm_loss`).
+
+    Args: as ``BEiT`` plus ``output_dim`` (the teacher feature dimension, 512 for CLIP ViT-B/16);
+    ``num_tokens`` is unused.
+    """
+
+    _kind = "dtm"
+    _extra = {"output_dim": 512}
+
+    def __init__(self, seed: int = 0, **config: Any) -> None:
+        super().__init__(seed, config)
+
+    @staticmethod
+    def _head_size(cfg: Dict[str, Any]) -> int:
+        return cfg["output_dim"]
+
+    def __call__(self, images: Any, mask: Any = None) -> np.ndarray:
+        """Predictions [B, num_patches, output_dim] at every patch (inference); ``mask`` (bool
+        [B, num_patches]) swaps patches for ``mask_token``, None = nothing masked."""
+        x = _images(images)
+        B = x.shape[0]
+        m = np.zeros((B, self.num_patches), np.int32) if mask is None else _flags(mask, B, self.num_patches, "mask")
+        out = np.empty((B, self.num_patches, self.config["output_dim"]), np.float32)
+        _core.dtm_forward(self._handle, x, m, out)
+        return out
+
+    def train_step(self, images: Any, target: Any, mask: Any, memberships: Any = None, *,
+                   schedules: Optional[Sequence[Any]] = None, beta: float = 2.0, return_pred: bool = False):
+        """Forward, DTM loss, backward (adds into ``grads()``).
+
+        Args:
+            images: [B, in_chans, img_size, img_size] floats.
+            target: teacher features [B, num_patches, output_dim] (or [B, 1 + num_patches, …]
+                with a class token first, which is dropped).
+            mask: bool [B, num_patches], block-masked patches of the student's input.
+            memberships: [L, B, num_patches] group ids (:func:`mapet.dtm_memberships`), or None
+                to compute them from ``target`` under ``schedules``.
+            schedules: the step's morphing schedules (``DTMSchedule.draw``), with memberships=None.
+            beta: smooth-L1 transition point (2).
+            return_pred: also return the predictions [B, num_patches, output_dim].
+
+        Returns:
+            The loss (float), or (loss, pred).
+        """
+        from .objectives import dtm_memberships
+        x = _images(images)
+        B, n = x.shape[0], self.num_patches
+        t = np.asarray(target)
+        if not np.issubdtype(t.dtype, np.floating):
+            raise TypeError(f"target: expected float teacher features [B, {n}, {self.config['output_dim']}], got dtype {t.dtype}")
+        if t.ndim == 3 and t.shape[1] == n + 1:
+            t = t[:, 1:]
+        t = np.ascontiguousarray(t, dtype=np.float32)
+        m = _flags(mask, B, n, "mask")
+        if memberships is None:
+            if schedules is None:
+                raise ValueError("train_step: give memberships or schedules (e.g. DTMSchedule(seed).draw(num_patches))")
+            if t.ndim != 3 or t.shape[:2] != (B, n):
+                raise ValueError(f"target: expected teacher features of shape ({B}, {n}, {self.config['output_dim']}), got {t.shape}")
+            memberships = dtm_memberships(t, schedules)
+        mem = np.asarray(memberships)
+        if mem.dtype == np.bool_ or not np.issubdtype(mem.dtype, np.integer):
+            raise TypeError(f"memberships: expected integer group ids [L, B, num_patches], got dtype {mem.dtype}")
+        mem = np.ascontiguousarray(mem[None] if mem.ndim == 2 else mem, dtype=np.int32)
+        pred = np.empty((B, n, self.config["output_dim"]), np.float32) if return_pred else None
+        loss = _core.dtm_train_step(self._handle, x, m, t, mem, float(beta), pred)
+        return (loss, pred) if return_pred else loss
+
+
+_KINDS = {"mapet": "MaPeT", "pim": "PIM", "beit": "BEiT (MIM)", "ccvit": "CCViT", "dtm": "DTM"}
+
+
+def _build(kind: str, seed: int, config: Dict[str, Any]) -> "_PretrainModel":
+    if kind == "beit":
+        return BEiT(seed=seed, **config)
+    if kind == "ccvit":
+        return CCViT(seed=seed, **config)
+    if kind == "dtm":
+        return DTM(seed=seed, **config)
+    return MaPeT(positional_tokens=kind == "mapet", seed=seed, **config)
+
+
+def create_pretrain_model(name: str, seed: int = 0, **overrides: Any) -> "_PretrainModel":
     """Build a pre-training model by name.
 
     Args:
-        name: ``mapet_{tiny,small,base}_patch16_224`` (MaPeT), ``pim_…`` (PIM) or ``beit_…`` (MIM).
+        name: ``<kind>_{tiny,small,base}_patch16_224`` with kind ``mapet`` (MaPeT), ``pim`` (PIM),
+            ``beit`` (MIM), ``ccvit`` (CCViT) or ``dtm`` (DTM student).
         seed: initialisation / drop-path seed (fixed default: creation is reproducible).
         **overrides: ``img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
-            qkv_bias, init_values, drop_path_rate, num_tokens, least_number``. Defaults follow the
-            paper's recipe: num_tokens 8192, least_number 50, init_values 0.1, drop_path_rate 0.1.
+            qkv_bias, init_values, drop_path_rate, num_tokens, least_number``; CCViT also
+            ``early_layers`` (default 3/4 of depth: 9 of 12), ``head_layers``; DTM ``output_dim``.
+            Defaults follow the paper's recipe: num_tokens 8192, least_number 50, init_values 0.1,
+            drop_path_rate 0.1.
 
     Example:
         >>> from mapet.pretrain_models import create_pretrain_model
         >>> create_pretrain_model("beit_small_patch16_224").config["embed_dim"]
         384
+        >>> create_pretrain_model("ccvit_tiny_patch16_224", depth=4).config["early_layers"]
+        3
     """
     kind, _, rest = str(name).partition("_")
     size, _, tail = rest.partition("_")
-    if kind not in ("mapet", "pim", "beit") or size not in _SIZES or tail != "patch16_224":
-        names = [f"{k}_{s}_patch16_224" for k in ("mapet", "pim", "beit") for s in _SIZES]
+    if kind not in _KINDS or size not in _SIZES or tail != "patch16_224":
+        names = [f"{k}_{s}_patch16_224" for k in _KINDS for s in _SIZES]
         raise ValueError(f"create_pretrain_model: unknown model {name!r}; available: {names}")
     config = dict(_SIZES[size], **overrides)
-    if kind == "beit":
-        return BEiT(seed=seed, **config)
-    return MaPeT(positional_tokens=kind == "mapet", seed=seed, **config)
+    if kind == "ccvit" and "early_layers" not in config:
+        depth = int(config.get("depth", 12))
+        config["early_layers"] = max(1, (3 * depth) // 4)
+    return _build(kind, seed, config)
 
 
-def load_pretrain_model(path: str) -> Union[MaPeT, BEiT]:
+def load_pretrain_model(path: str) -> "_PretrainModel":
     """Load a model written by ``save(path)`` (weights and config, strict names)."""
     tensors, metadata = load_file(path)
     kind = metadata.get("model")
-    if metadata.get("format") != FORMAT or "config" not in metadata or kind not in ("mapet", "pim", "beit"):
+    if metadata.get("format") != FORMAT or "config" not in metadata or kind not in _KINDS:
         raise ValueError(f"{path}: not a mapet pre-training model file (format={metadata.get('format')!r}, model={kind!r})")
     config = json.loads(metadata["config"])
-    model = BEiT(**config) if kind == "beit" else MaPeT(positional_tokens=kind == "mapet", **config)
+    model = _build(kind, 0, config)
     model.load_state_dict(tensors)
     return model

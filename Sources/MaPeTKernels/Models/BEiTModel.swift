@@ -1,11 +1,15 @@
-// BEiT masked image modeling (Bao et al. 2022; the MIM baseline of SPEC §2): the patch
-// embeddings of masked patches are replaced by the learned `mask_token`, the class token is
-// prepended and pos_embed added, the ViT blocks run with full attention, and
-//   logits [M, V] = lm_head(norm(x_L[masked rows]))      (rows: sample-major, patch ascending)
-//   loss = mean cross-entropy over the M masked patches against their visual tokens.
-// Only the masked rows go through the final norm and head.
+// The masked-encoder pre-training models: BEiT (the MIM baseline of SPEC §2), the DTM student
+// (SPEC §5) and, as a subclass, CCViT (SPEC §4). They share one trunk: the patch embeddings of
+// masked patches are replaced by the learned `mask_token`, the class token is prepended and
+// pos_embed added, the ViT blocks run with full attention, and a head reads selected rows:
+//   head [M, V] = lm_head(norm(x_L[selected rows]))      (rows: sample-major, patch ascending)
+//   BEiT:  selected = masked patches; loss = mean cross-entropy against their visual tokens.
+//   DTM:   selected = every patch (V = teacher dimension); loss = group-mean smooth-L1 against
+//          the teacher features under the step's morphing memberships (DTMLoss.swift).
+//   CCViT: selected = masked ∪ centroid-replaced patches; see CCViTModel.swift.
+// Only the selected rows go through the final norm and head.
 
-/// Activations of one MIM pass at (B, M masked patches in total), kept for the backward.
+/// Activations of one masked-encoder pass at (B, M selected rows in total), kept for the backward.
 final class MIMActivations: @unchecked Sendable {
     let B, M: Int
     let arena: Arena
@@ -13,42 +17,44 @@ final class MIMActivations: @unchecked Sendable {
     let xs: [UnsafeMutablePointer<Float>]
     let caches: [BlockCache]
     let scratch: BlockScratch
-    let keeps: UnsafeMutablePointer<Float>
+    let keeps: UnsafeMutablePointer<Float>           // [depth + pixel-head blocks, 2, B]
     let sel, normOut, normMean, normRstd, logits, probs, losses: UnsafeMutablePointer<Float>
     let dx, dSel, dNormOut, dLogits: UnsafeMutablePointer<Float>
-    let targets, rows: UnsafeMutablePointer<Int32>   // rows: masked row index b·N + 1 + t
+    let targets, rows: UnsafeMutablePointer<Int32>   // rows: selected row index b·N + 1 + t
 
     init?(config k: PretrainConfig, B: Int, M: Int) {
         let v = k.vit, C = v.embedDim, N = v.numTokens, n = v.numPatches, V = k.vocabSize, depth = v.depth
-        let R = B * N, attnProbs = B * v.numHeads * N * N
+        let R = B * N, attnProbs = B * v.numHeads * N * N, blocks = depth + k.pixelHeadDepth
+        // Cross-entropy buffers (probs, per-row losses, targets) only for the token heads.
+        let ce = k.kind == .dtm ? 0 : 1
         var sizes = [B * n * v.patchDim, B * n * C] + Array(repeating: R * C, count: depth + 1)
         for _ in 0..<depth { sizes += BlockCache.floats(rows: R, C: C, hidden: v.hidden, probs: attnProbs, ownsKV: true) }
         sizes += BlockScratch.floats(rows: R, C: C, hidden: v.hidden, ownsKV: true)
-        sizes += [depth * 2 * B, M * C, M * C, M, M, M * V, M * V, M, R * C, M * C, M * C, M * V, M, M]
+        sizes += [blocks * 2 * B, M * C, M * C, M, M, M * V, ce * M * V, ce * M, R * C, M * C, M * C, M * V, ce * M, M]
         guard let arena = Arena(floats: Arena.size(sizes)) else { return nil }
         (self.B, self.M, self.arena) = (B, M, arena)
         patches = arena.take(B * n * v.patchDim); patchOut = arena.take(B * n * C)
         xs = (0...depth).map { _ in arena.take(R * C) }
         caches = (0..<depth).map { _ in BlockCache(arena: arena, rows: R, C: C, hidden: v.hidden, probs: attnProbs, ownsKV: true) }
         scratch = BlockScratch(arena: arena, rows: R, C: C, hidden: v.hidden, ownsKV: true)
-        keeps = arena.take(depth * 2 * B)
+        keeps = arena.take(blocks * 2 * B)
         sel = arena.take(M * C); normOut = arena.take(M * C); normMean = arena.take(M); normRstd = arena.take(M)
-        logits = arena.take(M * V); probs = arena.take(M * V); losses = arena.take(M)
+        logits = arena.take(M * V); probs = arena.take(ce * M * V); losses = arena.take(ce * M)
         dx = arena.take(R * C); dSel = arena.take(M * C); dNormOut = arena.take(M * C); dLogits = arena.take(M * V)
-        targets = UnsafeMutableRawPointer(arena.take(M)).assumingMemoryBound(to: Int32.self)
+        targets = UnsafeMutableRawPointer(arena.take(ce * M)).assumingMemoryBound(to: Int32.self)
         rows = UnsafeMutableRawPointer(arena.take(M)).assumingMemoryBound(to: Int32.self)
     }
 }
 
-public final class BEiTModel: PretrainModel, @unchecked Sendable {
-    private var acts: MIMActivations?
+public class BEiTModel: PretrainModel, @unchecked Sendable {
+    var acts: MIMActivations?
 
     public override init?(config: PretrainConfig, seed: UInt64) {
-        precondition(config.kind == .beit, "BEiTModel: kind must be beit")
+        precondition([.beit, .dtm, .ccvit].contains(config.kind), "BEiTModel: kind must be beit, dtm or ccvit")
         super.init(config: config, seed: seed)
     }
 
-    private func activations(B: Int, M: Int) -> MIMActivations? {
+    func activations(B: Int, M: Int) -> MIMActivations? {
         if let a = acts, a.B == B, a.M == M { return a }
         acts = nil
         acts = MIMActivations(config: config, B: B, M: M)
@@ -57,14 +63,22 @@ public final class BEiTModel: PretrainModel, @unchecked Sendable {
 
     public func releaseActivations() { acts = nil }
 
-    /// Number of masked patches in masked [B, n] (non-zero = masked).
+    /// Number of flagged patches in flags [B, n] (non-zero = flagged).
     public func maskedCount(_ masked: UnsafePointer<Int32>, B: Int) -> Int {
         var m = 0
         for i in 0..<(B * config.vit.numPatches) where masked[i] != 0 { m += 1 }
         return m
     }
 
-    private func runForward(_ a: MIMActivations, images: UnsafePointer<Float>, masked: UnsafePointer<Int32>, training: Bool) {
+    /// The number of rows the head reads: the flagged patches of `select`, or every patch when nil.
+    func selectedCount(_ select: UnsafePointer<Int32>?, B: Int) -> Int {
+        select.map { maskedCount($0, B: B) } ?? B * config.vit.numPatches
+    }
+
+    /// Embedding, trunk, and head over the rows flagged in `select` [B, n] (every patch when nil):
+    /// a.logits [M, V]. The trunk's input rows of `masked` [B, n] patches hold the mask token.
+    func runForward(_ a: MIMActivations, images: UnsafePointer<Float>, masked: UnsafePointer<Int32>,
+                    select: UnsafePointer<Int32>?, training: Bool) {
         let v = config.vit, C = v.embedDim, n = v.numPatches, N = v.numTokens, B = a.B, M = a.M
         patchEmbedForward(out: a.patchOut, patches: a.patches, images: images, weight: ptr("patch_embed.proj.weight"),
                           bias: ptr("patch_embed.proj.bias"), B: B, inChans: v.inChans, imgSize: v.imgSize,
@@ -82,9 +96,9 @@ public final class BEiTModel: PretrainModel, @unchecked Sendable {
         }
         var r = 0
         for b in 0..<B {
-            for t in 0..<n where masked[b * n + t] != 0 { a.rows[r] = Int32(b * N + 1 + t); r += 1 }
+            for t in 0..<n where select.map({ $0[b * n + t] != 0 }) ?? true { a.rows[r] = Int32(b * N + 1 + t); r += 1 }
         }
-        precondition(r == M, "BEiTModel: mask count changed")
+        precondition(r == M, "BEiTModel: selected row count changed")
         for (l, blk) in blocks.enumerated() {
             let (keep1, keep2) = keepPointers(a.keeps, l: l, B: B, training: training)
             blk.forward(out: a.xs[l + 1], x: a.xs[l], cache: a.caches[l], B: B, T: N, mask: FullAttention(), keep1: keep1, keep2: keep2)
@@ -99,36 +113,12 @@ public final class BEiTModel: PretrainModel, @unchecked Sendable {
                       rows: M, inFeatures: C, outFeatures: config.vocabSize)
     }
 
-    /// Inference logits [M, V] at the masked patches (sample-major, patch ascending); masked [B, n].
-    public func forward(logits: UnsafeMutablePointer<Float>, images: UnsafePointer<Float>, masked: UnsafePointer<Int32>, B: Int) -> Bool {
-        let M = maskedCount(masked, B: B)
-        guard let a = activations(B: B, M: M) else { return false }
-        runForward(a, images: images, masked: masked, training: false)
-        logits.update(from: a.logits, count: M * config.vocabSize)
-        return true
-    }
-
-    /// Forward, mean CE over the masked patches, backward (adds into `grads`); tokens [B, n] in 0..<V.
-    public func trainStep(images: UnsafePointer<Float>, tokens: UnsafePointer<Int32>, masked: UnsafePointer<Int32>, B: Int,
-                          logitsOut: UnsafeMutablePointer<Float>? = nil) -> Result<Double, StepError> {
-        let v = config.vit, C = v.embedDim, N = v.numTokens, n = v.numPatches, V = config.vocabSize
-        let M = maskedCount(masked, B: B)
-        guard let a = activations(B: B, M: M) else { return .failure(.outOfMemory) }
-        let savedRNG = rng
-        drawKeeps(a.keeps, B: B)
-        runForward(a, images: images, masked: masked, training: true)
-        for i in 0..<M {
-            let r = Int(a.rows[i]), b = r / N, t = r % N - 1
-            a.targets[i] = tokens[b * n + t]
-        }
-        let (sum, count) = crossEntropyForward(losses: a.losses, probs: a.probs, logits: a.logits, targets: a.targets, rows: M, K: V)
-        let loss = count > 0 ? sum / Double(count) : 0
-        if let logitsOut { logitsOut.update(from: a.logits, count: M * V) }
-        guard loss.isFinite else { rng = savedRNG; return .failure(.nonFiniteLoss(loss)) }
-        guard count > 0 else { return .success(0) }
-
-        zero(a.dLogits, M * V)
-        crossEntropyBackward(dLogits: a.dLogits, probs: a.probs, targets: a.targets, rows: M, K: V, scale: 1 / Float(count))
+    /// Backward of `runForward` from a.dLogits [M, V] (adds into `grads`). `inject(level, dx)` is
+    /// called with dx = ∂L/∂x_level just before block level−1 runs backward (level = depth … 1)
+    /// so a second head reading x_level can add its gradient.
+    func runBackward(_ a: MIMActivations, masked: UnsafePointer<Int32>,
+                     inject: ((Int, UnsafeMutablePointer<Float>) -> Void)? = nil) {
+        let v = config.vit, C = v.embedDim, N = v.numTokens, n = v.numPatches, V = config.vocabSize, B = a.B, M = a.M
         zero(a.dNormOut, M * C)
         linearBackward(dInput: a.dNormOut, dWeight: grad("lm_head.weight"), dBias: grad("lm_head.bias"), dOut: a.dLogits,
                        input: a.normOut, weight: ptr("lm_head.weight"), rows: M, inFeatures: C, outFeatures: V)
@@ -138,6 +128,7 @@ public final class BEiTModel: PretrainModel, @unchecked Sendable {
         zero(a.dx, B * N * C)
         for i in 0..<M { (a.dx + Int(a.rows[i]) * C).update(from: a.dSel + i * C, count: C) }
         for l in stride(from: v.depth - 1, through: 0, by: -1) {
+            inject?(l + 1, a.dx)
             let (keep1, keep2) = keepPointers(a.keeps, l: l, B: B, training: true)
             blocks[l].backward(dx: a.dx, x: a.xs[l], cache: a.caches[l], scratch: a.scratch, B: B, T: N, keep1: keep1, keep2: keep2)
         }
@@ -149,6 +140,72 @@ public final class BEiTModel: PretrainModel, @unchecked Sendable {
                 for j in 0..<C { dMt[j] += row[j] }
             }
         }
+    }
+
+    /// Inference head outputs [M, V] at the rows flagged in `select` (every patch when nil;
+    /// sample-major, patch ascending); masked [B, n] patches enter as the mask token.
+    public func forward(logits: UnsafeMutablePointer<Float>, images: UnsafePointer<Float>, masked: UnsafePointer<Int32>,
+                        select: UnsafePointer<Int32>? = nil, B: Int) -> Bool {
+        let rowsSelect = config.kind == .beit ? (select ?? masked) : select
+        let M = selectedCount(rowsSelect, B: B)
+        guard let a = activations(B: B, M: M) else { return false }
+        runForward(a, images: images, masked: masked, select: rowsSelect, training: false)
+        logits.update(from: a.logits, count: M * config.vocabSize)
+        return true
+    }
+
+    /// BEiT: forward, mean CE over the masked patches, backward (adds into `grads`); tokens [B, n] in 0..<V.
+    public func trainStep(images: UnsafePointer<Float>, tokens: UnsafePointer<Int32>, masked: UnsafePointer<Int32>, B: Int,
+                          logitsOut: UnsafeMutablePointer<Float>? = nil) -> Result<Double, StepError> {
+        precondition(config.kind == .beit, "trainStep(tokens:) is the BEiT objective")
+        let V = config.vocabSize
+        let M = maskedCount(masked, B: B)
+        guard let a = activations(B: B, M: M) else { return .failure(.outOfMemory) }
+        let savedRNG = rng
+        drawKeeps(a.keeps, B: B)
+        runForward(a, images: images, masked: masked, select: masked, training: true)
+        let (sum, count) = tokenCrossEntropy(a, tokens: tokens)
+        let loss = count > 0 ? sum / Double(count) : 0
+        if let logitsOut { logitsOut.update(from: a.logits, count: M * V) }
+        guard loss.isFinite else { rng = savedRNG; return .failure(.nonFiniteLoss(loss)) }
+        guard count > 0 else { return .success(0) }
+        zero(a.dLogits, M * V)
+        crossEntropyBackward(dLogits: a.dLogits, probs: a.probs, targets: a.targets, rows: M, K: V, scale: 1 / Float(count))
+        runBackward(a, masked: masked)
+        return .success(loss)
+    }
+
+    /// Cross-entropy of a.logits against the visual tokens [B, n] of the selected rows
+    /// (fills a.targets, a.probs, a.losses): (sum, count).
+    func tokenCrossEntropy(_ a: MIMActivations, tokens: UnsafePointer<Int32>) -> (Double, Int) {
+        let N = config.vit.numTokens, n = config.vit.numPatches
+        for i in 0..<a.M {
+            let r = Int(a.rows[i]), b = r / N, t = r % N - 1
+            a.targets[i] = tokens[b * n + t]
+        }
+        return crossEntropyForward(losses: a.losses, probs: a.probs, logits: a.logits, targets: a.targets,
+                                   rows: a.M, K: config.vocabSize)
+    }
+
+    /// DTM student step: predictions [B, n, D] = lm_head(norm(x_L)) at every patch, the DTM loss
+    /// against `target` [B, n, D] under `membership` [L, B, n] (group ids in 0..<n) with smooth-L1
+    /// `beta`, backward (adds into `grads`). masked [B, n]: the block mask of the student's input.
+    public func dtmTrainStep(images: UnsafePointer<Float>, masked: UnsafePointer<Int32>, target: UnsafePointer<Float>,
+                             membership: UnsafePointer<Int32>, L: Int, beta: Double, B: Int,
+                             predOut: UnsafeMutablePointer<Float>? = nil) -> Result<Double, StepError> {
+        precondition(config.kind == .dtm, "dtmTrainStep is the DTM objective")
+        let n = config.vit.numPatches, D = config.vocabSize, M = B * n
+        guard let a = activations(B: B, M: M) else { return .failure(.outOfMemory) }
+        let savedRNG = rng
+        drawKeeps(a.keeps, B: B)
+        runForward(a, images: images, masked: masked, select: nil, training: true)
+        if let predOut { predOut.update(from: a.logits, count: M * D) }
+        let loss = dtmLossForward(pred: a.logits, target: target, membership: membership, L: L, B: B, N: n, D: D, beta: beta)
+        guard loss.isFinite else { rng = savedRNG; return .failure(.nonFiniteLoss(loss)) }
+        zero(a.dLogits, M * D)
+        dtmLossBackward(dPred: a.dLogits, dLoss: 1, pred: a.logits, target: target, membership: membership,
+                        L: L, B: B, N: n, D: D, beta: beta)
+        runBackward(a, masked: masked)
         return .success(loss)
     }
 }

@@ -30,7 +30,8 @@ func initializeParameters(_ params: UnsafeMutablePointer<Float>, table: Paramete
             }
         } else if n.hasSuffix(".gamma") {
             p.update(repeating: initValues ?? 1, count: e.count)
-        } else if n.hasSuffix("norm1.weight") || n.hasSuffix("norm2.weight") || n == "norm.weight" || n == "fc_norm.weight" {
+        } else if n.hasSuffix("norm1.weight") || n.hasSuffix("norm2.weight") || n == "norm.weight" || n == "fc_norm.weight"
+                    || n == "cls_pt_norm.weight" {
             p.update(repeating: 1, count: e.count)
         } else {
             p.update(repeating: 0, count: e.count)

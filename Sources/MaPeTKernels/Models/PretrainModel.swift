@@ -7,6 +7,9 @@ import Glibc
 //   MaPeT / PIM (two-stream): cls_token, pos_embed, mask_positional_token, patch_embed, blocks,
 //                             norm, decoder [V, C]
 //   BEiT (MIM):               cls_token, pos_embed, mask_token, patch_embed, blocks, norm, lm_head [V, C]
+//   DTM:                      as BEiT, lm_head [D, C] to the teacher dimension D (= vocabSize)
+//   CCViT:                    as BEiT, then cls_pt_layers (2 blocks), cls_pt_norm, cls_pt_lm_head [P, C]
+//                             with P = in_chans·patch² (Cakeyan/CCViT_Public, shared_lm_head=False)
 // The order is the PyTorch state_dict order of the references (a module's own parameters
 // first, then its submodules in registration order). Parameters and gradients live in one
 // block each, cut by a `ParameterTable`.
@@ -18,6 +21,10 @@ public enum PretrainKind: String, Sendable {
     case pim
     /// BEiT masked image modeling.
     case beit
+    /// CCViT: BEiT-style masking plus centroid replacement, token head and pixel head.
+    case ccvit
+    /// DTM student: BEiT-style masked encoder regressing morphed teacher features.
+    case dtm
 }
 
 public struct PretrainConfig: Sendable, Equatable {
@@ -28,10 +35,16 @@ public struct PretrainConfig: Sendable, Equatable {
     public var vocabSize = 8192
     /// Default context size L of the two-stream models (`least_number`); batches carry their own.
     public var leastNumber = 50
+    /// CCViT: the pixel head reads the patch tokens after this many blocks (9 of 12).
+    public var earlyLayers = 9
+    /// CCViT: transformer blocks of the pixel head.
+    public var headLayers = 2
 
     public init() {}
 
-    public var twoStream: Bool { kind != .beit }
+    public var twoStream: Bool { kind == .mapet || kind == .pim }
+    /// The number of pixel-head blocks (0 unless CCViT).
+    public var pixelHeadDepth: Int { kind == .ccvit ? headLayers : 0 }
     public var specialToken: String { twoStream ? "mask_positional_token" : "mask_token" }
     public var headName: String { twoStream ? "decoder" : "lm_head" }
 
@@ -41,6 +54,12 @@ public struct PretrainConfig: Sendable, Equatable {
         if vocabSize < 1 { return "num_tokens must be ≥ 1, got \(vocabSize)" }
         if twoStream && !(leastNumber >= 1 && leastNumber < vit.numTokens) {
             return "least_number must be in [1, \(vit.numTokens - 1)] for \(vit.numPatches) patches, got \(leastNumber)"
+        }
+        if kind == .ccvit && !(earlyLayers >= 1 && earlyLayers <= vit.depth) {
+            return "early_layers must be in [1, depth=\(vit.depth)], got \(earlyLayers)"
+        }
+        if kind == .ccvit && !(headLayers >= 1 && headLayers <= 64) {
+            return "head_layers must be in [1, 64], got \(headLayers)"
         }
         return nil
     }
@@ -53,6 +72,8 @@ public class PretrainModel: @unchecked Sendable {
     public let params: TensorStorage
     public let grads: TensorStorage
     public let blocks: [TransformerBlock]
+    /// CCViT's pixel-head blocks (`cls_pt_layers`); empty for the other kinds.
+    public let headBlocks: [TransformerBlock]
     /// Drop-path generator; advances once per training step (rewound on a non-finite loss).
     public var rng: Xoshiro256StarStar
 
@@ -76,6 +97,14 @@ public class PretrainModel: @unchecked Sendable {
         }
         t.add("norm.weight", [C]); t.add("norm.bias", [C])
         t.add(k.headName + ".weight", [k.vocabSize, C]); t.add(k.headName + ".bias", [k.vocabSize])
+        for i in 0..<k.pixelHeadDepth {
+            BlockTensors.register(in: &t, prefix: "cls_pt_layers.\(i).", C: C, hidden: v.hidden, qkvBias: v.qkvBias,
+                                  layerScale: v.initValues != nil)
+        }
+        if k.kind == .ccvit {
+            t.add("cls_pt_norm.weight", [C]); t.add("cls_pt_norm.bias", [C])
+            t.add("cls_pt_lm_head.weight", [v.patchDim, C]); t.add("cls_pt_lm_head.bias", [v.patchDim])
+        }
         return t
     }
 
@@ -95,6 +124,11 @@ public class PretrainModel: @unchecked Sendable {
             TransformerBlock(C: v.embedDim, H: v.numHeads, hidden: v.hidden,
                              weights: BlockTensors(base: p.floats, table: table, prefix: "blocks.\(i)."),
                              grads: BlockTensors(base: g.floats, table: table, prefix: "blocks.\(i)."))
+        }
+        headBlocks = (0..<config.pixelHeadDepth).map { i in
+            TransformerBlock(C: v.embedDim, H: v.numHeads, hidden: v.hidden,
+                             weights: BlockTensors(base: p.floats, table: table, prefix: "cls_pt_layers.\(i)."),
+                             grads: BlockTensors(base: g.floats, table: table, prefix: "cls_pt_layers.\(i)."))
         }
         rng = Xoshiro256StarStar(seed: seed, stream: 1)
         initialize(seed: seed)
@@ -118,18 +152,28 @@ public class PretrainModel: @unchecked Sendable {
         return d > 1 ? config.vit.dropPathRate * Float(l) / Float(d - 1) : 0
     }
 
-    /// Draws the two per-sample keep masks of every block into keeps [depth, 2, B].
+    /// Drop-path rate of block l of the trunk (l < depth) or of pixel-head block l − depth
+    /// (CCViT reference: linspace(0, rate, max(depth, early + head))[early + i]).
+    func blockDropRate(_ l: Int) -> Float {
+        let v = config.vit
+        if l < v.depth { return dropRate(l) }
+        let total = max(v.depth, config.earlyLayers + config.headLayers)
+        return total > 1 ? v.dropPathRate * Float(config.earlyLayers + l - v.depth) / Float(total - 1) : 0
+    }
+
+    /// Draws the two per-sample keep masks of every block (trunk, then pixel head) into keeps [blocks, 2, B].
     func drawKeeps(_ keeps: UnsafeMutablePointer<Float>, B: Int) {
-        for l in 0..<config.vit.depth {
-            dropPathKeep(keep: keeps + (2 * l) * B, B: B, rate: dropRate(l), rng: &rng)
-            dropPathKeep(keep: keeps + (2 * l + 1) * B, B: B, rate: dropRate(l), rng: &rng)
+        for l in 0..<(config.vit.depth + config.pixelHeadDepth) {
+            dropPathKeep(keep: keeps + (2 * l) * B, B: B, rate: blockDropRate(l), rng: &rng)
+            dropPathKeep(keep: keeps + (2 * l + 1) * B, B: B, rate: blockDropRate(l), rng: &rng)
         }
     }
 
-    /// keep pointers of block l for a training pass (nil when the block's rate is 0 or at inference).
+    /// keep pointers of block l (trunk, then pixel head) for a training pass (nil when the block's
+    /// rate is 0 or at inference).
     func keepPointers(_ keeps: UnsafeMutablePointer<Float>, l: Int, B: Int, training: Bool)
         -> (UnsafePointer<Float>?, UnsafePointer<Float>?) {
-        guard training, dropRate(l) > 0 else { return (nil, nil) }
+        guard training, blockDropRate(l) > 0 else { return (nil, nil) }
         return (UnsafePointer(keeps + (2 * l) * B), UnsafePointer(keeps + (2 * l + 1) * B))
     }
 
