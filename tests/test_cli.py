@@ -38,6 +38,16 @@ def test_tokenize_pretrain_finetune_linprobe_eval(tmp_path):
         assert json.loads(out.strip().splitlines()[-1])["steps"] > 0
         assert os.path.exists(os.path.join(tmp_path, method, "model.safetensors"))
         assert os.path.exists(os.path.join(tmp_path, method, "config.json"))  # the resolved config
+    out = _run("pretrain", *TINY, *tok, "--set", "method=ccvit", "--set", f"tokens={cache}", "--set", "epochs=1",
+               "--set", "ccvit.pixel_weight=0.5", "-o", "ccvit", cwd=tmp_path)
+    assert json.loads(out.strip().splitlines()[-1])["steps"] > 0
+    ccvit = mapet.load(os.path.join(tmp_path, "ccvit", "model.safetensors"))
+    assert isinstance(ccvit, mapet.CCViT) and ccvit.config["num_tokens"] == 16
+    out = _run("pretrain", *TINY, "--set", "method=dtm", "--set", "dtm.teacher=mapet/model.safetensors",
+               "--set", "epochs=1", "-o", "dtm", cwd=tmp_path)
+    assert json.loads(out.strip().splitlines()[-1])["steps"] > 0
+    dtm = mapet.load(os.path.join(tmp_path, "dtm", "model.safetensors"))
+    assert isinstance(dtm, mapet.DTM) and dtm.config["output_dim"] == 24  # the teacher's embed_dim
     out = _run("finetune", *TINY, "--set", "epochs=1", "--set", "pretrained=mapet/model.safetensors",
                "-o", "ft", cwd=tmp_path)
     assert 0.0 <= json.loads(out.strip().splitlines()[-1])["top1"] <= 1.0
@@ -52,6 +62,7 @@ def test_demo_on_a_tiny_budget(tmp_path):
     out = _run("demo", *TINY, "--set", "tokenizer.n_tokens=16", "--set", "tokenizer.n_iter=3",
                "--set", "pretrain.epochs=1", "--set", "pretrain.least_number=4", "--set", "finetune.epochs=1",
                "--set", "linprobe.epochs=3", "-o", "demo", cwd=tmp_path)
-    assert "MaPeT" in out and "MIM" in out and "scratch" in out
+    for row in ("MaPeT", "MIM", "CCViT", "DTM", "scratch"):
+        assert row in out
     for f in ("results.md", "results.png", "results.json", "curves.png", "masks.png", "tokens.png"):
         assert os.path.exists(os.path.join(tmp_path, "demo", f))

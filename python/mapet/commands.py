@@ -108,7 +108,19 @@ PRETRAIN_DEFAULTS = {
     "least_number": 16, "epochs": 10, "batch_size": 64, "lr": 1.5e-3, "weight_decay": 0.05,
     "warmup_epochs": 1, "min_lr": 1e-5, "clip_grad": 3.0, "accum_steps": 1, "checkpoint_every": 0,
     "init_values": 0.1, "drop_path_rate": 0.1,
+    "ccvit": {"num_replace": None, "token_weight": 1.0, "pixel_weight": 1.0, "early_layers": None, "head_layers": 2},
+    "dtm": {"teacher": None},
 }
+
+
+def _tokenizer_file(cfg: Dict[str, Any], cache_dir: str) -> str:
+    """The PixelTokenizer file behind a token cache: ``tokenizer.path``, else next to the cache."""
+    path = cfg["tokenizer"].get("path") or os.path.join(os.path.dirname(os.path.abspath(cache_dir)),
+                                                        "tokenizer.safetensors")
+    if not os.path.exists(path):
+        raise ValueError(f"config: method ccvit needs the pixel tokenizer of the token cache {cache_dir} "
+                         f"(set tokenizer.path); {path} does not exist")
+    return path
 
 
 def run_pretrain(cfg: Dict[str, Any]):
@@ -117,14 +129,33 @@ def run_pretrain(cfg: Dict[str, Any]):
     from .train import pretrain
 
     images, _ = _load_split(cfg, "train")
-    cache_dir = cfg.get("tokens") or tokenize_dataset(cfg)
-    tokens = np.asarray(TokenCache.open(cache_dir, length=len(images)).tokens)
     method = cfg["method"]
     kind = "beit" if method in ("mim", "beit") else method
-    overrides = dict(_overrides(cfg), num_tokens=int(json.load(open(os.path.join(cache_dir, "manifest.json")))["n_tokens"]),
-                     init_values=cfg["init_values"], drop_path_rate=cfg["drop_path_rate"])
+    overrides = dict(_overrides(cfg), init_values=cfg["init_values"], drop_path_rate=cfg["drop_path_rate"])
+    extra: Dict[str, Any] = {}
+    tokens = None
+    if kind == "dtm":
+        teacher = cfg.get("dtm", {}).get("teacher")
+        if not teacher:
+            raise ValueError("config: method dtm needs dtm.teacher, the path of a model file whose trunk gives "
+                             "the target features (e.g. a pre-trained mapet model.safetensors)")
+        from .train import teacher_features
+        extra["teacher"] = teacher_features(teacher)
+        overrides["output_dim"] = int(np.asarray(extra["teacher"](images[:1])).shape[-1])
+    else:
+        cache_dir = cfg.get("tokens") or tokenize_dataset(cfg)
+        tokens = np.asarray(TokenCache.open(cache_dir, length=len(images)).tokens)
+        with open(os.path.join(cache_dir, "manifest.json")) as f:
+            overrides["num_tokens"] = int(json.load(f)["n_tokens"])
     if kind in ("mapet", "pim"):
         overrides["least_number"] = int(cfg["least_number"])
+    if kind == "ccvit":
+        c = cfg.get("ccvit", {})
+        extra.update(tokenizer=_tokenizer_file(cfg, cache_dir), num_replace=c.get("num_replace"),
+                     token_weight=float(c.get("token_weight", 1.0)), pixel_weight=float(c.get("pixel_weight", 1.0)))
+        if c.get("early_layers") is not None:
+            overrides["early_layers"] = int(c["early_layers"])
+        overrides["head_layers"] = int(c.get("head_layers", 2))
     from .models import create_model
     model = create_model(f"{kind}_{cfg['model']['size']}_patch16_224", seed=int(cfg["seed"]), **overrides)
     model, history = pretrain(method, model=model, data=images, tokens=tokens, epochs=int(cfg["epochs"]),
@@ -133,13 +164,14 @@ def run_pretrain(cfg: Dict[str, Any]):
                               min_lr=float(cfg["min_lr"]), clip_grad=cfg["clip_grad"],
                               accum_steps=int(cfg["accum_steps"]), seed=int(cfg["seed"]),
                               output_dir=_out(cfg, "checkpoints"), checkpoint_every=int(cfg["checkpoint_every"]),
-                              progress=bool(cfg.get("progress", True)))
+                              progress=bool(cfg.get("progress", True)), **extra)
     if _is_main():
         model.save(_out(cfg, "model.safetensors"))
     return model, history
 
 
-@command("pretrain", "pre-train a ViT with MaPeT, PIM or MIM on cached visual tokens", defaults=PRETRAIN_DEFAULTS)
+@command("pretrain", "pre-train a ViT with MaPeT, PIM, MIM or CCViT on cached visual tokens, or DTM from a "
+                     "teacher model", defaults=PRETRAIN_DEFAULTS)
 def _pretrain(args, cfg) -> int:
     _, history = run_pretrain(cfg)
     _emit({"final_loss": history["loss"][-1], "steps": len(history["loss"])})

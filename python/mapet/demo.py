@@ -1,7 +1,8 @@
 """``python -m mapet demo``: the whole workflow on the built-in digits, end to end, in minutes.
 
 1. Fit the CCViT pixel tokenizer (k-means on 4×4 patches) and cache every image's tokens.
-2. Pre-train a small ViT with MaPeT and with the MIM (BEiT) baseline, same budget.
+2. Pre-train a small ViT with MaPeT, the MIM (BEiT) baseline, CCViT and DTM, same budget. DTM
+   needs a frozen teacher: here the MaPeT encoder pre-trained just before (the paper uses CLIP).
 3. Linear-probe and fine-tune each, and a ViT trained from scratch with the same fine-tuning budget.
 4. Print and save a table like the paper's (method × top-1) as Markdown, JSON and PNG curves.
 
@@ -28,10 +29,11 @@ log = logging.getLogger(__name__)
 DEMO_DEFAULTS: Dict[str, Any] = {
     "data": "digits", "seed": 0, "model": dict(_MODEL), "output_dir": "mapet-demo",
     "tokenizer": {"n_tokens": 256, "n_iter": 20, "path": None},
-    "methods": ["mapet", "mim"],
+    "methods": ["mapet", "mim", "ccvit", "dtm"],
     "pretrain": {"epochs": 10, "batch_size": 64, "lr": 1.5e-3, "least_number": 16, "warmup_epochs": 1},
     "finetune": {"epochs": 10, "batch_size": 64, "lr": 1e-3, "layer_decay": 0.75},
     "linprobe": {"epochs": 100, "lr": 0.1},
+    "dtm": {"teacher": None},
 }
 
 
@@ -42,7 +44,7 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
     t_start = time.perf_counter()
     out = cfg.get("output_dir") or "mapet-demo"
     os.makedirs(out, exist_ok=True)
-    base = {k: v for k, v in cfg.items() if k not in ("pretrain", "finetune", "linprobe", "methods")}
+    base = {k: v for k, v in cfg.items() if k not in ("pretrain", "finetune", "linprobe", "methods", "dtm")}
     timings: Dict[str, float] = {}
 
     def stage(text: str) -> None:
@@ -59,11 +61,17 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
         stage(f"pre-training with {method} for {cfg['pretrain']['epochs']} epochs")
         t = time.perf_counter()
         pcfg = copy.deepcopy(base)
+        if cfg.get("dtm"):
+            pcfg["dtm"] = dict(cfg["dtm"])
         pcfg.update(method=method, tokens=cache, output_dir=os.path.join(out, method), progress=False)
         from .commands import PRETRAIN_DEFAULTS
         for k, v in PRETRAIN_DEFAULTS.items():
             pcfg.setdefault(k, v)
         pcfg.update(cfg["pretrain"])
+        if method == "dtm" and not pcfg.get("dtm", {}).get("teacher"):
+            if "mapet" not in cfg["methods"][:cfg["methods"].index("dtm")]:
+                raise ValueError("demo: dtm needs a teacher: set dtm.teacher or list mapet before dtm in methods")
+            pcfg["dtm"] = dict(pcfg.get("dtm", {}), teacher=os.path.join(out, "mapet", "model.safetensors"))
         _, history = run_pretrain(pcfg)
         curves[f"{method} pre-train loss"] = history["loss"]
         timings[f"pretrain {method}"] = time.perf_counter() - t
@@ -85,7 +93,9 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
         timings[f"transfer {row}"] = time.perf_counter() - t
     total = time.perf_counter() - t_start
 
-    names = {"scratch": "from scratch (no pre-training)", "mapet": "MaPeT", "mim": "MIM (BEiT)", "pim": "PIM"}
+    names = {"scratch": "from scratch (no pre-training)", "mapet": "MaPeT", "mim": "MIM (BEiT)", "pim": "PIM",
+             "ccvit": "CCViT", "dtm": "DTM (teacher: the MaPeT encoder)" if not cfg.get("dtm", {}).get("teacher")
+             else "DTM"}
     lines = ["| method | linear probe top-1 | fine-tune top-1 |", "|---|---|---|"]
     for row, r in results.items():
         lines.append(f"| {names.get(row, row)} | {100 * r['linear_probe_top1']:.1f}% | {100 * r['finetune_top1']:.1f}% |")
@@ -145,7 +155,7 @@ def pictures(cfg: Dict[str, Any], out: str, count: int = 8) -> None:
     viz.image_grid(os.path.join(out, "tokens.png"), np.concatenate(rows), nrow=count, scale=4)
 
 
-@command("demo", "end-to-end demo on the built-in digits: tokenize, pre-train MaPeT and MIM, "
+@command("demo", "end-to-end demo on the built-in digits: tokenize, pre-train MaPeT, MIM, CCViT and DTM, "
                  "linear-probe and fine-tune against training from scratch", defaults=DEMO_DEFAULTS)
 def _demo(args, cfg) -> int:
     run_demo(cfg)

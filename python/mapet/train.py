@@ -31,7 +31,7 @@ from .schedules import cosine_lr
 
 log = logging.getLogger(__name__)
 
-PRETRAIN_METHODS = ("mapet", "pim", "mim")
+PRETRAIN_METHODS = ("mapet", "pim", "mim", "ccvit", "dtm")
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
@@ -262,6 +262,74 @@ class _ImagesWithTokens:
         return self.images[indices], np.ascontiguousarray(self.tokens[indices])
 
 
+class _StepSeeds:
+    """One derived seed per training step from (seed, step): a resumable stream for the per-step
+    draws of CCViT (which visible patches get their centroid) and DTM (the morphing schedules).
+    Every rank of a distributed run draws the same seed for the same global step."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed, self.steps_drawn = int(seed), 0
+
+    def next(self) -> int:
+        s = np.random.SeedSequence([self.seed & ((1 << 64) - 1), 0xCC, self.steps_drawn]).generate_state(1, np.uint64)[0]
+        self.steps_drawn += 1
+        return int(s) >> 1  # a non-negative int64
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"seed": self.seed, "steps_drawn": self.steps_drawn}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"step seeds: checkpoint seed {state['seed']} differs from this run's seed {self.seed}")
+        self.steps_drawn = int(state["steps_drawn"])
+
+
+def _centroids_of(tokenizer: Any) -> np.ndarray:
+    """The centroid pixels [K, C·P·P] of a PixelTokenizer, a path to one, or an array."""
+    if tokenizer is None:
+        raise ValueError("pretrain(method='ccvit'): needs tokenizer= (the PixelTokenizer, its file, or its "
+                         "centroids [K, C·P·P]) to replace patches by their centroid's pixels")
+    if isinstance(tokenizer, (str, bytes)) or hasattr(tokenizer, "__fspath__"):
+        from .tokenizers import PixelTokenizer
+        tokenizer = PixelTokenizer.load(tokenizer)
+    centroids = getattr(tokenizer, "centroids", tokenizer)
+    c = np.asarray(centroids, dtype=np.float32)
+    if c.ndim != 2:
+        raise ValueError(f"tokenizer: expected centroids [K, C·P·P], got shape {c.shape}")
+    return c
+
+
+def teacher_features(teacher: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """A function images → teacher features [B, n(+1), d] for DTM.
+
+    Args:
+        teacher: a callable (images → features), a model with ``forward_features`` (e.g. a
+            ``mapet.VisionTransformer``), or the path of a mapet model file: a ViT, or a
+            pre-training model (MaPeT, BEiT, …) whose trunk weights are loaded into a ViT of the
+            same shape. Its features are those of the final norm, class token first (dropped by
+            :meth:`mapet.DTM.train_step`).
+    """
+    if isinstance(teacher, (str, bytes)) or hasattr(teacher, "__fspath__"):
+        from .models import VisionTransformer, load, load_pretrained
+        model = load(teacher)
+        if not isinstance(model, VisionTransformer):
+            keys = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
+                    "qkv_bias", "init_values")
+            vit = VisionTransformer(global_pool="token", drop_path_rate=0.0, **{k: model.config[k] for k in keys})
+            report = load_pretrained(vit, model.state_dict())
+            trunk_missing = [k for k in report["missing"] if not k.startswith("head.") and not k.startswith("fc_norm.")]
+            if trunk_missing:
+                raise ValueError(f"teacher: {teacher} does not hold a full ViT trunk (missing {trunk_missing})")
+            model = vit
+        teacher = model
+    if hasattr(teacher, "forward_features"):
+        return teacher.forward_features
+    if callable(teacher):
+        return teacher
+    raise TypeError(f"teacher: expected a callable, a model with forward_features, or a model file path, "
+                    f"got {type(teacher).__name__}")
+
+
 def _make_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.999), clip_grad: Optional[float] = None,
                     layer_decay: Optional[float] = None):
     from .optim import AdamW
@@ -287,11 +355,13 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
              clip_grad: Optional[float] = 3.0, accum_steps: int = 1, least_number: Optional[int] = None,
              num_masking_patches: Optional[int] = None, seed: int = 0, output_dir: Optional[str] = None,
              checkpoint_every: int = 0, log_every: int = 10, progress: bool = False,
-             stop_after: Optional[int] = None, **model_overrides) -> Tuple[Any, Dict[str, List[float]]]:
-    """Pre-train a ViT with MaPeT, PIM or MIM (BEiT) on images and their visual tokens.
+             stop_after: Optional[int] = None, tokenizer: Any = None, num_replace: Optional[int] = None,
+             token_weight: float = 1.0, pixel_weight: float = 1.0, teacher: Any = None,
+             **model_overrides) -> Tuple[Any, Dict[str, List[float]]]:
+    """Pre-train a ViT with MaPeT, PIM, MIM (BEiT), CCViT or DTM.
 
     Args:
-        method: "mapet", "pim" or "mim" (alias "beit").
+        method: "mapet", "pim", "mim" (alias "beit"), "ccvit" or "dtm".
         model: a model built by ``mapet.create_model`` for this method, or a size
             ("tiny" | "small" | "base") to build ``<method>_<size>_patch16_224`` with
             ``model_overrides`` (e.g. ``img_size=32, patch_size=4, depth=4``).
@@ -302,11 +372,18 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
             (AdamW, linear warm-up then cosine; lr per optimizer step).
         clip_grad: global gradient-norm clip (None: off).
         accum_steps: micro-batches per optimizer step (effective batch = batch_size × accum_steps).
-        least_number: MaPeT/PIM context size (default: the model's); num_masking_patches: MIM
-            block-mask size (default: 75/196 of the patches, rounded).
-        seed: seeds the loader, the permutation sampler / mask generator and the model's RNG.
+        least_number: MaPeT/PIM context size (default: the model's); num_masking_patches: MIM,
+            CCViT and DTM block-mask size (default: 75/196 of the patches, rounded).
+        seed: seeds the loader, the permutation sampler / mask generator / CCViT replacement /
+            DTM schedules and the model's RNG.
         output_dir: where checkpoints go; a run with an existing ``last.safetensors`` resumes.
         stop_after: stop after this many optimizer steps in total (checkpointing first).
+        tokenizer: CCViT: the ``PixelTokenizer`` that made ``tokens`` (or its file, or its
+            centroids [K, C·P·P]); the replaced patches take their centroid's pixels.
+        num_replace: CCViT: visible patches replaced per image (default 20/196 of the patches).
+        token_weight, pixel_weight: CCViT loss weights (1 : 1).
+        teacher: DTM: the frozen teacher (see :func:`teacher_features`); ``tokens`` is unused.
+            A model given by size gets ``output_dim`` from the teacher's feature dimension.
 
     Returns:
         (model, history) with history {"loss": [...], "lr": [...]} per optimizer step.
@@ -315,9 +392,17 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
     from .sampling import BlockMaskGenerator, PermutationSampler
 
     method = _check_method(method)
+    features = teacher_features(teacher) if method == "dtm" else None
+    if method == "dtm" and isinstance(model, str) and "output_dim" not in model_overrides:
+        probe = _images_of(data)[:1] if not hasattr(data, "get_batch") else data.get_batch(np.arange(1))[0]
+        model_overrides["output_dim"] = int(np.asarray(features(np.asarray(probe, np.float32))).shape[-1])
     if isinstance(model, str):
         name = model if "_" in model else f"{'beit' if method == 'mim' else method}_{model}_patch16_224"
         model = create_model(name, **model_overrides)
+    expected = {"mapet": "mapet", "pim": "pim", "mim": "beit", "ccvit": "ccvit", "dtm": "dtm"}[method]
+    if getattr(model, "_kind", None) != expected:
+        raise ValueError(f"model: method {method!r} needs a {expected}_* model, got {type(model).__name__}"
+                         f" ({getattr(model, '_kind', 'not a pre-training model')})")
     cfg = model.config
     grid = cfg["img_size"] // cfg["patch_size"]
     n_patches = grid * grid
@@ -335,14 +420,43 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
             images, toks = batch[0], batch[-1]
             perm = sampler.sample(images.shape[0])
             return model.train_step(images, toks, perm), images.shape[0]
-    else:  # mim
+    else:  # mim, ccvit, dtm: BEiT block masks
         count = num_masking_patches or int(round(n_patches * 75 / 196))
         masks = BlockMaskGenerator(grid, count, min_num_patches=min(16, count), seed=seed)
         states["masks"] = masks
-
+    if method == "mim":
         def step_fn(batch):
             images, toks = batch[0], batch[-1]
             return model.train_step(images, toks, masks.sample(images.shape[0])), images.shape[0]
+    elif method == "ccvit":
+        from .objectives import ccvit_corrupt, ccvit_pixel_targets
+        centroids = _centroids_of(tokenizer)
+        patch = cfg["patch_size"]
+        if centroids.shape[1] != cfg["in_chans"] * patch * patch or centroids.shape[0] != cfg["num_tokens"]:
+            raise ValueError(f"tokenizer: {centroids.shape[0]} centroids of {centroids.shape[1]} values; the model "
+                             f"needs {cfg['num_tokens']} of {cfg['in_chans'] * patch * patch} (in_chans·patch²)")
+        replace = int(round(n_patches * 20 / 196)) if num_replace is None else int(num_replace)
+        seeds = _StepSeeds(seed)
+        states["replace"] = seeds
+
+        def step_fn(batch):
+            images, toks = np.asarray(batch[0], np.float32), batch[-1]
+            mask = masks.sample(images.shape[0])
+            corrupted, replaced = ccvit_corrupt(images, mask, toks, centroids, replace, seed=seeds.next(),
+                                                patch_size=patch)
+            targets = ccvit_pixel_targets(images, patch)
+            return model.train_step(corrupted, toks, targets, mask, replaced, token_weight=token_weight,
+                                    pixel_weight=pixel_weight), images.shape[0]
+    elif method == "dtm":
+        from .objectives import DTMSchedule
+        seeds = _StepSeeds(seed)
+        states["schedules"] = seeds
+
+        def step_fn(batch):
+            images = np.asarray(batch[0], np.float32)
+            target = np.asarray(features(images), np.float32)
+            schedules = DTMSchedule(seeds.next()).draw(n_patches)
+            return model.train_step(images, target, masks.sample(images.shape[0]), schedules=schedules), images.shape[0]
     optimizer = _make_optimizer(model, lr, weight_decay, clip_grad=clip_grad)
     loop = _Loop(model, optimizer, loader, step_fn, epochs=epochs, lr=lr, warmup_epochs=warmup_epochs,
                  min_lr=min_lr, warmup_start_lr=warmup_start_lr, accum_steps=accum_steps, output_dir=output_dir,
