@@ -254,9 +254,14 @@ def mim_loss(logits: np.ndarray, tokens: np.ndarray, bool_masked_pos: np.ndarray
 
 def random_weights(rng: np.random.Generator, *, embed_dim: int = 16, depth: int = 2, num_heads: int = 2,
                    patch_size: int = 4, img_size: int = 16, in_chans: int = 3, num_tokens: int = 11,
-                   mlp_ratio: float = 4.0, layer_scale: bool = True, kind: str = "mapet") -> Weights:
+                   mlp_ratio: float = 4.0, layer_scale: bool = True, kind: str = "mapet",
+                   head_layers: int = 2, output_dim: int = 8) -> Weights:
     """Random float32 weights with the reference names (scales chosen so that every part of the
-    network matters in a test: unit-ish activations, non-trivial layer scale and norms)."""
+    network matters in a test: unit-ish activations, non-trivial layer scale and norms).
+
+    kind: "mapet" / "pim" (decoder), "mim" (mask_token, lm_head [num_tokens, C]), "ccvit" (as
+    "mim", plus the pixel head: ``head_layers`` blocks cls_pt_layers.{i}.*, cls_pt_norm and
+    cls_pt_lm_head [in_chans·patch², C]) or "dtm" (mask_token, lm_head [output_dim, C])."""
     C, H = embed_dim, int(embed_dim * mlp_ratio)
     n = (img_size // patch_size) ** 2
 
@@ -268,8 +273,8 @@ def random_weights(rng: np.random.Generator, *, embed_dim: int = 16, depth: int 
         "patch_embed.proj.weight": t(C, in_chans, patch_size, patch_size, scale=0.2), "patch_embed.proj.bias": t(C),
         "norm.weight": 1 + t(C, scale=0.1), "norm.bias": t(C, scale=0.1),
     }
-    for i in range(depth):
-        pre = f"blocks.{i}"
+
+    def block(pre: str) -> None:
         w.update({
             pre + ".norm1.weight": 1 + t(C, scale=0.1), pre + ".norm1.bias": t(C, scale=0.1),
             pre + ".attn.q.weight": t(C, C), pre + ".attn.q.bias": t(C, scale=0.1),
@@ -282,12 +287,24 @@ def random_weights(rng: np.random.Generator, *, embed_dim: int = 16, depth: int 
         if layer_scale:
             w[pre + ".ls1.gamma"] = 0.5 + t(C, scale=0.1)
             w[pre + ".ls2.gamma"] = 0.5 + t(C, scale=0.1)
+
+    for i in range(depth):
+        block(f"blocks.{i}")
     if kind in ("mapet", "pim"):
         w["mask_positional_token"] = t(1, 1, C)
         w["decoder.weight"], w["decoder.bias"] = t(num_tokens, C), t(num_tokens, scale=0.1)
-    elif kind == "mim":
+    elif kind in ("mim", "ccvit"):
         w["mask_token"] = t(1, 1, C)
         w["lm_head.weight"], w["lm_head.bias"] = t(num_tokens, C), t(num_tokens, scale=0.1)
+        if kind == "ccvit":
+            P = in_chans * patch_size * patch_size
+            for i in range(head_layers):
+                block(f"cls_pt_layers.{i}")
+            w["cls_pt_norm.weight"], w["cls_pt_norm.bias"] = 1 + t(C, scale=0.1), t(C, scale=0.1)
+            w["cls_pt_lm_head.weight"], w["cls_pt_lm_head.bias"] = t(P, C), t(P, scale=0.1)
+    elif kind == "dtm":
+        w["mask_token"] = t(1, 1, C)
+        w["lm_head.weight"], w["lm_head.bias"] = t(output_dim, C), t(output_dim, scale=0.1)
     else:
-        raise ValueError(f"kind: expected 'mapet', 'pim' or 'mim', got {kind!r}")
+        raise ValueError(f"kind: expected 'mapet', 'pim', 'mim', 'ccvit' or 'dtm', got {kind!r}")
     return w
