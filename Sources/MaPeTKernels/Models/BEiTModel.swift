@@ -103,14 +103,42 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
             let (keep1, keep2) = keepPointers(a.keeps, l: l, B: B, training: training)
             blk.forward(out: a.xs[l + 1], x: a.xs[l], cache: a.caches[l], B: B, T: N, mask: FullAttention(), keep1: keep1, keep2: keep2)
         }
-        nonisolated(unsafe) let sel = a.sel, xL = a.xs[v.depth], rows = a.rows
+        rowHeadForward(out: a.logits, sel: a.sel, normOut: a.normOut, mean: a.normMean, rstd: a.normRstd,
+                       x: a.xs[v.depth], rows: a.rows, M: M, norm: "norm", head: "lm_head", K: config.vocabSize)
+    }
+
+    /// A head over selected rows: sel [M, C] = x[rows], out [M, K] = head(norm(sel)) (LayerNorm
+    /// `norm`, Linear `head`); sel, normOut, mean and rstd are kept for `rowHeadBackward`.
+    func rowHeadForward(out: UnsafeMutablePointer<Float>, sel: UnsafeMutablePointer<Float>, normOut: UnsafeMutablePointer<Float>,
+                        mean: UnsafeMutablePointer<Float>, rstd: UnsafeMutablePointer<Float>, x: UnsafePointer<Float>,
+                        rows: UnsafePointer<Int32>, M: Int, norm: String, head: String, K: Int) {
+        let C = config.vit.embedDim
+        nonisolated(unsafe) let sel = sel, x = x, rows = rows
         Parallel.forRanges(M, grain: 64) { rr in
-            for i in rr { (sel + i * C).update(from: xL + Int(rows[i]) * C, count: C) }
+            for i in rr { (sel + i * C).update(from: x + Int(rows[i]) * C, count: C) }
         }
-        layerNormForward(out: a.normOut, mean: a.normMean, rstd: a.normRstd, input: a.sel, weight: ptr("norm.weight"),
-                         bias: ptr("norm.bias"), rows: M, cols: C)
-        linearForward(out: a.logits, input: a.normOut, weight: ptr("lm_head.weight"), bias: ptr("lm_head.bias"),
-                      rows: M, inFeatures: C, outFeatures: config.vocabSize)
+        layerNormForward(out: normOut, mean: mean, rstd: rstd, input: sel, weight: ptr(norm + ".weight"),
+                         bias: ptr(norm + ".bias"), rows: M, cols: C)
+        linearForward(out: out, input: normOut, weight: ptr(head + ".weight"), bias: ptr(head + ".bias"),
+                      rows: M, inFeatures: C, outFeatures: K)
+    }
+
+    /// Backward of `rowHeadForward` from dOut [M, K]: adds the parameter gradients and writes
+    /// ∂L/∂x at the selected rows of dX [B·N, C], which is zeroed first (other rows get 0).
+    /// dSel, dNormOut [M, C] are scratch.
+    func rowHeadBackward(dX: UnsafeMutablePointer<Float>, dXCount: Int, dSel: UnsafeMutablePointer<Float>,
+                         dNormOut: UnsafeMutablePointer<Float>, dOut: UnsafePointer<Float>, sel: UnsafePointer<Float>,
+                         normOut: UnsafePointer<Float>, mean: UnsafePointer<Float>, rstd: UnsafePointer<Float>,
+                         rows: UnsafePointer<Int32>, M: Int, norm: String, head: String, K: Int) {
+        let C = config.vit.embedDim
+        zero(dNormOut, M * C)
+        linearBackward(dInput: dNormOut, dWeight: grad(head + ".weight"), dBias: grad(head + ".bias"), dOut: dOut,
+                       input: normOut, weight: ptr(head + ".weight"), rows: M, inFeatures: C, outFeatures: K)
+        zero(dSel, M * C)
+        layerNormBackward(dInput: dSel, dWeight: grad(norm + ".weight"), dBias: grad(norm + ".bias"), dOut: dNormOut,
+                          input: sel, weight: ptr(norm + ".weight"), mean: mean, rstd: rstd, rows: M, cols: C)
+        zero(dX, dXCount)
+        for i in 0..<M { (dX + Int(rows[i]) * C).update(from: dSel + i * C, count: C) }
     }
 
     /// Backward of `runForward` from a.dLogits [M, V] (adds into `grads`). `inject(level, dx)` is
@@ -118,15 +146,10 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
     /// so a second head reading x_level can add its gradient.
     func runBackward(_ a: MIMActivations, masked: UnsafePointer<Int32>,
                      inject: ((Int, UnsafeMutablePointer<Float>) -> Void)? = nil) {
-        let v = config.vit, C = v.embedDim, N = v.numTokens, n = v.numPatches, V = config.vocabSize, B = a.B, M = a.M
-        zero(a.dNormOut, M * C)
-        linearBackward(dInput: a.dNormOut, dWeight: grad("lm_head.weight"), dBias: grad("lm_head.bias"), dOut: a.dLogits,
-                       input: a.normOut, weight: ptr("lm_head.weight"), rows: M, inFeatures: C, outFeatures: V)
-        zero(a.dSel, M * C)
-        layerNormBackward(dInput: a.dSel, dWeight: grad("norm.weight"), dBias: grad("norm.bias"), dOut: a.dNormOut,
-                          input: a.sel, weight: ptr("norm.weight"), mean: a.normMean, rstd: a.normRstd, rows: M, cols: C)
-        zero(a.dx, B * N * C)
-        for i in 0..<M { (a.dx + Int(a.rows[i]) * C).update(from: a.dSel + i * C, count: C) }
+        let v = config.vit, C = v.embedDim, N = v.numTokens, n = v.numPatches, B = a.B
+        rowHeadBackward(dX: a.dx, dXCount: B * N * C, dSel: a.dSel, dNormOut: a.dNormOut, dOut: a.dLogits, sel: a.sel,
+                        normOut: a.normOut, mean: a.normMean, rstd: a.normRstd, rows: a.rows, M: a.M,
+                        norm: "norm", head: "lm_head", K: config.vocabSize)
         for l in stride(from: v.depth - 1, through: 0, by: -1) {
             inject?(l + 1, a.dx)
             let (keep1, keep2) = keepPointers(a.keeps, l: l, B: B, training: true)

@@ -83,29 +83,17 @@ public final class CCViTModel: BEiTModel, @unchecked Sendable {
             let (keep1, keep2) = keepPointers(a.keeps, l: v.depth + i, B: B, training: training)
             blk.forward(out: p.hs[i + 1], x: p.hs[i], cache: p.caches[i], B: B, T: N, mask: FullAttention(), keep1: keep1, keep2: keep2)
         }
-        nonisolated(unsafe) let sel = p.sel, hH = p.hs[headBlocks.count], rows = a.rows
-        Parallel.forRanges(M, grain: 64) { rr in
-            for i in rr { (sel + i * C).update(from: hH + Int(rows[i]) * C, count: C) }
-        }
-        layerNormForward(out: p.normOut, mean: p.normMean, rstd: p.normRstd, input: p.sel, weight: ptr("cls_pt_norm.weight"),
-                         bias: ptr("cls_pt_norm.bias"), rows: M, cols: C)
-        linearForward(out: p.pixels, input: p.normOut, weight: ptr("cls_pt_lm_head.weight"), bias: ptr("cls_pt_lm_head.bias"),
-                      rows: M, inFeatures: C, outFeatures: v.patchDim)
+        rowHeadForward(out: p.pixels, sel: p.sel, normOut: p.normOut, mean: p.normMean, rstd: p.normRstd,
+                       x: p.hs[headBlocks.count], rows: a.rows, M: M, norm: "cls_pt_norm", head: "cls_pt_lm_head",
+                       K: v.patchDim)
     }
 
     /// Pixel branch backward from p.dPixels: leaves ∂L/∂h_0 in p.dh.
     private func pixelBackward(_ a: MIMActivations, _ p: CCViTPixelActivations) {
-        let v = config.vit, C = v.embedDim, N = v.numTokens, B = a.B, M = a.M
-        zero(p.dNormOut, M * C)
-        linearBackward(dInput: p.dNormOut, dWeight: grad("cls_pt_lm_head.weight"), dBias: grad("cls_pt_lm_head.bias"),
-                       dOut: p.dPixels, input: p.normOut, weight: ptr("cls_pt_lm_head.weight"), rows: M,
-                       inFeatures: C, outFeatures: v.patchDim)
-        zero(p.dSel, M * C)
-        layerNormBackward(dInput: p.dSel, dWeight: grad("cls_pt_norm.weight"), dBias: grad("cls_pt_norm.bias"),
-                          dOut: p.dNormOut, input: p.sel, weight: ptr("cls_pt_norm.weight"), mean: p.normMean,
-                          rstd: p.normRstd, rows: M, cols: C)
-        zero(p.dh, B * N * C)
-        for i in 0..<M { (p.dh + Int(a.rows[i]) * C).update(from: p.dSel + i * C, count: C) }
+        let v = config.vit, N = v.numTokens, B = a.B
+        rowHeadBackward(dX: p.dh, dXCount: B * N * v.embedDim, dSel: p.dSel, dNormOut: p.dNormOut, dOut: p.dPixels,
+                        sel: p.sel, normOut: p.normOut, mean: p.normMean, rstd: p.normRstd, rows: a.rows, M: a.M,
+                        norm: "cls_pt_norm", head: "cls_pt_lm_head", K: v.patchDim)
         for i in stride(from: headBlocks.count - 1, through: 0, by: -1) {
             let (keep1, keep2) = keepPointers(a.keeps, l: v.depth + i, B: B, training: true)
             headBlocks[i].backward(dx: p.dh, x: p.hs[i], cache: p.caches[i], scratch: a.scratch, B: B, T: N,
