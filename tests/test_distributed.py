@@ -109,6 +109,45 @@ def test_two_ranks_train_like_one_process_on_the_combined_batch(tmp_path):
     assert os.listdir(tmp_path / "ckpt") == ["last.safetensors"]  # rank 0 alone wrote it
 
 
+CCVIT_DTM_JOB = """
+    import numpy as np
+    import mapet
+    from mapet import distributed
+    from mapet.data import load_digits
+    from mapet.train import pretrain
+    ctx = distributed.init()
+    x = load_digits(16, "train")[0][:40]
+    tok = mapet.PixelTokenizer(patch_size=4, n_tokens=8, n_iter=3, seed=0).fit(x)
+    arch = dict(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=3, drop_path_rate=0.0)
+    teacher = mapet.create_model("vit_tiny_patch16_224", seed=5, **arch)
+    kw = dict(epochs=2, batch_size=BATCH, lr=2e-3, seed=3, warmup_epochs=0.5)
+    c, _ = pretrain("ccvit", model="tiny", data=x, tokens=tok.encode(x), tokenizer=tok, num_replace=2,
+                    num_tokens=8, **kw, **arch)
+    d, _ = pretrain("dtm", model="tiny", data=x, teacher=teacher, **kw, **arch)
+    np.save(f"ccvit{ctx.rank}.npy", c.flat_params)
+    np.save(f"dtm{ctx.rank}.npy", d.flat_params)
+"""
+
+
+def test_ccvit_and_dtm_on_two_ranks_train_like_one_process(tmp_path):
+    # 2 ranks × 8 images = one process × 16: block masks, CCViT's replaced patches (global sample
+    # streams) and DTM's schedules (one per global step) are drawn as one process draws them.
+    (tmp_path / "mpi").mkdir()
+    proc, _ = _run(CCVIT_DTM_JOB.replace("BATCH", "8"), tmp_path / "mpi")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = tmp_path / "single"
+    single.mkdir()
+    script = single / "job.py"
+    script.write_text(textwrap.dedent(CCVIT_DTM_JOB.replace("BATCH", "16")))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=str(single),
+                       env=dict(os.environ, PYTHONPATH=PYTHON_DIR), timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("ccvit", "dtm"):
+        p0, p1 = np.load(tmp_path / "mpi" / f"{name}0.npy"), np.load(tmp_path / "mpi" / f"{name}1.npy")
+        assert np.array_equal(p0, p1)
+        np.testing.assert_allclose(p0, np.load(single / f"{name}0.npy"), rtol=0, atol=2e-5)
+
+
 # ------------------------------------------------------------------ k-means
 
 _M64 = (1 << 64) - 1

@@ -298,6 +298,27 @@ def test_ccvit_corruption_is_the_documented_shuffle():
         np.testing.assert_array_equal(np.flatnonzero(replaced[b]), sorted(visible[:20]))
 
 
+def test_ccvit_corruption_of_a_split_batch_equals_the_whole_batch():
+    # first_sample places a part of a batch in the global sample stream (data-parallel ranks):
+    # image i draws from stream first_sample + i, so the halves draw what the whole batch draws.
+    images, mask, ids, centroids = _ccvit_inputs(2)
+    whole, rep = mapet.ccvit_corrupt(images, mask, ids, centroids, num_replace=5, seed=7, first_sample=10)
+    h = len(images) // 2
+    a, ra = mapet.ccvit_corrupt(images[:h], mask[:h], ids[:h], centroids, num_replace=5, seed=7, first_sample=10)
+    b, rb = mapet.ccvit_corrupt(images[h:], mask[h:], ids[h:], centroids, num_replace=5, seed=7,
+                                first_sample=10 + h)
+    np.testing.assert_array_equal(np.concatenate([a, b]), whole)
+    np.testing.assert_array_equal(np.concatenate([ra, rb]), rep)
+    visible = list(np.flatnonzero(~mask[h]))
+    rng = SplitMix64(7, stream=10 + h)
+    for s in range(5):
+        j = s + rng.below(len(visible) - s)
+        visible[s], visible[j] = visible[j], visible[s]
+    np.testing.assert_array_equal(np.flatnonzero(rep[h]), sorted(visible[:5]))
+    _, r0 = mapet.ccvit_corrupt(images, mask, ids, centroids, num_replace=5, seed=7)
+    assert not np.array_equal(r0, rep)  # another offset, other picks
+
+
 def test_ccvit_corruption_picks_visible_patches_uniformly():
     images, mask, ids, centroids = _ccvit_inputs(2, B=1, P=2, grid=4, masked=6)
     counts = np.zeros(16)

@@ -137,8 +137,8 @@ let objectiveMethods: [Method] = [
     } }, doc: "dtm_loss_backward(dloss, pred, target, memberships, beta, dpred): dpred += dloss·∂loss/∂pred."),
 
     Method(name: "ccvit_corrupt", function: { _, a, n in call(a, n, "ccvit_corrupt") { args in
-        // ccvit_corrupt(images, mask, centroid_ids, centroids, patch_size, num_replace, seed, replaced)
-        try args.expect(8)
+        // ccvit_corrupt(images, mask, centroid_ids, centroids, patch_size, num_replace, seed, replaced, first_sample)
+        try args.expect(9)
         let arena = BufferArena(); defer { arena.release() }
         let img = try arena.float32(args[0], "images", [nil, nil, nil, nil], writable: true)
         let (B, C, H, W) = (img.shape[0], img.shape[1], img.shape[2], img.shape[3])
@@ -154,13 +154,14 @@ let objectiveMethods: [Method] = [
         let numReplace = try args.int(5, "num_replace", min: 0)
         let seed = try seedArg(args, 6)
         let rep = try arena.int32(args[7], "replaced", [B, nP], writable: true)
+        let first = UInt64(try args.int(8, "first_sample", min: 0))
         nonisolated(unsafe) let (pi, pm, pid, pc, pr) = (img.pointer, mask.readOnly, ids.readOnly, cent.readOnly, rep.pointer)
         withoutGIL {
             ccvitCorrupt(images: pi, replaced: pr, mask: pm, centroidIds: pid, centroids: pc,
-                         B: B, C: C, H: H, W: W, P: P, numReplace: numReplace, seed: seed)
+                         B: B, C: C, H: H, W: W, P: P, numReplace: numReplace, seed: seed, firstStream: first)
         }
         return none()
-    } }, doc: "ccvit_corrupt(images[B,C,H,W] (in place), mask[B,n] i32, centroid_ids[B,n] i32, centroids[K,C·P·P], patch_size, num_replace, seed, replaced[B,n] i32)."),
+    } }, doc: "ccvit_corrupt(images[B,C,H,W] (in place), mask[B,n] i32, centroid_ids[B,n] i32, centroids[K,C·P·P], patch_size, num_replace, seed, replaced[B,n] i32, first_sample): image b draws from stream first_sample + b."),
 
     Method(name: "ccvit_pixel_targets", function: { _, a, n in call(a, n, "ccvit_pixel_targets") { args in
         // ccvit_pixel_targets(images, patch_size, out)

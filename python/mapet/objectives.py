@@ -247,12 +247,12 @@ def dtm_loss(pred: np.ndarray, target: np.ndarray, memberships: np.ndarray, *, b
 
 def ccvit_corrupt(images: np.ndarray, mask: np.ndarray, centroid_ids: np.ndarray,
                   centroids: np.ndarray, num_replace: int = 20, seed: int = 0, *,
-                  patch_size: Optional[int] = None,
+                  patch_size: Optional[int] = None, first_sample: int = 0,
                   inplace: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """CCViT corruption: replace ``num_replace`` visible patches by their own centroid.
 
     Of the patches not block-masked, ``num_replace`` per image are picked uniformly
-    without replacement (seeded; each image has its own stream) and their pixels are
+    without replacement (seeded; image i draws from stream ``first_sample + i``) and their pixels are
     overwritten with their nearest centroid's pixels. Do this on raw pixels, before
     mean/std normalisation. The block-masked patches are left alone (the model swaps
     them for its mask token).
@@ -266,6 +266,8 @@ def ccvit_corrupt(images: np.ndarray, mask: np.ndarray, centroid_ids: np.ndarray
             are visible).
         seed: non-negative seed.
         patch_size: P; inferred from ``centroids`` when omitted.
+        first_sample: the index of ``images[0]`` in a global sample stream: a batch split in
+            parts (data-parallel ranks) draws exactly what the whole batch would.
         inplace: write into ``images`` (must be float32 C-contiguous) instead of a copy.
 
     Returns:
@@ -292,7 +294,7 @@ def ccvit_corrupt(images: np.ndarray, mask: np.ndarray, centroid_ids: np.ndarray
     B = out.shape[0]
     replaced = np.zeros((B, (out.shape[2] // patch_size) * (out.shape[3] // patch_size)), np.int32)
     _core.ccvit_corrupt(out, _i32(mask, "mask"), _i32(centroid_ids, "centroid_ids"), c,
-                        int(patch_size), int(num_replace), int(seed), replaced)
+                        int(patch_size), int(num_replace), int(seed), replaced, int(first_sample))
     return out, replaced.astype(bool)
 
 

@@ -263,9 +263,9 @@ class _ImagesWithTokens:
 
 
 class _StepSeeds:
-    """One derived seed per training step from (seed, step): a resumable stream for the per-step
-    draws of CCViT (which visible patches get their centroid) and DTM (the morphing schedules).
-    Every rank of a distributed run draws the same seed for the same global step."""
+    """One derived seed per training step from (seed, step): a resumable stream for DTM's
+    per-step morphing schedules. Every rank of a distributed run draws the same seed for the
+    same global step, as one process would for the whole batch."""
 
     def __init__(self, seed: int) -> None:
         self.seed, self.steps_drawn = int(seed), 0
@@ -282,6 +282,28 @@ class _StepSeeds:
         if int(state["seed"]) != self.seed:
             raise ValueError(f"step seeds: checkpoint seed {state['seed']} differs from this run's seed {self.seed}")
         self.steps_drawn = int(state["steps_drawn"])
+
+
+class _SampleStreams:
+    """A seed and a count of samples drawn: image i of a batch uses random stream
+    ``samples_drawn + i`` (CCViT's choice of replaced patches). Distributed runs point
+    ``samples_drawn`` at the rank's offset in the global batch (``_Loop._align_streams``), so the
+    ranks together draw what one process would."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed, self.samples_drawn = int(seed), 0
+
+    def take(self, count: int) -> int:
+        first, self.samples_drawn = self.samples_drawn, self.samples_drawn + int(count)
+        return first
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"seed": self.seed, "samples_drawn": self.samples_drawn}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"sample streams: checkpoint seed {state['seed']} differs from this run's seed {self.seed}")
+        self.samples_drawn = int(state["samples_drawn"])
 
 
 def _centroids_of(tokenizer: Any) -> np.ndarray:
@@ -436,14 +458,14 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
             raise ValueError(f"tokenizer: {centroids.shape[0]} centroids of {centroids.shape[1]} values; the model "
                              f"needs {cfg['num_tokens']} of {cfg['in_chans'] * patch * patch} (in_chans·patch²)")
         replace = int(round(n_patches * 20 / 196)) if num_replace is None else int(num_replace)
-        seeds = _StepSeeds(seed)
-        states["replace"] = seeds
+        streams = _SampleStreams(seed)
+        states["replace"] = streams
 
         def step_fn(batch):
             images, toks = np.asarray(batch[0], np.float32), batch[-1]
             mask = masks.sample(images.shape[0])
-            corrupted, replaced = ccvit_corrupt(images, mask, toks, centroids, replace, seed=seeds.next(),
-                                                patch_size=patch)
+            corrupted, replaced = ccvit_corrupt(images, mask, toks, centroids, replace, seed=streams.seed,
+                                                first_sample=streams.take(images.shape[0]), patch_size=patch)
             targets = ccvit_pixel_targets(images, patch)
             return model.train_step(corrupted, toks, targets, mask, replaced, token_weight=token_weight,
                                     pixel_weight=pixel_weight), images.shape[0]

@@ -16,20 +16,22 @@
 ///   images [B, C, H, W], replaced [B, n] (out: 1 where replaced, else 0),
 ///   mask [B, n] (nonzero = block-masked, never picked), centroidIds [B, n] in 0..<K,
 ///   centroids [K, C·P·P], n = (H/P)·(W/P).
-/// Sample b draws from ObjectiveRNG(seed: seed, stream: b): the pick is a partial
+/// Sample b draws from ObjectiveRNG(seed: seed, stream: firstStream + b) (firstStream: the
+/// batch's offset in a global sample stream, so shards of a batch draw what the whole batch
+/// would): the pick is a partial
 /// Fisher–Yates shuffle of its visible patches in increasing index order, the first
 /// min(numReplace, visible) kept — the same distribution as the reference's
 /// np.random.shuffle + [:20], and independent of the thread count.
 public func ccvitCorrupt(
     images: UnsafeMutablePointer<Float>, replaced: UnsafeMutablePointer<Int32>,
     mask: UnsafePointer<Int32>, centroidIds: UnsafePointer<Int32>, centroids: UnsafePointer<Float>,
-    B: Int, C: Int, H: Int, W: Int, P: Int, numReplace: Int, seed: UInt64
+    B: Int, C: Int, H: Int, W: Int, P: Int, numReplace: Int, seed: UInt64, firstStream: UInt64 = 0
 ) {
     let gw = W / P, n = (H / P) * gw
     nonisolated(unsafe) let images = images, replaced = replaced, mask = mask
     nonisolated(unsafe) let centroidIds = centroidIds, centroids = centroids
     Parallel.forEach(B) { b in
-        var rng = ObjectiveRNG(seed: seed, stream: UInt64(b))
+        var rng = ObjectiveRNG(seed: seed, stream: firstStream &+ UInt64(b))
         var visible: [Int] = []
         for q in 0..<n where mask[b * n + q] == 0 { visible.append(q) }
         let m = min(max(numReplace, 0), visible.count)
