@@ -9,7 +9,7 @@ from ._runtime import blas_info, get_num_threads, set_num_threads
 from . import ops
 from .objectives import DTMSchedule, ccvit_corrupt, ccvit_pixel_targets, dtm_memberships, morph_tokens
 from .sampling import BlockMaskGenerator, PermutationBatch, PermutationSampler
-from . import checkpoint, config, data, schedules, viz
+from . import checkpoint, config, data, interop, schedules, viz
 from .models import VisionTransformer, create_model, load
 from .optim import AdamW
 from .pretrain_models import BEiT, CCViT, DTM, MaPeT

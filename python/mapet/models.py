@@ -179,7 +179,8 @@ def create_model(name: str, seed: int = 0, pretrained: Any = None, **overrides: 
             ``mapet_*`` / ``pim_*`` / ``beit_*`` / ``ccvit_*`` / ``dtm_*`` (see ``mapet.pretrain_models``).
         seed: initialisation / drop-path seed.
         pretrained: a path to a safetensors file (``model.save`` output, or any reference
-            checkpoint) or a state_dict (name → array). Every key whose name and shape match is
+            checkpoint, including the BEiT / CCViT / DTM layout with fused ``attn.qkv``, see
+            ``mapet.interop``) or a state_dict (name → array). Every key whose name and shape match is
             copied; decoder, mask tokens and anything else that does not fit is skipped and
             reported (``model.pretrained_report`` and one log line).
         **overrides: ``img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
@@ -215,6 +216,9 @@ def load_pretrained(model: Any, source: Any) -> Dict[str, List[str]]:
     else:
         tensors = dict(source)
     tensors = {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
+    from .interop import from_beit_layout, is_beit_layout
+    if is_beit_layout(tensors):  # BEiT / CCViT / DTM reference checkpoint: fused qkv, gamma_1/2
+        tensors = from_beit_layout(tensors)
     own = model.state_dict()
     loaded, skipped = [], []
     for k, v in tensors.items():
