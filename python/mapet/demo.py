@@ -116,9 +116,14 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
                    for r, v in results.items()}, title="top-1 on the digits test split")
     if "mapet" in cfg["methods"]:
         pictures(cfg, out)
+    if "ccvit" in cfg["methods"]:
+        ccvit_picture(cfg, out)
     print(table)
     print("\nBudget:", budget)
-    print(f"Outputs in {out}/ (results.md, results.png, results.json, curves.png, masks.png, tokens.png)")
+    outputs = ["results.md", "results.png", "results.json", "curves.png"]
+    outputs += ["masks.png", "tokens.png"] if "mapet" in cfg["methods"] else []
+    outputs += ["ccvit.png"] if "ccvit" in cfg["methods"] else []
+    print(f"Outputs in {out}/ ({', '.join(outputs)})")
     return {"results": results, "timings": timings, "total_s": total}
 
 
@@ -153,6 +158,41 @@ def pictures(cfg: Dict[str, Any], out: str, count: int = 8) -> None:
     mixed = np.where(mask[..., None], guess, seen)
     rows = [images, tokenizer.decode(tokens), tokenizer.unpatchify(mixed, (grid, grid))]
     viz.image_grid(os.path.join(out, "tokens.png"), np.concatenate(rows), nrow=count, scale=4)
+
+
+def ccvit_picture(cfg: Dict[str, Any], out: str, count: int = 8) -> None:
+    """ccvit.png: rows of (test images; CCViT's corrupted input — block-masked patches grey,
+    replaced patches showing their centroid; the pixel head's reconstruction of every corrupted
+    patch, de-normalised with the clean patch's own mean and spread, visible patches as seen)."""
+    from . import viz
+    from .data import load_digits
+    from .models import load
+    from .objectives import ccvit_corrupt
+    from .sampling import BlockMaskGenerator
+    from .tokenizers import PixelTokenizer
+
+    m = cfg["model"]
+    images = load_digits(int(m["img_size"]), "test")[0][:count]
+    tokenizer = PixelTokenizer.load(os.path.join(out, "tokenizer.safetensors"))
+    model = load(os.path.join(out, "ccvit", "model.safetensors"))
+    grid = int(m["img_size"]) // int(m["patch_size"])
+    n = grid * grid
+    masked_count = int(round(n * 75 / 196))
+    mask = BlockMaskGenerator(grid, masked_count, min_num_patches=min(16, masked_count), seed=int(cfg["seed"])).sample(count)
+    tokens = tokenizer.encode(images)
+    corrupted, replaced = ccvit_corrupt(images, mask, tokens, tokenizer.centroids, int(round(n * 20 / 196)),
+                                        seed=int(cfg["seed"]))
+    _, pixels = model(corrupted, mask, replaced)          # [M, C·p·p] at mask | replaced
+    clean = tokenizer.patchify(images)
+    mean = clean.mean(axis=-1, keepdims=True)
+    std = np.sqrt(clean.var(axis=-1, ddof=1, keepdims=True) + 1e-6)
+    chosen = mask | replaced
+    recon = clean.copy()
+    recon[chosen] = pixels * std[chosen] + mean[chosen]
+    shown = tokenizer.patchify(corrupted)
+    shown[mask] = 0.5
+    rows = [images, tokenizer.unpatchify(shown, (grid, grid)), np.clip(tokenizer.unpatchify(recon, (grid, grid)), 0, 1)]
+    viz.image_grid(os.path.join(out, "ccvit.png"), np.concatenate(rows), nrow=count, scale=4)
 
 
 @command("demo", "end-to-end demo on the built-in digits: tokenize, pre-train MaPeT, MIM, CCViT and DTM, "
