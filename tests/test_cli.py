@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import mapet
@@ -48,6 +49,12 @@ def test_tokenize_pretrain_finetune_linprobe_eval(tmp_path):
     assert json.loads(out.strip().splitlines()[-1])["steps"] > 0
     dtm = mapet.load(os.path.join(tmp_path, "dtm", "model.safetensors"))
     assert isinstance(dtm, mapet.DTM) and dtm.config["output_dim"] == 24  # the teacher's embed_dim
+    count = len(mapet.data.load_digits(16, "train")[0])
+    np.save(os.path.join(tmp_path, "feats.npy"), np.random.default_rng(0).random((count, 17, 8), dtype=np.float32))
+    out = _run("pretrain", *TINY, "--set", "method=dtm", "--set", "dtm.teacher=feats.npy", "--set", "epochs=1",
+               "-o", "dtm-npy", cwd=tmp_path)
+    assert json.loads(out.strip().splitlines()[-1])["steps"] > 0
+    assert mapet.load(os.path.join(tmp_path, "dtm-npy", "model.safetensors")).config["output_dim"] == 8
     out = _run("finetune", *TINY, "--set", "epochs=1", "--set", "pretrained=mapet/model.safetensors",
                "-o", "ft", cwd=tmp_path)
     assert 0.0 <= json.loads(out.strip().splitlines()[-1])["top1"] <= 1.0

@@ -145,3 +145,17 @@ def test_dtm_teacher_from_a_pretraining_file_is_its_trunk(digits, tmp_path):
     with pytest.raises(ValueError, match="needs tokenizer="):
         mapet.train.pretrain("ccvit", model="tiny", data=digits[0][:64], tokens=np.zeros((64, 16), int),
                              epochs=1, num_tokens=16, **TINY)
+
+
+def test_dtm_with_precomputed_teacher_features_equals_the_live_teacher(digits):
+    # Features stored once per image (e.g. CLIP run offline) ride along with the images through
+    # the loader: the same run as calling the teacher on every batch.
+    x = digits[0][:64]
+    teacher = mapet.create_model("vit_tiny_patch16_224", seed=9, **TINY)
+    kw = dict(model="tiny", data=x, epochs=1, batch_size=32, seed=1, **TINY)
+    live, h_live = mapet.train.pretrain("dtm", teacher=teacher, **kw)
+    stored, h_stored = mapet.train.pretrain("dtm", teacher=teacher.forward_features(x), **kw)
+    assert h_stored["loss"] == h_live["loss"]
+    assert np.array_equal(stored.flat_params, live.flat_params)
+    with pytest.raises(ValueError, match=r"teacher: precomputed features must be \[64, 16"):
+        mapet.train.pretrain("dtm", teacher=np.zeros((63, 16, 8), np.float32), **kw)

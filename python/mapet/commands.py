@@ -138,10 +138,15 @@ def run_pretrain(cfg: Dict[str, Any]):
         teacher = cfg.get("dtm", {}).get("teacher")
         if not teacher:
             raise ValueError("config: method dtm needs dtm.teacher, the path of a model file whose trunk gives "
-                             "the target features (e.g. a pre-trained mapet model.safetensors)")
-        from .train import teacher_features
-        extra["teacher"] = teacher_features(teacher)
-        overrides["output_dim"] = int(np.asarray(extra["teacher"](images[:1])).shape[-1])
+                             "the target features (e.g. a pre-trained mapet model.safetensors), or of a .npy "
+                             "file of precomputed features [images, patches (+1), d]")
+        if str(teacher).endswith(".npy"):
+            extra["teacher"] = np.load(teacher, mmap_mode="r")
+            overrides["output_dim"] = int(extra["teacher"].shape[-1])
+        else:
+            from .train import teacher_features
+            extra["teacher"] = teacher_features(teacher)
+            overrides["output_dim"] = int(np.asarray(extra["teacher"](images[:1])).shape[-1])
     else:
         cache_dir = cfg.get("tokens") or tokenize_dataset(cfg)
         tokens = np.asarray(TokenCache.open(cache_dir, length=len(images)).tokens)

@@ -241,9 +241,13 @@ def _as_dataset(data, labels=None):
 
 
 class _ImagesWithTokens:
-    """Images [n, C, H, W] with their visual tokens [n, num_patches]: items (image, tokens)."""
+    """Images [n, C, H, W] with their visual tokens [n, num_patches] (or, ``per_patch=False``, any
+    per-image rows such as stored teacher features): items (image, tokens)."""
 
-    def __init__(self, images: np.ndarray, tokens: Any, n_patches: int):
+    def __init__(self, images: np.ndarray, tokens: Any, n_patches: int, per_patch: bool = True):
+        if not per_patch:
+            self.images, self.tokens = images, tokens
+            return
         tokens = np.asarray(tokens)
         if not np.issubdtype(tokens.dtype, np.integer):
             raise TypeError(f"tokens: expected an integer array, got dtype {tokens.dtype}")
@@ -404,8 +408,10 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
             centroids [K, C·P·P]); the replaced patches take their centroid's pixels.
         num_replace: CCViT: visible patches replaced per image (default 20/196 of the patches).
         token_weight, pixel_weight: CCViT loss weights (1 : 1).
-        teacher: DTM: the frozen teacher (see :func:`teacher_features`); ``tokens`` is unused.
-            A model given by size gets ``output_dim`` from the teacher's feature dimension.
+        teacher: DTM: the frozen teacher (see :func:`teacher_features`), run on every batch; or
+            its features precomputed once, an array [len(data), num_patches (+1), d] aligned with
+            ``data`` (memory-mapped arrays work). ``tokens`` is unused. A model given by size gets
+            ``output_dim`` from the teacher's feature dimension.
 
     Returns:
         (model, history) with history {"loss": [...], "lr": [...]} per optimizer step.
@@ -414,10 +420,14 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
     from .sampling import BlockMaskGenerator, PermutationSampler
 
     method = _check_method(method)
-    features = teacher_features(teacher) if method == "dtm" else None
+    stored = method == "dtm" and isinstance(teacher, np.ndarray)  # precomputed features, one row per image
+    features = teacher_features(teacher) if method == "dtm" and not stored else None
     if method == "dtm" and isinstance(model, str) and "output_dim" not in model_overrides:
-        probe = _images_of(data)[:1] if not hasattr(data, "get_batch") else data.get_batch(np.arange(1))[0]
-        model_overrides["output_dim"] = int(np.asarray(features(np.asarray(probe, np.float32))).shape[-1])
+        if stored:
+            model_overrides["output_dim"] = int(teacher.shape[-1])
+        else:
+            probe = _images_of(data)[:1] if not hasattr(data, "get_batch") else data.get_batch(np.arange(1))[0]
+            model_overrides["output_dim"] = int(np.asarray(features(np.asarray(probe, np.float32))).shape[-1])
     if isinstance(model, str):
         name = model if "_" in model else f"{'beit' if method == 'mim' else method}_{model}_patch16_224"
         model = create_model(name, **model_overrides)
@@ -428,7 +438,13 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
     cfg = model.config
     grid = cfg["img_size"] // cfg["patch_size"]
     n_patches = grid * grid
-    if tokens is not None:
+    if stored:
+        images = _images_of(data)
+        if teacher.ndim != 3 or teacher.shape[0] != len(images) or teacher.shape[1] not in (n_patches, n_patches + 1):
+            raise ValueError(f"teacher: precomputed features must be [{len(images)}, {n_patches} (or {n_patches + 1} "
+                             f"with a class token), d] (one row per image of data), got {teacher.shape}")
+        dataset = _ImagesWithTokens(images, teacher, n_patches, per_patch=False)
+    elif tokens is not None:
         dataset = _ImagesWithTokens(_images_of(data), tokens, n_patches)
     else:
         dataset = _as_dataset(data)
@@ -476,7 +492,7 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
 
         def step_fn(batch):
             images = np.asarray(batch[0], np.float32)
-            target = np.asarray(features(images), np.float32)
+            target = np.asarray(batch[-1] if stored else features(images), np.float32)
             schedules = DTMSchedule(seeds.next()).draw(n_patches)
             return model.train_step(images, target, masks.sample(images.shape[0]), schedules=schedules), images.shape[0]
     optimizer = _make_optimizer(model, lr, weight_decay, clip_grad=clip_grad)
