@@ -71,5 +71,6 @@ def test_demo_on_a_tiny_budget(tmp_path):
                "--set", "linprobe.epochs=3", "-o", "demo", cwd=tmp_path)
     for row in ("MaPeT", "MIM", "CCViT", "DTM", "scratch"):
         assert row in out
-    for f in ("results.md", "results.png", "results.json", "curves.png", "masks.png", "tokens.png", "ccvit.png"):
+    for f in ("results.md", "results.png", "results.json", "curves.png", "masks.png", "tokens.png", "ccvit.png",
+              "dtm.png"):
         assert os.path.exists(os.path.join(tmp_path, "demo", f))

@@ -122,3 +122,15 @@ def test_plot_bars_numpy_heights_follow_values(tmp_path):
             group = slice(20 + int(j * 80), 20 + int((j + 1) * 80))
             heights = match[:, group].sum(axis=0)
             assert heights.max() == int(round(v * plot_h)), (j, k, heights.max())
+
+
+def test_group_overlay_paints_merged_groups_only():
+    x = np.full((1, 1, 8, 8), 0.5)
+    g = np.array([[0, 0, 1, 2]])          # patches 0 and 1 merged; 2 and 3 alone
+    out = viz.group_overlay(x, g, alpha=1.0)
+    assert out.shape == (1, 3, 8, 8)
+    np.testing.assert_array_equal(out[0, :, :4, :4], out[0, :, :4, 4:])     # one group, one colour
+    assert not np.allclose(out[0, :, :4, :4], 0.5)
+    np.testing.assert_array_equal(out[0, :, 4:, :], 0.5)                    # singletons untouched
+    with pytest.raises(ValueError, match="membership must be"):
+        viz.group_overlay(x, np.zeros((1, 3), int))

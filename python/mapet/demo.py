@@ -118,11 +118,14 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
         pictures(cfg, out)
     if "ccvit" in cfg["methods"]:
         ccvit_picture(cfg, out)
+    if "dtm" in cfg["methods"]:
+        dtm_picture(cfg, out)
     print(table)
     print("\nBudget:", budget)
     outputs = ["results.md", "results.png", "results.json", "curves.png"]
     outputs += ["masks.png", "tokens.png"] if "mapet" in cfg["methods"] else []
     outputs += ["ccvit.png"] if "ccvit" in cfg["methods"] else []
+    outputs += ["dtm.png"] if "dtm" in cfg["methods"] else []
     print(f"Outputs in {out}/ ({', '.join(outputs)})")
     return {"results": results, "timings": timings, "total_s": total}
 
@@ -193,6 +196,27 @@ def ccvit_picture(cfg: Dict[str, Any], out: str, count: int = 8) -> None:
     shown[mask] = 0.5
     rows = [images, tokenizer.unpatchify(shown, (grid, grid)), np.clip(tokenizer.unpatchify(recon, (grid, grid)), 0, 1)]
     viz.image_grid(os.path.join(out, "ccvit.png"), np.concatenate(rows), nrow=count, scale=4)
+
+
+def dtm_picture(cfg: Dict[str, Any], out: str, count: int = 8) -> None:
+    """dtm.png: how DTM's morphing groups the teacher's patch features of test digits — rows for
+    3, 6 and 9 rounds of n/16 merges (4 for the demo's 64 patches; merged groups coloured, singletons
+    plain; colours repeat after seven groups)."""
+    from . import viz
+    from .data import load_digits
+    from .objectives import morph_tokens
+    from .train import teacher_features
+
+    m = cfg["model"]
+    images = load_digits(int(m["img_size"]), "test")[0][:count]
+    teacher = cfg.get("dtm", {}).get("teacher") or os.path.join(out, "mapet", "model.safetensors")
+    if str(teacher).endswith(".npy"):
+        return  # stored features belong to the training images
+    feats = np.asarray(teacher_features(teacher)(images))[:, 1:]
+    n = feats.shape[1]
+    rows = [viz.group_overlay(images, morph_tokens(feats, r=max(1, n // 16), iterations=k).membership)
+            for k in (3, 6, 9)]
+    viz.image_grid(os.path.join(out, "dtm.png"), np.concatenate([images] + rows), nrow=count, scale=4)
 
 
 @command("demo", "end-to-end demo on the built-in digits: tokenize, pre-train MaPeT, MIM, CCViT and DTM, "

@@ -1,4 +1,4 @@
-"""Pictures as PNG files: training curves, attention masks, image grids.
+"""Pictures as PNG files: training curves, attention masks, image grids, token groups.
 
 Works with NumPy alone (a small PNG encoder over ``zlib`` and a line rasteriser); when
 matplotlib is installed, ``plot_curves`` uses it for labelled axes and a legend
@@ -95,6 +95,49 @@ def image_grid(path: Optional[str], images: np.ndarray, nrow: Optional[int] = No
     if path is not None:
         write_png(path, pixels)
     return pixels
+
+
+def group_overlay(images: np.ndarray, membership: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """Paint every patch of ``images`` with the colour of its token group (DTM morphing).
+
+    Args:
+        images: [B, C, H, W] in [0, 1] (C = 1 or 3), a square grid of patches.
+        membership: [B, n] group id of every patch (``mapet.morph_tokens(...).membership``);
+            groups of one patch are left unpainted, so merged regions stand out.
+        alpha: weight of the group colour.
+
+    Returns:
+        float [B, 3, H, W] in [0, 1], for :func:`image_grid`.
+
+    Example:
+        >>> x = np.zeros((1, 3, 8, 8)); g = np.array([[0, 0, 1, 2]])
+        >>> group_overlay(x, g).shape
+        (1, 3, 8, 8)
+    """
+    x = np.asarray(images, dtype=np.float64)
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"group_overlay: expected images [B, 1|3, H, W], got shape {x.shape}")
+    if x.shape[1] == 1:
+        x = np.repeat(x, 3, axis=1)
+    g = np.asarray(membership)
+    B, _, H, W = x.shape
+    grid = int(round(g.shape[-1] ** 0.5)) if g.ndim == 2 else 0
+    if g.shape != (B, grid * grid) or H % grid or W % grid:
+        raise ValueError(f"group_overlay: membership must be [{B}, a square number of patches dividing "
+                         f"{H}×{W}], got shape {g.shape}")
+    ph, pw = H // grid, W // grid
+    colours = PALETTE[:7].astype(np.float64) / 255.0  # no black
+    out = x.copy()
+    for b in range(B):
+        ids, counts = np.unique(g[b], return_counts=True)
+        merged = {int(i): k for k, i in enumerate(ids[counts > 1])}
+        for q, gid in enumerate(g[b]):
+            if int(gid) in merged:
+                r, c = divmod(q, grid)
+                tile = out[b, :, r * ph:(r + 1) * ph, c * pw:(c + 1) * pw]
+                tile *= 1 - alpha
+                tile += alpha * colours[merged[int(gid)] % len(colours)][:, None, None]
+    return out
 
 
 def mask_image(mask: np.ndarray, cell: int = 4, true_color=(0, 0, 0), false_color=(255, 255, 255)) -> np.ndarray:
