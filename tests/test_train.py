@@ -159,3 +159,12 @@ def test_dtm_with_precomputed_teacher_features_equals_the_live_teacher(digits):
     assert np.array_equal(stored.flat_params, live.flat_params)
     with pytest.raises(ValueError, match=r"teacher: precomputed features must be \[64, 16"):
         mapet.train.pretrain("dtm", teacher=np.zeros((63, 16, 8), np.float32), **kw)
+
+
+def test_ccvit_tokens_default_to_the_tokenizers_encoding(digits, pixel_tokens):
+    tok, tokens = pixel_tokens
+    kw = dict(model="tiny", data=digits[0][:64], tokenizer=tok, epochs=1, batch_size=32, seed=2, num_tokens=16, **TINY)
+    given, h_given = mapet.train.pretrain("ccvit", tokens=tokens[:64], **kw)
+    implied, h_implied = mapet.train.pretrain("ccvit", **kw)
+    assert h_implied["loss"] == h_given["loss"]
+    assert np.array_equal(implied.flat_params, given.flat_params)

@@ -405,7 +405,8 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
         output_dir: where checkpoints go; a run with an existing ``last.safetensors`` resumes.
         stop_after: stop after this many optimizer steps in total (checkpointing first).
         tokenizer: CCViT: the ``PixelTokenizer`` that made ``tokens`` (or its file, or its
-            centroids [K, C·P·P]); the replaced patches take their centroid's pixels.
+            centroids [K, C·P·P]); the replaced patches take their centroid's pixels. With a
+            ``PixelTokenizer`` and images in memory, ``tokens`` may be left out: they are encoded once.
         num_replace: CCViT: visible patches replaced per image (default 20/196 of the patches).
         token_weight, pixel_weight: CCViT loss weights (1 : 1).
         teacher: DTM: the frozen teacher (see :func:`teacher_features`), run on every batch; or
@@ -446,6 +447,9 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
         dataset = _ImagesWithTokens(images, teacher, n_patches, per_patch=False)
     elif tokens is not None:
         dataset = _ImagesWithTokens(_images_of(data), tokens, n_patches)
+    elif method == "ccvit" and hasattr(tokenizer, "encode") and isinstance(data, (np.ndarray, tuple)):
+        images = _images_of(data)  # centroid ids of the clean patches, computed once
+        dataset = _ImagesWithTokens(images, tokenizer.encode(images), n_patches)
     else:
         dataset = _as_dataset(data)
     loader = DataLoader(dataset, batch_size, shuffle=True, seed=seed, prefetch=1)
