@@ -9,7 +9,7 @@ step, as the reference does in its data loader). Runs are interleaved, median of
 Before timing, the script copies mapet's weights into the PyTorch models (MaPeT, PIM, BEiT) by
 state_dict name and checks that inference logits agree (a cross-check of names, order and maths).
 
-Run:  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE /tmp/mapet-peers/bin/python bench/mapet_step.py
+Run:  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv-bench/bin/python bench/mapet_step.py
 """
 import argparse
 import os

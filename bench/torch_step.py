@@ -2,7 +2,7 @@
 
 Benchmark-only (needs torch). Standalone:
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(/work/shared/tools/peer-venv.sh) bench/torch_step.py
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv-bench/bin/python bench/torch_step.py
 
 Importable by the mapet-vs-torch benchmarks, which interleave the two sides themselves:
 

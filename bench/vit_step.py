@@ -6,7 +6,7 @@ recipe's layer scale (0.1) and drop path (0.1), global_pool='token'. Also prints
 achieved GFLOP/s (analytic matmul FLOPs of the step) against the BLAS SGEMM peak measured in
 the same run through mapet's own GEMM path (2 workers × single-threaded OpenBLAS).
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(/work/shared/tools/peer-venv.sh) bench/vit_step.py
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv-bench/bin/python bench/vit_step.py
 """
 import argparse
 import os
