@@ -23,6 +23,7 @@ public func attentionForward<Mask: AttentionMask>(
     v: UnsafePointer<Float>, ldV: Int,
     B: Int, M: Int, Nk: Int, C: Int, H: Int, mask: Mask
 ) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.attention, t0) }
     precondition(H > 0 && C % H == 0, "attention: C must be a multiple of H")
     let D = C / H
     let scale = 1 / Float(D).squareRoot()
@@ -60,6 +61,7 @@ public func attentionBackward(
     v: UnsafePointer<Float>, ldV: Int,
     B: Int, M: Int, Nk: Int, C: Int, H: Int
 ) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.attention, t0) }
     let D = C / H
     let scale = 1 / Float(D).squareRoot()
     nonisolated(unsafe) let dQ = dQ, dK = dK, dV = dV, dOut = dOut, probs = probs, q = q, k = k, v = v

@@ -8,6 +8,7 @@ public func linearForward(
     weight: UnsafePointer<Float>, bias: UnsafePointer<Float>?,
     rows: Int, inFeatures IC: Int, outFeatures OC: Int
 ) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.gemm, t0) }
     var beta: Float = 0
     if let bias {
         nonisolated(unsafe) let out = out, bias = bias
@@ -26,6 +27,7 @@ public func linearBackward(
     dOut: UnsafePointer<Float>, input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
     rows: Int, inFeatures IC: Int, outFeatures OC: Int
 ) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.gemm, t0) }
     if let dInput {
         sgemmParallel(transA: false, transB: false, M: rows, N: IC, K: OC, alpha: 1, A: dOut, lda: OC,
                       B: weight, ldb: IC, beta: 1, C: dInput, ldc: IC)

@@ -5,6 +5,7 @@
 
 public func patchifyForward(patches: UnsafeMutablePointer<Float>, images: UnsafePointer<Float>,
                             B: Int, inChans: Int, imgSize S: Int, patch p: Int) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.elementwise, t0) }
     let g = S / p, n = g * g, K = inChans * p * p
     nonisolated(unsafe) let patches = patches, images = images
     Parallel.forEach(B) { b in
@@ -25,6 +26,7 @@ public func patchifyForward(patches: UnsafeMutablePointer<Float>, images: Unsafe
 /// dImages += the patches' gradient scattered back to pixel positions.
 public func patchifyBackward(dImages: UnsafeMutablePointer<Float>, dPatches: UnsafePointer<Float>,
                              B: Int, inChans: Int, imgSize S: Int, patch p: Int) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.elementwise, t0) }
     let g = S / p, n = g * g, K = inChans * p * p
     nonisolated(unsafe) let dImages = dImages, dPatches = dPatches
     Parallel.forEach(B) { b in
