@@ -89,7 +89,7 @@ final class BufferArena {
             guard cols <= 1 || s1 == b.itemsize else {
                 throw PyError.value("\(name): expected rows with unit stride, got strides \([s0, s1]) for shape \(actual) (use np.ascontiguousarray)")
             }
-            if rows <= 1 {
+            if rows <= 1 || cols == 0 {
                 rowStride = max(cols, 1)
             } else {
                 guard s0 % b.itemsize == 0, s0 / b.itemsize >= max(cols, 1) else {

@@ -41,7 +41,7 @@ public func bf16Gemm(transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
     beta: Float, C: UnsafeMutablePointer<Float>, ldc: Int)
 {
     bf16GemmDriver(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
-                   B: B, ldb: ldb, beta: beta, C: C, ldc: ldc, threads: 1)
+                   B: B, ldb: ldb, beta: beta, C: C, ldc: ldc, parallel: false)
 }
 
 /// The same over Parallel.threadCount workers. Work is split in tiles whose boundaries depend
@@ -52,11 +52,8 @@ public func bf16GemmParallel(transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
     alpha: Float, A: UnsafePointer<Float>, lda: Int, B: UnsafePointer<Float>, ldb: Int,
     beta: Float, C: UnsafeMutablePointer<Float>, ldc: Int)
 {
-    // Small products are not worth a thread hop (the result is the same either way).
-    let flops = 2.0 * Double(M) * Double(N) * Double(K)
     bf16GemmDriver(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
-                   B: B, ldb: ldb, beta: beta, C: C, ldc: ldc,
-                   threads: flops < 4e6 ? 1 : Parallel.threadCount)
+                   B: B, ldb: ldb, beta: beta, C: C, ldc: ldc, parallel: true)
 }
 
 /// Rounds to bf16 with round-to-nearest-even and back to fp32 (NaN stays NaN): the reference
@@ -70,11 +67,11 @@ public func bf16Round(_ x: Float) -> Float {
 
 private func bf16GemmDriver(transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
     alpha: Float, A: UnsafePointer<Float>, lda: Int, B: UnsafePointer<Float>, ldb: Int,
-    beta: Float, C: UnsafeMutablePointer<Float>, ldc: Int, threads: Int)
+    beta: Float, C: UnsafeMutablePointer<Float>, ldc: Int, parallel: Bool)
 {
     if M <= 0 || N <= 0 { return }
     guard BF16.isActive else {
-        if threads == 1 {
+        if !parallel {
             sgemm(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
                   B: B, ldb: ldb, beta: beta, C: C, ldc: ldc)
         } else {
@@ -97,6 +94,9 @@ private func bf16GemmDriver(transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
     let tileRows = shape.rows, tileCols = shape.cols
     let rowTiles = (M + tileRows - 1) / tileRows, colTiles = (N + tileCols - 1) / tileCols
     let tiles = rowTiles * colTiles
+    // Small products are not worth a thread hop (the result is the same either way).
+    let flops = 2.0 * Double(M) * Double(N) * Double(K)
+    let threads = parallel && flops >= 4e6 ? Parallel.threadCount : 1
     let workers = max(1, min(threads, tiles))
     let tA: Int32 = transA ? 1 : 0, tB: Int32 = transB ? 1 : 0
 
