@@ -32,3 +32,21 @@ def blas_info() -> Dict[str, object]:
     """Describe the BLAS mapet calls: OpenBLAS build config, detected core, its thread count."""
     config, core, threads = _core.blas_info()
     return {"config": config, "corename": core, "blas_threads": threads}
+
+
+def bf16_info() -> Dict[str, object]:
+    """Describe the bf16 GEMM behind ``precision="bf16"``.
+
+    Returns:
+        ``{"native": bool, "active": bool, "kernel": str}``: whether the CPU has AVX512-BF16,
+        whether the kernel is in use (native and not switched off with the environment
+        variable ``MAPET_BF16=off``, read once at first use), and the kernel's name
+        (``"fp32 (sgemm fallback)"`` when inactive: bf16 products are then computed in float32).
+
+    Example:
+        >>> import mapet
+        >>> sorted(mapet.bf16_info())
+        ['active', 'kernel', 'native']
+    """
+    native, active, kernel = _core.bf16_info()
+    return {"native": bool(native), "active": bool(active), "kernel": kernel}
