@@ -35,6 +35,11 @@ let runtimeMethods: [Method] = [
         })
     } }, doc: "profile_snapshot() -> [(class, nanoseconds, calls)] in kernel-class order."),
 
+    Method(name: "bf16_status", function: { _, a, n in call(a, n, "bf16_status") { args in
+        try args.expect(0)
+        return try pyTuple([pyBool(BF16.isNative), pyBool(BF16.isActive)])
+    } }, doc: "bf16_status() -> (native, active): the CPU runs bf16 products; they are used (MAPET_BF16 != 'off')."),
+
     Method(name: "live_storages", function: { _, a, n in call(a, n, "live_storages") { args in
         try args.expect(0)
         return pyInt(TensorStorage.liveCount.current)
