@@ -270,6 +270,7 @@ np.savez({out!r}, logits=vit(x), grads=vit.flat_grads, loss=loss, mlogits=mp(x, 
 """
 
 
+@pytest.mark.bitwise
 def test_fallback_forced_by_the_environment_equals_fp32(tmp_path):
     # MAPET_BF16=off in a fresh process: models asked for bf16 compute exactly the fp32 path
     # (same GEMM calls, same thread count: bitwise equal) and one log line says so.
@@ -315,6 +316,7 @@ def _finetune(digits, out, stop_after=None, **kw):
                     checkpoint_every=2, stop_after=stop_after, **FT, **kw)
 
 
+@pytest.mark.bitwise
 def test_bf16_finetune_resumes_bitwise_and_keeps_its_precision(digits, tmp_path):
     full, h_full = _finetune(digits, tmp_path / "full", precision="bf16")
     _finetune(digits, tmp_path / "cut", stop_after=5, precision="bf16")
@@ -331,6 +333,7 @@ def test_bf16_finetune_resumes_bitwise_and_keeps_its_precision(digits, tmp_path)
     assert load_checkpoint(find_checkpoint(str(tmp_path / "full")))[1]["config"]["precision"] == "bf16"
 
 
+@pytest.mark.bitwise
 def test_bf16_pretraining_resumes_bitwise(digits, tmp_path):
     tokens = np.random.default_rng(0).integers(0, 16, (len(digits[0]), 16))
 
@@ -346,6 +349,7 @@ def test_bf16_pretraining_resumes_bitwise(digits, tmp_path):
     assert h_resumed["loss"] == h_full["loss"] and np.array_equal(resumed.flat_params, full.flat_params)
 
 
+@pytest.mark.bitwise
 def test_checkpoints_are_fp32_and_move_between_precisions(tmp_path):
     rng = np.random.default_rng(5)
     x, y = tv.batch(rng, 3)
