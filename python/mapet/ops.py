@@ -5,15 +5,13 @@ who want one fast operation. Inputs are converted once with ``np.ascontiguousarr
 (no copy when already float32 and C-contiguous); outputs may be supplied with ``out=``
 and are then written in place.
 """
-import logging
 from typing import Optional
 
 import numpy as np
 
 from ._native import _core
+from ._runtime import warn_if_bf16_inactive
 
-log = logging.getLogger(__name__)
-_bf16_fallback_logged = False
 
 
 def _f32(x: np.ndarray, name: str) -> np.ndarray:
@@ -62,7 +60,6 @@ def matmul(a: np.ndarray, b: np.ndarray, out: Optional[np.ndarray] = None, *,
         >>> mapet.ops.matmul(np.eye(2, dtype=np.float32), np.ones((2, 3), np.float32), precision="bf16")[0]
         array([1., 1., 1.], dtype=float32)
     """
-    global _bf16_fallback_logged
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"matmul: precision must be 'fp32' or 'bf16', got {precision!r}")
     a, b = _rows_f32(a, "a"), _rows_f32(b, "b")
@@ -75,11 +72,7 @@ def matmul(a: np.ndarray, b: np.ndarray, out: Optional[np.ndarray] = None, *,
             raise ValueError("matmul: beta != 0 needs out=")
         out = np.empty((m, n), dtype=np.float32)
     if precision == "bf16":
-        if not _bf16_fallback_logged and not _core.bf16_info()[1]:
-            _bf16_fallback_logged = True
-            native = _core.bf16_info()[0]
-            log.warning("bf16 is unavailable (%s): matmul(precision='bf16') computes in float32",
-                        "switched off by MAPET_BF16=off" if native else "this CPU lacks avx512_bf16")
+        warn_if_bf16_inactive("matmul(precision='bf16')")
         _core.gemm_bf16(a, b, out, bool(trans_a), bool(trans_b), float(alpha), float(beta))
     else:
         _core.gemm(a, b, out, bool(trans_a), bool(trans_b), float(alpha), float(beta))
