@@ -396,19 +396,22 @@ def test_cli_sets_precision_and_records_it(tmp_path):
 
 
 def test_bf16_finetuning_on_digits_reaches_fp32_accuracy():
-    # One run's top-1 on 359 test digits moves by ±1.5 points with the seed alone (bf16 or not),
-    # so the claim "bf16 reaches the fp32 accuracy within 1 point" is tested on the mean over
-    # four seeds, paired (same seed, same data order) — not on one lucky or unlucky run.
+    # Fine-tuning in a stable regime (lr 1e-3, 15 epochs): there, one run's trajectory is not chaotic,
+    # so what separates the bf16 and the fp32 run is the precision, not the seed-to-seed noise
+    # (at lr 3e-3 the same pair differs by ±2 points whatever the precision). Measured: 84-85% top-1,
+    # the two precisions agree on 99.7-100% of the test digits. A bf16 product that corrupted the
+    # forward or the backward would show up as lost accuracy or disagreement.
     x, y = load_digits(16, "train")
     xt, yt = load_digits(16, "test")
-    acc = {"fp32": [], "bf16": []}
-    for seed in range(4):
-        for precision in acc:
-            model, _ = finetune("vit_tiny_patch16_224", (x, y), epochs=40, batch_size=64, lr=3e-3, seed=seed,
+    for seed in (0, 1):
+        pred = {}
+        for precision in ("fp32", "bf16"):
+            model, _ = finetune("vit_tiny_patch16_224", (x, y), epochs=15, batch_size=64, lr=1e-3, seed=seed,
                                 layer_decay=None, warmup_epochs=1, label_smoothing=0.0, img_size=16, patch_size=4,
                                 embed_dim=48, depth=2, num_heads=4, drop_path_rate=0.0, global_pool="avg",
                                 precision=precision)
-            acc[precision].append(evaluate(model, (xt, yt))["top1"])
-    mean = {p: float(np.mean(v)) for p, v in acc.items()}
-    assert mean["fp32"] > 0.9, acc
-    assert mean["bf16"] >= mean["fp32"] - 0.01, acc
+            pred[precision] = model(xt).argmax(1)
+        acc = {p: float((v == yt).mean()) for p, v in pred.items()}
+        assert acc["fp32"] > 0.8, acc
+        assert acc["bf16"] >= acc["fp32"] - 0.01, (seed, acc)
+        assert (pred["bf16"] == pred["fp32"]).mean() >= 0.98, seed
