@@ -15,6 +15,9 @@ relative):
   2⁻⁸-sized roundings; fp32 vs bf16 precision is a factor 2⁻¹⁶, so 2⁻⁸ leaves room and still
   tells an engine that skips the rounding of any product apart); (b) the *largest* error may
   reach the effect of a flipped rounding: ≤ 2⁻⁷ of the output scale (one bf16 ulp).
+  (a) relies on the short reductions of these tiny models (≤ 4·17 rows per weight gradient):
+  in long ones every gradient element sums over rows where a flip happened, plus fp32
+  accumulation error, and the ratio grows (≈ 1/20 measured at 64·17 rows, still far from 1).
 * bf16 vs fp32 engine: "of bf16 size" — at least 2⁻¹² (far above fp32's ≈ 2⁻²⁰ noise) and at
   most 2⁻⁴ relative (sixteen bf16 roundings, for the ~15 chained products of these models).
 The median/maximum statistics hold whatever the accumulation order of the bf16 kernel.
