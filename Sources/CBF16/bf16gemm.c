@@ -198,14 +198,16 @@ static void pack_a(int transA, long K, const float *A, long lda, long ib, long m
 
 /// C[0:mr, 0:nr] (+)= alpha · Σ_k a·b over kpn k-pairs. a: row r, pair q at a[r·rs + q·ks];
 /// b: [q][NR]. first: C = alpha·acc + beta·C (beta == 0: C not read); else C += alpha·acc.
-AVX512BF16
-static void kernel_6x64(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *b,
-                        float *c, long ldc, float alpha, float beta, int first, long mr, long nr) {
+/// `nvu` (1…NV, a constant after inlining) vectors of each B row are used: the last panel of
+/// an N that is not a multiple of NR (197 = 3·64 + 5) computes only the columns it has.
+static inline __attribute__((always_inline)) AVX512BF16
+void kernel_body(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *b,
+                 float *c, long ldc, float alpha, float beta, int first, long mr, long nr, const int nvu) {
     __m512 acc[MR][NV];
 #pragma clang loop unroll(full)
     for (int r = 0; r < MR; r++)
 #pragma clang loop unroll(full)
-        for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();
+        for (int v = 0; v < nvu; v++) acc[r][v] = _mm512_setzero_ps();
     // Bring the C tile in while the k loop runs: it is read and written only at the end, and
     // a large C is far out of cache (its rows are pages apart).
     for (long r = 0; r < mr; r++)
@@ -215,20 +217,20 @@ static void kernel_6x64(long kpn, const uint32_t *a, long rs, long ks, const uin
     for (long q = 0; q < kpn; q++, off += ks, b += NR) {
         __m512bh bv[NV];
 #pragma clang loop unroll(full)
-        for (int v = 0; v < NV; v++) bv[v] = (__m512bh)_mm512_loadu_si512(b + 16 * v);
+        for (int v = 0; v < nvu; v++) bv[v] = (__m512bh)_mm512_loadu_si512(b + 16 * v);
         const uint32_t *rows[MR] = {a0, a1, a2, a3, a4, a5};
 #pragma clang loop unroll(full)
         for (int r = 0; r < MR; r++) {
             __m512bh ar = (__m512bh)_mm512_set1_epi32((int)rows[r][off]);
 #pragma clang loop unroll(full)
-            for (int v = 0; v < NV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], ar, bv[v]);
+            for (int v = 0; v < nvu; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], ar, bv[v]);
         }
     }
     __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
     for (long r = 0; r < mr; r++) {
         float *cr = c + r * ldc;
 #pragma clang loop unroll(full)
-        for (int v = 0; v < NV; v++) {
+        for (int v = 0; v < nvu; v++) {
             __mmask16 m = mask_first(nr - 16 * v);
             if (!m) break;
             __m512 x;
@@ -240,6 +242,17 @@ static void kernel_6x64(long kpn, const uint32_t *a, long rs, long ks, const uin
             }
             _mm512_mask_storeu_ps(cr + 16 * v, m, x);
         }
+    }
+}
+
+AVX512BF16
+static void kernel_6x64(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *b,
+                        float *c, long ldc, float alpha, float beta, int first, long mr, long nr) {
+    switch ((nr + 15) / 16) {
+    case 1: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, first, mr, nr, 1); break;
+    case 2: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, first, mr, nr, 2); break;
+    case 3: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, first, mr, nr, 3); break;
+    default: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, first, mr, nr, NV); break;
     }
 }
 
