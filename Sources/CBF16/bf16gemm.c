@@ -11,8 +11,10 @@
 // one KC block after the other, so its value does not depend on the tiling or the threads.
 #include "mapet_bf16.h"
 
-#include <immintrin.h>
 #include <string.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma,avx2")))
 
@@ -35,7 +37,7 @@ enum {
 };
 
 int mapet_bf16_cpu_supported(void) {
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__x86_64__)
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
         && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
@@ -68,6 +70,8 @@ void mapet_bf16_tile_shape(long M, long N, long K, long *tileRows, long *tileCol
 }
 
 long mapet_bf16_next(long *counter) { return __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED); }
+
+#if defined(__x86_64__)
 
 // ---------------------------------------------------------------- conversion helpers
 
@@ -284,3 +288,19 @@ void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const floa
         }
     }
 }
+
+#else   // not x86-64: mapet_bf16_cpu_supported() is 0 and nothing below is ever called
+
+void mapet_bf16_pack_b(int transB, long K, long N, const float *B, long ldb,
+                       long panel0, long panel1, uint32_t *packed) {
+    (void)transB; (void)K; (void)N; (void)B; (void)ldb; (void)panel0; (void)panel1; (void)packed;
+}
+
+void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const float *A, long lda,
+                     const uint32_t *packedB, float beta, float *C, long ldc,
+                     long i0, long i1, long j0, long j1, uint32_t *abuf) {
+    (void)transA; (void)M; (void)N; (void)K; (void)alpha; (void)A; (void)lda; (void)packedB;
+    (void)beta; (void)C; (void)ldc; (void)i0; (void)i1; (void)j0; (void)j1; (void)abuf;
+}
+
+#endif
