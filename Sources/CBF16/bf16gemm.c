@@ -11,8 +11,10 @@
 // one KC block after the other, so its value does not depend on the tiling or the threads.
 #include "mapet_bf16.h"
 
-#include <immintrin.h>
 #include <string.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma,avx2")))
 
@@ -35,7 +37,7 @@ enum {
 };
 
 int mapet_bf16_cpu_supported(void) {
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__x86_64__)
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
         && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
@@ -68,6 +70,8 @@ void mapet_bf16_tile_shape(long M, long N, long K, long *tileRows, long *tileCol
 }
 
 long mapet_bf16_next(long *counter) { return __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED); }
+
+#if defined(__x86_64__)
 
 // ---------------------------------------------------------------- conversion helpers
 
@@ -198,14 +202,16 @@ static void pack_a(int transA, long K, const float *A, long lda, long ib, long m
 
 /// C[0:mr, 0:nr] (+)= alpha · Σ_k a·b over kpn k-pairs. a: row r, pair q at a[r·rs + q·ks];
 /// b: [q][NR]. first: C = alpha·acc + beta·C (beta == 0: C not read); else C += alpha·acc.
-AVX512BF16
-static void kernel_6x64(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *b,
-                        float *c, long ldc, float alpha, float beta, int first, long mr, long nr) {
+/// `nvu` (1…NV, a constant after inlining) vectors of each B row are used: the last panel of
+/// an N that is not a multiple of NR (197 = 3·64 + 5) computes only the columns it has.
+static inline __attribute__((always_inline)) AVX512BF16
+void kernel_body(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *b,
+                 float *c, long ldc, float alpha, float beta, int first, long mr, long nr, const int nvu) {
     __m512 acc[MR][NV];
 #pragma clang loop unroll(full)
     for (int r = 0; r < MR; r++)
 #pragma clang loop unroll(full)
-        for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();
+        for (int v = 0; v < nvu; v++) acc[r][v] = _mm512_setzero_ps();
     // Bring the C tile in while the k loop runs: it is read and written only at the end, and
     // a large C is far out of cache (its rows are pages apart).
     for (long r = 0; r < mr; r++)
@@ -215,20 +221,20 @@ static void kernel_6x64(long kpn, const uint32_t *a, long rs, long ks, const uin
     for (long q = 0; q < kpn; q++, off += ks, b += NR) {
         __m512bh bv[NV];
 #pragma clang loop unroll(full)
-        for (int v = 0; v < NV; v++) bv[v] = (__m512bh)_mm512_loadu_si512(b + 16 * v);
+        for (int v = 0; v < nvu; v++) bv[v] = (__m512bh)_mm512_loadu_si512(b + 16 * v);
         const uint32_t *rows[MR] = {a0, a1, a2, a3, a4, a5};
 #pragma clang loop unroll(full)
         for (int r = 0; r < MR; r++) {
             __m512bh ar = (__m512bh)_mm512_set1_epi32((int)rows[r][off]);
 #pragma clang loop unroll(full)
-            for (int v = 0; v < NV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], ar, bv[v]);
+            for (int v = 0; v < nvu; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], ar, bv[v]);
         }
     }
     __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
     for (long r = 0; r < mr; r++) {
         float *cr = c + r * ldc;
 #pragma clang loop unroll(full)
-        for (int v = 0; v < NV; v++) {
+        for (int v = 0; v < nvu; v++) {
             __mmask16 m = mask_first(nr - 16 * v);
             if (!m) break;
             __m512 x;
@@ -240,6 +246,17 @@ static void kernel_6x64(long kpn, const uint32_t *a, long rs, long ks, const uin
             }
             _mm512_mask_storeu_ps(cr + 16 * v, m, x);
         }
+    }
+}
+
+AVX512BF16
+static void kernel_6x64(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *b,
+                        float *c, long ldc, float alpha, float beta, int first, long mr, long nr) {
+    switch ((nr + 15) / 16) {
+    case 1: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, first, mr, nr, 1); break;
+    case 2: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, first, mr, nr, 2); break;
+    case 3: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, first, mr, nr, 3); break;
+    default: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, first, mr, nr, NV); break;
     }
 }
 
@@ -271,3 +288,19 @@ void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const floa
         }
     }
 }
+
+#else   // not x86-64: mapet_bf16_cpu_supported() is 0 and nothing below is ever called
+
+void mapet_bf16_pack_b(int transB, long K, long N, const float *B, long ldb,
+                       long panel0, long panel1, uint32_t *packed) {
+    (void)transB; (void)K; (void)N; (void)B; (void)ldb; (void)panel0; (void)panel1; (void)packed;
+}
+
+void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const float *A, long lda,
+                     const uint32_t *packedB, float beta, float *C, long ldc,
+                     long i0, long i1, long j0, long j1, uint32_t *abuf) {
+    (void)transA; (void)M; (void)N; (void)K; (void)alpha; (void)A; (void)lda; (void)packedB;
+    (void)beta; (void)C; (void)ldc; (void)i0; (void)i1; (void)j0; (void)j1; (void)abuf;
+}
+
+#endif
