@@ -33,8 +33,11 @@ CAPTION_SIZE = 9
 _FIGURE_CLASS = None
 
 
+_LINE_COLORS = PALETTE[[0, 1, 2, 3, 4, 5, 7]]  # the yellow is too faint for lines and bars on white
+
+
 def _color(k: int) -> Tuple[float, float, float]:
-    return tuple(PALETTE[k % len(PALETTE)] / 255.0)
+    return tuple(_LINE_COLORS[k % len(_LINE_COLORS)] / 255.0)
 
 
 def _figure_class():
@@ -95,16 +98,17 @@ def caption_of(fig: Any) -> str:
 # ------------------------------------------------------------------ curves and results
 
 def plot_curves(curves: Mapping[str, Any], *, title: str = "Training loss", xlabel: str = "optimizer step",
-                ylabel: str = "loss", logy: bool = False, caption: Optional[str] = None,
+                ylabel: str = "loss", logy: Union[bool, Sequence[str]] = False, caption: Optional[str] = None,
                 path: Optional[str] = None, width: float = 10.0, height: float = 4.5):
     """Line plot of named series; one panel, or one panel per group.
 
     Args:
         curves: name → values (one panel), or panel title → {name → values} (panels side by
             side, e.g. pre-training and fine-tuning losses that live on different scales). Each
-            series is plotted against its own step index; NaN/Inf points are left out.
+            series is plotted against its own step index; NaN/Inf points are left out. A name
+            keeps its colour in every panel.
         title, xlabel, ylabel: the figure's title and the axes' labels.
-        logy: logarithmic y axes.
+        logy: logarithmic y axes (True: all panels; or the titles of the panels that get one).
         caption: what the figure shows (a line under it).
         path: also write the figure as a PNG there.
         width, height: inches (100 dpi).
@@ -123,14 +127,14 @@ def plot_curves(curves: Mapping[str, Any], *, title: str = "Training loss", xlab
         raise ValueError("plot_curves: curves: a panel has no series")
     fig = _new_figure(width, height)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    k = 0
+    colour = {name: k for k, name in enumerate(dict.fromkeys(n for p in panels.values() for n in p))}
     for ax, (panel, series) in zip(axes, panels.items()):
+        log_axis = bool(logy) if isinstance(logy, bool) else panel in logy
         for name, values in series.items():
             v = np.asarray(values, dtype=np.float64).ravel()
-            v = np.where(np.isfinite(v) & ((v > 0) | (not logy)), v, np.nan)
-            ax.plot(np.arange(len(v)), v, label=str(name), color=_color(k), linewidth=1.4)
-            k += 1
-        if logy:
+            v = np.where(np.isfinite(v) & ((v > 0) | (not log_axis)), v, np.nan)
+            ax.plot(np.arange(len(v)), v, label=str(name), color=_color(colour[name]), linewidth=1.4)
+        if log_axis:
             ax.set_yscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
@@ -312,7 +316,8 @@ def image_rows(rows: Sequence[Tuple[str, np.ndarray]], *, title: Optional[str] =
         label_width: inches kept for the row captions.
 
     Returns:
-        The matplotlib Figure (one axes per row, ``ax.images[0]`` holds the tiled row).
+        The matplotlib Figure: per row a caption axes (``fig.axes[2 * i].texts[0]``) and an
+        image axes (``fig.axes[2 * i + 1].images[0]``, the tiled row).
 
     Example:
         >>> image_rows([("test digits", x), ("tokenizer reconstruction", tok.decode(tok.encode(x)))])
@@ -323,14 +328,17 @@ def image_rows(rows: Sequence[Tuple[str, np.ndarray]], *, title: Optional[str] =
     aspect = max(t.shape[1] for t in tiles) / max(t.shape[0] for t in tiles)
     row_h = (width - label_width) / aspect
     fig = _new_figure(width, row_h * len(rows) + 1.5)
-    axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
-    for ax, (label, _), t in zip(axes, rows, tiles):
+    grid = fig.subplots(len(rows), 2, squeeze=False,
+                        gridspec_kw={"width_ratios": [label_width, width - label_width]})
+    for (label_ax, ax), (label, _), t in zip(grid, rows, tiles):
         ax.imshow(t, interpolation="nearest")
+        label_ax.set_axis_off()  # a column of its own for the caption: never clipped
+        label_ax.text(1.0, 0.5, textwrap.fill(str(label), max(12, int(label_width * 10))),
+                      transform=label_ax.transAxes, ha="right", va="center", fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
         for side in ax.spines.values():
             side.set_visible(False)
-        ax.set_ylabel(textwrap.fill(str(label), 24), rotation=0, ha="right", va="center", fontsize=10)
     return _finish(fig, title, caption, path)
 
 
