@@ -169,7 +169,7 @@ def run_pretrain(cfg: Dict[str, Any]):
                               min_lr=float(cfg["min_lr"]), clip_grad=cfg["clip_grad"],
                               accum_steps=int(cfg["accum_steps"]), seed=int(cfg["seed"]),
                               output_dir=_out(cfg, "checkpoints"), checkpoint_every=int(cfg["checkpoint_every"]),
-                              progress=bool(cfg.get("progress", True)), **extra)
+                              progress=cfg.get("progress"), **extra)
     if _is_main():
         model.save(_out(cfg, "model.safetensors"))
     return model, history
@@ -210,7 +210,7 @@ def run_finetune(cfg: Dict[str, Any]):
                               min_lr=float(cfg["min_lr"]), label_smoothing=float(cfg["label_smoothing"]),
                               seed=int(cfg["seed"]), output_dir=_out(cfg, "checkpoints"),
                               checkpoint_every=int(cfg["checkpoint_every"]),
-                              progress=bool(cfg.get("progress", True)))
+                              progress=cfg.get("progress"))
     if _is_main():
         model.save(_out(cfg, "model.safetensors"))
     return model, history, evaluate(model, val)

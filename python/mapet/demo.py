@@ -65,7 +65,7 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
         pcfg = copy.deepcopy(base)
         if cfg.get("dtm"):
             pcfg["dtm"] = dict(cfg["dtm"])
-        pcfg.update(method=method, tokens=cache, output_dir=os.path.join(out, method), progress=False)
+        pcfg.update(method=method, tokens=cache, output_dir=os.path.join(out, method))
         from .commands import PRETRAIN_DEFAULTS
         for k, v in PRETRAIN_DEFAULTS.items():
             pcfg.setdefault(k, v)
@@ -87,8 +87,7 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
         fcfg = copy.deepcopy(base)
         for k, v in FINETUNE_DEFAULTS.items():
             fcfg.setdefault(k, v)
-        fcfg.update(cfg["finetune"], pretrained=pretrained, output_dir=os.path.join(out, f"finetune-{row}"),
-                    progress=False)
+        fcfg.update(cfg["finetune"], pretrained=pretrained, output_dir=os.path.join(out, f"finetune-{row}"))
         _, history, metrics = run_finetune(fcfg)
         tune_curves[row] = history["loss"]
         results[row] = {"linear_probe_top1": probe["val_top1"], "finetune_top1": metrics["top1"]}
