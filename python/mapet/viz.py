@@ -14,9 +14,12 @@ Example:
 import io as _io
 import logging
 import textwrap
-from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+if TYPE_CHECKING:  # matplotlib is imported on first use
+    from matplotlib.figure import Figure
 
 from .io import atomic_write
 
@@ -62,7 +65,7 @@ def _figure_class():
     return _FIGURE_CLASS
 
 
-def _new_figure(width: float, height: float):
+def _new_figure(width: float, height: float) -> "Figure":
     return _figure_class()(figsize=(width, height), dpi=100, layout="constrained")
 
 
@@ -76,7 +79,7 @@ def save(fig: Any, path: str, dpi: Optional[float] = None) -> str:
     return path
 
 
-def _finish(fig: Any, title: Optional[str], caption: Optional[str], path: Optional[str]):
+def _finish(fig: "Figure", title: Optional[str], caption: Optional[str], path: Optional[str]) -> "Figure":
     """Title on top, the caption (wrapped to the figure's width) at the bottom, then save."""
     if title:
         fig.suptitle(title, fontsize=13, fontweight="bold")
@@ -99,7 +102,7 @@ def caption_of(fig: Any) -> str:
 
 def plot_curves(curves: Mapping[str, Any], *, title: str = "Training loss", xlabel: str = "optimizer step",
                 ylabel: str = "loss", logy: Union[bool, Sequence[str]] = False, caption: Optional[str] = None,
-                path: Optional[str] = None, width: float = 10.0, height: float = 4.5):
+                path: Optional[str] = None, width: float = 10.0, height: float = 4.5) -> "Figure":
     """Line plot of named series; one panel, or one panel per group.
 
     Args:
@@ -147,7 +150,7 @@ def plot_curves(curves: Mapping[str, Any], *, title: str = "Training loss", xlab
 
 def plot_bars(table: Mapping[str, Mapping[str, float]], *, title: str = "Results",
               xlabel: str = "top-1 accuracy (%)", caption: Optional[str] = None, percent: bool = True,
-              path: Optional[str] = None, width: float = 9.0, height: Optional[float] = None):
+              path: Optional[str] = None, width: float = 9.0, height: Optional[float] = None) -> "Figure":
     """Horizontal grouped bars of a results table, each bar labelled with its value.
 
     Args:
@@ -208,7 +211,7 @@ def permutation_order(batch: Any, index: int = 0, positional_tokens: bool = True
 
 def plot_masks(batch: Any, index: int = 0, *, positional_tokens: bool = True,
                title: Optional[str] = None, caption: Optional[str] = None, path: Optional[str] = None,
-               width: float = 12.0):
+               width: float = 12.0) -> "Figure":
     """One sample's content- and query-stream masks, in patch order and in permutation order.
 
     Four panels: the content mask [(N+P), (N+P)] above the query mask [P, (N+P)]; left with rows
@@ -307,7 +310,7 @@ def tile(images: np.ndarray, padding: int = 1, pad_value: float = 1.0) -> np.nda
 
 def image_rows(rows: Sequence[Tuple[str, np.ndarray]], *, title: Optional[str] = None,
                caption: Optional[str] = None, path: Optional[str] = None, width: float = 11.0,
-               label_width: float = 2.4):
+               label_width: float = 2.4) -> "Figure":
     """Rows of images, each row captioned on its left (e.g. inputs / reconstructions / predictions).
 
     Args:
