@@ -2,7 +2,6 @@
 shows what it promises: the model summary, the masks, curves and results as inline figures, and
 the pre-trained encoder fine-tuned against one trained from scratch."""
 import json
-import os
 import re
 import sys
 from pathlib import Path
