@@ -146,7 +146,7 @@ def test_figures_render_for_notebooks_and_save_atomically(tmp_path):
     path = tmp_path / "sub" / "f.png"
     assert fig.save(str(path)) == str(path)
     with Image.open(path) as im:
-        assert im.size == (1000, 450)
+        assert im.size == (1000, 520)
     assert sorted(p.name for p in path.parent.iterdir()) == ["f.png"]  # no temporary left behind
 
 

@@ -102,7 +102,7 @@ def caption_of(fig: Any) -> str:
 
 def plot_curves(curves: Mapping[str, Any], *, title: str = "Training loss", xlabel: str = "optimizer step",
                 ylabel: str = "loss", logy: Union[bool, Sequence[str]] = False, caption: Optional[str] = None,
-                path: Optional[str] = None, width: float = 10.0, height: float = 4.5) -> "Figure":
+                path: Optional[str] = None, width: float = 10.0, height: float = 5.2) -> "Figure":
     """Line plot of named series; one panel, or one panel per group.
 
     Args:
@@ -144,7 +144,7 @@ def plot_curves(curves: Mapping[str, Any], *, title: str = "Training loss", xlab
         if panel:
             ax.set_title(panel)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=9, frameon=False)
+        ax.legend(fontsize=9, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2)
     return _finish(fig, title, caption, path)
 
 
