@@ -73,7 +73,8 @@ def tokenize_dataset(cfg: Dict[str, Any]) -> str:
         tokenizer = PixelTokenizer.load(path)
     else:
         tokenizer = PixelTokenizer(patch_size=int(cfg["model"]["patch_size"]), n_tokens=int(tok_cfg["n_tokens"]),
-                                   n_iter=int(tok_cfg.get("n_iter", 20)), seed=int(cfg.get("seed", 0)))
+                                   n_iter=int(tok_cfg.get("n_iter", 20)), seed=int(cfg.get("seed", 0)),
+                                   progress=cfg.get("progress"))
         tokenizer.fit(images)
         if _is_main():
             tokenizer.save(_out(cfg, "tokenizer.safetensors"))
