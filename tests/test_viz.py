@@ -1,127 +1,153 @@
-"""PNG output: the encoder decodes back (by an independent zlib decoder and by Pillow) to the
-same pixels; grids, masks and curves put the right pixels in the right places."""
-import struct
-import zlib
-
+"""Figures: what each one draws is read back from the matplotlib objects and compared with the
+inputs and with masks rebuilt here from SPEC §2's rules; every figure has a title, axis labels,
+named legends and a caption; PNGs are written and decode to the figure's size."""
 import numpy as np
 import pytest
 from PIL import Image
 
+import mapet
 from mapet import viz
-from mapet.viz import PALETTE, encode_png, image_grid, plot_curves, plot_masks, write_png
 
 
-def _decode_png(data: bytes) -> np.ndarray:
-    """Minimal PNG reader for what encode_png writes: checks signature and CRCs, unfilters."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, idat, ihdr, kinds = 8, b"", None, []
-    while pos < len(data):
-        (n,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
-        (crc,) = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
-        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
-        kinds.append(kind)
-        if kind == b"IHDR":
-            ihdr = struct.unpack(">IIBBBBB", body)
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + n
-    assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND"
-    w, h, depth, color, _, _, interlace = ihdr
-    assert depth == 8 and interlace == 0
-    c = {0: 1, 2: 3, 6: 4}[color]
-    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + w * c)
-    assert np.all(raw[:, 0] == 0)  # filter type None on every row
-    return raw[:, 1:].reshape(h, w, c)
+def _texts(fig):
+    return [t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text"))]
 
 
-@pytest.mark.parametrize("shape", [(5, 7), (6, 4, 3), (3, 9, 4), (1, 1)])
-def test_png_round_trip(tmp_path, shape):
-    px = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    data = encode_png(px)
-    back = _decode_png(data)
-    np.testing.assert_array_equal(back.reshape(px.shape), px)
-    write_png(str(tmp_path / "x.png"), px)
-    with Image.open(tmp_path / "x.png") as im:  # a second, independent decoder
-        np.testing.assert_array_equal(np.asarray(im).reshape(px.shape), px)
+def _legend_labels(fig):
+    out = [t.get_text() for lg in fig.legends for t in lg.get_texts()]
+    for ax in fig.axes:
+        if ax.get_legend() is not None:
+            out += [t.get_text() for t in ax.get_legend().get_texts()]
+    return out
 
 
-def test_png_rejects_bad_pixels():
-    with pytest.raises(TypeError, match="uint8"):
-        encode_png(np.zeros((2, 2), np.float32))
-    with pytest.raises(ValueError, match="expected"):
-        encode_png(np.zeros((2, 2, 2), np.uint8))
+def _rule_masks(ranks, least_number, predicted):
+    """SPEC §2's may-attend rules in plain NumPy (float64-free: booleans), patch order."""
+    N, P = len(ranks), len(predicted)
+    ctx = ranks < least_number
+    content = np.zeros((N + P, N + P), bool)
+    for r in range(N):
+        for c in range(N):
+            content[r, c] = ctx[c] or ranks[c] < ranks[r] or c == r
+    for r in range(N):
+        for j, p in enumerate(predicted):
+            content[r, N + j] = not content[r, p]
+    for i in range(P):
+        content[N + i, :N] = ctx
+        content[N + i, N:] = True
+    query = np.zeros((P, N + P), bool)
+    for i, p in enumerate(predicted):
+        for c in range(N):
+            query[i, c] = ctx[c] or ranks[c] < ranks[p]
+        for j, q in enumerate(predicted):
+            query[i, N + j] = ranks[q] >= ranks[p]
+    return content, query
 
 
-def test_image_grid_places_each_image(tmp_path):
-    rng = np.random.default_rng(1)
-    imgs = rng.random((5, 3, 4, 6))
-    imgs[0, 0, 0, 0] = 1.7  # clipped to 1
-    px = image_grid(str(tmp_path / "g.png"), imgs, nrow=3, padding=2, scale=2)
-    assert px.shape == (2 * (8 + 2) + 2, 3 * (12 + 2) + 2, 3)
-    np.testing.assert_array_equal(_decode_png((tmp_path / "g.png").read_bytes()), px)
-    for k in range(5):
-        r, c = divmod(k, 3)
-        top, left = 2 + r * 10, 2 + c * 14
-        tile = px[top:top + 8, left:left + 12]
-        ref = np.clip(imgs[k], 0, 1).transpose(1, 2, 0).repeat(2, 0).repeat(2, 1)
-        np.testing.assert_array_equal(tile, np.floor(ref * 255 + 0.5).astype(np.uint8))
-    assert np.all(px[:2] == 255) and np.all(px[12:, 30:] == 255)  # padding and the empty 6th cell
-    gray = image_grid(None, rng.random((2, 4, 4)), nrow=2)
-    assert np.array_equal(gray[..., 0], gray[..., 1])
+def test_plot_masks_draws_both_orders_with_triangular_permutation_view(tmp_path):
+    L = 5
+    batch = mapet.PermutationSampler(16, least_number=L, seed=3).sample(3)
+    fig = viz.plot_masks(batch, 1, path=str(tmp_path / "masks.png"))
+    ranks, predicted = np.asarray(batch.ranks[1]), np.asarray(batch.predicted[1])
+    content, query = _rule_masks(ranks, L, predicted)
+    N, P = 17, 17 - L
+    drawn = [np.asarray(ax.images[0].get_array()).astype(bool) for ax in fig.axes[:4]]
+    np.testing.assert_array_equal(drawn[0], content)
+    np.testing.assert_array_equal(drawn[2], query)
+    order = np.concatenate([np.argsort(ranks), N + np.argsort(ranks[predicted])])
+    np.testing.assert_array_equal(drawn[1], content[np.ix_(order, order)])
+    np.testing.assert_array_equal(drawn[3], query[np.ix_(np.argsort(ranks[predicted]), order)])
+    # in permutation order the token block is: context columns full, then lower triangular
+    tok = drawn[1][:N, :N]
+    assert tok[:, :L].all()
+    np.testing.assert_array_equal(tok[L:, L:], np.tril(np.ones((N - L, N - L), bool)))
+    # query stream: strictly earlier tokens, own and later placeholders
+    np.testing.assert_array_equal(drawn[3][:, L:N], np.tril(np.ones((P, P), bool), -1))
+    np.testing.assert_array_equal(drawn[3][:, N:], np.triu(np.ones((P, P), bool)))
+    texts = _texts(fig)
+    assert any(t.startswith("MaPeT attention masks") for t in texts)
+    assert {"may attend", "blocked"} <= set(_legend_labels(fig))
+    assert "sorted by the sampled permutation" in viz.caption_of(fig)
+    for ax in fig.axes[:4]:
+        assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+        assert any("context" in t.get_text() or "patches" in t.get_text() for t in ax.get_xticklabels())
+    with Image.open(tmp_path / "masks.png") as im:
+        assert im.size == (int(fig.get_figwidth() * 100), int(fig.get_figheight() * 100))
+    with pytest.raises(ValueError, match="index"):
+        viz.plot_masks(batch, 3)
 
 
-def test_plot_masks_draws_each_entry(tmp_path):
-    rng = np.random.default_rng(2)
-    content, query = rng.random((9, 9)) < 0.4, rng.random((3, 9)) < 0.6
-    px = plot_masks(str(tmp_path / "m.png"), content, query, cell=3, gap=4)
-    np.testing.assert_array_equal(_decode_png((tmp_path / "m.png").read_bytes()), px)
-    assert px.shape == (9 * 3 + 4 + 3 * 3, 27, 3)
-    top, bottom = px[:27, :, 0], px[31:, :, 0]
-    np.testing.assert_array_equal(top[1::3, 1::3] == 0, content)
-    np.testing.assert_array_equal(bottom[1::3, 1::3] == 0, query)
-    with pytest.raises(ValueError, match="same number of columns"):
-        plot_masks(str(tmp_path / "bad.png"), content, query[:, :5])
+def test_plot_masks_pim_has_no_placeholders():
+    batch = mapet.PermutationSampler(9, least_number=3, seed=0).sample(1)
+    fig = viz.plot_masks(batch, positional_tokens=False)
+    assert fig.axes[0].images[0].get_array().shape == (10, 10)
+    assert fig.axes[2].images[0].get_array().shape == (7, 10)
+    assert "placeholder" not in viz.caption_of(fig)
 
 
-def test_plot_curves_numpy_backend(tmp_path):
+def test_plot_bars_labels_every_bar_with_its_value(tmp_path):
+    table = {"from scratch": {"linear probe": 0.25, "fine-tune": 1.0},
+             "MaPeT": {"linear probe": 0.5, "fine-tune": 0.875}}
+    fig = viz.plot_bars(table, title="top-1", caption="what it shows", path=str(tmp_path / "bars.png"))
+    ax = fig.axes[0]
+    widths = sorted(round(p.get_width(), 6) for p in ax.patches)
+    assert widths == sorted([25.0, 100.0, 50.0, 87.5])
+    assert {"25.0%", "100.0%", "50.0%", "87.5%"} <= set(_texts(fig))
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["from scratch", "MaPeT"]
+    assert _legend_labels(fig) == ["linear probe", "fine-tune"]
+    assert ax.get_xlabel() == "top-1 accuracy (%)" and "top-1" in _texts(fig)
+    assert viz.caption_of(fig) == "what it shows"
+    assert (tmp_path / "bars.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="table"):
+        viz.plot_bars({})
+
+
+def test_plot_curves_panels_lines_and_legends(tmp_path):
     rising, falling = np.linspace(0, 1, 50), np.linspace(1, 0, 20) ** 2
-    used = plot_curves(str(tmp_path / "c.png"), {"up": rising, "down": falling, "nan": [np.nan, 0.5]},
-                       backend="numpy", width=300, height=200)
-    assert used == "numpy"
-    px = _decode_png((tmp_path / "c.png").read_bytes())
-    assert px.shape == (200, 300, 3)
-    plot = px[:170]  # above the legend strip
+    fig = viz.plot_curves({"pre-training": {"up": rising, "nan": [np.nan, 0.5, np.inf]},
+                           "fine-tuning": {"down": falling}}, caption="loss per step", path=str(tmp_path / "c.png"))
+    a, b = fig.axes[:2]
+    assert [a.get_title(), b.get_title()] == ["pre-training", "fine-tuning"]
+    np.testing.assert_array_equal(a.lines[0].get_ydata(), rising)
+    np.testing.assert_array_equal(a.lines[0].get_xdata(), np.arange(50))
+    nan_line = np.asarray(a.lines[1].get_ydata())
+    assert np.isnan(nan_line[0]) and nan_line[1] == 0.5 and np.isnan(nan_line[2])
+    np.testing.assert_array_equal(b.lines[0].get_ydata(), falling)
+    assert set(_legend_labels(fig)) == {"up", "nan", "down"}
+    assert a.get_xlabel() == "optimizer step" and a.get_ylabel() == "loss"
+    assert viz.caption_of(fig) == "loss per step"
+    single = viz.plot_curves({"x": [3.0, 2.0, 1.0]}, logy=True)
+    assert single.axes[0].get_yscale() == "log" and _legend_labels(single) == ["x"]
+    with pytest.raises(ValueError, match="curves"):
+        viz.plot_curves({})
 
-    def pixels_of(color):
-        ys, xs = np.nonzero(np.all(plot == color, axis=2))
-        return ys, xs
 
-    ys, xs = pixels_of(PALETTE[0])  # "up": its left end lies lower on screen than its right end
-    assert len(xs) > 100
-    assert ys[xs == xs.min()].mean() > ys[xs == xs.max()].mean() + 100
-    ys, xs = pixels_of(PALETTE[1])  # "down" decreases
-    assert ys[xs == xs.min()].mean() < ys[xs == xs.max()].mean() - 100
-    legend = px[180:192]
+def test_image_rows_tiles_each_row_under_its_caption(tmp_path):
+    rng = np.random.default_rng(0)
+    a, b = rng.random((3, 1, 4, 5)), rng.random((3, 3, 4, 5))
+    fig = viz.image_rows([("inputs", a), ("reconstructions", b)], title="rows", caption="two rows",
+                         path=str(tmp_path / "rows.png"))
+    top, bottom = (np.asarray(ax.images[0].get_array()) for ax in fig.axes[1::2])
+    assert top.shape == (4, 3 * 5 + 2, 3)
     for k in range(3):
-        assert np.any(np.all(legend == PALETTE[k], axis=2))
-    with pytest.raises(ValueError, match="no curves"):
-        plot_curves(str(tmp_path / "e.png"), {})
+        np.testing.assert_array_equal(top[:, k * 6:k * 6 + 5], np.repeat(a[k, 0][:, :, None], 3, axis=2))
+        np.testing.assert_array_equal(bottom[:, k * 6:k * 6 + 5], b[k].transpose(1, 2, 0))
+    assert (top[:, 5] == 1.0).all()  # white gap between images
+    assert [ax.texts[0].get_text() for ax in fig.axes[0::2]] == ["inputs", "reconstructions"]
+    assert viz.caption_of(fig) == "two rows"
+    with pytest.raises(ValueError, match="images"):
+        viz.image_rows([("bad", np.zeros((2, 2, 3, 3)))])
 
 
-def test_plot_bars_numpy_heights_follow_values(tmp_path):
-    path = tmp_path / "bars.png"
-    table = {"scratch": {"probe": 0.25, "fine-tune": 1.0}, "mapet": {"probe": 0.5, "fine-tune": 0.0}}
-    assert viz.plot_bars(str(path), table, backend="numpy", width=200, height=140) == "numpy"
-    pixels = _decode_png(path.read_bytes())
-    plot_h = 140 - 2 * 20
-    for j, expected in enumerate([[0.25, 1.0], [0.5, 0.0]]):  # rows
-        for k, v in enumerate(expected):  # columns → colours
-            colour = viz.PALETTE[k]
-            match = np.all(pixels == colour, axis=-1)
-            group = slice(20 + int(j * 80), 20 + int((j + 1) * 80))
-            heights = match[:, group].sum(axis=0)
-            assert heights.max() == int(round(v * plot_h)), (j, k, heights.max())
+def test_figures_render_for_notebooks_and_save_atomically(tmp_path):
+    fig = viz.plot_curves({"x": [1.0, 0.5]})
+    png = fig._repr_png_()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    path = tmp_path / "sub" / "f.png"
+    assert fig.save(str(path)) == str(path)
+    with Image.open(path) as im:
+        assert im.size == (1000, 520)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["f.png"]  # no temporary left behind
 
 
 def test_group_overlay_paints_merged_groups_only():

@@ -42,6 +42,16 @@ class ParameterBlock:
     def num_params(self) -> int:
         return sum(int(np.prod(s)) for _, s, _ in self._table)
 
+    def summary(self) -> str:
+        """Configuration, parameter count, precision and the parameters' shapes, as text."""
+        from ._summary import summary
+        return summary(self)
+
+    def _repr_html_(self) -> str:
+        """The summary as an HTML table: what a notebook shows for a model."""
+        from ._summary import to_html
+        return to_html(self)
+
     def state_dict(self) -> "OrderedDict[str, np.ndarray]":
         """Parameters under the reference names, in reference order: zero-copy views (writes change the model)."""
         return OrderedDict(self._params)

@@ -75,7 +75,8 @@ def tokenize_dataset(cfg: Dict[str, Any]) -> str:
         tokenizer = PixelTokenizer.load(path)
     else:
         tokenizer = PixelTokenizer(patch_size=int(cfg["model"]["patch_size"]), n_tokens=int(tok_cfg["n_tokens"]),
-                                   n_iter=int(tok_cfg.get("n_iter", 20)), seed=int(cfg.get("seed", 0)))
+                                   n_iter=int(tok_cfg.get("n_iter", 20)), seed=int(cfg.get("seed", 0)),
+                                   progress=cfg.get("progress"))
         tokenizer.fit(images)
         if _is_main():
             tokenizer.save(_out(cfg, "tokenizer.safetensors"))
@@ -172,7 +173,7 @@ def run_pretrain(cfg: Dict[str, Any]):
                               min_lr=float(cfg["min_lr"]), clip_grad=cfg["clip_grad"],
                               accum_steps=int(cfg["accum_steps"]), seed=int(cfg["seed"]),
                               output_dir=_out(cfg, "checkpoints"), checkpoint_every=int(cfg["checkpoint_every"]),
-                              progress=bool(cfg.get("progress", True)), precision=cfg.get("precision"), **extra)
+                              progress=cfg.get("progress"), precision=cfg.get("precision"), **extra)
     if _is_main():
         model.save(_out(cfg, "model.safetensors"))
     return model, history
@@ -213,7 +214,7 @@ def run_finetune(cfg: Dict[str, Any]):
                               min_lr=float(cfg["min_lr"]), label_smoothing=float(cfg["label_smoothing"]),
                               seed=int(cfg["seed"]), output_dir=_out(cfg, "checkpoints"),
                               checkpoint_every=int(cfg["checkpoint_every"]),
-                              progress=bool(cfg.get("progress", True)), precision=cfg.get("precision"))
+                              progress=cfg.get("progress"), precision=cfg.get("precision"))
     if _is_main():
         model.save(_out(cfg, "model.safetensors"))
     return model, history, evaluate(model, val)

@@ -4,7 +4,8 @@
 2. Pre-train a small ViT with MaPeT, the MIM (BEiT) baseline, CCViT and DTM, same budget. DTM
    needs a frozen teacher: here the MaPeT encoder pre-trained just before (the paper uses CLIP).
 3. Linear-probe and fine-tune each, and a ViT trained from scratch with the same fine-tuning budget.
-4. Print and save a table like the paper's (method × top-1) as Markdown, JSON and PNG curves.
+4. Print and save a table like the paper's (method × top-1) as Markdown and JSON, and captioned
+   figures (matplotlib): results bars, loss curves, MaPeT's masks, tokens, CCViT and DTM pictures.
 
 The numbers are whatever comes out on this data and budget, with fixed seeds; the digits
 (1438 train / 359 test images of 8×8 pixels, upsampled) are far from ImageNet, so read them
@@ -56,14 +57,15 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
     timings["tokenize"] = time.perf_counter() - t
 
     results: Dict[str, Dict[str, float]] = {}
-    curves: Dict[str, Any] = {}
+    pre_curves: Dict[str, Any] = {}
+    tune_curves: Dict[str, Any] = {}
     for method in cfg["methods"]:
         stage(f"pre-training with {method} for {cfg['pretrain']['epochs']} epochs")
         t = time.perf_counter()
         pcfg = copy.deepcopy(base)
         if cfg.get("dtm"):
             pcfg["dtm"] = dict(cfg["dtm"])
-        pcfg.update(method=method, tokens=cache, output_dir=os.path.join(out, method), progress=False)
+        pcfg.update(method=method, tokens=cache, output_dir=os.path.join(out, method))
         from .commands import PRETRAIN_DEFAULTS
         for k, v in PRETRAIN_DEFAULTS.items():
             pcfg.setdefault(k, v)
@@ -73,7 +75,7 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
                 raise ValueError("demo: dtm needs a teacher: set dtm.teacher or list mapet before dtm in methods")
             pcfg["dtm"] = dict(pcfg.get("dtm", {}), teacher=os.path.join(out, "mapet", "model.safetensors"))
         _, history = run_pretrain(pcfg)
-        curves[f"{method} pre-train loss"] = history["loss"]
+        pre_curves[method] = history["loss"]
         timings[f"pretrain {method}"] = time.perf_counter() - t
     for row, pretrained in [("scratch", None)] + [(m, os.path.join(out, m, "model.safetensors"))
                                                    for m in cfg["methods"]]:
@@ -85,10 +87,9 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
         fcfg = copy.deepcopy(base)
         for k, v in FINETUNE_DEFAULTS.items():
             fcfg.setdefault(k, v)
-        fcfg.update(cfg["finetune"], pretrained=pretrained, output_dir=os.path.join(out, f"finetune-{row}"),
-                    progress=False)
+        fcfg.update(cfg["finetune"], pretrained=pretrained, output_dir=os.path.join(out, f"finetune-{row}"))
         _, history, metrics = run_finetune(fcfg)
-        curves[f"{row} fine-tune loss"] = history["loss"]
+        tune_curves[row] = history["loss"]
         results[row] = {"linear_probe_top1": probe["val_top1"], "finetune_top1": metrics["top1"]}
         timings[f"transfer {row}"] = time.perf_counter() - t
     total = time.perf_counter() - t_start
@@ -110,10 +111,22 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
         f.write("# mapet demo: pre-training on the built-in digits\n\n" + table + "\n\nBudget: " + budget + "\n")
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"results": results, "timings_s": timings, "budget": budget}, f, indent=2)
-    viz.plot_curves(os.path.join(out, "curves.png"), curves)
-    viz.plot_bars(os.path.join(out, "results.png"),
-                  {names.get(r, r): {"linear probe": v["linear_probe_top1"], "fine-tune": v["finetune_top1"]}
-                   for r, v in results.items()}, title="top-1 on the digits test split")
+    pre = {names.get(k, k): v for k, v in pre_curves.items()}
+    tune = {names.get(k, k): v for k, v in tune_curves.items()}
+    left = "pre-training (each method's own objective, log scale)"
+    viz.plot_curves({left: pre, "fine-tuning (cross-entropy)": tune},
+                    title="Training loss per optimizer step", logy=[left],
+                    caption=f"Left: pre-training losses on the {len(cfg['methods'])} methods' own targets (token "
+                            "cross-entropy for MaPeT/MIM, token + pixel loss for CCViT, smooth-L1 on teacher features "
+                            "for DTM), so their levels are not comparable, only their trends. Right: fine-tuning "
+                            "cross-entropy (label smoothing 0.1) of each pre-trained encoder and of a ViT from "
+                            "scratch.", path=os.path.join(out, "curves.png"))
+    viz.plot_bars({names.get(r, r): {"linear probe": v["linear_probe_top1"], "fine-tune": v["finetune_top1"]}
+                   for r, v in results.items()}, title="Top-1 accuracy on the 359 held-out digits",
+                  caption=f"Linear probe ({cfg['linprobe']['epochs']} epochs on frozen features) and fine-tuning "
+                          f"({cfg['finetune']['epochs']} epochs) after {cfg['pretrain']['epochs']} pre-training "
+                          "epochs per method; one seed — differences of a few points are within noise.",
+                  path=os.path.join(out, "results.png"))
     if "mapet" in cfg["methods"]:
         pictures(cfg, out)
     if "ccvit" in cfg["methods"]:
@@ -131,10 +144,11 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def pictures(cfg: Dict[str, Any], out: str, count: int = 8) -> None:
-    """masks.png: one permutation's content and query masks (black = may attend).
-    tokens.png: rows of (test images; their PixelTokenizer reconstruction; the MaPeT
-    prediction — visible patches as seen, each hidden patch drawn as the centroid of the
-    token MaPeT predicts for it)."""
+    """masks.png: one permutation's content and query masks, in patch order and sorted by the
+    sampled order (:func:`mapet.viz.plot_masks`).
+    tokens.png: captioned rows of (test images; their PixelTokenizer reconstruction; the context
+    with the patches to predict greyed; the MaPeT prediction — context patches as seen, each
+    predicted patch drawn as the centroid of the token MaPeT predicts for it)."""
     from . import viz
     from .data import load_digits
     from .models import load
@@ -148,7 +162,7 @@ def pictures(cfg: Dict[str, Any], out: str, count: int = 8) -> None:
     grid = int(m["img_size"]) // int(m["patch_size"])
     sampler = PermutationSampler(grid * grid, least_number=model.config["least_number"], seed=int(cfg["seed"]))
     batch = sampler.sample(count)
-    viz.plot_masks(os.path.join(out, "masks.png"), batch.content_mask(0), batch.query_mask(0))
+    viz.plot_masks(batch, 0, path=os.path.join(out, "masks.png"))
     tokens = tokenizer.encode(images)
     predicted = np.argmax(model(images, batch), axis=-1)  # [count, P] for the hidden positions
     shown = tokens.copy()
@@ -159,12 +173,26 @@ def pictures(cfg: Dict[str, Any], out: str, count: int = 8) -> None:
     mask = np.zeros(tokens.shape, bool)
     np.put_along_axis(mask, hidden, True, axis=1)
     mixed = np.where(mask[..., None], guess, seen)
-    rows = [images, tokenizer.decode(tokens), tokenizer.unpatchify(mixed, (grid, grid))]
-    viz.image_grid(os.path.join(out, "tokens.png"), np.concatenate(rows), nrow=count, scale=4)
+    shown_hidden = tokenizer.patchify(images)
+    shown_hidden[mask] = 0.5
+    k = tokenizer.n_tokens
+    viz.image_rows([("test digits", images),
+                    (f"their tokens: each patch drawn as its centroid (k = {k})", tokenizer.decode(tokens)),
+                    (f"the context: the {hidden.shape[1]} of {grid * grid} patches to predict greyed",
+                     tokenizer.unpatchify(shown_hidden, (grid, grid))),
+                    ("MaPeT's prediction: hidden patches drawn as the centroid of the predicted token",
+                     tokenizer.unpatchify(mixed, (grid, grid)))],
+                   title="What MaPeT predicts: visual tokens of the hidden patches",
+                   caption=f"Test digits never seen in training. Row 2 is the best any token predictor can do "
+                           f"(the CCViT pixel tokenizer's {k} centroids of {m['patch_size']}×{m['patch_size']} "
+                           f"patches). Rows 3–4: for one sampled permutation per digit, the patches outside the "
+                           f"context are hidden and MaPeT predicts each one's token from the context and the tokens "
+                           f"before it in the order; the visible patches are shown as they are.",
+                   path=os.path.join(out, "tokens.png"))
 
 
 def ccvit_picture(cfg: Dict[str, Any], out: str, count: int = 8) -> None:
-    """ccvit.png: rows of (test images; CCViT's corrupted input — block-masked patches grey,
+    """ccvit.png: captioned rows of (test images; CCViT's corrupted input — block-masked patches grey,
     replaced patches showing their centroid; the pixel head's reconstruction of every corrupted
     patch, de-normalised with the clean patch's own mean and spread, visible patches as seen)."""
     from . import viz
@@ -194,12 +222,21 @@ def ccvit_picture(cfg: Dict[str, Any], out: str, count: int = 8) -> None:
     recon[chosen] = pixels * std[chosen] + mean[chosen]
     shown = tokenizer.patchify(corrupted)
     shown[mask] = 0.5
-    rows = [images, tokenizer.unpatchify(shown, (grid, grid)), np.clip(tokenizer.unpatchify(recon, (grid, grid)), 0, 1)]
-    viz.image_grid(os.path.join(out, "ccvit.png"), np.concatenate(rows), nrow=count, scale=4)
+    viz.image_rows([("test digits", images),
+                    (f"CCViT's input: {masked_count} patches block-masked (grey), "
+                     f"{int(replaced[0].sum())} replaced by their centroid", tokenizer.unpatchify(shown, (grid, grid))),
+                    ("pixel head's reconstruction of the corrupted patches",
+                     np.clip(tokenizer.unpatchify(recon, (grid, grid)), 0, 1))],
+                   title="What CCViT reconstructs: corrupted patches from the visible ones",
+                   caption="Test digits. CCViT hides blocks of patches and swaps a few visible patches for their "
+                           "k-means centroid; its token head predicts every corrupted patch's centroid id and its "
+                           "pixel head the patch's normalised pixels, drawn here de-normalised with each clean "
+                           "patch's own mean and spread (visible patches as seen).",
+                   path=os.path.join(out, "ccvit.png"))
 
 
 def dtm_picture(cfg: Dict[str, Any], out: str, count: int = 8) -> None:
-    """dtm.png: how DTM's morphing groups the teacher's patch features of test digits — rows for
+    """dtm.png: captioned rows showing how DTM's morphing groups the teacher's patch features of test digits — rows for
     3, 6 and 9 rounds of n/16 merges (4 for the demo's 64 patches; merged groups coloured, singletons
     plain; colours repeat after seven groups)."""
     from . import viz
@@ -214,9 +251,16 @@ def dtm_picture(cfg: Dict[str, Any], out: str, count: int = 8) -> None:
         return  # stored features belong to the training images
     feats = np.asarray(teacher_features(teacher)(images))[:, 1:]
     n = feats.shape[1]
-    rows = [viz.group_overlay(images, morph_tokens(feats, r=max(1, n // 16), iterations=k).membership)
-            for k in (3, 6, 9)]
-    viz.image_grid(os.path.join(out, "dtm.png"), np.concatenate([images] + rows), nrow=count, scale=4)
+    r = max(1, n // 16)
+    rows = [(f"after {k} rounds: {n - k * r} groups of the {n} patches",
+             viz.group_overlay(images, morph_tokens(feats, r=r, iterations=k).membership)) for k in (3, 6, 9)]
+    viz.image_rows([("test digits", images)] + rows,
+                   title="DTM's token morphing: patches whose teacher features agree are merged",
+                   caption=f"Each round merges the {r} most similar pairs of token groups (bipartite matching on the "
+                           f"teacher's patch features); patches of one merged group share a colour (colours repeat "
+                           f"after seven groups), patches still alone stay plain. DTM regresses the teacher's features "
+                           f"averaged over such groups.",
+                   path=os.path.join(out, "dtm.png"))
 
 
 @command("demo", "end-to-end demo on the built-in digits: tokenize, pre-train MaPeT, MIM, CCViT and DTM, "

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from ._native import _core
+from .progress import bar as progress_bar
 
 __all__ = ["KMeans"]
 
@@ -77,6 +78,10 @@ class KMeans:
         seed: the only source of randomness (subsample, initialisation, splits).
         verbose: print one line per iteration (objective, seconds, splits, points searched).
         bounds: use Yinyang bounds to skip distance work that cannot change a label (same result).
+        progress: a tqdm bar over the restarts of ``fit`` (objective in the postfix) and over the
+            chunks of ``assign`` / ``predict`` beyond one chunk: None draws one in a terminal or
+            notebook (not in CI, not on MPI ranks ≠ 0; see :mod:`mapet.progress`), True always,
+            False never. The iterations of one restart run in a single engine call.
 
     Attributes (after ``fit``):
         cluster_centers_ / centroids: float32 [k, d].
@@ -95,7 +100,7 @@ class KMeans:
 
     def __init__(self, n_clusters: int, n_iter: int = 20, n_redo: int = 1, spherical: bool = False,
                  init: str = "random", max_points_per_centroid: int = 256, seed: int = 0,
-                 verbose: bool = False, bounds: bool = True) -> None:
+                 verbose: bool = False, bounds: bool = True, progress: Optional[bool] = None) -> None:
         if isinstance(n_clusters, bool) or not isinstance(n_clusters, (int, np.integer)):
             raise TypeError(f"n_clusters: expected an int, got {type(n_clusters).__name__}")
         if n_clusters < 1:
@@ -118,6 +123,7 @@ class KMeans:
         self.seed = int(seed)
         self.verbose = bool(verbose)
         self.bounds = bool(bounds)
+        self.progress = progress
         self.cluster_centers_: Optional[np.ndarray] = None
         self.inertia_: Optional[float] = None
         self.labels_: Optional[np.ndarray] = None
@@ -185,6 +191,8 @@ class KMeans:
             raise ValueError(f"x: k-means into {self.n_clusters} clusters needs at least {self.n_clusters} points, got {n}")
         xt = self._training_set(x)
         best = None
+        bar = progress_bar(self.n_redo, f"k-means {n}×{d} → {self.n_clusters}", unit="restart",
+                           progress=self.progress)
         for r in range(self.n_redo):
             c = np.empty((self.n_clusters, d), dtype=np.float32)
             init = _INITS[self.init]
@@ -201,6 +209,11 @@ class KMeans:
                 print(f"  redo {r}: final objective {inertia:.6g} in {time.perf_counter() - t0:.2f} s", flush=True)
             if best is None or inertia < best[0]:
                 best = (inertia, c, labels, hist)
+            if bar is not None:
+                bar.set_postfix(objective=f"{inertia:.5g}", iters=self.n_iter)
+                bar.update(1)
+        if bar is not None:
+            bar.close()
         inertia, c, labels, hist = best
         self.cluster_centers_ = c
         self.inertia_ = float(inertia)
@@ -272,12 +285,18 @@ class KMeans:
         n = x.shape[0]
         labels = np.empty(n, dtype=np.int32)
         dist = np.empty(n, dtype=np.float32)
+        bar = progress_bar(n, f"k-means assign → {c.shape[0]}", unit="pt",
+                           progress=self.progress) if n > chunk_size else None
         for lo in range(0, n, chunk_size):
             hi = min(n, lo + chunk_size)
             try:
                 _core.kmeans_assign(_f32(x[lo:hi]), c, labels[lo:hi], dist[lo:hi])
             except ValueError as e:
                 raise ValueError(f"{e} (at row offset {lo})") from None
+            if bar is not None:
+                bar.update(hi - lo)
+        if bar is not None:
+            bar.close()
         return dist, labels
 
     def predict(self, x: Any) -> np.ndarray:

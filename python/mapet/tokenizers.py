@@ -7,8 +7,8 @@ pixels, ``decode`` turns tokens back into images (to see what the tokens keep).
 ``FeatureTokenizer`` (MaPeT's k-CLIP): k-means on patch features [B, n_patches, d] of any
 frozen encoder (CLIP in the reference, or mapet's own ViT ``forward_features``).
 
-Both accept one array or an iterable of batches (streamed, with a tqdm progress bar when
-``verbose`` and tqdm is installed), and ``save(path)`` / ``load(path)`` a safetensors file
+Both accept one array or an iterable of batches (streamed, with a tqdm progress bar over the
+batches and k-means when ``progress`` says so: see :mod:`mapet.progress`), and ``save(path)`` / ``load(path)`` a safetensors file
 holding the centroids with the configuration as JSON in the metadata.
 """
 import json
@@ -19,6 +19,7 @@ import numpy as np
 
 from .io import load_file, save_file
 from .kmeans import KMeans
+from .progress import wrap
 
 __all__ = ["PixelTokenizer", "FeatureTokenizer"]
 
@@ -38,14 +39,10 @@ def _batches(data: Any) -> Tuple[Iterable[Any], Optional[int]]:
     return data, total
 
 
-def _progress(it: Iterable[Any], total: Optional[int], verbose: bool, desc: str) -> Iterable[Any]:
-    if not verbose:
+def _progress(it: Iterable[Any], total: Optional[int], progress: Optional[bool], desc: str) -> Iterable[Any]:
+    if total == 1:  # one array: the k-means bars show its progress
         return it
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return it
-    return tqdm(it, total=total, desc=desc)
+    return wrap(it, total, desc, unit="batch", progress=progress)
 
 
 def _real(x: Any, name: str) -> np.ndarray:
@@ -59,11 +56,13 @@ class _Tokenizer:
     _kind = ""
 
     def __init__(self, n_tokens: int, n_iter: int, n_redo: int, max_points_per_centroid: int,
-                 spherical: bool, init: str, seed: int, verbose: bool) -> None:
+                 spherical: bool, init: str, seed: int, verbose: bool, progress: Optional[bool] = None) -> None:
         self.n_tokens = int(n_tokens)
-        self.kmeans = KMeans(n_tokens, n_iter=n_iter, n_redo=n_redo, spherical=spherical, init=init,
-                             max_points_per_centroid=max_points_per_centroid, seed=seed, verbose=verbose)
         self.verbose = bool(verbose)
+        self.progress = True if self.verbose and progress is None else progress
+        self.kmeans = KMeans(n_tokens, n_iter=n_iter, n_redo=n_redo, spherical=spherical, init=init,
+                             max_points_per_centroid=max_points_per_centroid, seed=seed, verbose=verbose,
+                             progress=self.progress)
 
     @property
     def centroids(self) -> np.ndarray:
@@ -79,7 +78,7 @@ class _Tokenizer:
     def _fit_vectors(self, data: Any) -> "_Tokenizer":
         it, total = _batches(data)
         parts = [self._vectors(b).reshape(-1, self._dim_of(b)) for b in
-                 _progress(it, total, self.verbose, f"{self._kind}: collecting")]
+                 _progress(it, total, self.progress, f"{self._kind}: collecting")]
         if not parts:
             raise ValueError(f"{self._kind}.fit: got no batches")
         x = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
@@ -92,7 +91,7 @@ class _Tokenizer:
     def _encode_vectors(self, data: Any) -> np.ndarray:
         it, total = _batches(data)
         out = []
-        for b in _progress(it, total, self.verbose, f"{self._kind}: encoding"):
+        for b in _progress(it, total, self.progress, f"{self._kind}: encoding"):
             v = self._vectors(b)
             B, n, dim = v.shape
             out.append(self.kmeans.predict(v.reshape(B * n, dim)).reshape(B, n))
@@ -136,7 +135,8 @@ class PixelTokenizer(_Tokenizer):
     Args:
         patch_size: square patch side p; images [B, C, H, W] need H and W divisible by p.
         n_tokens: k (8192 in CCViT).
-        n_iter, n_redo, max_points_per_centroid, spherical, init, seed, verbose: as ``mapet.KMeans``.
+        n_iter, n_redo, max_points_per_centroid, spherical, init, seed, verbose, progress: as
+            ``mapet.KMeans`` (``verbose`` also turns the progress bars on).
         in_chans: image channels C (3).
 
     Example:
@@ -150,13 +150,14 @@ class PixelTokenizer(_Tokenizer):
 
     def __init__(self, patch_size: int = 16, n_tokens: int = 8192, n_iter: int = 20, n_redo: int = 1,
                  max_points_per_centroid: int = 256, spherical: bool = False, init: str = "random",
-                 seed: int = 0, verbose: bool = False, in_chans: int = 3) -> None:
+                 seed: int = 0, verbose: bool = False, in_chans: int = 3, progress: Optional[bool] = None) -> None:
         if int(patch_size) < 1:
             raise ValueError(f"patch_size: expected ≥ 1, got {patch_size}")
         self.patch_size = int(patch_size)
         self.in_chans = int(in_chans)
         self._vectors_dim = self.in_chans * self.patch_size ** 2
-        super().__init__(n_tokens, n_iter, n_redo, max_points_per_centroid, spherical, init, seed, verbose)
+        super().__init__(n_tokens, n_iter, n_redo, max_points_per_centroid, spherical, init, seed, verbose,
+                         progress)
 
     def _config(self) -> Dict[str, Any]:
         return dict(super()._config(), patch_size=self.patch_size, in_chans=self.in_chans)
@@ -219,7 +220,7 @@ class FeatureTokenizer(_Tokenizer):
         n_tokens: k (8192 in MaPeT).
         skip_tokens: leading tokens of each sequence to drop (1 for a ViT ``forward_features``
             output with a class token first).
-        n_iter, n_redo, max_points_per_centroid, spherical, init, seed, verbose: as ``mapet.KMeans``
+        n_iter, n_redo, max_points_per_centroid, spherical, init, seed, verbose, progress: as ``mapet.KMeans``
             (the reference: 20 iterations, 5 restarts, 512 points per centroid).
 
     Example:
@@ -233,11 +234,12 @@ class FeatureTokenizer(_Tokenizer):
 
     def __init__(self, n_tokens: int = 8192, n_iter: int = 20, n_redo: int = 1,
                  max_points_per_centroid: int = 256, spherical: bool = False, init: str = "random",
-                 seed: int = 0, verbose: bool = False, skip_tokens: int = 0) -> None:
+                 seed: int = 0, verbose: bool = False, skip_tokens: int = 0, progress: Optional[bool] = None) -> None:
         if int(skip_tokens) < 0:
             raise ValueError(f"skip_tokens: expected ≥ 0, got {skip_tokens}")
         self.skip_tokens = int(skip_tokens)
-        super().__init__(n_tokens, n_iter, n_redo, max_points_per_centroid, spherical, init, seed, verbose)
+        super().__init__(n_tokens, n_iter, n_redo, max_points_per_centroid, spherical, init, seed, verbose,
+                         progress)
 
     def _config(self) -> Dict[str, Any]:
         return dict(super()._config(), skip_tokens=self.skip_tokens)

@@ -2,7 +2,8 @@
 
 Every loop shares one engine (:class:`_Loop`): AdamW with warm-up + cosine learning rate,
 optional gradient accumulation and clipping, logging of loss / lr / images per second / ETA
-through ``logging`` (and a tqdm bar when tqdm is installed and ``progress=True``), and
+through ``logging`` (and a tqdm bar with loss and img/s where a person watches: see
+:mod:`mapet.progress`), and
 atomic checkpoints (weights, optimizer moments, sampler and loader state, step, epoch)
 after every epoch and every ``checkpoint_every`` optimizer steps. Started again with the same
 ``output_dir``, a run resumes from ``last.safetensors`` and continues exactly as if it had
@@ -28,21 +29,12 @@ import numpy as np
 from . import distributed
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .data import ArrayDataset, DataLoader
+from .progress import bar as progress_bar
 from .schedules import cosine_lr
 
 log = logging.getLogger(__name__)
 
 PRETRAIN_METHODS = ("mapet", "pim", "mim", "ccvit", "dtm")
-
-
-def _progress(total: int, initial: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, initial=initial, desc=desc, leave=False)
 
 
 class _Loop:
@@ -56,7 +48,7 @@ class _Loop:
     def __init__(self, model, optimizer, loader: DataLoader, step_fn: Callable, *, epochs: int,
                  lr: float, warmup_epochs: float = 0.0, min_lr: float = 1e-6, warmup_start_lr: float = 1e-6,
                  accum_steps: int = 1, output_dir: Optional[str] = None, checkpoint_every: int = 0,
-                 states: Optional[Dict[str, Any]] = None, log_every: int = 10, progress: bool = False,
+                 states: Optional[Dict[str, Any]] = None, log_every: int = 10, progress: Optional[bool] = None,
                  desc: str = "train", config: Optional[Dict[str, Any]] = None, seed: int = 0,
                  precision: Optional[str] = None):
         if epochs <= 0:
@@ -161,7 +153,7 @@ class _Loop:
         self._resume()
         if self.ctx.distributed:
             self._synchronize()
-        bar = _progress(self.total_steps, self.step, self.desc, self.progress and self.ctx.is_main)
+        bar = progress_bar(self.total_steps, self.desc, initial=self.step, unit="step", progress=self.progress)
         t0, done0 = time.perf_counter(), self.step
         seen = 0
         pending, losses, local = 0, [], 0  # micro-batches, their losses and samples since the last step
@@ -193,8 +185,9 @@ class _Loop:
                 self._optimizer_step(losses, local)
                 pending, losses, local = 0, [], 0
                 if bar is not None:
+                    bar.set_postfix(loss=f"{self.history['loss'][-1]:.4f}",
+                                    img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{self.history['loss'][-1]:.4f}")
                 if self.step % self.log_every == 0 or self.step == self.total_steps:
                     elapsed = time.perf_counter() - t0
                     rate = seen / max(elapsed, 1e-9)
@@ -393,7 +386,7 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
              warmup_epochs: float = 1.0, min_lr: float = 1e-5, warmup_start_lr: float = 1e-6,
              clip_grad: Optional[float] = 3.0, accum_steps: int = 1, least_number: Optional[int] = None,
              num_masking_patches: Optional[int] = None, seed: int = 0, output_dir: Optional[str] = None,
-             checkpoint_every: int = 0, log_every: int = 10, progress: bool = False,
+             checkpoint_every: int = 0, log_every: int = 10, progress: Optional[bool] = None,
              stop_after: Optional[int] = None, tokenizer: Any = None, num_replace: Optional[int] = None,
              token_weight: float = 1.0, pixel_weight: float = 1.0, teacher: Any = None,
              precision: Optional[str] = None,
@@ -418,6 +411,8 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
             DTM schedules and the model's RNG.
         output_dir: where checkpoints go; a run with an existing ``last.safetensors`` resumes.
         stop_after: stop after this many optimizer steps in total (checkpointing first).
+        progress: a tqdm bar with loss and img/s: None draws it in a terminal or notebook (not in
+            CI, not on MPI ranks ≠ 0; :mod:`mapet.progress`), True always, False never.
         tokenizer: CCViT: the ``PixelTokenizer`` that made ``tokens`` (or its file, or its
             centroids [K, C·P·P]); the replaced patches take their centroid's pixels. With a
             ``PixelTokenizer`` and images in memory, ``tokens`` may be left out: they are encoded once.
@@ -533,7 +528,7 @@ def finetune(model: Any, train: Any, *, val: Any = None, num_classes: Optional[i
              min_lr: float = 1e-6, warmup_start_lr: float = 1e-6, label_smoothing: float = 0.1,
              clip_grad: Optional[float] = None, accum_steps: int = 1, seed: int = 0,
              output_dir: Optional[str] = None, checkpoint_every: int = 0, log_every: int = 10,
-             progress: bool = False, stop_after: Optional[int] = None, precision: Optional[str] = None,
+             progress: Optional[bool] = None, stop_after: Optional[int] = None, precision: Optional[str] = None,
              **model_overrides) -> Tuple[Any, Dict[str, List[float]]]:
     """Fine-tune a ViT classifier end to end (optionally from a pre-training checkpoint).
 

@@ -1,100 +1,348 @@
-"""Pictures as PNG files: training curves, attention masks, image grids, token groups.
+"""Figures a person can read: training curves, results bars, MaPeT's attention masks, captioned
+rows of images.
 
-Works with NumPy alone (a small PNG encoder over ``zlib`` and a line rasteriser); when
-matplotlib is installed, ``plot_curves`` uses it for labelled axes and a legend
-(``backend="auto"``). Files are written atomically.
+Every function returns a matplotlib ``Figure`` (it shows itself inline in a notebook) and, given
+``path=``, also writes it as a PNG (atomically). Every figure carries a title, labelled axes, a
+legend with names where there are several series, and a caption line saying what it shows.
+Figures are built without ``pyplot``: no global state, no GUI backend, nothing left open.
+matplotlib is imported on first use, so ``import mapet`` stays quick.
+
+Example:
+    >>> fig = viz.plot_curves({"mapet": history["loss"]}, title="MaPeT pre-training")
+    >>> fig.save("curves.png")          # or just leave ``fig`` as a notebook cell's result
 """
+import io as _io
 import logging
-import struct
-import zlib
-from typing import Mapping, Optional, Sequence
+import textwrap
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+if TYPE_CHECKING:  # matplotlib is imported on first use
+    from matplotlib.figure import Figure
 
 from .io import atomic_write
 
 logger = logging.getLogger(__name__)
 
-# distinguishable line colours (Okabe–Ito), RGB
+# distinguishable colours (Okabe–Ito), RGB
 PALETTE = np.array([[0, 114, 178], [213, 94, 0], [0, 158, 115], [204, 121, 167], [230, 159, 0],
                     [86, 180, 233], [240, 228, 66], [0, 0, 0]], dtype=np.uint8)
 
+ALLOWED_COLOR = "#1d3557"   # "may attend" cells of the attention masks
+BLOCKED_COLOR = "#ffffff"
+CAPTION_SIZE = 9
 
-def encode_png(pixels: np.ndarray) -> bytes:
-    """PNG bytes for uint8 pixels [H, W] (grey), [H, W, 3] (RGB) or [H, W, 4] (RGBA).
-
-    8-bit, no interlace, filter 0 on every row, zlib level 6.
-    """
-    a = np.asarray(pixels)
-    if a.dtype != np.uint8:
-        raise TypeError(f"encode_png: pixels must be uint8, got {a.dtype}")
-    if a.ndim == 2:
-        a = a[:, :, None]
-    if a.ndim != 3 or a.shape[2] not in (1, 3, 4) or a.shape[0] == 0 or a.shape[1] == 0:
-        raise ValueError(f"encode_png: expected [H, W], [H, W, 3] or [H, W, 4] with H, W > 0, got {pixels.shape}")
-    h, w, c = a.shape
-    color_type = {1: 0, 3: 2, 4: 6}[c]
-    raw = np.zeros((h, 1 + w * c), dtype=np.uint8)  # leading 0 = filter "None" per row
-    raw[:, 1:] = a.reshape(h, w * c)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw.tobytes(), 6))
-            + chunk(b"IEND", b""))
+_FIGURE_CLASS = None
 
 
-def write_png(path: str, pixels: np.ndarray) -> None:
-    """Write uint8 pixels ([H, W], [H, W, 3] or [H, W, 4]) to ``path`` as PNG, atomically."""
-    data = encode_png(pixels)
+_LINE_COLORS = PALETTE[[0, 1, 2, 3, 4, 5, 7]]  # the yellow is too faint for lines and bars on white
+
+
+def _color(k: int) -> Tuple[float, float, float]:
+    return tuple(_LINE_COLORS[k % len(_LINE_COLORS)] / 255.0)
+
+
+def _figure_class():
+    """``matplotlib.figure.Figure`` with ``save`` and a PNG ``_repr_png_`` (built on first use)."""
+    global _FIGURE_CLASS
+    if _FIGURE_CLASS is None:
+        from matplotlib.figure import Figure
+
+        class MapetFigure(Figure):
+            """A matplotlib Figure that renders itself in notebooks (``_repr_png_``) and saves atomically."""
+
+            def _repr_png_(self) -> bytes:
+                buf = _io.BytesIO()
+                self.savefig(buf, format="png")
+                return buf.getvalue()
+
+            def save(self, path: str, dpi: Optional[float] = None) -> str:
+                """Write the figure as a PNG at ``path`` (atomically); returns ``path``."""
+                return save(self, path, dpi=dpi)
+
+        _FIGURE_CLASS = MapetFigure
+    return _FIGURE_CLASS
+
+
+def _new_figure(width: float, height: float) -> "Figure":
+    return _figure_class()(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def save(fig: Any, path: str, dpi: Optional[float] = None) -> str:
+    """Write a matplotlib figure as a PNG at ``path``, atomically (an interrupted write leaves any
+    previous file untouched). Returns ``path``."""
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    data = buf.getvalue()
     atomic_write(path, lambda f: f.write(data))
+    return path
 
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-    return (np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+def _finish(fig: "Figure", title: Optional[str], caption: Optional[str], path: Optional[str]) -> "Figure":
+    """Title on top, the caption (wrapped to the figure's width) at the bottom, then save."""
+    if title:
+        fig.suptitle(title, fontsize=13, fontweight="bold")
+    if caption:
+        width_chars = max(40, int(fig.get_figwidth() * 72 / (CAPTION_SIZE * 0.6)))
+        text = "\n".join(textwrap.fill(p, width_chars) for p in caption.split("\n"))
+        fig.supxlabel(text, fontsize=CAPTION_SIZE, x=0.01, ha="left", multialignment="left", color="#333333")
+    if path is not None:
+        save(fig, path)
+    return fig
 
 
-def image_grid(path: Optional[str], images: np.ndarray, nrow: Optional[int] = None, padding: int = 2,
-               scale: int = 1, pad_value: float = 1.0) -> np.ndarray:
-    """Tile images into one PNG.
+def caption_of(fig: Any) -> str:
+    """The caption line(s) of a figure made here (its ``supxlabel``), unwrapped."""
+    label = getattr(fig, "_supxlabel", None)
+    return " ".join(label.get_text().split()) if label is not None else ""
+
+
+# ------------------------------------------------------------------ curves and results
+
+def plot_curves(curves: Mapping[str, Any], *, title: str = "Training loss", xlabel: str = "optimizer step",
+                ylabel: str = "loss", logy: Union[bool, Sequence[str]] = False, caption: Optional[str] = None,
+                path: Optional[str] = None, width: float = 10.0, height: float = 5.2) -> "Figure":
+    """Line plot of named series; one panel, or one panel per group.
 
     Args:
-        path: output file (None: only return the pixels).
-        images: float NCHW in [0, 1] (values outside are clipped), C = 1 or 3; or NHW.
-        nrow: images per row (default ``ceil(sqrt(N))``).
-        padding: pixels between tiles and around the grid.
-        scale: integer nearest-neighbour magnification (small images such as 32×32 digits).
-        pad_value: grey level of the padding in [0, 1].
+        curves: name → values (one panel), or panel title → {name → values} (panels side by
+            side, e.g. pre-training and fine-tuning losses that live on different scales). Each
+            series is plotted against its own step index; NaN/Inf points are left out. A name
+            keeps its colour in every panel.
+        title, xlabel, ylabel: the figure's title and the axes' labels.
+        logy: logarithmic y axes (True: all panels; or the titles of the panels that get one).
+        caption: what the figure shows (a line under it).
+        path: also write the figure as a PNG there.
+        width, height: inches (100 dpi).
 
     Returns:
-        The uint8 pixels written, [H, W, 3].
+        The matplotlib Figure.
 
     Example:
-        >>> image_grid("grid.png", np.concatenate([images[:8], recon[:8]]), nrow=8, scale=4)
+        >>> plot_curves({"pre-training": {"MaPeT": a, "MIM": b}, "fine-tuning": {"scratch": c}})
     """
+    if not curves:
+        raise ValueError("plot_curves: curves: expected at least one series, got none")
+    grouped = all(isinstance(v, Mapping) for v in curves.values())
+    panels = dict(curves) if grouped else {"": dict(curves)}
+    if any(not p for p in panels.values()):
+        raise ValueError("plot_curves: curves: a panel has no series")
+    fig = _new_figure(width, height)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    colour = {name: k for k, name in enumerate(dict.fromkeys(n for p in panels.values() for n in p))}
+    for ax, (panel, series) in zip(axes, panels.items()):
+        log_axis = bool(logy) if isinstance(logy, bool) else panel in logy
+        for name, values in series.items():
+            v = np.asarray(values, dtype=np.float64).ravel()
+            v = np.where(np.isfinite(v) & ((v > 0) | (not log_axis)), v, np.nan)
+            ax.plot(np.arange(len(v)), v, label=str(name), color=_color(colour[name]), linewidth=1.4)
+        if log_axis:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if panel:
+            ax.set_title(panel)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=9, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2)
+    return _finish(fig, title, caption, path)
+
+
+def plot_bars(table: Mapping[str, Mapping[str, float]], *, title: str = "Results",
+              xlabel: str = "top-1 accuracy (%)", caption: Optional[str] = None, percent: bool = True,
+              path: Optional[str] = None, width: float = 9.0, height: Optional[float] = None) -> "Figure":
+    """Horizontal grouped bars of a results table, each bar labelled with its value.
+
+    Args:
+        table: row (e.g. method) → {column (e.g. "linear probe") → value}. Rows are listed top
+            to bottom in the table's order, columns are the bars of a row (one colour each, named
+            in the legend). Missing values are left out.
+        percent: values are fractions in [0, 1] shown as percentages (axis 0–100); otherwise
+            plotted as they are.
+        title, xlabel, caption, path, width, height: as in :func:`plot_curves` (height grows with
+            the number of rows by default).
+
+    Returns:
+        The matplotlib Figure.
+    """
+    if not table:
+        raise ValueError("plot_bars: table: expected at least one row, got none")
+    rows = list(table)
+    cols = list(dict.fromkeys(c for r in rows for c in table[r]))
+    values = np.array([[float(table[r].get(c, np.nan)) for c in cols] for r in rows])
+    scale = 100.0 if percent else 1.0
+    fig = _new_figure(width, height or 1.4 + 0.55 * len(rows) * max(1, len(cols)))
+    ax = fig.subplots()
+    bar_h = 0.8 / len(cols)
+    y = np.arange(len(rows))
+    for j, c in enumerate(cols):
+        ok = np.isfinite(values[:, j])
+        pos = y[ok] + (j - (len(cols) - 1) / 2) * bar_h
+        bars = ax.barh(pos, values[ok, j] * scale, bar_h * 0.92, label=str(c), color=_color(j))
+        ax.bar_label(bars, labels=[f"{v * scale:.1f}%" if percent else f"{v:.4g}" for v in values[ok, j]],
+                     padding=3, fontsize=9)
+    ax.set_yticks(y, [str(r) for r in rows])
+    ax.invert_yaxis()  # first row on top
+    finite = values[np.isfinite(values)]
+    top = 100.0 if percent else (float(finite.max()) if finite.size else 1.0)
+    ax.set_xlim(min(0.0, float(finite.min()) * scale if finite.size else 0.0), top * 1.12)
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
+    fig.legend(loc="outside right upper", fontsize=9, frameon=False)
+    return _finish(fig, title, caption, path)
+
+
+# ------------------------------------------------------------------ MaPeT's masks
+
+def permutation_order(batch: Any, index: int = 0, positional_tokens: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+    """Row/column orders that sort sample ``index``'s masks by its sampled permutation.
+
+    Returns:
+        (content order, query order): indices into the content mask's rows and columns (the N
+        tokens by rank, then — with ``positional_tokens`` — the placeholders m_j by the rank of
+        the token p_j they stand for), and into the query mask's rows (predicted tokens by rank).
+    """
+    N = int(batch.num_tokens)
+    token_order = np.asarray(batch.orders[index], dtype=np.int64)
+    query_order = np.argsort(np.asarray(batch.predicted_ranks[index]), kind="stable")
+    content = np.concatenate([token_order, N + query_order]) if positional_tokens else token_order
+    return content, query_order
+
+
+def plot_masks(batch: Any, index: int = 0, *, positional_tokens: bool = True,
+               title: Optional[str] = None, caption: Optional[str] = None, path: Optional[str] = None,
+               width: float = 12.0) -> "Figure":
+    """One sample's content- and query-stream masks, in patch order and in permutation order.
+
+    Four panels: the content mask [(N+P), (N+P)] above the query mask [P, (N+P)]; left with rows
+    and columns in patch order (as the engine indexes them), right sorted by the sampled order
+    (:func:`permutation_order`), where the rule becomes visible: the context block, the lower
+    triangle of tokens that attend to the tokens before them, and the query stream's predicted
+    tail. Dark cells may attend. Segment labels on the axes name the class token and patches,
+    the context, the predicted tokens and the auxiliary positional placeholders m_j.
+
+    Args:
+        batch: a ``mapet.PermutationBatch`` (``PermutationSampler.sample`` / ``from_orders``).
+        index: which sample.
+        positional_tokens: MaPeT (True) or PIM's masks without placeholders (False).
+        title, caption, path, width: as in :func:`plot_curves` (a default caption is written).
+
+    Returns:
+        The matplotlib Figure (axes ``fig.axes[:4]``: content patch order, content permutation
+        order, query patch order, query permutation order).
+    """
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    B = int(batch.batch_size)
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not -B <= int(index) < B:
+        raise ValueError(f"plot_masks: index: expected an int in [{-B}, {B}), got {index!r}")
+    index = int(index) % B
+    N, L, P = int(batch.num_tokens), int(batch.least_number), int(batch.num_predicted)
+    content = batch.content_mask(index, positional_tokens)
+    query = batch.query_mask(index, positional_tokens)
+    c_order, q_order = permutation_order(batch, index, positional_tokens)
+    keys = content.shape[1]
+    cmap = ListedColormap([BLOCKED_COLOR, ALLOWED_COLOR])
+
+    fig = _new_figure(width, width * 0.5 * (keys + P) / keys + 1.6)
+    axes = fig.subplots(2, 2, gridspec_kw={"height_ratios": [content.shape[0], P]})
+    # segments along the columns: (start, end, label) in each ordering
+    patch_segments = [(0, 1, "cls"), (1, N, f"patches 1…{N - 1}")]
+    perm_segments = [(0, L, f"context\n(first {L})"), (L, N, f"predicted\n({P})")]
+    if positional_tokens:
+        patch_segments.append((N, N + P, f"placeholders\nm_0…m_{P - 1}"))
+        perm_segments.append((N, N + P, "placeholders\n(same order)"))
+    q_patch_segments = [(0, P, f"predicted tokens\n(by position)")]
+    q_perm_segments = [(0, P, f"predicted tokens\n(by rank {L}…{N - 1})")]
+
+    panels = [(axes[0, 0], content, patch_segments, patch_segments, "content stream — patch order"),
+              (axes[0, 1], content[np.ix_(c_order, c_order)], perm_segments, perm_segments,
+               "content stream — sorted by the sampled order"),
+              (axes[1, 0], query, q_patch_segments, patch_segments, "query stream — patch order"),
+              (axes[1, 1], query[np.ix_(q_order, c_order)], q_perm_segments, perm_segments,
+               "query stream — sorted by the sampled order")]
+    for ax, mask, row_segments, col_segments, name in panels:
+        ax.imshow(mask.astype(np.uint8), cmap=cmap, vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+        ax.set_title(name, fontsize=11)
+        for segments, set_ticks, line in ((col_segments, ax.set_xticks, ax.axvline),
+                                          (row_segments, ax.set_yticks, ax.axhline)):
+            set_ticks([(a + b) / 2 - 0.5 for a, b, _ in segments], [s for _, _, s in segments], fontsize=8)
+            for a, _, _ in segments[1:]:
+                line(a - 0.5, color="#e63946", linewidth=1.0)
+        ax.set_xlabel("key: the token attended to", fontsize=9)
+        ax.set_ylabel("query: the attending row", fontsize=9)
+        ax.tick_params(length=0)
+    axes[0, 1].legend(handles=[Patch(facecolor=ALLOWED_COLOR, label="may attend"),
+                               Patch(facecolor=BLOCKED_COLOR, edgecolor="#888888", label="blocked")],
+                      loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
+    if title is None:
+        title = f"MaPeT attention masks of one sample ({N - 1} patches + class token, {L} in context)"
+    if caption is None:
+        caption = (f"Left: rows and columns in patch order — the rule looks scattered. Right: both sorted by the "
+                   f"sampled permutation. Content stream: every token sees the {L} context tokens and the tokens "
+                   f"before it in the order (lower triangle, itself included)"
+                   + (", and the placeholder m_j of each predicted token it cannot see" if positional_tokens else "")
+                   + f". Query stream (one row per predicted token, the {P} of the predicted tail): a token sees "
+                   f"only tokens strictly before it (it must predict itself)"
+                   + (", plus the placeholders of itself and of every later token (upper triangle on the right)"
+                      if positional_tokens else "") + ". Red lines separate the segments.")
+    return _finish(fig, title, caption, path)
+
+
+# ------------------------------------------------------------------ images
+
+def tile(images: np.ndarray, padding: int = 1, pad_value: float = 1.0) -> np.ndarray:
+    """Images [N, C, H, W] (C = 1 or 3) or [N, H, W] in [0, 1] side by side in one row: float [H, W', 3]."""
     x = np.asarray(images, dtype=np.float64)
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
-        raise ValueError(f"image_grid: expected images [N, 1|3, H, W] (or [N, H, W]), got shape {np.shape(images)}")
+        raise ValueError(f"tile: images: expected [N, 1|3, H, W] (or [N, H, W]) with N > 0, got shape {np.shape(images)}")
     if x.shape[1] == 1:
         x = np.repeat(x, 3, axis=1)
     n, _, h, w = x.shape
-    if scale > 1:
-        x = x.repeat(scale, axis=2).repeat(scale, axis=3)
-        h, w = h * scale, w * scale
-    cols = int(nrow) if nrow else int(np.ceil(np.sqrt(n)))
-    rows = -(-n // cols)
-    grid = np.full((rows * (h + padding) + padding, cols * (w + padding) + padding, 3), pad_value, np.float64)
+    out = np.full((h, n * w + (n - 1) * padding, 3), pad_value, np.float64)
     for k in range(n):
-        r, c = divmod(k, cols)
-        top, left = padding + r * (h + padding), padding + c * (w + padding)
-        grid[top:top + h, left:left + w] = x[k].transpose(1, 2, 0)
-    pixels = _to_uint8(grid)
-    if path is not None:
-        write_png(path, pixels)
-    return pixels
+        out[:, k * (w + padding):k * (w + padding) + w] = x[k].transpose(1, 2, 0)
+    return np.clip(out, 0.0, 1.0)
+
+
+def image_rows(rows: Sequence[Tuple[str, np.ndarray]], *, title: Optional[str] = None,
+               caption: Optional[str] = None, path: Optional[str] = None, width: float = 11.0,
+               label_width: float = 2.4) -> "Figure":
+    """Rows of images, each row captioned on its left (e.g. inputs / reconstructions / predictions).
+
+    Args:
+        rows: (caption, images [N, C, H, W] or [N, H, W] in [0, 1]) per row; values outside are clipped.
+        title, caption, path, width: as in :func:`plot_curves`.
+        label_width: inches kept for the row captions.
+
+    Returns:
+        The matplotlib Figure: per row a caption axes (``fig.axes[2 * i].texts[0]``) and an
+        image axes (``fig.axes[2 * i + 1].images[0]``, the tiled row).
+
+    Example:
+        >>> image_rows([("test digits", x), ("tokenizer reconstruction", tok.decode(tok.encode(x)))])
+    """
+    if not rows:
+        raise ValueError("image_rows: rows: expected at least one (caption, images) row, got none")
+    tiles = [tile(images) for _, images in rows]
+    aspect = max(t.shape[1] for t in tiles) / max(t.shape[0] for t in tiles)
+    row_h = (width - label_width) / aspect
+    fig = _new_figure(width, row_h * len(rows) + 1.5)
+    grid = fig.subplots(len(rows), 2, squeeze=False,
+                        gridspec_kw={"width_ratios": [label_width, width - label_width]})
+    for (label_ax, ax), (label, _), t in zip(grid, rows, tiles):
+        ax.imshow(t, interpolation="nearest")
+        label_ax.set_axis_off()  # a column of its own for the caption: never clipped
+        label_ax.text(1.0, 0.5, textwrap.fill(str(label), max(12, int(label_width * 10))),
+                      transform=label_ax.transAxes, ha="right", va="center", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_visible(False)
+    return _finish(fig, title, caption, path)
 
 
 def group_overlay(images: np.ndarray, membership: np.ndarray, alpha: float = 0.55) -> np.ndarray:
@@ -107,7 +355,7 @@ def group_overlay(images: np.ndarray, membership: np.ndarray, alpha: float = 0.5
         alpha: weight of the group colour.
 
     Returns:
-        float [B, 3, H, W] in [0, 1], for :func:`image_grid`.
+        float [B, 3, H, W] in [0, 1], for :func:`image_rows`.
 
     Example:
         >>> x = np.zeros((1, 3, 8, 8)); g = np.array([[0, 0, 1, 2]])
@@ -134,211 +382,7 @@ def group_overlay(images: np.ndarray, membership: np.ndarray, alpha: float = 0.5
         for q, gid in enumerate(g[b]):
             if int(gid) in merged:
                 r, c = divmod(q, grid)
-                tile = out[b, :, r * ph:(r + 1) * ph, c * pw:(c + 1) * pw]
-                tile *= 1 - alpha
-                tile += alpha * colours[merged[int(gid)] % len(colours)][:, None, None]
+                tile_ = out[b, :, r * ph:(r + 1) * ph, c * pw:(c + 1) * pw]
+                tile_ *= 1 - alpha
+                tile_ += alpha * colours[merged[int(gid)] % len(colours)][:, None, None]
     return out
-
-
-def mask_image(mask: np.ndarray, cell: int = 4, true_color=(0, 0, 0), false_color=(255, 255, 255)) -> np.ndarray:
-    """A boolean matrix as uint8 RGB pixels, each entry a ``cell``×``cell`` square."""
-    m = np.asarray(mask)
-    if m.ndim != 2 or m.size == 0:
-        raise ValueError(f"mask_image: expected a non-empty 2-D mask, got shape {m.shape}")
-    m = m.astype(bool).repeat(cell, axis=0).repeat(cell, axis=1)
-    return np.where(m[:, :, None], np.asarray(true_color, np.uint8), np.asarray(false_color, np.uint8))
-
-
-def plot_masks(path: str, content_mask: np.ndarray, query_mask: np.ndarray, cell: Optional[int] = None,
-               gap: int = 8) -> np.ndarray:
-    """Draw a permutation's content mask [(N+P), (N+P)] above its query mask [P, (N+P)].
-
-    Dark = "may attend" (True). Both share the column axis, so a query row lines up with the
-    content columns it may read. Returns the uint8 RGB pixels written.
-
-    Example:
-        >>> plot_masks("masks.png", batch.content_mask(0), batch.query_mask(0))
-    """
-    c, q = np.asarray(content_mask), np.asarray(query_mask)
-    if c.ndim != 2 or q.ndim != 2 or c.shape[1] != q.shape[1]:
-        raise ValueError(f"plot_masks: masks must be 2-D with the same number of columns, got "
-                         f"content {c.shape} and query {q.shape}")
-    if cell is None:
-        cell = max(1, min(8, 1024 // max(c.shape[1], 1)))
-    top, bottom = mask_image(c, cell), mask_image(q, cell)
-    sep = np.full((gap, top.shape[1], 3), (200, 60, 60), np.uint8)  # a red band separates the two
-    pixels = np.concatenate([top, sep, bottom], axis=0)
-    write_png(path, pixels)
-    return pixels
-
-
-def _draw_line(canvas: np.ndarray, x0: float, y0: float, x1: float, y1: float, color, width: int = 1) -> None:
-    n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-    xs = np.rint(np.linspace(x0, x1, n + 1)).astype(int)
-    ys = np.rint(np.linspace(y0, y1, n + 1)).astype(int)
-    h, w = canvas.shape[:2]
-    r = width // 2
-    for dy in range(-r, width - r):
-        for dx in range(-r, width - r):
-            yy, xx = ys + dy, xs + dx
-            ok = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-            canvas[yy[ok], xx[ok]] = color
-
-
-def _curves_numpy(curves: Mapping[str, Sequence[float]], width: int, height: int, logy: bool) -> np.ndarray:
-    canvas = np.full((height, width, 3), 255, np.uint8)
-    left, right, top, bottom = 40, width - 16, 16, height - 32
-    series = []
-    for k, (name, values) in enumerate(curves.items()):
-        v = np.asarray(values, dtype=np.float64).ravel()
-        if logy:
-            v = np.where(v > 0, np.log10(np.where(v > 0, v, 1.0)), np.nan)
-        series.append((name, v, PALETTE[k % len(PALETTE)]))
-    finite = np.concatenate([v[np.isfinite(v)] for _, v, _ in series] + [np.zeros(0)])
-    lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    longest = max((len(v) for _, v, _ in series), default=1)
-    for t in np.linspace(0, 1, 5):  # light grid
-        y = bottom - t * (bottom - top)
-        _draw_line(canvas, left, y, right, y, (230, 230, 230))
-    _draw_line(canvas, left, top, left, bottom, (0, 0, 0))
-    _draw_line(canvas, left, bottom, right, bottom, (0, 0, 0))
-    for _, v, color in series:
-        if len(v) == 0:
-            continue
-        xs = left + (np.arange(len(v)) / max(longest - 1, 1)) * (right - left)
-        ys = bottom - (v - lo) / (hi - lo) * (bottom - top)
-        if len(v) == 1:
-            _draw_line(canvas, xs[0], ys[0], xs[0], ys[0], color, 3)
-        for i in range(len(v) - 1):
-            if np.isfinite(ys[i]) and np.isfinite(ys[i + 1]):
-                _draw_line(canvas, xs[i], ys[i], xs[i + 1], ys[i + 1], color, 2)
-    for k, (_, _, color) in enumerate(series):  # legend swatches in series order, bottom left
-        x0 = left + 4 + 22 * k
-        canvas[height - 20:height - 8, x0:x0 + 16] = color
-    return canvas
-
-
-def _pyplot(backend: str, caller: str):
-    """matplotlib.pyplot (Agg) for backend "matplotlib", or for "auto" when it is installed; else None."""
-    if backend not in ("auto", "matplotlib", "numpy"):
-        raise ValueError(f"{caller}: backend must be 'auto', 'matplotlib' or 'numpy', got {backend!r}")
-    if backend == "numpy":
-        return None
-    try:
-        import matplotlib
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError:
-        if backend == "matplotlib":
-            raise
-        return None
-    return plt
-
-
-def plot_curves(path: str, curves: Mapping[str, Sequence[float]], title: Optional[str] = None,
-                xlabel: str = "step", logy: bool = False, backend: str = "auto",
-                width: int = 640, height: int = 400) -> str:
-    """Plot named series (e.g. ``{"mapet loss": [...], "mim loss": [...]}``) into a PNG.
-
-    Each series is spread over the full x range of the longest one; NaN/Inf points are left out.
-
-    Args:
-        path: output PNG.
-        curves: name → values.
-        title, xlabel: labels (matplotlib backend only).
-        logy: logarithmic y axis.
-        backend: "auto" (matplotlib if importable, else NumPy), "matplotlib" or "numpy". The NumPy
-            renderer draws axes, a grid and the lines in ``PALETTE`` order with colour swatches
-            in the same order (no text: it has no font).
-        width, height: pixels.
-
-    Returns:
-        The backend used ("matplotlib" or "numpy").
-    """
-    if not curves:
-        raise ValueError("plot_curves: no curves given")
-    plt = _pyplot(backend, "plot_curves")
-    if plt is not None:
-        fig, ax = plt.subplots(figsize=(width / 100, height / 100), dpi=100)
-        try:
-            for k, (name, values) in enumerate(curves.items()):
-                ax.plot(np.asarray(values, dtype=np.float64).ravel(), label=name,
-                        color=PALETTE[k % len(PALETTE)] / 255.0)
-            if logy:
-                ax.set_yscale("log")
-            ax.set_xlabel(xlabel)
-            if title:
-                ax.set_title(title)
-            ax.grid(alpha=0.3)
-            ax.legend()
-            fig.tight_layout()
-            import io as _io
-            buf = _io.BytesIO()
-            fig.savefig(buf, format="png")
-        finally:
-            plt.close(fig)
-        data = buf.getvalue()
-        atomic_write(path, lambda f: f.write(data))
-        return "matplotlib"
-    write_png(path, _curves_numpy(curves, width, height, logy))
-    return "numpy"
-
-
-def plot_bars(path: str, table: Mapping[str, Mapping[str, float]], title: Optional[str] = None,
-              backend: str = "auto", width: int = 640, height: int = 400) -> str:
-    """Grouped bar chart of a results table (e.g. method → {"linear probe": 0.9, "fine-tune": 0.8})
-    with values in [0, 1] (accuracies), written as a PNG.
-
-    Rows are groups along x, columns are bars within a group in ``PALETTE`` order. The NumPy
-    renderer (used without matplotlib) draws the bars, gridlines at 0.25 steps and a baseline;
-    a bar of value v is ``round(v · plot height)`` pixels tall.
-
-    Returns:
-        The backend used ("matplotlib" or "numpy").
-    """
-    if not table:
-        raise ValueError("plot_bars: empty table")
-    rows = list(table)
-    cols = list(dict.fromkeys(c for r in rows for c in table[r]))
-    values = np.array([[float(table[r].get(c, np.nan)) for c in cols] for r in rows])
-    plt = _pyplot(backend, "plot_bars")
-    if plt is not None:
-        fig, ax = plt.subplots(figsize=(width / 100, height / 100), dpi=100)
-        try:
-            w = 0.8 / len(cols)
-            for j, c in enumerate(cols):
-                ax.bar(np.arange(len(rows)) + (j - (len(cols) - 1) / 2) * w, values[:, j], w, label=c,
-                       color=PALETTE[j % len(PALETTE)] / 255.0)
-            ax.set_xticks(np.arange(len(rows)), rows)
-            ax.set_ylim(0, 1)
-            if title:
-                ax.set_title(title)
-            ax.legend()
-            ax.grid(axis="y", alpha=0.3)
-            fig.tight_layout()
-            fig.savefig(path, format="png")
-        finally:
-            plt.close(fig)
-        return "matplotlib"
-    margin = 20
-    plot_h = height - 2 * margin
-    canvas = np.full((height, width, 3), 255, np.uint8)
-    for k in range(1, 5):  # gridlines at 0.25, 0.5, 0.75, 1.0
-        y = height - margin - int(round(k / 4 * plot_h))
-        canvas[y, margin:width - margin] = (220, 220, 220)
-    group_w = (width - 2 * margin) / len(rows)
-    bar_w = max(1, int(group_w * 0.8 / len(cols)))
-    for i in range(len(rows)):
-        for j in range(len(cols)):
-            v = values[i, j]
-            if not np.isfinite(v):
-                continue
-            h = int(round(min(max(v, 0.0), 1.0) * plot_h))
-            x0 = int(margin + i * group_w + group_w * 0.1 + j * bar_w)
-            if h:
-                canvas[height - margin - h:height - margin, x0:x0 + bar_w - 1] = PALETTE[j % len(PALETTE)]
-    canvas[height - margin, margin:width - margin] = (0, 0, 0)  # baseline
-    write_png(path, canvas)
-    return "numpy"
