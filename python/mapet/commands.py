@@ -121,6 +121,8 @@ def _datasets(cfg: Dict[str, Any], size: int, mode: str = "eval", need_val: bool
     pixels; ImageFolder data is streamed (``mode`` is the training view: eval, pretrain, finetune)."""
     from .data import ArrayDataset, check_same_classes, load_digits, split_dataset
 
+    if cfg.get("on_error", "raise") not in ("raise", "skip"):
+        raise ValueError(f"config: on_error must be 'raise' or 'skip', got {cfg['on_error']!r}")
     source = cfg.get("data")
     if source is None:
         raise ValueError(f"config: {what} needs data: 'digits' or an ImageFolder root (--set data=PATH)")
