@@ -248,3 +248,46 @@ def test_streaming_memory_does_not_grow_with_the_dataset(tmp_path):
     assert n == 3000
     whole = 3000 * 3 * 64 * 64 * 4 / 1024  # KiB the decoded split would take in memory (141 MiB)
     assert (peak - base) < 0.15 * whole, (base, peak)
+
+
+def test_csv_log_is_written_parseable_and_trimmed_on_resume(tmp_path):
+    import csv
+    x, y = mapet.data.load_digits(16, "train")
+    data = (x[:96], y[:96])
+    kw = dict(img_size=16, patch_size=4, embed_dim=24, depth=1, num_heads=3, num_classes=10)
+    out = str(tmp_path / "run")
+    finetune(mapet.create_model("vit_tiny_patch16_224", **kw), data, epochs=2, batch_size=32, output_dir=out,
+             stop_after=4)
+    with open(os.path.join(out, "log.csv"), "a") as f:
+        f.write("5,1,9.9,0.1,1\n")  # a row written after the checkpoint, before a kill
+    _, hist = finetune(mapet.create_model("vit_tiny_patch16_224", **kw), data, epochs=2, batch_size=32,
+                       output_dir=out)
+    with open(os.path.join(out, "log.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, 7))
+    assert [int(r["epoch"]) for r in rows] == [0, 0, 0, 1, 1, 1]
+    assert [float(r["loss"]) for r in rows] == pytest.approx(hist["loss"], rel=1e-8)
+    assert [float(r["lr"]) for r in rows] == pytest.approx(hist["lr"], rel=1e-8)
+    assert all(float(r["images_per_s"]) > 0 for r in rows)
+
+
+def test_tensorboard_needs_its_writer_library(tmp_path):
+    try:
+        import tensorboardX  # noqa: F401
+        have = True
+    except ImportError:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+            have = True
+        except ImportError:
+            have = False
+    x, y = mapet.data.load_digits(16, "train")
+    model = mapet.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=24, depth=1,
+                               num_heads=3, num_classes=10)
+    out = str(tmp_path / "run")
+    if not have:
+        with pytest.raises(ImportError, match="tensorboardX"):
+            finetune(model, (x[:32], y[:32]), epochs=1, batch_size=32, output_dir=out, tensorboard=True)
+        return
+    finetune(model, (x[:32], y[:32]), epochs=1, batch_size=32, output_dir=out, tensorboard=True)
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(out, "tensorboard")))

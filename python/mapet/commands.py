@@ -38,6 +38,7 @@ _MODEL_FROM_CHECKPOINT = {k: None for k in _MODEL}
 
 _DATA = {"data": "digits", "val_data": None, "val_split": 0.0, "split_seed": 0, "on_error": "raise", "workers": 2,
          "progress": True}
+_LOGS = {"tensorboard": False}
 
 #: What each configuration key means (``--list-options``); dotted keys, or the last part of one.
 OPTIONS: Dict[str, str] = {
@@ -48,6 +49,7 @@ OPTIONS: Dict[str, str] = {
     "on_error": "unreadable images: 'raise' (stop, naming the file) or 'skip' (check every file first, drop bad ones)",
     "workers": "threads decoding and augmenting images (results do not depend on it)",
     "progress": "draw a tqdm progress bar when tqdm is installed",
+    "tensorboard": "also write TensorBoard event files (needs tensorboardX or torch); checkpoints/log.csv is always written",
     "seed": "seed of initialisation, data order, masks and augmentation",
     "method": "pre-training method: mapet, pim, mim (BEiT), ccvit or dtm",
     "model.size": "ViT size: tiny, small or base (embed_dim/depth/num_heads defaults)",
@@ -256,7 +258,7 @@ def _tokenize(args, cfg) -> int:
 # ------------------------------------------------------------------ pretrain
 
 PRETRAIN_DEFAULTS = dict(
-    _DATA, seed=0, method="mapet", model=dict(_MODEL),
+    _DATA, **_LOGS, seed=0, method="mapet", model=dict(_MODEL),
     tokenizer={"n_tokens": 256, "n_iter": 20, "path": None, "fit_images": 4096}, tokens=None,
     least_number=None, num_masking_patches=None, epochs=10, batch_size=64, lr=1.5e-3, weight_decay=0.05,
     warmup_epochs=1, warmup_start_lr=1e-6, min_lr=1e-5, clip_grad=3.0, accum_steps=1, checkpoint_every=0,
@@ -326,7 +328,8 @@ def run_pretrain(cfg: Dict[str, Any]):
                               clip_grad=cfg["clip_grad"], accum_steps=int(cfg["accum_steps"]), seed=int(cfg["seed"]),
                               num_masking_patches=cfg.get("num_masking_patches"),
                               output_dir=_out(cfg, "checkpoints"), checkpoint_every=int(cfg["checkpoint_every"]),
-                              progress=bool(cfg.get("progress", True)), workers=int(cfg.get("workers", 0)), **extra)
+                              progress=bool(cfg.get("progress", True)), workers=int(cfg.get("workers", 0)),
+                              tensorboard=bool(cfg.get("tensorboard", False)), **extra)
     if _is_main():
         model.save(_out(cfg, "model.safetensors"))
     return model, history
@@ -343,7 +346,7 @@ def _pretrain(args, cfg) -> int:
 # ------------------------------------------------------------------ transfer
 
 FINETUNE_DEFAULTS = dict(
-    _DATA, seed=0, model=dict(_MODEL_FROM_CHECKPOINT), pretrained=None, epochs=10, batch_size=64,
+    _DATA, **_LOGS, seed=0, model=dict(_MODEL_FROM_CHECKPOINT), pretrained=None, epochs=10, batch_size=64,
     lr=1e-3, weight_decay=0.05, layer_decay=0.75, warmup_epochs=1, warmup_start_lr=1e-6, min_lr=1e-6,
     label_smoothing=0.1, drop_path_rate=0.1, global_pool="avg", checkpoint_every=0, init_values=None,
     augment="crop_flip", validate_every_epoch=True,
@@ -386,7 +389,8 @@ def run_finetune(cfg: Dict[str, Any]):
                               min_lr=float(cfg["min_lr"]), label_smoothing=float(cfg["label_smoothing"]),
                               seed=int(cfg["seed"]), output_dir=out, checkpoint_every=int(cfg["checkpoint_every"]),
                               progress=bool(cfg.get("progress", True)), workers=int(cfg.get("workers", 0)),
-                              validate_every_epoch=bool(cfg.get("validate_every_epoch", True)))
+                              validate_every_epoch=bool(cfg.get("validate_every_epoch", True)),
+                              tensorboard=bool(cfg.get("tensorboard", False)))
     if _is_main():
         model.save(_out(cfg, "model.safetensors"))
         with open(_out(cfg, "classes.json"), "w") as f:

@@ -44,6 +44,51 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
     return tqdm(total=total, initial=initial, desc=desc, leave=False)
 
 
+class MetricsLog:
+    """``<dir>/log.csv``: one row per optimizer step (step, epoch, loss, lr, images/s), and the same
+    scalars as TensorBoard event files in ``<dir>/tensorboard`` when asked (needs ``tensorboardX``
+    or ``torch``). A resumed run first drops the rows after its checkpoint's step, so the file
+    always describes one uninterrupted run.
+    """
+
+    HEADER = "step,epoch,loss,lr,images_per_s"
+
+    def __init__(self, directory: str, resumed_step: int = 0, tensorboard: bool = False) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, "log.csv")
+        rows = []
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                lines = f.read().splitlines()
+            rows = [r for r in lines[1:] if r and r.split(",")[0].isdigit() and int(r.split(",")[0]) <= resumed_step]
+        with open(self.path, "w") as f:
+            f.write("\n".join([self.HEADER] + rows) + "\n")
+        self._file = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    raise ImportError("tensorboard: writing TensorBoard event files needs tensorboardX "
+                                      "(pip install tensorboardX) or torch") from None
+            self._tb = SummaryWriter(os.path.join(directory, "tensorboard"), purge_step=resumed_step + 1)
+
+    def write(self, step: int, epoch: int, loss: float, lr: float, rate: float) -> None:
+        self._file.write(f"{step},{epoch},{loss:.9g},{lr:.9g},{rate:.4g}\n")
+        self._file.flush()
+        if self._tb is not None:
+            for name, value in (("loss", loss), ("lr", lr), ("images_per_s", rate)):
+                self._tb.add_scalar(f"train/{name}", value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
 class _Loop:
     """The optimisation loop shared by every method.
 
@@ -57,7 +102,7 @@ class _Loop:
                  accum_steps: int = 1, output_dir: Optional[str] = None, checkpoint_every: int = 0,
                  states: Optional[Dict[str, Any]] = None, log_every: int = 10, progress: bool = False,
                  desc: str = "train", config: Optional[Dict[str, Any]] = None, seed: int = 0,
-                 epoch_end: Optional[Callable[[int], None]] = None):
+                 epoch_end: Optional[Callable[[int], None]] = None, tensorboard: bool = False):
         if epochs <= 0:
             raise ValueError(f"epochs must be positive, got {epochs}")
         if accum_steps < 1:
@@ -75,6 +120,7 @@ class _Loop:
         self.states = dict(states or {})
         self.log_every, self.progress, self.desc = max(1, int(log_every)), progress, desc
         self.config = dict(config or {})
+        self.tensorboard = bool(tensorboard)
         self.epoch_end = epoch_end  # called with the epoch number after each full epoch, before its checkpoint
         self.step = 0
         self.micro = 0  # micro-batches run so far: seeds the model's drop-path stream
@@ -151,7 +197,10 @@ class _Loop:
         if self.ctx.distributed:
             self._synchronize()
         bar = _progress(self.total_steps, self.step, self.desc, self.progress and self.ctx.is_main)
+        metrics = (MetricsLog(self.output_dir, self.step, tensorboard=self.tensorboard)
+                   if self.output_dir and self.ctx.is_main else None)
         t0, done0 = time.perf_counter(), self.step
+        t_step, seen_step = t0, 0
         seen = 0
         pending, losses, local = 0, [], 0  # micro-batches, their losses and samples since the last step
         self.optimizer.zero_grad()
@@ -181,6 +230,11 @@ class _Loop:
                     continue
                 self._optimizer_step(losses, local)
                 pending, losses, local = 0, [], 0
+                if metrics is not None:
+                    now = time.perf_counter()
+                    metrics.write(self.step, epoch, self.history["loss"][-1], self.history["lr"][-1],
+                                  (seen - seen_step) / max(now - t_step, 1e-9))
+                    t_step, seen_step = now, seen
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{self.history['loss'][-1]:.4f}")
@@ -197,6 +251,8 @@ class _Loop:
                     self._save()
                     if bar is not None:
                         bar.close()
+                    if metrics is not None:
+                        metrics.close()
                     return self.history
                 if self.step >= self.total_steps:
                     break
@@ -207,6 +263,8 @@ class _Loop:
             self._save()
         if bar is not None:
             bar.close()
+        if metrics is not None:
+            metrics.close()
         return self.history
 
     def _optimizer_step(self, losses: List[float], local: int) -> None:
@@ -415,6 +473,7 @@ def _check_method(method: str) -> str:
 def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: Optional[np.ndarray] = None,
              epochs: int = 10, batch_size: int = 64, lr: float = 1.5e-3, weight_decay: float = 0.05,
              warmup_epochs: float = 1.0, min_lr: float = 1e-5, warmup_start_lr: float = 1e-6, workers: int = 0,
+             tensorboard: bool = False,
              clip_grad: Optional[float] = 3.0, accum_steps: int = 1, least_number: Optional[int] = None,
              num_masking_patches: Optional[int] = None, seed: int = 0, output_dir: Optional[str] = None,
              checkpoint_every: int = 0, log_every: int = 10, progress: bool = False,
@@ -435,6 +494,8 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
             (AdamW, linear warm-up then cosine; lr per optimizer step).
         workers: threads decoding images of a streaming dataset (e.g. ``ImageFolder``); results
             do not depend on it.
+        tensorboard: with ``output_dir``, also write TensorBoard event files (``log.csv`` is
+            always written there: step, epoch, loss, lr, images/s).
         clip_grad: global gradient-norm clip (None: off).
         accum_steps: micro-batches per optimizer step (effective batch = batch_size × accum_steps).
         least_number: MaPeT/PIM context size (default: the model's); num_masking_patches: MIM,
@@ -545,7 +606,8 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
     loop = _Loop(model, optimizer, loader, step_fn, epochs=epochs, lr=lr, warmup_epochs=warmup_epochs,
                  min_lr=min_lr, warmup_start_lr=warmup_start_lr, accum_steps=accum_steps, output_dir=output_dir,
                  checkpoint_every=checkpoint_every, states=states, log_every=log_every, progress=progress,
-                 desc=f"pretrain[{method}]", config={"method": method, "model": cfg}, seed=seed)
+                 desc=f"pretrain[{method}]", config={"method": method, "model": cfg}, seed=seed,
+                 tensorboard=tensorboard)
     history = loop.run(stop_after=stop_after)
     return model, history
 
@@ -559,7 +621,7 @@ def finetune(model: Any, train: Any, *, val: Any = None, num_classes: Optional[i
              clip_grad: Optional[float] = None, accum_steps: int = 1, seed: int = 0,
              output_dir: Optional[str] = None, checkpoint_every: int = 0, log_every: int = 10,
              progress: bool = False, stop_after: Optional[int] = None, workers: int = 0,
-             validate_every_epoch: bool = False, **model_overrides) -> Tuple[Any, Dict[str, List[float]]]:
+             validate_every_epoch: bool = False, tensorboard: bool = False, **model_overrides) -> Tuple[Any, Dict[str, List[float]]]:
     """Fine-tune a ViT classifier end to end (optionally from a pre-training checkpoint).
 
     Args:
@@ -573,6 +635,7 @@ def finetune(model: Any, train: Any, *, val: Any = None, num_classes: Optional[i
         pretrained: path or state_dict of a pre-trained model (matching keys are copied).
         layer_decay: BEiT layer-wise lr decay (None or 1.0: off); label_smoothing: CE smoothing.
         workers: threads decoding images of a streaming dataset (``ImageFolder``).
+        tensorboard: also write TensorBoard event files beside ``<output_dir>/log.csv``.
         Other arguments as in :func:`pretrain`.
 
     Returns:
@@ -608,7 +671,8 @@ def finetune(model: Any, train: Any, *, val: Any = None, num_classes: Optional[i
     loop = _Loop(model, optimizer, loader, step_fn, epochs=epochs, lr=lr, warmup_epochs=warmup_epochs,
                  min_lr=min_lr, warmup_start_lr=warmup_start_lr, accum_steps=accum_steps, output_dir=output_dir,
                  checkpoint_every=checkpoint_every, log_every=log_every, progress=progress, desc="finetune",
-                 config={"model": model.config}, seed=seed, epoch_end=validate if every else None)
+                 config={"model": model.config}, seed=seed, epoch_end=validate if every else None,
+                 tensorboard=tensorboard)
     history = loop.run(stop_after=stop_after)
     if every:
         history["best_val_top1"] = max(history["val_top1"]) if history.get("val_top1") else None
