@@ -291,3 +291,22 @@ def test_tensorboard_needs_its_writer_library(tmp_path):
         return
     finetune(model, (x[:32], y[:32]), epochs=1, batch_size=32, output_dir=out, tensorboard=True)
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(out, "tensorboard")))
+
+
+def test_demo_on_ones_own_folder_says_so_and_draws_from_it(tmp_path):
+    root = _make_folder(tmp_path / "imgs", ["x", "y"], 12, size=(18, 18))
+    r = _cli("demo", *TINY, "--set", f"data={root}", "--set", "val_split=0.25", "--set", "tokenizer.n_tokens=8",
+             "--set", "tokenizer.n_iter=2", "--set", "pretrain.epochs=1", "--set", "pretrain.least_number=4",
+             "--set", "finetune.epochs=1", "--set", "linprobe.epochs=2", "-o", "demo", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"data: ImageFolder {root}: 18 train / 6 held-out images (val_split 0.25 of it), 2 classes" in r.stdout
+    assert "digits" not in r.stdout
+    results = (tmp_path / "demo" / "results.md").read_text()
+    assert str(root) in results and "18 train / 6 held-out" in results
+    for f in ("tokens.png", "ccvit.png", "dtm.png", "masks.png"):
+        assert os.path.exists(tmp_path / "demo" / f)
+    from mapet.demo import figure_images
+    cfg = {"data": root, "val_split": 0.25, "model": {"img_size": 16}, "seed": 0}
+    held = figure_images(cfg, 8)
+    _, val = split_dataset(ImageFolder(root, 16, mode="eval"), 0.25, seed=0)
+    assert held.shape == (6, 3, 16, 16) and np.array_equal(held[0], val[0][0])
