@@ -310,3 +310,19 @@ def test_demo_on_ones_own_folder_says_so_and_draws_from_it(tmp_path):
     held = figure_images(cfg, 8)
     _, val = split_dataset(ImageFolder(root, 16, mode="eval"), 0.25, seed=0)
     assert held.shape == (6, 3, 16, 16) and np.array_equal(held[0], val[0][0])
+
+
+def test_a_streamed_run_stopped_mid_epoch_resumes_bitwise(tmp_path):
+    mapet.set_num_threads(2)
+    root = _make_folder(tmp_path / "imgs", ["a", "b", "c"], 5)
+    kw = dict(img_size=16, patch_size=4, embed_dim=24, depth=1, num_heads=3, num_classes=3, seed=0)
+
+    def run(out, stop_after=None):
+        ds = ImageFolder(root, 16, mode="finetune", seed=1)  # random crops and flips, seeded per image
+        return finetune(mapet.create_model("vit_tiny_patch16_224", **kw), ds, epochs=2, batch_size=4, workers=2,
+                        output_dir=str(out), stop_after=stop_after)
+
+    whole, hw = run(tmp_path / "whole")
+    run(tmp_path / "cut", stop_after=2)  # 4 steps per epoch: stopped inside epoch 0
+    resumed, hr = run(tmp_path / "cut")
+    assert hr["loss"] == hw["loss"] and np.array_equal(resumed.flat_params, whole.flat_params)

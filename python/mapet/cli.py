@@ -27,8 +27,9 @@ logger = logging.getLogger(__name__)
 # name -> (help, description, configure(parser), run(args, cfg) -> int, defaults or None, meanings)
 COMMANDS: Dict[str, tuple] = {}
 
-# keys that name where or how a run is shown, not what it computes (ignored when comparing runs)
-_NOT_THE_RUN = ("output_dir", "progress")
+# keys that change where or how a run is shown or how fast it goes, not what it computes
+# (ignored when comparing runs; workers: the batches do not depend on it)
+_NOT_THE_RUN = ("output_dir", "progress", "workers", "tensorboard")
 
 
 def command(name: str, help: str, description: str = "", defaults: Optional[Dict[str, Any]] = None,
