@@ -33,9 +33,9 @@ def test_tokenize_pretrain_finetune_linprobe_eval(tmp_path):
     tok = ["--set", "tokenizer.n_tokens=16", "--set", "tokenizer.n_iter=5"]
     cache = _run("tokenize", *TINY, *tok, "-o", "tok", cwd=tmp_path).strip().splitlines()[-1]
     assert os.path.exists(os.path.join(tmp_path, cache, "manifest.json"))
-    for method in ("mapet", "mim"):
+    for method, size in (("mapet", "least_number=4"), ("mim", "num_masking_patches=6")):
         out = _run("pretrain", *TINY, *tok, "--set", f"method={method}", "--set", f"tokens={cache}",
-                   "--set", "epochs=1", "--set", "least_number=4", "-o", method, cwd=tmp_path)
+                   "--set", "epochs=1", "--set", size, "-o", method, cwd=tmp_path)
         assert json.loads(out.strip().splitlines()[-1])["steps"] > 0
         assert os.path.exists(os.path.join(tmp_path, method, "model.safetensors"))
         assert os.path.exists(os.path.join(tmp_path, method, "config.json"))  # the resolved config

@@ -326,3 +326,11 @@ def test_a_streamed_run_stopped_mid_epoch_resumes_bitwise(tmp_path):
     run(tmp_path / "cut", stop_after=2)  # 4 steps per epoch: stopped inside epoch 0
     resumed, hr = run(tmp_path / "cut")
     assert hr["loss"] == hw["loss"] and np.array_equal(resumed.flat_params, whole.flat_params)
+
+
+def test_options_of_another_method_are_errors(tmp_path):
+    _mistake("pretrain", "--set", "num_masking_patches=20", cwd=tmp_path,
+             match="method mapet does not use num_masking_patches")
+    _mistake("pretrain", "--set", "method=mim", "--set", "least_number=20", cwd=tmp_path,
+             match="method mim does not use least_number")
+    _mistake("pretrain", "--set", "ccvit.pixel_weight=2", cwd=tmp_path, match="does not use ccvit.*")

@@ -278,6 +278,20 @@ def _tokenizer_file(cfg: Dict[str, Any], cache_dir: str) -> str:
     return path
 
 
+def _check_method_keys(cfg: Dict[str, Any], method: str) -> None:
+    """Options another method reads are an error rather than silently unused."""
+    unused = []
+    if method in ("mapet", "pim") and cfg.get("num_masking_patches") is not None:
+        unused.append("num_masking_patches (MaPeT/PIM predict all but least_number tokens: set least_number)")
+    if method not in ("mapet", "pim") and cfg.get("least_number") is not None:
+        unused.append("least_number (MaPeT/PIM only; the masked methods use num_masking_patches)")
+    for section in ("ccvit", "dtm"):
+        if method != section and cfg.get(section) != PRETRAIN_DEFAULTS[section]:
+            unused.append(f"{section}.* (method {section} only)")
+    if unused:
+        raise ValueError(f"config: method {method} does not use {'; '.join(unused)}")
+
+
 def run_pretrain(cfg: Dict[str, Any]):
     """Pre-train per ``cfg``; returns (model, history). Writes checkpoints and ``model.safetensors``."""
     from .data import TokenCache
@@ -287,6 +301,7 @@ def run_pretrain(cfg: Dict[str, Any]):
     size = int(cfg["model"]["img_size"])
     train, _, _ = _datasets(cfg, size, "pretrain", need_val=False, what="pretrain")
     kind = "beit" if method == "mim" else method
+    _check_method_keys(cfg, method)
     overrides = dict(_model_keys(cfg), init_values=cfg["init_values"], drop_path_rate=cfg["drop_path_rate"])
     extra: Dict[str, Any] = {}
     data = train

@@ -87,6 +87,8 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
         for k, v in PRETRAIN_DEFAULTS.items():
             pcfg.setdefault(k, v)
         pcfg.update(cfg["pretrain"])
+        if method not in ("mapet", "pim"):
+            pcfg["least_number"] = None  # the demo's one budget: least_number is MaPeT/PIM's alone
         if method == "dtm" and not pcfg.get("dtm", {}).get("teacher"):
             if "mapet" not in cfg["methods"][:cfg["methods"].index("dtm")]:
                 raise ValueError("demo: dtm needs a teacher: set dtm.teacher or list mapet before dtm in methods")
