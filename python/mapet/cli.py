@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m mapet",
         description="mapet: masked and permuted pre-training of Vision Transformers (Swift engine).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run 'python -m mapet <command> --help' for the options of one command.")
+        epilog="Run 'python -m mapet <command> --help' for the flags of one command and "
+               "'python -m mapet <command> --list-options' for every configuration key with its default.")
     sub = parser.add_subparsers(dest="command", metavar="command")
     for name, (help_text, description, configure, _, defaults, _) in sorted(COMMANDS.items()):
         epilog = (f"Configuration keys: 'python -m mapet {name} --list-options' lists all {len(option_table(defaults, {}))}"
