@@ -334,3 +334,12 @@ def test_options_of_another_method_are_errors(tmp_path):
     _mistake("pretrain", "--set", "method=mim", "--set", "least_number=20", cwd=tmp_path,
              match="method mim does not use least_number")
     _mistake("pretrain", "--set", "ccvit.pixel_weight=2", cwd=tmp_path, match="does not use ccvit.*")
+
+
+def test_augmentation_presets_from_the_shell(tmp_path):
+    root = _make_folder(tmp_path / "imgs", ["a", "b"], 6)
+    args = ["finetune", *TINY, "--set", f"data={root}", "--set", "val_split=0.34", "--set", "epochs=1"]
+    _mistake(*args, "--set", "augment=mixup", cwd=tmp_path, match="augment must be one of none, crop_flip, randaugment")
+    r = _cli(*args, "--set", "augment=randaugment", "--set", "label_smoothing=0.2", "-o", "ra", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["top1"] >= 0

@@ -87,7 +87,8 @@ OPTIONS: Dict[str, str] = {
     "layer_decay": "layer-wise learning-rate decay (1: off)",
     "label_smoothing": "cross-entropy label smoothing",
     "global_pool": "'avg' (mean of patch tokens, fc_norm) or 'token' (class token)",
-    "augment": "fine-tuning view of ImageFolder data: 'crop_flip' (RandomResizedCrop 0.08-1 + flip) or 'none'",
+    "augment": "fine-tuning view of ImageFolder data: 'crop_flip' (RandomResizedCrop 0.08-1 + flip), 'randaugment' "
+               "(the same + RandAugment rand-m9-mstd0.5-inc1, the BEiT/MaPeT recipe) or 'none' (evaluation view)",
     "validate_every_epoch": "evaluate val after every epoch and keep the best weights as best.safetensors",
     "pool": "linear probe features: 'avg' or 'token'",
     "checkpoint": "the model file to evaluate (model.safetensors of a finetune run)",
@@ -105,9 +106,10 @@ def _targets(dataset) -> np.ndarray:
     return dataset_targets(dataset)
 
 
-def _folder(cfg: Dict[str, Any], root: str, size: int, mode: str):
+def _folder(cfg: Dict[str, Any], root: str, size: int, mode: str, randaugment: Optional[str] = None):
     from .data import ImageFolder
-    return ImageFolder(root, size, mode=mode, seed=int(cfg.get("seed", 0)), on_error=cfg.get("on_error", "raise"))
+    return ImageFolder(root, size, mode=mode, seed=int(cfg.get("seed", 0)), on_error=cfg.get("on_error", "raise"),
+                       randaugment=randaugment)
 
 
 def _eval_view(folder):
@@ -118,7 +120,7 @@ def _eval_view(folder):
 
 
 def _datasets(cfg: Dict[str, Any], size: int, mode: str = "eval", need_val: bool = True,
-              what: str = "this command") -> Tuple[Any, Any, List[str]]:
+              what: str = "this command", randaugment: Optional[str] = None) -> Tuple[Any, Any, List[str]]:
     """(train dataset, held-out dataset or None, class names) of the configured data at ``size``
     pixels; ImageFolder data is streamed (``mode`` is the training view: eval, pretrain, finetune)."""
     from .data import ArrayDataset, check_same_classes, load_digits, split_dataset
@@ -137,7 +139,7 @@ def _datasets(cfg: Dict[str, Any], size: int, mode: str = "eval", need_val: bool
         return train, val, [str(c) for c in range(10)]
     if not os.path.isdir(str(source)):
         raise ValueError(f"config: data {source!r} is neither 'digits' nor a directory")
-    full = _folder(cfg, source, size, mode)
+    full = _folder(cfg, source, size, mode, randaugment)
     classes = list(full.classes)
     val = None
     if cfg.get("val_data"):
@@ -360,6 +362,10 @@ def _pretrain(args, cfg) -> int:
 
 # ------------------------------------------------------------------ transfer
 
+#: Fine-tuning views of ImageFolder data: name → (ImageFolder mode, RandAugment spec).
+AUGMENT = {"none": ("eval", None), "crop_flip": ("finetune", None),
+           "randaugment": ("finetune", "rand-m9-mstd0.5-inc1")}
+
 FINETUNE_DEFAULTS = dict(
     _DATA, **_LOGS, seed=0, model=dict(_MODEL_FROM_CHECKPOINT), pretrained=None, epochs=10, batch_size=64,
     lr=1e-3, weight_decay=0.05, layer_decay=0.75, warmup_epochs=1, warmup_start_lr=1e-6, min_lr=1e-6,
@@ -390,9 +396,10 @@ def run_finetune(cfg: Dict[str, Any]):
 
     keys, size = _transfer_model(cfg)
     augment = cfg.get("augment", "crop_flip")
-    if augment not in ("crop_flip", "none"):
-        raise ValueError(f"config: augment must be 'crop_flip' or 'none', got {augment!r}")
-    train, val, classes = _datasets(cfg, size, "finetune" if augment == "crop_flip" else "eval", what="finetune")
+    if augment not in AUGMENT:
+        raise ValueError(f"config: augment must be one of {', '.join(AUGMENT)}, got {augment!r}")
+    mode, rand = AUGMENT[augment]
+    train, val, classes = _datasets(cfg, size, mode, what="finetune", randaugment=rand)
     model = create_model(f"vit_{_size(cfg)}_patch16_224", seed=int(cfg["seed"]), num_classes=len(classes),
                          pretrained=cfg.get("pretrained"), drop_path_rate=cfg["drop_path_rate"],
                          global_pool=cfg["global_pool"], **keys)

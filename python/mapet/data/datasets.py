@@ -11,8 +11,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .transforms import (center_crop_box, pil_filter, pil_to_chw, random_resized_crop_params,
-                         resize_bilinear, sample_rng)
+from .transforms import (center_crop_box, parse_randaugment, pil_filter, pil_to_chw, rand_augment,
+                         random_resized_crop_params, resize_bilinear, sample_rng)
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +258,8 @@ class ImageFolder:
         crop resized for the tokenizer (BEiT's "two pic" crop), so random crops (``scale`` < 1)
         stay aligned when the tokenizer runs on the fly.
       - "finetune": random-resized-crop ``scale=(0.08, 1)``, ``ratio=(3/4, 4/3)``, horizontal
-        flip with probability 0.5.
+        flip with probability 0.5, then ``randaugment`` when given (e.g. "rand-m9-mstd0.5-inc1",
+        the BEiT/MaPeT fine-tuning recipe; see ``mapet.data.transforms.rand_augment``).
 
     Bad data: ``on_error="raise"`` (default) raises ``ImageLoadError`` naming the file when an
     unreadable image is loaded. ``on_error="skip"`` decodes every file once at construction,
@@ -277,13 +278,17 @@ class ImageFolder:
                  scale: Optional[Sequence[float]] = None, ratio: Optional[Sequence[float]] = None,
                  hflip: Optional[float] = None, crop_pct: float = 0.875, interpolation: str = "bicubic",
                  second_size: Optional[int] = None, second_interpolation: str = "lanczos",
-                 seed: int = 0, on_error: str = "raise"):
+                 seed: int = 0, on_error: str = "raise", randaugment: Optional[str] = None):
         if mode not in ("eval", "pretrain", "finetune"):
             raise ValueError(f"ImageFolder: mode must be 'eval', 'pretrain' or 'finetune', got {mode!r}")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"ImageFolder: on_error must be 'raise' or 'skip', got {on_error!r}")
         if second_size is not None and mode != "pretrain":
             raise ValueError("ImageFolder: second_size is only meaningful with mode='pretrain'")
+        if randaugment is not None and mode != "finetune":
+            raise ValueError("ImageFolder: randaugment is only meaningful with mode='finetune'")
+        self.randaugment = randaugment
+        self._rand = parse_randaugment(randaugment) if randaugment else None
         import PIL  # noqa: F401  (fail early with ImportError if Pillow is missing)
 
         self.root, self.img_size, self.mode = os.fspath(root), int(img_size), mode
@@ -349,7 +354,8 @@ class ImageFolder:
         """True when the view does not depend on the seed (safe to pair with a token cache)."""
         if self.mode == "eval":
             return True
-        return self.scale[0] == self.scale[1] == 1.0 and self.ratio[0] == self.ratio[1] and self.hflip == 0.0
+        return (self.scale[0] == self.scale[1] == 1.0 and self.ratio[0] == self.ratio[1] and self.hflip == 0.0
+                and self._rand is None)
 
     @property
     def view_id(self) -> str:
@@ -357,7 +363,7 @@ class ImageFolder:
         if self.mode == "eval":
             return f"eval:{self.img_size}:crop_pct={self.crop_pct}:{self.interpolation}"
         return (f"{self.mode}:{self.img_size}:scale={list(self.scale)}:ratio={list(self.ratio)}:"
-                f"hflip={self.hflip}:{self.interpolation}")
+                f"hflip={self.hflip}:{self.interpolation}" + (f":{self.randaugment}" if self._rand else ""))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -398,6 +404,9 @@ class ImageFolder:
         out = img.resize((S, S), resample, box=box)
         if flip:
             out = out.transpose(0)  # Image.FLIP_LEFT_RIGHT
+        if self._rand is not None:  # after crop and flip, as timm's transforms_imagenet_train
+            n, m, mstd = self._rand
+            out = rand_augment(out, rng, n, m, mstd)
         if self.second_size is None:
             return pil_to_chw(out), label
         second = img.resize((self.second_size, self.second_size), pil_filter(self.second_interpolation), box=box)
