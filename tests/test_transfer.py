@@ -86,3 +86,17 @@ def test_a_trunk_tensor_that_does_not_fit_is_an_error(tmp_path):
     vit = mapet.create_model("vit_tiny_patch16_224", num_classes=3, depth=1)
     report = mapet.models.load_pretrained(vit, path, strict_trunk=False)
     assert "blocks.1.attn.q.weight" in report["skipped"]
+
+
+def test_predict_gives_the_argmax_class_and_probabilities():
+    vit = mapet.create_model("vit_tiny_patch16_224", **SMALL, num_classes=4)
+    x = np.random.default_rng(0).random((7, 3, 16, 16), dtype=np.float32)
+    logits = vit(x).astype(np.float64)
+    assert np.array_equal(vit.predict(x, batch_size=3), np.argmax(logits, 1))
+    p = vit.predict(x, batch_size=2, probabilities=True)
+    ref = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(p, ref / ref.sum(1, keepdims=True), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="batch_size"):
+        vit.predict(x, batch_size=0)
+    with pytest.raises(ValueError, match="4-d"):
+        vit.predict(x[0])

@@ -115,6 +115,32 @@ class VisionTransformer(ParameterBlock):
         _core.vit_forward(self._handle, x, out, False)
         return out
 
+    def predict(self, images: Any, batch_size: int = 256, probabilities: bool = False) -> np.ndarray:
+        """Class indices int64 [B] (or softmax probabilities float32 [B, num_classes]) of images
+        [B, in_chans, img_size, img_size], computed ``batch_size`` images at a time.
+
+        Example:
+            >>> import numpy as np, mapet
+            >>> m = mapet.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=1, num_classes=3)
+            >>> m.predict(np.zeros((2, 3, 16, 16), np.float32)).shape
+            (2,)
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        x = self._check(images)
+        out = []
+        for i in range(0, x.shape[0], int(batch_size)):
+            logits = self(x[i:i + int(batch_size)])
+            if probabilities:
+                z = np.exp(logits - logits.max(axis=1, keepdims=True))
+                out.append((z / z.sum(axis=1, keepdims=True)).astype(np.float32))
+            else:
+                out.append(np.argmax(logits, axis=1).astype(np.int64))
+        if not out:
+            return np.zeros((0, self.config["num_classes"]) if probabilities else (0,),
+                            np.float32 if probabilities else np.int64)
+        return np.concatenate(out)
+
     def forward_features(self, images: Any) -> np.ndarray:
         """Final tokens [B, 1 + num_patches, embed_dim] (after ``norm`` for 'token' pooling, as timm)."""
         x = self._check(images)
