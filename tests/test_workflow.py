@@ -343,3 +343,11 @@ def test_augmentation_presets_from_the_shell(tmp_path):
     r = _cli(*args, "--set", "augment=randaugment", "--set", "label_smoothing=0.2", "-o", "ra", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["top1"] >= 0
+
+
+def test_a_saved_config_is_a_valid_config_file(tmp_path):
+    args = ["linprobe", *TINY, "--set", "epochs=2"]
+    assert _cli(*args, "-o", "lp", cwd=tmp_path).returncode == 0
+    r = _cli("linprobe", "-c", str(tmp_path / "lp" / "config.json"), "--print-config", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == json.loads((tmp_path / "lp" / "config.json").read_text())

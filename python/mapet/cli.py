@@ -105,8 +105,8 @@ def resolve(args: argparse.Namespace) -> Dict[str, Any]:
     """
     defaults = COMMANDS[args.command][4]
     cfg = load_config(args.config, args.overrides, defaults=defaults or {})
-    if defaults is not None:
-        check_keys(cfg, defaults, where="config")
+    if defaults is not None:  # output_dir is every command's (a saved config.json holds it)
+        check_keys({k: v for k, v in cfg.items() if k != "output_dir"}, defaults, where="config")
     if args.output_dir:
         cfg["output_dir"] = args.output_dir
     return cfg
