@@ -97,15 +97,6 @@ OPTIONS: Dict[str, str] = {
 }
 
 
-def _classes_of(dataset) -> List[str]:
-    return list(getattr(dataset, "classes", None) or [str(c) for c in range(int(np.max(_targets(dataset))) + 1)])
-
-
-def _targets(dataset) -> np.ndarray:
-    from .data import dataset_targets
-    return dataset_targets(dataset)
-
-
 def _folder(cfg: Dict[str, Any], root: str, size: int, mode: str, randaugment: Optional[str] = None):
     from .data import ImageFolder
     return ImageFolder(root, size, mode=mode, seed=int(cfg.get("seed", 0)), on_error=cfg.get("on_error", "raise"),
@@ -467,8 +458,7 @@ EVAL_DEFAULTS = {"data": None, "split_seed": 0, "on_error": "raise", "workers": 
 def run_eval(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Evaluate a saved classifier on ``data`` (digits: their test split; a folder: all of it) at
     the checkpoint's image size; class folders must match those it was fine-tuned on."""
-    from .data import load_digits
-    from .data import check_same_classes
+    from .data import check_same_classes, load_digits
     from .models import VisionTransformer, load
     from .train import evaluate
 

@@ -228,7 +228,6 @@ def dtm_picture(cfg: Dict[str, Any], out: str, count: int = 8) -> None:
     from .objectives import morph_tokens
     from .train import teacher_features
 
-    m = cfg["model"]
     images = figure_images(cfg, count)
     count = len(images)  # a small held-out split may have fewer
     teacher = cfg.get("dtm", {}).get("teacher") or os.path.join(out, "mapet", "model.safetensors")
