@@ -6,7 +6,8 @@ through ``logging`` (and a tqdm bar when tqdm is installed and ``progress=True``
 atomic checkpoints (weights, optimizer moments, sampler and loader state, step, epoch)
 after every epoch and every ``checkpoint_every`` optimizer steps. Started again with the same
 ``output_dir``, a run resumes from ``last.safetensors`` and continues exactly as if it had
-never stopped (bitwise, for a fixed thread count).
+never stopped (bitwise, for a fixed thread count). ``<output_dir>/log.csv`` gets one row per
+optimizer step (:class:`MetricsLog`; TensorBoard event files too with ``tensorboard=True``).
 
 Under ``mpiexec -n N`` the same loops run data-parallel (:mod:`mapet.distributed`): the
 loader is sharded so that ``batch_size`` is per rank (global batch N × batch_size), the ranks
