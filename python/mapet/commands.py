@@ -5,7 +5,9 @@ and ``--set key=value``; ``--list-options`` prints them all) and writes its outp
 ``-o/--output-dir``. Data is either the built-in digits (``data: digits``) or an ImageFolder
 root (``data: /path/to/train``, with ``val_data`` for the held-out split or ``val_split`` to cut
 one from ``data``). Folders are streamed: images are decoded and augmented by ``workers``
-threads batch by batch, never held all at once.
+threads batch by batch, never held all at once. ``precision`` ("fp32" or "bf16", ``--set
+precision=bf16``) sets the models' matrix-product precision; left at null, a run is fp32 and a
+resumed run keeps the precision stored in its checkpoint.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ OPTIONS: Dict[str, str] = {
     "on_error": "unreadable images: 'raise' (stop, naming the file) or 'skip' (check every file first, drop bad ones)",
     "workers": "threads decoding and augmenting images (results do not depend on it)",
     "progress": "draw a tqdm progress bar when tqdm is installed",
+    "precision": "matrix products in 'fp32' or 'bf16' (null: fp32, or a resumed run's stored precision)",
     "tensorboard": "also write TensorBoard event files (needs tensorboardX or torch); checkpoints/log.csv is always written",
     "seed": "seed of initialisation, data order, masks and augmentation",
     "method": "pre-training method: mapet, pim, mim (BEiT), ccvit or dtm",
@@ -257,7 +260,7 @@ PRETRAIN_DEFAULTS = dict(
     warmup_epochs=1, warmup_start_lr=1e-6, min_lr=1e-5, clip_grad=3.0, accum_steps=1, checkpoint_every=0,
     init_values=0.1, drop_path_rate=0.1,
     ccvit={"num_replace": None, "token_weight": 1.0, "pixel_weight": 1.0, "early_layers": None, "head_layers": 2},
-    dtm={"teacher": None},
+    dtm={"teacher": None}, precision=None,
 )
 
 
@@ -337,7 +340,8 @@ def run_pretrain(cfg: Dict[str, Any]):
                               num_masking_patches=cfg.get("num_masking_patches"),
                               output_dir=_out(cfg, "checkpoints"), checkpoint_every=int(cfg["checkpoint_every"]),
                               progress=bool(cfg.get("progress", True)), workers=int(cfg.get("workers", 0)),
-                              tensorboard=bool(cfg.get("tensorboard", False)), **extra)
+                              tensorboard=bool(cfg.get("tensorboard", False)),
+                              precision=cfg.get("precision"), **extra)
     if _is_main():
         model.save(_out(cfg, "model.safetensors"))
     return model, history
@@ -361,7 +365,7 @@ FINETUNE_DEFAULTS = dict(
     _DATA, **_LOGS, seed=0, model=dict(_MODEL_FROM_CHECKPOINT), pretrained=None, epochs=10, batch_size=64,
     lr=1e-3, weight_decay=0.05, layer_decay=0.75, warmup_epochs=1, warmup_start_lr=1e-6, min_lr=1e-6,
     label_smoothing=0.1, drop_path_rate=0.1, global_pool="avg", checkpoint_every=0, init_values=None,
-    augment="crop_flip", validate_every_epoch=True,
+    augment="crop_flip", validate_every_epoch=True, precision=None,
 )
 
 
@@ -403,7 +407,7 @@ def run_finetune(cfg: Dict[str, Any]):
                               seed=int(cfg["seed"]), output_dir=out, checkpoint_every=int(cfg["checkpoint_every"]),
                               progress=bool(cfg.get("progress", True)), workers=int(cfg.get("workers", 0)),
                               validate_every_epoch=bool(cfg.get("validate_every_epoch", True)),
-                              tensorboard=bool(cfg.get("tensorboard", False)))
+                              tensorboard=bool(cfg.get("tensorboard", False)), precision=cfg.get("precision"))
     if _is_main():
         model.save(_out(cfg, "model.safetensors"))
         with open(_out(cfg, "classes.json"), "w") as f:
@@ -429,7 +433,7 @@ def _finetune(args, cfg) -> int:
 
 
 LINPROBE_DEFAULTS = dict(_DATA, seed=0, model=dict(_MODEL_FROM_CHECKPOINT), pretrained=None, epochs=100,
-                         lr=0.1, pool="avg", init_values=None)
+                         lr=0.1, pool="avg", init_values=None, precision=None)
 
 
 def run_linprobe(cfg: Dict[str, Any]) -> Dict[str, float]:
@@ -442,7 +446,8 @@ def run_linprobe(cfg: Dict[str, Any]) -> Dict[str, float]:
     model = create_model(f"vit_{_size(cfg)}_patch16_224", seed=int(cfg["seed"]), num_classes=len(classes),
                          pretrained=cfg.get("pretrained"), **keys)
     return linear_probe(model, train, val, epochs=int(cfg["epochs"]), lr=float(cfg["lr"]), pool=cfg["pool"],
-                        seed=int(cfg["seed"]), workers=int(cfg.get("workers", 0)))
+                        seed=int(cfg["seed"]), workers=int(cfg.get("workers", 0)),
+                        precision=cfg.get("precision"))
 
 
 @command("linprobe", "linear probe: a linear classifier on frozen features", defaults=LINPROBE_DEFAULTS,
@@ -452,7 +457,8 @@ def _linprobe(args, cfg) -> int:
     return 0
 
 
-EVAL_DEFAULTS = {"data": None, "split_seed": 0, "on_error": "raise", "workers": 2, "checkpoint": None}
+EVAL_DEFAULTS = {"data": None, "split_seed": 0, "on_error": "raise", "workers": 2, "checkpoint": None,
+                 "precision": None}
 
 
 def run_eval(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -488,7 +494,8 @@ def run_eval(cfg: Dict[str, Any]) -> Dict[str, Any]:
             check_same_classes(json.load(f), classes, "data")
     elif len(classes) != num_classes:
         raise ValueError(f"data: {len(classes)} classes, but the checkpoint classifies {num_classes}")
-    metrics = evaluate(model, data, workers=int(cfg.get("workers", 0)), confusion=True)
+    metrics = evaluate(model, data, workers=int(cfg.get("workers", 0)), confusion=True,
+                       precision=cfg.get("precision"))
     _write_eval_outputs(cfg, metrics, classes, "eval")
     return metrics
 

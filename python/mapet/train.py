@@ -17,6 +17,7 @@ checkpoints and draws a progress bar.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -103,7 +104,8 @@ class _Loop:
                  accum_steps: int = 1, output_dir: Optional[str] = None, checkpoint_every: int = 0,
                  states: Optional[Dict[str, Any]] = None, log_every: int = 10, progress: bool = False,
                  desc: str = "train", config: Optional[Dict[str, Any]] = None, seed: int = 0,
-                 epoch_end: Optional[Callable[[int], None]] = None, tensorboard: bool = False):
+                 precision: Optional[str] = None, epoch_end: Optional[Callable[[int], None]] = None,
+                 tensorboard: bool = False):
         if epochs <= 0:
             raise ValueError(f"epochs must be positive, got {epochs}")
         if accum_steps < 1:
@@ -123,6 +125,13 @@ class _Loop:
         self.config = dict(config or {})
         self.tensorboard = bool(tensorboard)
         self.epoch_end = epoch_end  # called with the epoch number after each full epoch, before its checkpoint
+        # The model's matrix-product precision is part of the run: stored in checkpoints, and a
+        # resumed run keeps the stored one unless `precision` asks for another.
+        self.requested_precision = precision
+        if precision is not None:
+            model.precision = precision
+        if hasattr(model, "precision"):
+            self.config["precision"] = model.precision
         self.step = 0
         self.micro = 0  # micro-batches run so far: seeds the model's drop-path stream
         self.seed = int(seed)
@@ -161,6 +170,10 @@ class _Loop:
         for k, s in self.states.items():
             s.load_state_dict(state["states"][k])
         self.step, self.history = int(state["step"]), state["history"]
+        stored = state.get("config", {}).get("precision")
+        if stored is not None and self.requested_precision is None and hasattr(self.model, "precision"):
+            self.model.precision = stored
+            self.config["precision"] = stored
         log.info("%s: resumed from %s at step %d/%d", self.desc, path, self.step, self.total_steps)
         return True
 
@@ -480,6 +493,7 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
              checkpoint_every: int = 0, log_every: int = 10, progress: bool = False,
              stop_after: Optional[int] = None, tokenizer: Any = None, num_replace: Optional[int] = None,
              token_weight: float = 1.0, pixel_weight: float = 1.0, teacher: Any = None,
+             precision: Optional[str] = None,
              **model_overrides) -> Tuple[Any, Dict[str, List[float]]]:
     """Pre-train a ViT with MaPeT, PIM, MIM (BEiT), CCViT or DTM.
 
@@ -514,6 +528,8 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
             its features precomputed once, an array [len(data), num_patches (+1), d] aligned with
             ``data`` (memory-mapped arrays work). ``tokens`` is unused. A model given by size gets
             ``output_dim`` from the teacher's feature dimension.
+        precision: "fp32" or "bf16" for the model's matrix products (``model.precision``); None
+            keeps the model's, or on resume the precision stored in the checkpoint.
 
     Returns:
         (model, history) with history {"loss": [...], "lr": [...]} per optimizer step.
@@ -608,7 +624,7 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
                  min_lr=min_lr, warmup_start_lr=warmup_start_lr, accum_steps=accum_steps, output_dir=output_dir,
                  checkpoint_every=checkpoint_every, states=states, log_every=log_every, progress=progress,
                  desc=f"pretrain[{method}]", config={"method": method, "model": cfg}, seed=seed,
-                 tensorboard=tensorboard)
+                 precision=precision, tensorboard=tensorboard)
     history = loop.run(stop_after=stop_after)
     return model, history
 
@@ -621,8 +637,9 @@ def finetune(model: Any, train: Any, *, val: Any = None, num_classes: Optional[i
              min_lr: float = 1e-6, warmup_start_lr: float = 1e-6, label_smoothing: float = 0.1,
              clip_grad: Optional[float] = None, accum_steps: int = 1, seed: int = 0,
              output_dir: Optional[str] = None, checkpoint_every: int = 0, log_every: int = 10,
-             progress: bool = False, stop_after: Optional[int] = None, workers: int = 0,
-             validate_every_epoch: bool = False, tensorboard: bool = False, **model_overrides) -> Tuple[Any, Dict[str, List[float]]]:
+             progress: bool = False, stop_after: Optional[int] = None, precision: Optional[str] = None,
+             workers: int = 0, validate_every_epoch: bool = False, tensorboard: bool = False,
+             **model_overrides) -> Tuple[Any, Dict[str, List[float]]]:
     """Fine-tune a ViT classifier end to end (optionally from a pre-training checkpoint).
 
     Args:
@@ -635,6 +652,8 @@ def finetune(model: Any, train: Any, *, val: Any = None, num_classes: Optional[i
         num_classes: classes (default: max label + 1 of ``train`` when given as arrays).
         pretrained: path or state_dict of a pre-trained model (matching keys are copied).
         layer_decay: BEiT layer-wise lr decay (None or 1.0: off); label_smoothing: CE smoothing.
+        precision: "fp32" or "bf16" for the model's matrix products, training and the ``val``
+            evaluation; None keeps the model's (on resume: the checkpoint's).
         workers: threads decoding images of a streaming dataset (``ImageFolder``).
         tensorboard: also write TensorBoard event files beside ``<output_dir>/log.csv``.
         Other arguments as in :func:`pretrain`.
@@ -672,8 +691,8 @@ def finetune(model: Any, train: Any, *, val: Any = None, num_classes: Optional[i
     loop = _Loop(model, optimizer, loader, step_fn, epochs=epochs, lr=lr, warmup_epochs=warmup_epochs,
                  min_lr=min_lr, warmup_start_lr=warmup_start_lr, accum_steps=accum_steps, output_dir=output_dir,
                  checkpoint_every=checkpoint_every, log_every=log_every, progress=progress, desc="finetune",
-                 config={"model": model.config}, seed=seed, epoch_end=validate if every else None,
-                 tensorboard=tensorboard)
+                 config={"model": model.config}, seed=seed, precision=precision,
+                 epoch_end=validate if every else None, tensorboard=tensorboard)
     history = loop.run(stop_after=stop_after)
     if every:
         history["best_val_top1"] = max(history["val_top1"]) if history.get("val_top1") else None
@@ -722,6 +741,20 @@ def extract_features(model: Any, data: Any, batch_size: int = 256, pool: str = "
     return np.concatenate(out).astype(np.float32)
 
 
+@contextlib.contextmanager
+def _running_at(model: Any, precision: Optional[str]):
+    """Run ``model`` at ``precision`` inside the block (None: unchanged), then restore its own."""
+    if precision is None:
+        yield
+        return
+    own = model.precision
+    model.precision = precision
+    try:
+        yield
+    finally:
+        model.precision = own
+
+
 def _images_of(data):
     if isinstance(data, tuple):
         return np.ascontiguousarray(data[0], dtype=np.float32)
@@ -739,7 +772,7 @@ def _labels_of(data):
 
 def linear_probe(model: Any, train: Any, val: Any = None, *, epochs: int = 100, lr: float = 0.1,
                  weight_decay: float = 0.0, batch_size: int = 256, pool: str = "avg",
-                 seed: int = 0, workers: int = 0) -> Dict[str, float]:
+                 seed: int = 0, precision: Optional[str] = None, workers: int = 0) -> Dict[str, float]:
     """Linear probing: a linear classifier on frozen, standardised features (as MAE/BEiT:
     a parameter-free BatchNorm on the features, then a linear layer trained with SGD+momentum
     and a cosine schedule on softmax cross-entropy).
@@ -749,13 +782,18 @@ def linear_probe(model: Any, train: Any, val: Any = None, *, epochs: int = 100, 
         train, val: (images, labels) or labelled datasets (streamed once into features).
         epochs, lr, weight_decay, batch_size: the probe's recipe.
         pool: "avg" (mean of patch tokens) or "token" (class token).
+        precision: "fp32" or "bf16" for the backbone's matrix products while features are
+            extracted (the model's own setting is restored); None: the model's.
 
     Returns:
         {"train_top1", "val_top1"} (val only when given).
     """
     from .ops import matmul
 
-    ftr, ytr = extract_features(model, train, pool=pool, workers=workers), _labels_of(train)
+    with _running_at(model, precision):
+        ftr = extract_features(model, train, pool=pool, workers=workers)
+        fva = extract_features(model, val, pool=pool, workers=workers) if val is not None else None
+    ytr = _labels_of(train)
     mean, std = ftr.mean(0), ftr.std(0) + 1e-6
     ftr = (ftr - mean) / std
     k = int(ytr.max()) + 1
@@ -792,13 +830,13 @@ def linear_probe(model: Any, train: Any, val: Any = None, *, epochs: int = 100, 
 
     result = {"train_top1": top1(ftr, ytr)}
     if val is not None:
-        fva = (extract_features(model, val, pool=pool, workers=workers) - mean) / std
+        fva = (fva - mean) / std
         result["val_top1"] = top1(fva, _labels_of(val))
     return result
 
 
 def evaluate(model: Any, data: Any, batch_size: int = 256, workers: int = 0,
-             confusion: bool = False) -> Dict[str, Any]:
+             confusion: bool = False, precision: Optional[str] = None) -> Dict[str, Any]:
     """Top-1 / top-5 accuracy and mean cross-entropy of a classifier.
 
     Args:
@@ -807,6 +845,8 @@ def evaluate(model: Any, data: Any, batch_size: int = 256, workers: int = 0,
         batch_size, workers: evaluation batch and decoding threads.
         confusion: also return ``per_class`` (accuracy of each true class; NaN for a class without
             images) and ``confusion`` (int64 [classes, classes], rows = true class, columns = predicted).
+        precision: "fp32" / "bf16" runs the model's matrix products at that precision for this
+            call (its own setting is restored); None: the model's.
 
     Returns:
         {"top1", "top5", "loss"} (+ "per_class", "confusion"); top-5 is top-k with k = min(5, classes).
@@ -819,25 +859,26 @@ def evaluate(model: Any, data: Any, batch_size: int = 256, workers: int = 0,
     classes = int(model.config["num_classes"]) if hasattr(model, "config") and "num_classes" in model.config else None
     correct, correct5, loss = 0, 0, 0.0
     matrix = np.zeros((classes, classes), np.int64) if classes else None
-    for images, y in _ordered_batches(data, batch_size, workers, rows=share):
-        if y is None:
-            raise ValueError("evaluate: data must carry labels ((images, labels) or a labelled dataset)")
-        logits = np.asarray(model(images), dtype=np.float64)
-        y = np.asarray(y, np.int64)
-        if matrix is None:
-            classes = logits.shape[1]
-            matrix = np.zeros((classes, classes), np.int64)
-        if y.size and (y.min() < 0 or y.max() >= logits.shape[1]):
-            raise ValueError(f"evaluate: labels must lie in [0, {logits.shape[1]}) (the model's classes), "
-                             f"got {int(y.min())}..{int(y.max())}")
-        pred = np.argmax(logits, 1)
-        correct += int(np.sum(pred == y))
-        k = min(5, logits.shape[1])
-        top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-        correct5 += int(np.sum(np.any(top == y[:, None], axis=1)))
-        np.add.at(matrix, (y, pred), 1)
-        z = logits - logits.max(1, keepdims=True)
-        loss += float(np.sum(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]))
+    with _running_at(model, precision):
+        for images, y in _ordered_batches(data, batch_size, workers, rows=share):
+            if y is None:
+                raise ValueError("evaluate: data must carry labels ((images, labels) or a labelled dataset)")
+            logits = np.asarray(model(images), dtype=np.float64)
+            y = np.asarray(y, np.int64)
+            if matrix is None:
+                classes = logits.shape[1]
+                matrix = np.zeros((classes, classes), np.int64)
+            if y.size and (y.min() < 0 or y.max() >= logits.shape[1]):
+                raise ValueError(f"evaluate: labels must lie in [0, {logits.shape[1]}) (the model's classes), "
+                                 f"got {int(y.min())}..{int(y.max())}")
+            pred = np.argmax(logits, 1)
+            correct += int(np.sum(pred == y))
+            k = min(5, logits.shape[1])
+            top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+            correct5 += int(np.sum(np.any(top == y[:, None], axis=1)))
+            np.add.at(matrix, (y, pred), 1)
+            z = logits - logits.max(1, keepdims=True)
+            loss += float(np.sum(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]))
     if ctx.distributed:
         correct, correct5, loss = ctx.allreduce_(np.array([correct, correct5, loss], dtype=np.float64))
         correct, correct5 = int(round(correct)), int(round(correct5))
