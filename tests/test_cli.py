@@ -33,9 +33,9 @@ def test_tokenize_pretrain_finetune_linprobe_eval(tmp_path):
     tok = ["--set", "tokenizer.n_tokens=16", "--set", "tokenizer.n_iter=5"]
     cache = _run("tokenize", *TINY, *tok, "-o", "tok", cwd=tmp_path).strip().splitlines()[-1]
     assert os.path.exists(os.path.join(tmp_path, cache, "manifest.json"))
-    for method in ("mapet", "mim"):
+    for method, size in (("mapet", "least_number=4"), ("mim", "num_masking_patches=6")):
         out = _run("pretrain", *TINY, *tok, "--set", f"method={method}", "--set", f"tokens={cache}",
-                   "--set", "epochs=1", "--set", "least_number=4", "-o", method, cwd=tmp_path)
+                   "--set", "epochs=1", "--set", size, "-o", method, cwd=tmp_path)
         assert json.loads(out.strip().splitlines()[-1])["steps"] > 0
         assert os.path.exists(os.path.join(tmp_path, method, "model.safetensors"))
         assert os.path.exists(os.path.join(tmp_path, method, "config.json"))  # the resolved config
@@ -61,8 +61,16 @@ def test_tokenize_pretrain_finetune_linprobe_eval(tmp_path):
     out = _run("linprobe", *TINY, "--set", "epochs=5", "--set", "pretrained=mim/model.safetensors",
                cwd=tmp_path)
     assert 0.0 <= json.loads(out.strip().splitlines()[-1])["val_top1"] <= 1.0
-    out = _run("eval", *TINY, "--set", "checkpoint=ft/model.safetensors", cwd=tmp_path)
-    assert "top1" in json.loads(out.strip().splitlines()[-1])
+    # eval takes the image size from the checkpoint; the data must be named
+    out = _run("eval", "--set", "data=digits", "--set", "checkpoint=ft/model.safetensors", "-o", "ev", cwd=tmp_path)
+    metrics = json.loads(out.strip().splitlines()[-1])
+    assert metrics["top1"] <= metrics["top5"] <= 1.0
+    saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert saved["top1"] == metrics["top1"] and sorted(saved["per_class_top1"]) == [str(c) for c in range(10)]
+    rows = (tmp_path / "ev" / "eval-confusion.csv").read_text().strip().splitlines()
+    counts = np.array([[int(v) for v in r.split(",")[1:]] for r in rows[1:]])
+    assert counts.shape == (10, 10) and counts.sum() == 359
+    assert np.trace(counts) / 359 == pytest.approx(metrics["top1"], abs=1e-12)
 
 
 def test_demo_on_a_tiny_budget(tmp_path):

@@ -413,3 +413,58 @@ def test_token_cache_refuses_a_random_view(tree, tmp_path):
     cache = TokenCache.write(tmp_path / "c", np.zeros((len(ds), 4), int), n_tokens=3, tokenizer="t")
     with pytest.raises(ValueError, match="random"):
         cache.attach(ds)
+
+
+def _ra_image(seed=0, h=24, w=20):
+    from PIL import Image
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def test_rand_augment_point_ops_match_numpy_formulas():
+    from mapet.data.transforms import rand_augment_op
+    img = _ra_image()
+    a = np.asarray(img).astype(np.int64)
+    out = lambda name, m, s=1.0: np.asarray(rand_augment_op(img, name, m, s)).astype(np.int64)  # noqa: E731
+    assert np.array_equal(out("Invert", 9), 255 - a)
+    t = 256 - int(0.9 * 256)  # magnitude 9: threshold 26
+    assert np.array_equal(out("SolarizeIncreasing", 9), np.where(a >= t, 255 - a, a))
+    bits = 4 - int(0.5 * 4)  # magnitude 5: 2 bits kept
+    assert np.array_equal(out("PosterizeIncreasing", 5), a & ~((1 << (8 - bits)) - 1))
+    add = int(0.9 * 110)
+    assert np.array_equal(out("SolarizeAdd", 9), np.where(a < 128, np.minimum(a + add, 255), a))
+    for sign in (1.0, -1.0):  # brightness: a blend with black by 1 ± 0.9·m/10, rounded, clipped
+        f = 1 + sign * 0.9 * 0.9
+        assert np.abs(out("BrightnessIncreasing", 9, sign) - np.clip(a * f, 0, 255)).max() <= 1
+    assert np.array_equal(out("Rotate", 0), a)  # magnitude 0 leaves geometry alone
+
+
+def test_rand_augment_translate_moves_pixels_and_fills_with_the_mean():
+    from mapet.data.transforms import rand_augment_op
+    img = _ra_image(1, 20, 20)
+    a = np.asarray(img)
+    m = 10 * 5 / (0.45 * 20)  # a shift of exactly 5 pixels
+    b = np.asarray(rand_augment_op(img, "TranslateXRel", m, 1.0))
+    assert np.array_equal(b[:, :15], a[:, 5:]) and np.all(b[:, 15:] == (124, 116, 104))
+    b = np.asarray(rand_augment_op(img, "TranslateYRel", m, -1.0))
+    assert np.array_equal(b[5:], a[:15]) and np.all(b[:5] == (124, 116, 104))
+
+
+def test_rand_augment_in_the_finetune_view_is_seeded_and_parsed(tree):
+    from mapet.data.transforms import parse_randaugment
+    root, _ = tree
+    assert parse_randaugment("rand-m9-mstd0.5-inc1") == (2, 9.0, 0.5)
+    assert parse_randaugment("rand-n3-m7") == (3, 7.0, 0.5)
+    for bad in ("auto-m9", "rand-m11", "rand-q2", "rand-inc0"):
+        with pytest.raises(ValueError, match="randaugment"):
+            parse_randaugment(bad)
+    with pytest.raises(ValueError, match="only meaningful with mode='finetune'"):
+        ImageFolder(root, 16, mode="eval", randaugment="rand-m9")
+    a = ImageFolder(root, 16, mode="finetune", seed=2, randaugment="rand-m9-mstd0.5-inc1")
+    b = ImageFolder(root, 16, mode="finetune", seed=2, randaugment="rand-m9-mstd0.5-inc1")
+    plain = ImageFolder(root, 16, mode="finetune", seed=2)
+    assert not a.deterministic and "rand-m9" in a.view_id
+    same = [np.array_equal(a[i][0], b[i][0]) for i in range(len(a))]
+    assert all(same)
+    assert any(not np.array_equal(a[i][0], plain[i][0]) for i in range(len(a)))
+    a.set_epoch(1)
+    assert any(not np.array_equal(a[i][0], b[i][0]) for i in range(len(a)))

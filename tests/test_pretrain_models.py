@@ -94,6 +94,21 @@ def test_state_dict_reference_names_order_and_zero_copy(kind):
     assert m.config["num_tokens"] == V and m.config["least_number"] == 5
 
 
+def test_least_number_defaults_to_the_papers_share_and_warns_when_little_is_predicted():
+    from mapet.pretrain_models import default_least_number
+    assert default_least_number(196) == 50 and default_least_number(16) == 4 and default_least_number(1) == 1
+    for n, least in ((196, 50), (64, 16), (16, 4)):
+        assert round(n * 50 / 196) == least
+    with pytest.warns(UserWarning, match="leaves 1 predicted token"):
+        create_pretrain_model("mapet_tiny_patch16_224", img_size=16, patch_size=4, depth=1, num_tokens=8,
+                              least_number=16)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = create_pretrain_model("pim_tiny_patch16_224", img_size=16, patch_size=4, depth=1, num_tokens=8)
+    assert m.config["least_number"] == 4 and m.sampler(seed=0).sample(1).num_predicted == 13
+
+
 def test_init_follows_spec_and_is_reproducible():
     a = create_pretrain_model("mapet_tiny_patch16_224", img_size=128, patch_size=16, depth=2)
     b = create_pretrain_model("mapet_tiny_patch16_224", img_size=128, patch_size=16, depth=2)
@@ -102,7 +117,7 @@ def test_init_follows_spec_and_is_reproducible():
     assert not np.array_equal(a.params_flat(), c.params_flat())
     sd = a.state_dict()
     assert a.config["init_values"] == 0.1 and a.config["drop_path_rate"] == 0.1
-    assert a.config["num_tokens"] == 8192 and a.config["least_number"] == 50
+    assert a.config["num_tokens"] == 8192 and a.config["least_number"] == 16  # 50/196 of 64 patches
     assert 0.3e-6 < sd["cls_token"].std() < 3e-6
     for name in ("pos_embed", "mask_positional_token", "decoder.weight", "blocks.1.attn.q.weight", "blocks.0.mlp.fc2.weight"):
         assert 0.017 < sd[name].std() < 0.023, name

@@ -5,9 +5,10 @@ overrides; ``save_resolved_config`` writes the result as ``config.json`` beside 
 so any run can be repeated from its directory.
 """
 import copy
+import difflib
 import json
 import os
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from .io import atomic_write
 
@@ -120,3 +121,94 @@ def save_resolved_config(directory: str, cfg: Mapping[str, Any], name: str = RES
         raise TypeError(f"save_resolved_config: the config is not JSON-serialisable ({e})") from None
     atomic_write(path, lambda f: f.write(blob.encode()))
     return path
+
+
+def flatten(cfg: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{"a": {"b": 1}, "c": 2}`` → ``{"a.b": 1, "c": 2}`` (empty mappings stay as leaves)."""
+    out: Dict[str, Any] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _kind(value: Any) -> Optional[str]:
+    if isinstance(value, bool):
+        return "a boolean (true/false)"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return None
+
+
+def check_keys(cfg: Mapping[str, Any], defaults: Mapping[str, Any], where: str = "config") -> None:
+    """Raise ValueError for a key ``defaults`` does not have (naming the closest valid key), or a
+    value whose type cannot be what the default's is (a word for a number, a number for a list ...).
+
+    ``None`` defaults accept anything; integers are accepted where a number is expected.
+
+    Example:
+        >>> check_keys({"epochz": 3}, {"epochs": 10})
+        Traceback (most recent call last):
+        ValueError: config: unknown option 'epochz'; did you mean 'epochs'?
+    """
+    valid = flatten(defaults)
+    prefixes = {k.rsplit(".", 1)[0] for k in valid if "." in k}
+    for key, value in flatten(cfg).items():
+        if key in valid:
+            want = valid[key]
+            if want is None or value is None:
+                continue
+            ok = {bool: lambda v: isinstance(v, bool),
+                  int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+                  float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                  str: lambda v: isinstance(v, str),
+                  list: lambda v: isinstance(v, list)}.get(type(want), lambda v: True)(value)
+            if not ok:
+                raise ValueError(f"{where}: option {key!r} expects {_kind(want)} (default {json.dumps(want)}), "
+                                 f"got {json.dumps(value)}")
+            continue
+        if key in prefixes:
+            raise ValueError(f"{where}: option {key!r} is a group; set its members "
+                             f"({', '.join(k for k in valid if k.startswith(key + '.'))})")
+        if any(key.startswith(k + ".") for k in valid):
+            parent = next(k for k in valid if key.startswith(k + "."))
+            raise ValueError(f"{where}: option {parent!r} is not a group, so {key!r} does not exist")
+        close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+        if not close:  # a misspelt member of a group: compare the last part
+            leaf = key.rsplit(".", 1)[-1]
+            close = [k for k in valid if k.rsplit(".", 1)[-1] in difflib.get_close_matches(
+                leaf, [v.rsplit(".", 1)[-1] for v in valid], n=1, cutoff=0.6)][:1]
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{where}: unknown option {key!r}{hint}")
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str] = ()) -> List[str]:
+    """Human-readable ``key: old → new`` lines for every dotted key whose value differs."""
+    a, b = flatten(old), flatten(new)
+    skip = set(ignore)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key in skip or key.split(".")[0] in skip:
+            continue
+        if a.get(key, "<unset>") != b.get(key, "<unset>"):
+            out.append(f"{key}: {json.dumps(a.get(key, '<unset>'))} → {json.dumps(b.get(key, '<unset>'))}")
+    return out
+
+
+def option_table(defaults: Mapping[str, Any], meanings: Mapping[str, str]) -> List[Tuple[str, str, str]]:
+    """(dotted key, default as JSON, meaning) for every option; a meaning is looked up by the
+    full key, then by its last part (``pretrain.epochs`` → ``epochs``)."""
+    rows = []
+    for key, value in flatten(defaults).items():
+        meaning = meanings.get(key) or meanings.get(key.rsplit(".", 1)[-1], "")
+        rows.append((key, json.dumps(value), meaning))
+    return rows

@@ -23,19 +23,36 @@ from typing import Any, Dict
 import numpy as np
 
 from .cli import command
-from .commands import _MODEL, run_finetune, run_linprobe, run_pretrain, tokenize_dataset
+from .commands import _DATA, _MODEL, OPTIONS, _datasets, run_finetune, run_linprobe, run_pretrain, tokenize_dataset
 
 log = logging.getLogger(__name__)
 
 DEMO_DEFAULTS: Dict[str, Any] = {
-    "data": "digits", "seed": 0, "model": dict(_MODEL), "output_dir": "mapet-demo",
-    "tokenizer": {"n_tokens": 256, "n_iter": 20, "path": None},
+    **_DATA, "seed": 0, "model": dict(_MODEL), "output_dir": "mapet-demo",
+    "tokenizer": {"n_tokens": 256, "n_iter": 20, "path": None, "fit_images": 4096},
     "methods": ["mapet", "mim", "ccvit", "dtm"],
     "pretrain": {"epochs": 10, "batch_size": 64, "lr": 1.5e-3, "least_number": 16, "warmup_epochs": 1},
     "finetune": {"epochs": 10, "batch_size": 64, "lr": 1e-3, "layer_decay": 0.75},
     "linprobe": {"epochs": 100, "lr": 0.1},
     "dtm": {"teacher": None},
 }
+
+
+def describe_data(cfg: Dict[str, Any]) -> str:
+    """Which data a run used, in words (printed and saved with the results)."""
+    train, val, classes = _datasets(cfg, int(cfg["model"]["img_size"]), "eval", what="demo")
+    if cfg.get("data", "digits") == "digits":
+        return f"digits {len(train)} train / {len(val)} test"
+    held = f"val_data {cfg['val_data']}" if cfg.get("val_data") else f"val_split {cfg['val_split']} of it"
+    return f"ImageFolder {cfg['data']}: {len(train)} train / {len(val)} held-out images ({held}), {len(classes)} classes"
+
+
+def figure_images(cfg: Dict[str, Any], count: int) -> np.ndarray:
+    """The first ``count`` held-out images of the configured data (the digits' test split, or the
+    ImageFolder's val_data / val_split), float32 [count, 3, S, S] for the figures."""
+    _, val, _ = _datasets(cfg, int(cfg["model"]["img_size"]), "eval", what="demo")
+    count = min(count, len(val))
+    return np.stack([np.asarray(val[i][0], np.float32) for i in range(count)])
 
 
 def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -45,13 +62,15 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
     t_start = time.perf_counter()
     out = cfg.get("output_dir") or "mapet-demo"
     os.makedirs(out, exist_ok=True)
+    data_text = describe_data(cfg)  # also checks the data before any work
+    print(f"data: {data_text}", flush=True)
     base = {k: v for k, v in cfg.items() if k not in ("pretrain", "finetune", "linprobe", "methods", "dtm")}
     timings: Dict[str, float] = {}
 
     def stage(text: str) -> None:
         print(f"[{time.perf_counter() - t_start:5.0f} s] {text}", flush=True)
 
-    stage("fitting the pixel tokenizer and caching the tokens of the training digits")
+    stage("fitting the pixel tokenizer and caching the tokens of the training images")
     t = time.perf_counter()
     cache = tokenize_dataset(dict(base, output_dir=out))
     timings["tokenize"] = time.perf_counter() - t
@@ -70,6 +89,8 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
         for k, v in PRETRAIN_DEFAULTS.items():
             pcfg.setdefault(k, v)
         pcfg.update(cfg["pretrain"])
+        if method not in ("mapet", "pim"):
+            pcfg["least_number"] = None  # the demo's one budget: least_number is MaPeT/PIM's alone
         if method == "dtm" and not pcfg.get("dtm", {}).get("teacher"):
             if "mapet" not in cfg["methods"][:cfg["methods"].index("dtm")]:
                 raise ValueError("demo: dtm needs a teacher: set dtm.teacher or list mapet before dtm in methods")
@@ -105,10 +126,11 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
               f"patch {m['patch_size']}; tokenizer k={cfg['tokenizer']['n_tokens']}; pre-training "
               f"{cfg['pretrain']['epochs']} epochs per method; fine-tuning {cfg['finetune']['epochs']} epochs; "
               f"linear probe {cfg['linprobe']['epochs']} epochs; seed {cfg['seed']}; "
-              f"digits 1438 train / 359 test; wall time {total:.0f} s")
+              f"{data_text}; wall time {total:.0f} s")
     table = "\n".join(lines)
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write("# mapet demo: pre-training on the built-in digits\n\n" + table + "\n\nBudget: " + budget + "\n")
+        f.write("# mapet demo: pre-training on " + ("the built-in digits" if cfg.get("data", "digits") == "digits"
+                                                  else str(cfg["data"])) + "\n\n" + table + "\n\nBudget: " + budget + "\n")
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"results": results, "timings_s": timings, "budget": budget}, f, indent=2)
     pre = {names.get(k, k): v for k, v in pre_curves.items()}
@@ -122,7 +144,7 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
                             "cross-entropy (label smoothing 0.1) of each pre-trained encoder and of a ViT from "
                             "scratch.", path=os.path.join(out, "curves.png"))
     viz.plot_bars({names.get(r, r): {"linear probe": v["linear_probe_top1"], "fine-tune": v["finetune_top1"]}
-                   for r, v in results.items()}, title="Top-1 accuracy on the 359 held-out digits",
+                   for r, v in results.items()}, title="Top-1 accuracy on the held-out split",
                   caption=f"Linear probe ({cfg['linprobe']['epochs']} epochs on frozen features) and fine-tuning "
                           f"({cfg['finetune']['epochs']} epochs) after {cfg['pretrain']['epochs']} pre-training "
                           "epochs per method; one seed — differences of a few points are within noise.",
@@ -150,13 +172,13 @@ def pictures(cfg: Dict[str, Any], out: str, count: int = 8) -> None:
     with the patches to predict greyed; the MaPeT prediction — context patches as seen, each
     predicted patch drawn as the centroid of the token MaPeT predicts for it)."""
     from . import viz
-    from .data import load_digits
     from .models import load
     from .sampling import PermutationSampler
     from .tokenizers import PixelTokenizer
 
     m = cfg["model"]
-    images = load_digits(int(m["img_size"]), "test")[0][:count]
+    images = figure_images(cfg, count)
+    count = len(images)  # a small held-out split may have fewer
     tokenizer = PixelTokenizer.load(os.path.join(out, "tokenizer.safetensors"))
     model = load(os.path.join(out, "mapet", "model.safetensors"))
     grid = int(m["img_size"]) // int(m["patch_size"])
@@ -196,14 +218,14 @@ def ccvit_picture(cfg: Dict[str, Any], out: str, count: int = 8) -> None:
     replaced patches showing their centroid; the pixel head's reconstruction of every corrupted
     patch, de-normalised with the clean patch's own mean and spread, visible patches as seen)."""
     from . import viz
-    from .data import load_digits
     from .models import load
     from .objectives import ccvit_corrupt
     from .sampling import BlockMaskGenerator
     from .tokenizers import PixelTokenizer
 
     m = cfg["model"]
-    images = load_digits(int(m["img_size"]), "test")[0][:count]
+    images = figure_images(cfg, count)
+    count = len(images)  # a small held-out split may have fewer
     tokenizer = PixelTokenizer.load(os.path.join(out, "tokenizer.safetensors"))
     model = load(os.path.join(out, "ccvit", "model.safetensors"))
     grid = int(m["img_size"]) // int(m["patch_size"])
@@ -240,12 +262,11 @@ def dtm_picture(cfg: Dict[str, Any], out: str, count: int = 8) -> None:
     3, 6 and 9 rounds of n/16 merges (4 for the demo's 64 patches; merged groups coloured, singletons
     plain; colours repeat after seven groups)."""
     from . import viz
-    from .data import load_digits
     from .objectives import morph_tokens
     from .train import teacher_features
 
-    m = cfg["model"]
-    images = load_digits(int(m["img_size"]), "test")[0][:count]
+    images = figure_images(cfg, count)
+    count = len(images)  # a small held-out split may have fewer
     teacher = cfg.get("dtm", {}).get("teacher") or os.path.join(out, "mapet", "model.safetensors")
     if str(teacher).endswith(".npy"):
         return  # stored features belong to the training images
@@ -264,7 +285,8 @@ def dtm_picture(cfg: Dict[str, Any], out: str, count: int = 8) -> None:
 
 
 @command("demo", "end-to-end demo on the built-in digits: tokenize, pre-train MaPeT, MIM, CCViT and DTM, "
-                 "linear-probe and fine-tune against training from scratch", defaults=DEMO_DEFAULTS)
+                 "linear-probe and fine-tune against training from scratch (data=ROOT: on your ImageFolder)",
+         defaults=DEMO_DEFAULTS, options=OPTIONS)
 def _demo(args, cfg) -> int:
     run_demo(cfg)
     return 0

@@ -7,7 +7,8 @@ and a distributed engine can all-reduce ``flat_grads`` in place.
 """
 import json
 import logging
-from typing import Any, Dict, List, Optional
+import re
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -134,6 +135,32 @@ class VisionTransformer(ParameterBlock):
         _core.vit_forward(self._handle, x, out, False)
         return out
 
+    def predict(self, images: Any, batch_size: int = 256, probabilities: bool = False) -> np.ndarray:
+        """Class indices int64 [B] (or softmax probabilities float32 [B, num_classes]) of images
+        [B, in_chans, img_size, img_size], computed ``batch_size`` images at a time.
+
+        Example:
+            >>> import numpy as np, mapet
+            >>> m = mapet.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=1, num_classes=3)
+            >>> m.predict(np.zeros((2, 3, 16, 16), np.float32)).shape
+            (2,)
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        x = self._check(images)
+        out = []
+        for i in range(0, x.shape[0], int(batch_size)):
+            logits = self(x[i:i + int(batch_size)])
+            if probabilities:
+                z = np.exp(logits - logits.max(axis=1, keepdims=True))
+                out.append((z / z.sum(axis=1, keepdims=True)).astype(np.float32))
+            else:
+                out.append(np.argmax(logits, axis=1).astype(np.int64))
+        if not out:
+            return np.zeros((0, self.config["num_classes"]) if probabilities else (0,),
+                            np.float32 if probabilities else np.int64)
+        return np.concatenate(out)
+
     def forward_features(self, images: Any) -> np.ndarray:
         """Final tokens [B, 1 + num_patches, embed_dim] (after ``norm`` for 'token' pooling, as timm)."""
         x = self._check(images)
@@ -200,9 +227,14 @@ def create_model(name: str, seed: int = 0, pretrained: Any = None, precision: st
         seed: initialisation / drop-path seed.
         pretrained: a path to a safetensors file (``model.save`` output, or any reference
             checkpoint, including the BEiT / CCViT / DTM layout with fused ``attn.qkv``, see
-            ``mapet.interop``) or a state_dict (name → array). Every key whose name and shape match is
-            copied; decoder, mask tokens and anything else that does not fit is skipped and
-            reported (``model.pretrained_report`` and one log line).
+            ``mapet.interop``) or a state_dict (name → array). The trunk architecture
+            (``img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias,
+            init_values``) is taken from the checkpoint's recorded config (or, for a bare state
+            dict, read off the tensor shapes) unless given in ``overrides``. Every trunk tensor
+            (``cls_token``, ``pos_embed``, ``patch_embed.*``, ``blocks.*``) must load: one that
+            does not fit raises ValueError naming it. Only heads and decoders (``head``,
+            ``fc_norm``, ``norm``, ``decoder``, ``lm_head``, ``cls_pt_*``, mask tokens) may be
+            skipped; they are reported in ``model.pretrained_report`` and one log line.
         precision: "fp32" or "bf16": precision of the model's matrix products (``model.precision``;
             bf16 = inputs rounded to bfloat16, fp32 accumulation, everything else fp32).
         **overrides: ``img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
@@ -215,6 +247,12 @@ def create_model(name: str, seed: int = 0, pretrained: Any = None, precision: st
         >>> mapet.create_model("vit_tiny_patch16_224", depth=2, precision="bf16").precision
         'bf16'
     """
+    source = None
+    if pretrained is not None:
+        tensors, recorded = read_pretrained(pretrained)
+        source = tensors
+        for key, value in trunk_config(tensors, recorded).items():
+            overrides.setdefault(key, value)
     if name.split("_")[0] in ("mapet", "pim", "beit", "ccvit", "dtm"):
         from .pretrain_models import create_pretrain_model
         model = create_pretrain_model(name, seed=seed, **overrides)
@@ -224,34 +262,104 @@ def create_model(name: str, seed: int = 0, pretrained: Any = None, precision: st
         raise ValueError(f"create_model: unknown model {name!r}; available: {sorted(_ARCHS)} and "
                          "mapet_/pim_/beit_/ccvit_/dtm_{tiny,small,base}_patch16_224")
     model.precision = precision
-    if pretrained is not None:
-        model.pretrained_report = load_pretrained(model, pretrained)
+    if source is not None:
+        model.pretrained_report = load_pretrained(model, source)
     return model
 
 
-def load_pretrained(model: Any, source: Any) -> Dict[str, List[str]]:
-    """Copy every parameter of ``source`` (path or state_dict) whose name and shape match.
+# The trunk: what a pre-trained model hands to the fine-tuned one. Anything else (classifier,
+# final norms, decoders, token heads, CCViT's pixel head, mask tokens) belongs to one task.
+_TRUNK = re.compile(r"^(cls_token|pos_embed|patch_embed\.|blocks\.)")
+TRUNK_CONFIG = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
+                "qkv_bias", "init_values")
 
-    Returns:
-        {"loaded": [...], "skipped": [...] (in the source but unused, or shape differs),
-        "missing": [...] (model parameters left at their initialisation)}.
-    """
+
+def is_trunk_key(name: str) -> bool:
+    """True for the tensors a transfer must keep: ``cls_token``, ``pos_embed``, ``patch_embed.*``, ``blocks.*``."""
+    return bool(_TRUNK.match(name))
+
+
+def read_pretrained(source: Any) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, Any]]]:
+    """(tensors in mapet names without optimizer state, the recorded model config or None) of a
+    pre-trained file or state dict."""
+    recorded = None
     if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
-        tensors, _ = load_file(source)
+        tensors, metadata = load_file(source)
+        if metadata.get("format") == FORMAT and "config" in metadata:
+            recorded = json.loads(metadata["config"])
     else:
         tensors = dict(source)
     tensors = {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
     from .interop import from_beit_layout, is_beit_layout
     if is_beit_layout(tensors):  # BEiT / CCViT / DTM reference checkpoint: fused qkv, gamma_1/2
         tensors = from_beit_layout(tensors)
+    return tensors, recorded
+
+
+def trunk_config(tensors: Dict[str, Any], recorded: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The trunk architecture of a checkpoint: its recorded config where present, otherwise what
+    the tensor shapes say (``num_heads`` cannot be read off shapes and is then left out)."""
+    out: Dict[str, Any] = {}
+    if recorded:
+        out.update({k: recorded[k] for k in TRUNK_CONFIG if k in recorded})
+    shape = {k: tuple(np.shape(v)) for k, v in tensors.items()}
+    proj = shape.get("patch_embed.proj.weight")
+    if proj is not None and len(proj) == 4:
+        out.setdefault("embed_dim", proj[0])
+        out.setdefault("in_chans", proj[1])
+        out.setdefault("patch_size", proj[2])
+        pos = shape.get("pos_embed")
+        if pos is not None and len(pos) == 3:
+            side = int(round((pos[1] - 1) ** 0.5))
+            if side * side == pos[1] - 1:
+                out.setdefault("img_size", side * proj[2])
+    blocks = {int(m.group(1)) for k in tensors for m in [re.match(r"blocks\.(\d+)\.", k)] if m}
+    if blocks:
+        out.setdefault("depth", max(blocks) + 1)
+        fc1 = shape.get("blocks.0.mlp.fc1.weight")
+        if fc1 is not None and len(fc1) == 2 and fc1[1]:
+            out.setdefault("mlp_ratio", fc1[0] / fc1[1])
+        out.setdefault("qkv_bias", "blocks.0.attn.q.bias" in tensors)
+        if "init_values" not in out:  # the value only seeds gamma, which the checkpoint then overwrites
+            out["init_values"] = 0.1 if "blocks.0.ls1.gamma" in tensors else None
+    return {k: (int(v) if isinstance(v, (np.integer,)) else v) for k, v in out.items()}
+
+
+def load_pretrained(model: Any, source: Any, strict_trunk: bool = True) -> Dict[str, List[str]]:
+    """Copy every parameter of ``source`` (path or state_dict) whose name and shape match.
+
+    Args:
+        model: the model to fill.
+        source: a safetensors path or a state dict (mapet or BEiT reference layout).
+        strict_trunk: raise if a trunk tensor of ``source`` (``is_trunk_key``) finds no
+            place of its shape in ``model`` — the fine-tuned network would not be the pre-trained one.
+
+    Returns:
+        {"loaded": [...], "skipped": [...] (heads/decoders in the source the model does not have),
+        "missing": [...] (model parameters left at their initialisation)}.
+
+    Raises:
+        ValueError: a trunk tensor would be dropped (names, shapes, and the config to change).
+    """
+    tensors, _ = read_pretrained(source)
     own = model.state_dict()
-    loaded, skipped = [], []
+    loaded, skipped, dropped = [], [], []
     for k, v in tensors.items():
         if k in own and tuple(np.shape(v)) == own[k].shape:
-            own[k][...] = np.asarray(v, dtype=np.float32)
             loaded.append(k)
+        elif is_trunk_key(k):
+            dropped.append(f"{k} {list(np.shape(v))}" + (f" (model: {list(own[k].shape)})" if k in own else
+                                                         " (not in the model)"))
         else:
             skipped.append(k)
+    if dropped and strict_trunk:
+        raise ValueError(f"pretrained: {len(dropped)} trunk tensor(s) of the checkpoint do not fit the model "
+                         f"and would be dropped: {', '.join(dropped[:8])}{' ...' if len(dropped) > 8 else ''}; "
+                         "build the model with the checkpoint's architecture (leave img_size, patch_size, "
+                         "embed_dim, depth, init_values ... unset to take them from the checkpoint)")
+    for k in loaded:
+        own[k][...] = np.asarray(tensors[k], dtype=np.float32)
+    skipped += [d.split(" ")[0] for d in dropped]
     missing = [k for k in own if k not in set(loaded)]
     log.info("pretrained: loaded %d tensors; skipped %s; left at init %s", len(loaded), skipped, missing)
     return {"loaded": loaded, "skipped": skipped, "missing": missing}

@@ -23,6 +23,7 @@ Example:
 """
 import json
 import logging
+import warnings
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -43,8 +44,17 @@ _U64 = (1 << 64) - 1
 
 _DEFAULTS: Dict[str, Any] = dict(
     img_size=224, patch_size=16, in_chans=3, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0,
-    qkv_bias=True, init_values=0.1, drop_path_rate=0.1, num_tokens=8192, least_number=50,
+    qkv_bias=True, init_values=0.1, drop_path_rate=0.1, num_tokens=8192, least_number=None,
 )
+
+#: The paper's context share: least_number 50 of 196 patches (≈ 25 %).
+LEAST_NUMBER_SHARE = 50 / 196
+
+
+def default_least_number(num_patches: int) -> int:
+    """The paper's proportion of context tokens for ``num_patches`` patches: round(n·50/196), ≥ 1 (50 at 196)."""
+    return max(1, int(round(int(num_patches) * LEAST_NUMBER_SHARE)))
+
 
 _SIZES: Dict[str, Dict[str, Any]] = {
     "tiny": dict(embed_dim=192, depth=12, num_heads=3),
@@ -91,6 +101,8 @@ class _PretrainModel(ParameterBlock):
         if unknown:
             raise TypeError(f"{type(self).__name__}: unknown option(s) {unknown}; known: {sorted(defaults)}")
         cfg = dict(defaults, **config)
+        if cfg["least_number"] is None and all(isinstance(cfg[k], (int, np.integer)) for k in ("img_size", "patch_size")):
+            cfg["least_number"] = default_least_number((int(cfg["img_size"]) // max(1, int(cfg["patch_size"]))) ** 2)
         for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "num_tokens",
                     "least_number", *self._extra):
             v = cfg[key]
@@ -110,6 +122,12 @@ class _PretrainModel(ParameterBlock):
             cfg.get("head_layers", 1))
         self.config: Dict[str, Any] = cfg
         self.seed = int(seed)
+        predicted = (cfg["img_size"] // cfg["patch_size"]) ** 2 + 1 - cfg["least_number"]
+        if self._kind in ("mapet", "pim") and predicted < 4:
+            warnings.warn(f"least_number={cfg['least_number']} leaves {predicted} predicted token(s) per image "
+                          f"({(cfg['img_size'] // cfg['patch_size']) ** 2} patches); the paper predicts ≈ 75 % "
+                          f"(least_number ≈ {default_least_number((cfg['img_size'] // cfg['patch_size']) ** 2)})",
+                          stacklevel=3)
         self._bind(_core.pretrain_table(self._handle), *_core.pretrain_blocks(self._handle))
 
     @property
@@ -202,7 +220,7 @@ class MaPeT(_PretrainModel):
         seed: initialisation and drop-path seed.
         **config: ``img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
             qkv_bias, init_values, drop_path_rate`` (timm names), ``num_tokens`` (visual-token
-            vocabulary, 8192) and ``least_number`` (context size for ``sampler()``, 50).
+            vocabulary, 8192) and ``least_number`` (context size for ``sampler()``; default 50 at 196 patches, ≈ 25 %).
     """
 
     def __init__(self, positional_tokens: bool = True, seed: int = 0, **config: Any) -> None:
@@ -517,7 +535,8 @@ def create_pretrain_model(name: str, seed: int = 0, **overrides: Any) -> "_Pretr
         **overrides: ``img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
             qkv_bias, init_values, drop_path_rate, num_tokens, least_number``; CCViT also
             ``early_layers`` (default 3/4 of depth: 9 of 12), ``head_layers``; DTM ``output_dim``.
-            Defaults follow the paper's recipe: num_tokens 8192, least_number 50, init_values 0.1,
+            Defaults follow the paper's recipe: num_tokens 8192, least_number 50 at 196 patches
+            (round(n·50/196) for n patches; a warning when < 4 tokens are left to predict), init_values 0.1,
             drop_path_rate 0.1.
 
     Example:

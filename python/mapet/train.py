@@ -7,7 +7,8 @@ through ``logging`` (and a tqdm bar with loss and img/s where a person watches: 
 atomic checkpoints (weights, optimizer moments, sampler and loader state, step, epoch)
 after every epoch and every ``checkpoint_every`` optimizer steps. Started again with the same
 ``output_dir``, a run resumes from ``last.safetensors`` and continues exactly as if it had
-never stopped (bitwise, for a fixed thread count).
+never stopped (bitwise, for a fixed thread count). ``<output_dir>/log.csv`` gets one row per
+optimizer step (:class:`MetricsLog`; TensorBoard event files too with ``tensorboard=True``).
 
 Under ``mpiexec -n N`` the same loops run data-parallel (:mod:`mapet.distributed`): the
 loader is sharded so that ``batch_size`` is per rank (global batch N × batch_size), the ranks
@@ -37,6 +38,51 @@ log = logging.getLogger(__name__)
 PRETRAIN_METHODS = ("mapet", "pim", "mim", "ccvit", "dtm")
 
 
+class MetricsLog:
+    """``<dir>/log.csv``: one row per optimizer step (step, epoch, loss, lr, images/s), and the same
+    scalars as TensorBoard event files in ``<dir>/tensorboard`` when asked (needs ``tensorboardX``
+    or ``torch``). A resumed run first drops the rows after its checkpoint's step, so the file
+    always describes one uninterrupted run.
+    """
+
+    HEADER = "step,epoch,loss,lr,images_per_s"
+
+    def __init__(self, directory: str, resumed_step: int = 0, tensorboard: bool = False) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, "log.csv")
+        rows = []
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                lines = f.read().splitlines()
+            rows = [r for r in lines[1:] if r and r.split(",")[0].isdigit() and int(r.split(",")[0]) <= resumed_step]
+        with open(self.path, "w") as f:
+            f.write("\n".join([self.HEADER] + rows) + "\n")
+        self._file = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    raise ImportError("tensorboard: writing TensorBoard event files needs tensorboardX "
+                                      "(pip install tensorboardX) or torch") from None
+            self._tb = SummaryWriter(os.path.join(directory, "tensorboard"), purge_step=resumed_step + 1)
+
+    def write(self, step: int, epoch: int, loss: float, lr: float, rate: float) -> None:
+        self._file.write(f"{step},{epoch},{loss:.9g},{lr:.9g},{rate:.4g}\n")
+        self._file.flush()
+        if self._tb is not None:
+            for name, value in (("loss", loss), ("lr", lr), ("images_per_s", rate)):
+                self._tb.add_scalar(f"train/{name}", value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
 class _Loop:
     """The optimisation loop shared by every method.
 
@@ -50,7 +96,8 @@ class _Loop:
                  accum_steps: int = 1, output_dir: Optional[str] = None, checkpoint_every: int = 0,
                  states: Optional[Dict[str, Any]] = None, log_every: int = 10, progress: Optional[bool] = None,
                  desc: str = "train", config: Optional[Dict[str, Any]] = None, seed: int = 0,
-                 precision: Optional[str] = None):
+                 precision: Optional[str] = None, epoch_end: Optional[Callable[[int], None]] = None,
+                 tensorboard: bool = False):
         if epochs <= 0:
             raise ValueError(f"epochs must be positive, got {epochs}")
         if accum_steps < 1:
@@ -68,6 +115,8 @@ class _Loop:
         self.states = dict(states or {})
         self.log_every, self.progress, self.desc = max(1, int(log_every)), progress, desc
         self.config = dict(config or {})
+        self.tensorboard = bool(tensorboard)
+        self.epoch_end = epoch_end  # called with the epoch number after each full epoch, before its checkpoint
         # The model's matrix-product precision is part of the run: stored in checkpoints, and a
         # resumed run keeps the stored one unless `precision` asks for another.
         self.requested_precision = precision
@@ -154,7 +203,10 @@ class _Loop:
         if self.ctx.distributed:
             self._synchronize()
         bar = progress_bar(self.total_steps, self.desc, initial=self.step, unit="step", progress=self.progress)
+        metrics = (MetricsLog(self.output_dir, self.step, tensorboard=self.tensorboard)
+                   if self.output_dir and self.ctx.is_main else None)
         t0, done0 = time.perf_counter(), self.step
+        t_step, seen_step = t0, 0
         seen = 0
         pending, losses, local = 0, [], 0  # micro-batches, their losses and samples since the last step
         self.optimizer.zero_grad()
@@ -184,6 +236,11 @@ class _Loop:
                     continue
                 self._optimizer_step(losses, local)
                 pending, losses, local = 0, [], 0
+                if metrics is not None:
+                    now = time.perf_counter()
+                    metrics.write(self.step, epoch, self.history["loss"][-1], self.history["lr"][-1],
+                                  (seen - seen_step) / max(now - t_step, 1e-9))
+                    t_step, seen_step = now, seen
                 if bar is not None:
                     bar.set_postfix(loss=f"{self.history['loss'][-1]:.4f}",
                                     img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
@@ -201,12 +258,20 @@ class _Loop:
                     self._save()
                     if bar is not None:
                         bar.close()
+                    if metrics is not None:
+                        metrics.close()
                     return self.history
                 if self.step >= self.total_steps:
                     break
+            finished = ((self.loader.epoch, self.loader.position) == (epoch + 1, 0)
+                        or (self.loader.epoch == epoch and self.loader.position >= len(self.loader)))
+            if self.epoch_end is not None and finished:
+                self.epoch_end(epoch)
             self._save()
         if bar is not None:
             bar.close()
+        if metrics is not None:
+            metrics.close()
         return self.history
 
     def _optimizer_step(self, losses: List[float], local: int) -> None:
@@ -270,6 +335,37 @@ class _ImagesWithTokens:
 
     def get_batch(self, indices: np.ndarray) -> tuple:
         return self.images[indices], np.ascontiguousarray(self.tokens[indices])
+
+
+class _WithRows:
+    """A dataset whose items gain one row of ``rows`` (e.g. precomputed teacher features) last."""
+
+    def __init__(self, dataset: Any, rows: Any) -> None:
+        self.dataset, self.rows = dataset, rows
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple:
+        return tuple(self.dataset[i]) + (np.asarray(self.rows[i]),)
+
+    @property
+    def decode_per_item(self) -> bool:
+        return not hasattr(self.dataset, "get_batch") or getattr(self.dataset, "decode_per_item", False)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def get_batch(self, indices: np.ndarray) -> tuple:
+        return tuple(self.dataset.get_batch(indices)) + (np.asarray(self.rows[np.asarray(indices)]),)
+
+
+def _first_images(data: Any) -> np.ndarray:
+    """The first image of arrays or a dataset, as a batch of one [1, C, H, W] float32."""
+    if isinstance(data, (np.ndarray, tuple)):
+        return _images_of(data)[:1]
+    return np.ascontiguousarray(np.asarray(data[0][0], np.float32)[None])
 
 
 class _StepSeeds:
@@ -383,7 +479,8 @@ def _check_method(method: str) -> str:
 
 def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: Optional[np.ndarray] = None,
              epochs: int = 10, batch_size: int = 64, lr: float = 1.5e-3, weight_decay: float = 0.05,
-             warmup_epochs: float = 1.0, min_lr: float = 1e-5, warmup_start_lr: float = 1e-6,
+             warmup_epochs: float = 1.0, min_lr: float = 1e-5, warmup_start_lr: float = 1e-6, workers: int = 0,
+             tensorboard: bool = False,
              clip_grad: Optional[float] = 3.0, accum_steps: int = 1, least_number: Optional[int] = None,
              num_masking_patches: Optional[int] = None, seed: int = 0, output_dir: Optional[str] = None,
              checkpoint_every: int = 0, log_every: int = 10, progress: Optional[bool] = None,
@@ -403,6 +500,10 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
             ``data`` is a dataset yielding (image, label, tokens) leave it None.
         epochs, batch_size, lr, weight_decay, warmup_epochs, min_lr, warmup_start_lr: the recipe
             (AdamW, linear warm-up then cosine; lr per optimizer step).
+        workers: threads decoding images of a streaming dataset (e.g. ``ImageFolder``); results
+            do not depend on it.
+        tensorboard: with ``output_dir``, also write TensorBoard event files (``log.csv`` is
+            always written there: step, epoch, loss, lr, images/s).
         clip_grad: global gradient-norm clip (None: off).
         accum_steps: micro-batches per optimizer step (effective batch = batch_size × accum_steps).
         least_number: MaPeT/PIM context size (default: the model's); num_masking_patches: MIM,
@@ -438,7 +539,7 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
         if stored:
             model_overrides["output_dim"] = int(teacher.shape[-1])
         else:
-            probe = _images_of(data)[:1] if not hasattr(data, "get_batch") else data.get_batch(np.arange(1))[0]
+            probe = _first_images(data)
             model_overrides["output_dim"] = int(np.asarray(features(np.asarray(probe, np.float32))).shape[-1])
     if isinstance(model, str):
         name = model if "_" in model else f"{'beit' if method == 'mim' else method}_{model}_patch16_224"
@@ -451,11 +552,14 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
     grid = cfg["img_size"] // cfg["patch_size"]
     n_patches = grid * grid
     if stored:
-        images = _images_of(data)
-        if teacher.ndim != 3 or teacher.shape[0] != len(images) or teacher.shape[1] not in (n_patches, n_patches + 1):
-            raise ValueError(f"teacher: precomputed features must be [{len(images)}, {n_patches} (or {n_patches + 1} "
+        count = len(data[0]) if isinstance(data, tuple) else len(data)
+        if teacher.ndim != 3 or teacher.shape[0] != count or teacher.shape[1] not in (n_patches, n_patches + 1):
+            raise ValueError(f"teacher: precomputed features must be [{count}, {n_patches} (or {n_patches + 1} "
                              f"with a class token), d] (one row per image of data), got {teacher.shape}")
-        dataset = _ImagesWithTokens(images, teacher, n_patches, per_patch=False)
+        if isinstance(data, (np.ndarray, tuple)):
+            dataset = _ImagesWithTokens(_images_of(data), teacher, n_patches, per_patch=False)
+        else:  # a streaming dataset: each item gains its feature rows
+            dataset = _WithRows(data, teacher)
     elif tokens is not None:
         dataset = _ImagesWithTokens(_images_of(data), tokens, n_patches)
     elif method == "ccvit" and hasattr(tokenizer, "encode") and isinstance(data, (np.ndarray, tuple)):
@@ -463,7 +567,7 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
         dataset = _ImagesWithTokens(images, tokenizer.encode(images), n_patches)
     else:
         dataset = _as_dataset(data)
-    loader = DataLoader(dataset, batch_size, shuffle=True, seed=seed, prefetch=1)
+    loader = DataLoader(dataset, batch_size, shuffle=True, seed=seed, prefetch=1, workers=workers)
     states: Dict[str, Any] = {}
     if method in ("mapet", "pim"):
         sampler = PermutationSampler(n_patches, least_number=least_number or cfg["least_number"], seed=seed)
@@ -515,7 +619,7 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
                  min_lr=min_lr, warmup_start_lr=warmup_start_lr, accum_steps=accum_steps, output_dir=output_dir,
                  checkpoint_every=checkpoint_every, states=states, log_every=log_every, progress=progress,
                  desc=f"pretrain[{method}]", config={"method": method, "model": cfg}, seed=seed,
-                 precision=precision)
+                 precision=precision, tensorboard=tensorboard)
     history = loop.run(stop_after=stop_after)
     return model, history
 
@@ -529,18 +633,25 @@ def finetune(model: Any, train: Any, *, val: Any = None, num_classes: Optional[i
              clip_grad: Optional[float] = None, accum_steps: int = 1, seed: int = 0,
              output_dir: Optional[str] = None, checkpoint_every: int = 0, log_every: int = 10,
              progress: Optional[bool] = None, stop_after: Optional[int] = None, precision: Optional[str] = None,
+        metrics = (MetricsLog(self.output_dir, self.step, tensorboard=self.tensorboard)
+                   if self.output_dir and self.ctx.is_main else None)
              **model_overrides) -> Tuple[Any, Dict[str, List[float]]]:
     """Fine-tune a ViT classifier end to end (optionally from a pre-training checkpoint).
 
     Args:
         model: a ``mapet.create_model`` classifier, or a name such as ``"vit_tiny_patch16_224"``.
         train: (images, labels) or a dataset of (image, label).
-        val: optional held-out (images, labels) evaluated after training (``history["val_top1"]``).
+        val: optional held-out (images, labels) or labelled dataset, evaluated after training
+            (``history["val_top1"]``), or after every epoch with ``validate_every_epoch``: then
+            ``history["val_top1"]`` has one entry per epoch, ``history["best_val_top1"]`` the best,
+            and ``<output_dir>/best.safetensors`` (a ``mapet.load``-able model file) its weights.
         num_classes: classes (default: max label + 1 of ``train`` when given as arrays).
         pretrained: path or state_dict of a pre-trained model (matching keys are copied).
         layer_decay: BEiT layer-wise lr decay (None or 1.0: off); label_smoothing: CE smoothing.
         precision: "fp32" or "bf16" for the model's matrix products, training and the ``val``
             evaluation; None keeps the model's (on resume: the checkpoint's).
+        workers: threads decoding images of a streaming dataset (``ImageFolder``).
+        tensorboard: also write TensorBoard event files beside ``<output_dir>/log.csv``.
         Other arguments as in :func:`pretrain`.
 
     Returns:
@@ -551,32 +662,77 @@ def finetune(model: Any, train: Any, *, val: Any = None, num_classes: Optional[i
     dataset = _as_dataset(train)
     if isinstance(model, str):
         if num_classes is None:
-            num_classes = int(np.max(dataset.labels)) + 1
+            num_classes = int(np.max(_labels_of(dataset))) + 1
         model = create_model(model, num_classes=num_classes, pretrained=pretrained, **model_overrides)
-    loader = DataLoader(dataset, batch_size, shuffle=True, seed=seed, prefetch=1)
+    loader = DataLoader(dataset, batch_size, shuffle=True, seed=seed, prefetch=1, workers=workers)
 
     def step_fn(batch):
         images, labels = batch[0], batch[1]
         return model.train_step(images, labels, label_smoothing=label_smoothing), images.shape[0]
 
     optimizer = _make_optimizer(model, lr, weight_decay, clip_grad=clip_grad, layer_decay=layer_decay)
+    loop: Optional[_Loop] = None
+
+    def validate(epoch: int) -> None:
+        # history lives in the checkpoint, so a resumed run keeps the earlier epochs' scores
+        top1 = evaluate(model, val, workers=workers)["top1"]
+        scores = loop.history.setdefault("val_top1", [])
+        best = max(scores) if scores else -1.0
+        scores.append(top1)
+        log.info("finetune epoch %d: val top-1 %.4f (best %.4f)", epoch, top1, max(best, top1))
+        if top1 > best and output_dir and distributed.context().is_main:
+            model.save(os.path.join(output_dir, "best.safetensors"))
+
+    every = validate_every_epoch and val is not None
     loop = _Loop(model, optimizer, loader, step_fn, epochs=epochs, lr=lr, warmup_epochs=warmup_epochs,
                  min_lr=min_lr, warmup_start_lr=warmup_start_lr, accum_steps=accum_steps, output_dir=output_dir,
                  checkpoint_every=checkpoint_every, log_every=log_every, progress=progress, desc="finetune",
-                 config={"model": model.config}, seed=seed, precision=precision)
+                 config={"model": model.config}, seed=seed, precision=precision,
+                 epoch_end=validate if every else None, tensorboard=tensorboard)
     history = loop.run(stop_after=stop_after)
-    if val is not None:
-        history["val_top1"] = [evaluate(model, val)["top1"]]
+    if every:
+        history["best_val_top1"] = max(history["val_top1"]) if history.get("val_top1") else None
+    elif val is not None:
+        history["val_top1"] = [evaluate(model, val, workers=workers)["top1"]]
     return model, history
 
 
-def extract_features(model: Any, data: Any, batch_size: int = 256, pool: str = "avg") -> np.ndarray:
+def _ordered_batches(data: Any, batch_size: int, workers: int = 0, rows: Optional[slice] = None):
+    """(images, labels or None) in dataset order, ``batch_size`` at a time: arrays are sliced,
+    datasets are streamed through a :class:`DataLoader` (bounded memory)."""
+    if isinstance(data, (np.ndarray, tuple)):
+        images = _images_of(data)
+        labels = _labels_of(data) if isinstance(data, tuple) else None
+        if rows is not None:
+            images, labels = images[rows], (labels[rows] if labels is not None else None)
+        for i in range(0, images.shape[0], batch_size):
+            yield images[i:i + batch_size], (labels[i:i + batch_size] if labels is not None else None)
+        return
+    dataset = data
+    if rows is not None:
+        from .data import Subset
+        dataset = Subset(data, np.arange(len(data))[rows])
+    if len(dataset) == 0:
+        return
+    loader = DataLoader(dataset, batch_size, shuffle=False, prefetch=1, workers=workers)
+    try:
+        for batch in loader:
+            yield np.asarray(batch[0], np.float32), (np.asarray(batch[1]) if len(batch) > 1 else None)
+    finally:
+        loader.close()
+
+
+def _count(data: Any) -> int:
+    return len(data[0]) if isinstance(data, tuple) else len(data)
+
+
+def extract_features(model: Any, data: Any, batch_size: int = 256, pool: str = "avg", workers: int = 0) -> np.ndarray:
     """Frozen features for linear probing: the final-layer patch tokens averaged ("avg") or
-    the class token ("token"), [n, C] float32."""
-    images = _images_of(data)
+    the class token ("token"), [n, C] float32. ``data``: images, (images, labels) or a dataset
+    (streamed: only the [n, C] features are held)."""
     out = []
-    for i in range(0, images.shape[0], batch_size):
-        f = model.forward_features(images[i:i + batch_size])
+    for images, _ in _ordered_batches(data, batch_size, workers):
+        f = model.forward_features(images)
         out.append(f[:, 1:].mean(axis=1) if pool == "avg" else f[:, 0])
     return np.concatenate(out).astype(np.float32)
 
@@ -606,19 +762,20 @@ def _images_of(data):
 def _labels_of(data):
     if isinstance(data, tuple):
         return np.asarray(data[1]).astype(np.int64)
-    return np.asarray(data.labels).astype(np.int64)
+    from .data import dataset_targets
+    return dataset_targets(data)
 
 
 def linear_probe(model: Any, train: Any, val: Any = None, *, epochs: int = 100, lr: float = 0.1,
                  weight_decay: float = 0.0, batch_size: int = 256, pool: str = "avg",
-                 seed: int = 0, precision: Optional[str] = None) -> Dict[str, float]:
+                 seed: int = 0, precision: Optional[str] = None, workers: int = 0) -> Dict[str, float]:
     """Linear probing: a linear classifier on frozen, standardised features (as MAE/BEiT:
     a parameter-free BatchNorm on the features, then a linear layer trained with SGD+momentum
     and a cosine schedule on softmax cross-entropy).
 
     Args:
         model: any mapet model with ``forward_features`` (pre-trained or not).
-        train, val: (images, labels).
+        train, val: (images, labels) or labelled datasets (streamed once into features).
         epochs, lr, weight_decay, batch_size: the probe's recipe.
         pool: "avg" (mean of patch tokens) or "token" (class token).
         precision: "fp32" or "bf16" for the backbone's matrix products while features are
@@ -630,8 +787,8 @@ def linear_probe(model: Any, train: Any, val: Any = None, *, epochs: int = 100, 
     from .ops import matmul
 
     with _running_at(model, precision):
-        ftr = extract_features(model, train, pool=pool)
-        fva = extract_features(model, val, pool=pool) if val is not None else None
+        ftr = extract_features(model, train, pool=pool, workers=workers)
+        fva = extract_features(model, val, pool=pool, workers=workers) if val is not None else None
     ytr = _labels_of(train)
     mean, std = ftr.mean(0), ftr.std(0) + 1e-6
     ftr = (ftr - mean) / std
@@ -674,29 +831,59 @@ def linear_probe(model: Any, train: Any, val: Any = None, *, epochs: int = 100, 
     return result
 
 
-def evaluate(model: Any, data: Any, batch_size: int = 256, precision: Optional[str] = None) -> Dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy of a classifier on (images, labels).
+def evaluate(model: Any, data: Any, batch_size: int = 256, workers: int = 0,
+             confusion: bool = False, precision: Optional[str] = None) -> Dict[str, Any]:
+    """Top-1 / top-5 accuracy and mean cross-entropy of a classifier.
 
-    ``precision`` ("fp32" / "bf16") runs the model's matrix products at that precision for this
-    call (its own setting is restored); None: the model's.
+    Args:
+        model: a classifier (``model(images)`` → logits [B, classes]).
+        data: (images, labels) or a labelled dataset (streamed in order, bounded memory).
+        batch_size, workers: evaluation batch and decoding threads.
+        confusion: also return ``per_class`` (accuracy of each true class; NaN for a class without
+            images) and ``confusion`` (int64 [classes, classes], rows = true class, columns = predicted).
+        precision: "fp32" / "bf16" runs the model's matrix products at that precision for this
+            call (its own setting is restored); None: the model's.
+
+    Returns:
+        {"top1", "top5", "loss"} (+ "per_class", "confusion"); top-5 is top-k with k = min(5, classes).
 
     Under ``mpiexec`` every rank evaluates a contiguous share of the rows and the counts are
     summed, so every rank returns the same metrics of the whole set."""
-    images, labels = _images_of(data), _labels_of(data)
-    n = images.shape[0]
+    n = _count(data)
     ctx = distributed.context()
-    if ctx.distributed:
-        share = distributed.contiguous_shard(n, ctx)
-        images, labels = images[share], labels[share]
-    correct, loss = 0, 0.0
+    share = distributed.contiguous_shard(n, ctx) if ctx.distributed else None
+    classes = int(model.config["num_classes"]) if hasattr(model, "config") and "num_classes" in model.config else None
+    correct, correct5, loss = 0, 0, 0.0
+    matrix = np.zeros((classes, classes), np.int64) if classes else None
     with _running_at(model, precision):
-        for i in range(0, images.shape[0], batch_size):
-            logits = np.asarray(model(images[i:i + batch_size]), dtype=np.float64)
-            y = labels[i:i + batch_size]
-            correct += int(np.sum(np.argmax(logits, 1) == y))
+        for images, y in _ordered_batches(data, batch_size, workers, rows=share):
+            if y is None:
+                raise ValueError("evaluate: data must carry labels ((images, labels) or a labelled dataset)")
+            logits = np.asarray(model(images), dtype=np.float64)
+            y = np.asarray(y, np.int64)
+            if matrix is None:
+                classes = logits.shape[1]
+                matrix = np.zeros((classes, classes), np.int64)
+            if y.size and (y.min() < 0 or y.max() >= logits.shape[1]):
+                raise ValueError(f"evaluate: labels must lie in [0, {logits.shape[1]}) (the model's classes), "
+                                 f"got {int(y.min())}..{int(y.max())}")
+            pred = np.argmax(logits, 1)
+            correct += int(np.sum(pred == y))
+            k = min(5, logits.shape[1])
+            top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+            correct5 += int(np.sum(np.any(top == y[:, None], axis=1)))
+            np.add.at(matrix, (y, pred), 1)
             z = logits - logits.max(1, keepdims=True)
             loss += float(np.sum(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]))
     if ctx.distributed:
-        correct, loss = ctx.allreduce_(np.array([correct, loss], dtype=np.float64))
-        correct = int(round(correct))
-    return {"top1": correct / n, "loss": loss / n}
+        correct, correct5, loss = ctx.allreduce_(np.array([correct, correct5, loss], dtype=np.float64))
+        correct, correct5 = int(round(correct)), int(round(correct5))
+        if matrix is not None:
+            matrix = np.rint(ctx.allreduce_(matrix.astype(np.float64))).astype(np.int64)
+    out: Dict[str, Any] = {"top1": correct / n, "top5": correct5 / n, "loss": loss / n}
+    if confusion:
+        totals = matrix.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out["per_class"] = (np.diag(matrix) / totals).tolist()
+        out["confusion"] = matrix
+    return out

@@ -11,8 +11,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .transforms import (center_crop_box, pil_filter, pil_to_chw, random_resized_crop_params,
-                         resize_bilinear, sample_rng)
+from .transforms import (center_crop_box, parse_randaugment, pil_filter, pil_to_chw, rand_augment,
+                         random_resized_crop_params, resize_bilinear, sample_rng)
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,118 @@ class ArrayDataset:
         return self.images[indices], self.labels[indices]
 
 
+SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
+
+
+def _walk_files(top: str) -> List[str]:
+    """Every non-hidden file under ``top`` in sorted order, following symbolic links but entering
+    each directory (identified by ``(st_dev, st_ino)``) once, so a link cycle ends the walk."""
+    out: List[str] = []
+    seen = set()
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            logger.debug("ImageFolder: %s was visited already (symbolic-link cycle); not entered again", folder)
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            raise ValueError(f"ImageFolder: cannot list {folder} ({e})") from None
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir():  # follows links
+                subdirs.append(e.path)
+            elif e.is_file():
+                out.append(e.path)
+        stack.extend(reversed(subdirs))  # depth-first, sorted
+    return out
+
+
+class Subset:
+    """The items ``indices`` of a dataset (e.g. a validation split cut from one folder).
+
+    Example:
+        >>> train, val = split_dataset(ImageFolder("photos", 224), 0.1, seed=0)
+    """
+
+    def __init__(self, dataset, indices: Sequence[int]):
+        self.dataset, self.indices = dataset, np.asarray(indices, dtype=np.int64)
+        if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= len(dataset)):
+            raise ValueError(f"Subset: indices must lie in [0, {len(dataset)})")
+        for attr in ("classes", "img_size", "deterministic", "view_id"):
+            if hasattr(dataset, attr):
+                setattr(self, attr, getattr(dataset, attr))
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    def __getitem__(self, i: int) -> tuple:
+        return self.dataset[int(self.indices[i])]
+
+    @property
+    def targets(self) -> List[int]:
+        t = dataset_targets(self.dataset)
+        return [int(t[i]) for i in self.indices]
+
+    @property
+    def decode_per_item(self) -> bool:
+        return not hasattr(self.dataset, "get_batch") or getattr(self.dataset, "decode_per_item", False)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def get_batch(self, indices: np.ndarray) -> tuple:
+        if hasattr(self.dataset, "get_batch"):
+            return tuple(self.dataset.get_batch(self.indices[np.asarray(indices)]))
+        from .loader import _collate
+        return _collate([self[int(i)] for i in indices])
+
+
+def dataset_targets(dataset) -> np.ndarray:
+    """The integer labels of a labelled dataset (``targets`` or ``labels``), int64 [n]."""
+    for attr in ("targets", "labels"):
+        t = getattr(dataset, attr, None)
+        if t is not None:
+            return np.asarray(t, dtype=np.int64)
+    raise ValueError(f"{type(dataset).__name__}: the dataset has no labels (no 'targets' or 'labels')")
+
+
+def split_dataset(dataset, fraction: float, seed: int = 0) -> Tuple[Subset, Subset]:
+    """Cut a held-out split from one labelled dataset, stratified per class and seeded
+    (:func:`digits_split`); returns (train, held_out)."""
+    if not 0.0 < float(fraction) < 1.0:
+        raise ValueError(f"split_dataset: fraction must lie in (0, 1), got {fraction}")
+    train, held = digits_split(dataset_targets(dataset), float(fraction), seed)
+    if held.size == 0:
+        raise ValueError(f"split_dataset: a fraction of {fraction} of {len(dataset)} images holds out nothing")
+    return Subset(dataset, train), Subset(dataset, held)
+
+
+def check_same_classes(train_classes: Sequence[str], other_classes: Sequence[str], what: str = "val_data") -> None:
+    """Raise ValueError listing the difference when two splits do not have the same class folders
+    (labels are indices into the sorted names, so any difference would mislabel the other split)."""
+    a, b = list(train_classes), list(other_classes)
+    if a == b:
+        return
+    only_train, only_other = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    parts = []
+    if only_train:
+        parts.append(f"only in the training data: {', '.join(only_train[:20])}")
+    if only_other:
+        parts.append(f"only in {what}: {', '.join(only_other[:20])}")
+    raise ValueError(f"{what}: its classes differ from the training data's ({len(a)} vs {len(b)} classes; "
+                     + "; ".join(parts) + "); the class folders must be the same in every split")
+
+
 class ImageLoadError(ValueError):
     """An image file could not be decoded; the message names the file."""
 
@@ -146,7 +258,8 @@ class ImageFolder:
         crop resized for the tokenizer (BEiT's "two pic" crop), so random crops (``scale`` < 1)
         stay aligned when the tokenizer runs on the fly.
       - "finetune": random-resized-crop ``scale=(0.08, 1)``, ``ratio=(3/4, 4/3)``, horizontal
-        flip with probability 0.5.
+        flip with probability 0.5, then ``randaugment`` when given (e.g. "rand-m9-mstd0.5-inc1",
+        the BEiT/MaPeT fine-tuning recipe; see ``mapet.data.transforms.rand_augment``).
 
     Bad data: ``on_error="raise"`` (default) raises ``ImageLoadError`` naming the file when an
     unreadable image is loaded. ``on_error="skip"`` decodes every file once at construction,
@@ -165,13 +278,17 @@ class ImageFolder:
                  scale: Optional[Sequence[float]] = None, ratio: Optional[Sequence[float]] = None,
                  hflip: Optional[float] = None, crop_pct: float = 0.875, interpolation: str = "bicubic",
                  second_size: Optional[int] = None, second_interpolation: str = "lanczos",
-                 seed: int = 0, on_error: str = "raise"):
+                 seed: int = 0, on_error: str = "raise", randaugment: Optional[str] = None):
         if mode not in ("eval", "pretrain", "finetune"):
             raise ValueError(f"ImageFolder: mode must be 'eval', 'pretrain' or 'finetune', got {mode!r}")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"ImageFolder: on_error must be 'raise' or 'skip', got {on_error!r}")
         if second_size is not None and mode != "pretrain":
             raise ValueError("ImageFolder: second_size is only meaningful with mode='pretrain'")
+        if randaugment is not None and mode != "finetune":
+            raise ValueError("ImageFolder: randaugment is only meaningful with mode='finetune'")
+        self.randaugment = randaugment
+        self._rand = parse_randaugment(randaugment) if randaugment else None
         import PIL  # noqa: F401  (fail early with ImportError if Pillow is missing)
 
         self.root, self.img_size, self.mode = os.fspath(root), int(img_size), mode
@@ -201,22 +318,24 @@ class ImageFolder:
         classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
         if not classes:
             raise ValueError(f"ImageFolder: {self.root} has no class folders (expected root/<class>/<image>)")
+        splits = [c for c in classes if c.lower() in SPLIT_NAMES]
+        if "train" in [c.lower() for c in classes] and len(splits) >= 2:
+            others = [c for c in splits if c.lower() != "train"]
+            raise ValueError(f"ImageFolder: {self.root} looks like a dataset root, not a split: its folders "
+                             f"{', '.join(splits)} would become classes; use {os.path.join(self.root, 'train')} "
+                             f"for training and {os.path.join(self.root, others[0])} as the held-out split "
+                             "(CLI: --set data=.../train --set val_data=.../val)")
         class_to_idx = {c: i for i, c in enumerate(classes)}
         samples, ignored = [], []
         for c in classes:
             folder = os.path.join(self.root, c)
             found = 0
-            for dirpath, dirnames, filenames in sorted(os.walk(folder, followlinks=True)):
-                dirnames.sort()
-                for name in sorted(filenames):
-                    if name.startswith("."):
-                        continue
-                    path = os.path.join(dirpath, name)
-                    if name.lower().endswith(IMG_EXTENSIONS):
-                        samples.append((path, class_to_idx[c]))
-                        found += 1
-                    else:
-                        ignored.append(path)
+            for path in _walk_files(folder):
+                if os.path.basename(path).lower().endswith(IMG_EXTENSIONS):
+                    samples.append((path, class_to_idx[c]))
+                    found += 1
+                else:
+                    ignored.append(path)
             if found == 0:
                 raise ValueError(f"ImageFolder: class folder {folder} contains no image files "
                                  f"(extensions {', '.join(IMG_EXTENSIONS)})")
@@ -235,7 +354,8 @@ class ImageFolder:
         """True when the view does not depend on the seed (safe to pair with a token cache)."""
         if self.mode == "eval":
             return True
-        return self.scale[0] == self.scale[1] == 1.0 and self.ratio[0] == self.ratio[1] and self.hflip == 0.0
+        return (self.scale[0] == self.scale[1] == 1.0 and self.ratio[0] == self.ratio[1] and self.hflip == 0.0
+                and self._rand is None)
 
     @property
     def view_id(self) -> str:
@@ -243,7 +363,7 @@ class ImageFolder:
         if self.mode == "eval":
             return f"eval:{self.img_size}:crop_pct={self.crop_pct}:{self.interpolation}"
         return (f"{self.mode}:{self.img_size}:scale={list(self.scale)}:ratio={list(self.ratio)}:"
-                f"hflip={self.hflip}:{self.interpolation}")
+                f"hflip={self.hflip}:{self.interpolation}" + (f":{self.randaugment}" if self._rand else ""))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -284,6 +404,9 @@ class ImageFolder:
         out = img.resize((S, S), resample, box=box)
         if flip:
             out = out.transpose(0)  # Image.FLIP_LEFT_RIGHT
+        if self._rand is not None:  # after crop and flip, as timm's transforms_imagenet_train
+            n, m, mstd = self._rand
+            out = rand_augment(out, rng, n, m, mstd)
         if self.second_size is None:
             return pil_to_chw(out), label
         second = img.resize((self.second_size, self.second_size), pil_filter(self.second_interpolation), box=box)

@@ -1,5 +1,10 @@
 """A seeded, resumable batch loader that prefetches on a background thread.
 
+With ``workers > 1`` the items of a batch are decoded and augmented by a pool of threads
+(Pillow releases the GIL while it decodes and resizes), in the batch's order, so the batches are
+the same for any number of workers. Memory is bounded by ``(prefetch + 1)`` batches whatever the
+dataset's size: nothing but file paths is held for an image folder.
+
 The order of epoch ``e`` is ``default_rng([seed, e]).permutation(n)`` and augmentation is a
 function of (seed, epoch, index), so the whole stream of batches is a pure function of
 (seed, epoch, position): ``state_dict()`` is those three numbers and a resumed loader yields
@@ -7,6 +12,7 @@ exactly the batches an uninterrupted one would have.
 """
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
@@ -51,6 +57,8 @@ class DataLoader:
             seed) nothing else; augmentation seeds live in the dataset.
         prefetch: batches prepared ahead on a background thread (0: synchronous).
         return_indices: also yield the dataset indices of each batch (e.g. to read a token cache).
+        workers: threads decoding the items of a batch (datasets without ``get_batch``); 0 or 1:
+            the prefetch thread decodes alone. The result does not depend on it.
 
     Example:
         >>> loader = DataLoader(ArrayDataset(*load_digits(32)), batch_size=64, seed=0)
@@ -60,13 +68,17 @@ class DataLoader:
     """
 
     def __init__(self, dataset, batch_size: int, shuffle: bool = True, drop_last: bool = False,
-                 seed: int = 0, prefetch: int = 2, return_indices: bool = False):
+                 seed: int = 0, prefetch: int = 2, return_indices: bool = False, workers: int = 0):
         if int(batch_size) <= 0:
             raise ValueError(f"DataLoader: batch_size must be positive, got {batch_size}")
         if int(prefetch) < 0:
             raise ValueError(f"DataLoader: prefetch must be >= 0, got {prefetch}")
+        if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or int(workers) < 0:
+            raise ValueError(f"DataLoader: workers must be an int >= 0, got {workers!r}")
         if len(dataset) == 0:
             raise ValueError("DataLoader: the dataset is empty")
+        self.workers = int(workers)
+        self._pool: Optional[ThreadPoolExecutor] = None
         self.dataset, self.batch_size = dataset, int(batch_size)
         self.shuffle, self.drop_last, self.seed = bool(shuffle), bool(drop_last), int(seed)
         self.prefetch, self.return_indices = int(prefetch), bool(return_indices)
@@ -143,11 +155,31 @@ class DataLoader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.seed = int(state.get("seed", self.seed))
 
+    def _items(self, indices: np.ndarray) -> list:
+        if self.workers > 1 and len(indices) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="mapet-decode")
+            return list(self._pool.map(lambda i: self.dataset[int(i)], indices))
+        return [self.dataset[int(i)] for i in indices]
+
+    def close(self) -> None:
+        """Stop the decoding threads (started again on demand)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
     def _batch(self, indices: np.ndarray) -> tuple:
-        if hasattr(self.dataset, "get_batch"):
+        # a wrapper over a decoding dataset (token cache, subset) says so: its items go to the workers
+        if hasattr(self.dataset, "get_batch") and not getattr(self.dataset, "decode_per_item", False):
             out = tuple(self.dataset.get_batch(indices))
         else:
-            out = _collate([self.dataset[int(i)] for i in indices])
+            out = _collate(self._items(indices))
         return out + (indices,) if self.return_indices else out
 
     def _batches(self, epoch: int, start: int) -> Iterator[tuple]:

@@ -256,6 +256,15 @@ class TokenDataset:
     def __getitem__(self, i: int) -> tuple:
         return tuple(self.dataset[i]) + (self.cache[i],)
 
+    @property
+    def decode_per_item(self) -> bool:
+        """True when the wrapped dataset decodes item by item (the loader's workers then do it)."""
+        return not hasattr(self.dataset, "get_batch") or getattr(self.dataset, "decode_per_item", False)
+
+    @property
+    def targets(self):
+        return getattr(self.dataset, "targets", None)
+
     def get_batch(self, indices: np.ndarray) -> tuple:
         if hasattr(self.dataset, "get_batch"):
             head = tuple(self.dataset.get_batch(indices))

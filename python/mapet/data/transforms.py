@@ -120,3 +120,92 @@ def normalize(images: np.ndarray, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     x = np.asarray(images, dtype=np.float32)
     shape = (-1, 1, 1)
     return (x - np.asarray(mean, np.float32).reshape(shape)) / np.asarray(std, np.float32).reshape(shape)
+
+
+# ------------------------------------------------------------------ RandAugment (timm "rand-m9-mstd0.5-inc1")
+
+#: The fill of pixels a geometric op uncovers: timm's ImageNet mean as bytes.
+_FILL = (124, 116, 104)
+#: timm's ``_RAND_INCREASING_TRANSFORMS`` (stronger magnitude = stronger change for every op).
+RAND_AUGMENT_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
+                    "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+                    "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+
+
+def parse_randaugment(spec: str) -> Tuple[int, float, float]:
+    """``"rand-m9-mstd0.5-inc1"`` (timm's notation; ``n`` ops, default 2) → (n, magnitude, magnitude std).
+
+    Only the increasing op set (``inc1``) is provided."""
+    parts = str(spec).split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"randaugment: expected a spec like 'rand-m9-mstd0.5-inc1', got {spec!r}")
+    n, m, mstd = 2, 9.0, 0.5
+    for p in parts[1:]:
+        try:
+            if p.startswith("mstd"):
+                mstd = float(p[4:])
+            elif p.startswith("m"):
+                m = float(p[1:])
+            elif p.startswith("n"):
+                n = int(p[1:])
+            elif p.startswith("inc"):
+                if p != "inc1":
+                    raise ValueError
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"randaugment: cannot read {p!r} in {spec!r} (known: n<ops>, m<magnitude>, "
+                             "mstd<std>, inc1)") from None
+    if n < 0 or not 0 <= m <= 10 or mstd < 0:
+        raise ValueError(f"randaugment: need n >= 0, 0 <= m <= 10, mstd >= 0; got {spec!r}")
+    return n, m, mstd
+
+
+def rand_augment_op(img, name: str, magnitude: float, sign: float):
+    """One RandAugment op on an RGB Pillow image at ``magnitude`` in [0, 10] (``sign`` ±1 for the
+    ops that go both ways), with timm's level mappings."""
+    from PIL import Image, ImageEnhance, ImageOps
+
+    f = magnitude / 10.0
+    if name == "AutoContrast":
+        return ImageOps.autocontrast(img)
+    if name == "Equalize":
+        return ImageOps.equalize(img)
+    if name == "Invert":
+        return ImageOps.invert(img)
+    if name == "Rotate":
+        return img.rotate(sign * 30.0 * f, resample=Image.BILINEAR, fillcolor=_FILL)
+    if name == "PosterizeIncreasing":
+        return ImageOps.posterize(img, 4 - int(f * 4))
+    if name == "SolarizeIncreasing":
+        return ImageOps.solarize(img, 256 - int(f * 256))
+    if name == "SolarizeAdd":
+        add = int(f * 110)
+        lut = [min(255, i + add) if i < 128 else i for i in range(256)] * 3
+        return img.point(lut)
+    enhancers = {"ColorIncreasing": ImageEnhance.Color, "ContrastIncreasing": ImageEnhance.Contrast,
+                 "BrightnessIncreasing": ImageEnhance.Brightness, "SharpnessIncreasing": ImageEnhance.Sharpness}
+    if name in enhancers:
+        return enhancers[name](img).enhance(max(0.1, 1.0 + sign * 0.9 * f))
+    w, h = img.size
+    affine = {"ShearX": (1, sign * 0.3 * f, 0, 0, 1, 0), "ShearY": (1, 0, 0, sign * 0.3 * f, 1, 0),
+              "TranslateXRel": (1, 0, sign * 0.45 * f * w, 0, 1, 0),
+              "TranslateYRel": (1, 0, 0, 0, 1, sign * 0.45 * f * h)}
+    if name in affine:
+        return img.transform(img.size, Image.AFFINE, affine[name], resample=Image.BILINEAR, fillcolor=_FILL)
+    raise ValueError(f"rand_augment_op: unknown op {name!r}; known: {', '.join(RAND_AUGMENT_OPS)}")
+
+
+def rand_augment(img, rng: np.random.Generator, n: int = 2, magnitude: float = 9.0, mstd: float = 0.5,
+                 prob: float = 0.5):
+    """RandAugment as timm's ``rand_augment_transform``: ``n`` ops drawn uniformly (with
+    replacement), each applied with probability ``prob`` at a magnitude ~ N(magnitude, mstd)
+    clipped to [0, 10], direction ±1 with equal odds. All draws come from ``rng``."""
+    for _ in range(int(n)):
+        name = RAND_AUGMENT_OPS[int(rng.integers(len(RAND_AUGMENT_OPS)))]
+        apply = rng.random() < prob
+        m = float(np.clip(rng.normal(magnitude, mstd), 0.0, 10.0)) if mstd > 0 else float(magnitude)
+        sign = -1.0 if rng.random() < 0.5 else 1.0
+        if apply:
+            img = rand_augment_op(img, name, m, sign)
+    return img
