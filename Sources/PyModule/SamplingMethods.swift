@@ -170,10 +170,11 @@ let samplingMethods: [Method] = [
         guard t <= h * w else {
             throw PyError.value("num_masking_patches: expected at most \(h)×\(w) = \(h * w) cells, got \(t)")
         }
-        let lo = try args.int(3, "min_num_patches", min: 1)
-        let hi = try args.int(4, "max_num_patches", min: 1)
+        let lo = try args.int(3, "min_num_patches", min: 1, max: 1 << 24)
+        let hi = try args.int(4, "max_num_patches", min: 1, max: 1 << 24)
         let minAspect = try args.finiteDouble(5, "min_aspect"), maxAspect = try args.finiteDouble(6, "max_aspect")
-        guard minAspect > 0 else { throw PyError.value("min_aspect: expected > 0, got \(minAspect)") }
+        guard minAspect >= 1e-12 else { throw PyError.value("min_aspect: expected a value in [1e-12, 1e12], got \(minAspect)") }
+        guard maxAspect <= 1e12 else { throw PyError.value("max_aspect: expected a value in [1e-12, 1e12], got \(maxAspect)") }
         guard maxAspect >= minAspect else {
             throw PyError.value("max_aspect: expected ≥ min_aspect = \(minAspect), got \(maxAspect)")
         }
