@@ -220,13 +220,21 @@ def load_pretrained(model: Any, source: Any) -> Dict[str, List[str]]:
     if is_beit_layout(tensors):  # BEiT / CCViT / DTM reference checkpoint: fused qkv, gamma_1/2
         tensors = from_beit_layout(tensors)
     own = model.state_dict()
-    loaded, skipped = [], []
+    staged, skipped = {}, []
     for k, v in tensors.items():
         if k in own and tuple(np.shape(v)) == own[k].shape:
-            own[k][...] = np.asarray(v, dtype=np.float32)
-            loaded.append(k)
+            v = np.asarray(v)
+            if v.dtype.kind not in "fiu":
+                raise TypeError(f"pretrained: {k} has dtype {v.dtype}, expected a numeric array")
+            v = v.astype(np.float32)
+            if not np.all(np.isfinite(v)):
+                raise ValueError(f"pretrained: {k} holds NaN or inf (or values beyond float32); the model is unchanged")
+            staged[k] = v
         else:
             skipped.append(k)
+    for k, v in staged.items():  # all checked: copy in, all or nothing
+        own[k][...] = v
+    loaded = list(staged)
     missing = [k for k in own if k not in set(loaded)]
     log.info("pretrained: loaded %d tensors; skipped %s; left at init %s", len(loaded), skipped, missing)
     return {"loaded": loaded, "skipped": skipped, "missing": missing}

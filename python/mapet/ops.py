@@ -10,6 +10,7 @@ from typing import Optional
 import numpy as np
 
 from ._native import _core
+from .objectives import _i32
 
 
 def _f32(x: np.ndarray, name: str) -> np.ndarray:
@@ -163,7 +164,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, mask: Opt
         raise ValueError(f"attention: expected q [B, M, C], got shape {q.shape}")
     out = np.empty_like(q)
     probs = np.empty((q.shape[0], int(heads), q.shape[1], k.shape[1]), np.float32)
-    m = None if mask is None else np.ascontiguousarray(mask, dtype=np.int32)
+    m = None if mask is None else _i32(mask, "mask")
     _core.attention_forward(out, probs, q, k, v, int(heads), m)
     return out, probs
 
@@ -291,9 +292,9 @@ def cross_entropy(logits: np.ndarray, targets: np.ndarray, smoothing: float = 0.
     """
     logits = _f32(logits, "logits")
     t = np.asarray(targets)
-    if not np.issubdtype(t.dtype, np.integer):
+    if t.dtype == np.bool_ or not np.issubdtype(t.dtype, np.integer):
         raise TypeError(f"targets: expected integer class indices, got dtype {t.dtype}")
-    t = np.ascontiguousarray(t, dtype=np.int32)
+    t = _i32(t, "targets")
     losses = np.empty(logits.shape[0], np.float32)
     probs = np.empty_like(logits)
     loss = _core.cross_entropy_forward(losses, probs, logits, t, float(smoothing))
@@ -303,7 +304,7 @@ def cross_entropy(logits: np.ndarray, targets: np.ndarray, smoothing: float = 0.
 def cross_entropy_backward(probs, targets, smoothing: float = 0.0, scale: Optional[float] = None, dlogits=None):
     """dlogits += scale·(probs − q); scale defaults to 1 / (rows with target ≥ 0)."""
     probs = _f32(probs, "probs")
-    t = np.ascontiguousarray(targets, dtype=np.int32)
+    t = _i32(targets, "targets")
     if scale is None:
         scale = 1.0 / max(int((t >= 0).sum()), 1)
     dlogits = _zeros_or(dlogits, probs.shape, "dlogits")

@@ -30,6 +30,7 @@ import numpy as np
 from ._native import _core
 from ._params import ParameterBlock
 from .io import load_file, save_file
+from .objectives import _i32
 from .sampling import PermutationBatch, PermutationSampler
 
 __all__ = ["MaPeT", "BEiT", "CCViT", "DTM", "create_pretrain_model", "load_pretrain_model"]
@@ -471,7 +472,7 @@ class DTM(_PretrainModel):
         mem = np.asarray(memberships)
         if mem.dtype == np.bool_ or not np.issubdtype(mem.dtype, np.integer):
             raise TypeError(f"memberships: expected integer group ids [L, B, num_patches], got dtype {mem.dtype}")
-        mem = np.ascontiguousarray(mem[None] if mem.ndim == 2 else mem, dtype=np.int32)
+        mem = _i32(mem[None] if mem.ndim == 2 else mem, "memberships")
         pred = np.empty((B, n, self.config["output_dim"]), np.float32) if return_pred else None
         loss = _core.dtm_train_step(self._handle, x, m, t, mem, float(beta), pred)
         return (loss, pred) if return_pred else loss
