@@ -10,6 +10,7 @@ linprobe, eval, demo) are registered by ``mapet.train`` once it exists.
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -69,10 +70,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_types(cfg: Dict[str, Any], defaults: Dict[str, Any], prefix: str = "") -> None:
+    """Each value whose default is a number, bool, str or mapping must be one too (numbers finite).
+
+    Raises:
+        ValueError: naming the dotted key, what its default says it is, and the value given.
+    """
+    for key, default in defaults.items():
+        if key not in cfg or default is None:
+            continue
+        v, name = cfg[key], prefix + key
+        if isinstance(default, dict):
+            if not isinstance(v, dict):
+                raise ValueError(f"{name}: expected a mapping of options, got {v!r}")
+            check_types(v, default, name + ".")
+        elif isinstance(default, bool):
+            if not isinstance(v, bool):
+                raise ValueError(f"{name}: expected true or false, got {v!r}")
+        elif isinstance(default, (int, float)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{name}: expected a number (default {default}), got {v!r}")
+            if not math.isfinite(v):
+                raise ValueError(f"{name}: expected a finite number, got {v!r}")
+        elif isinstance(default, str) and not isinstance(v, str):
+            raise ValueError(f"{name}: expected a string (default {default!r}), got {v!r}")
+
+
 def resolve(args: argparse.Namespace) -> Dict[str, Any]:
-    """The command's defaults, refined by ``--config`` then ``--set``; ``--output-dir`` is recorded."""
+    """The command's defaults, refined by ``--config`` then ``--set`` (types checked against the
+    defaults); ``--output-dir`` is recorded."""
     defaults = COMMANDS[args.command][4]
     cfg = load_config(args.config, args.overrides, defaults=defaults)
+    check_types(cfg, defaults)
     if args.output_dir:
         cfg["output_dir"] = args.output_dir
     return cfg
@@ -97,18 +126,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = resolve(args)
     except (OSError, ValueError, ImportError) as e:
-        parser.exit(2, f"python -m mapet {args.command}: {e}\n")
+        parser.exit(2, f"python -m mapet {args.command}: error: {' '.join(str(e).split())}\n")
     if args.print_config:
         print(json.dumps(cfg, indent=2, sort_keys=True))
         return 0
-    if args.threads:
+    if args.threads is not None:
+        if not 1 <= args.threads <= 1024:
+            parser.exit(2, f"python -m mapet {args.command}: error: --threads: expected 1..1024, got {args.threads}\n")
         from ._runtime import set_num_threads
         set_num_threads(args.threads)
-    out = cfg.get("output_dir")
-    if out and distributed.context().is_main:
-        os.makedirs(out, exist_ok=True)
-        logger.info("resolved config saved to %s", save_resolved_config(out, cfg))
-    return int(COMMANDS[args.command][3](args, cfg) or 0)
+    try:
+        out = cfg.get("output_dir")
+        if out and distributed.context().is_main:
+            os.makedirs(out, exist_ok=True)
+            logger.info("resolved config saved to %s", save_resolved_config(out, cfg))
+        return int(COMMANDS[args.command][3](args, cfg) or 0)
+    except (ValueError, TypeError, KeyError, OSError, MemoryError) as e:
+        # A user error (bad option value, missing file, model too large): one line, status 2.
+        # -v shows the traceback.
+        if args.verbose:
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in message:
+            message = f"{e.filename}: {message}"
+        message = " ".join(str(message).split()) or type(e).__name__
+        parser.exit(2, f"python -m mapet {args.command}: error: {message} ({type(e).__name__}; -v for the traceback)\n")
 
 
 def _load_commands() -> None:

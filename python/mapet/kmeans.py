@@ -189,9 +189,10 @@ class KMeans:
             c = np.empty((self.n_clusters, d), dtype=np.float32)
             init = _INITS[self.init]
             if init_centroids is not None:
-                c[...] = _check_points(init_centroids, "init_centroids", d)
-                if c.shape[0] != self.n_clusters:
-                    raise ValueError(f"init_centroids: expected {self.n_clusters} rows, got {c.shape[0]}")
+                given = _check_points(init_centroids, "init_centroids", d)
+                if given.shape[0] != self.n_clusters:
+                    raise ValueError(f"init_centroids: expected {self.n_clusters} rows [k, d], got shape {tuple(given.shape)}")
+                c[...] = given
                 init = 2
             t0 = time.perf_counter()
             inertia, labels, hist = self._run(xt, c, init, r)
@@ -268,6 +269,10 @@ class KMeans:
             (distances float32 [n], labels int32 [n]): squared L2 to the nearest centroid, its index.
         """
         c = self._require_fitted()
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
+            raise TypeError(f"chunk_size: expected an int, got {type(chunk_size).__name__}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size: expected an int ≥ 1, got {chunk_size}")
         x = _check_points(x, d=c.shape[1])
         n = x.shape[0]
         labels = np.empty(n, dtype=np.int32)
