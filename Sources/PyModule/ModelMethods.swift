@@ -45,8 +45,8 @@ private struct AdamWHyper {
             throw PyError.value("eps: expected a positive value that is a normal float32 (≥ \(Float.leastNormalMagnitude)), got \(try args.double(i + 3, "eps"))")
         }
         guard weightDecay >= 0 else { throw PyError.value("weight_decay: expected a value ≥ 0, got \(weightDecay)") }
-        guard (lr * weightDecay).isFinite else {
-            throw PyError.value("lr·weight_decay: \(lr)·\(weightDecay) is not finite in float32")
+        guard lr * weightDecay <= 1 else {
+            throw PyError.value("lr·weight_decay: expected at most 1 (decoupled decay multiplies weights by 1 − lr·weight_decay), got \(lr)·\(weightDecay)")
         }
     }
 }
@@ -75,8 +75,8 @@ let modelMethods: [Method] = [
         if let problem = k.problem { throw PyError.value(problem) }
         guard k.mlpRatio > 0, Double(k.hidden) < 1e7 else { throw PyError.value("mlp_ratio: expected a positive ratio, got \(k.mlpRatio)") }
         let total = VisionTransformer.makeTable(k).total
-        guard total < (1 << 34) else { throw PyError.value("model too large: \(total) parameters") }
         try requireModelFits(k, total: total, outputs: 1)
+        guard total < (1 << 34) else { throw PyError.value("model too large: \(total) parameters") }
         guard let model = withoutGIL({ VisionTransformer(config: k, seed: seed) }) else {
             throw PyError.memory("vit_create: could not allocate \(total) parameters")
         }
@@ -224,13 +224,20 @@ let modelMethods: [Method] = [
             clip = Float(c)
         }
         nonisolated(unsafe) let (pp, gp) = (p.pointer, g.pointer)
-        let norm = exclusive(opt) {
+        let (norm, finite) = exclusive(opt) {
             let norm = opt.gradNorm(grads: UnsafePointer(gp))
-            if norm.isFinite { _ = opt.update(params: pp, grads: gp, clipNorm: clip, knownNorm: norm) }
-            return norm
+            guard norm.isFinite else { return (norm, true) }
+            // A dry run first: an update that would leave a parameter or moment non-finite
+            // (a learning rate too large for float32) is refused, not applied.
+            guard opt.updateStaysFinite(params: pp, grads: gp, clipNorm: clip, knownNorm: norm) else { return (norm, false) }
+            _ = opt.update(params: pp, grads: gp, clipNorm: clip, knownNorm: norm)
+            return (norm, true)
         }
         guard norm.isFinite else {
             throw PyError.value("AdamW.step: the gradient norm is not finite (\(norm)); parameters were not changed")
+        }
+        guard finite else {
+            throw PyError.value("AdamW.step: this update would make parameters or moments non-finite in float32 (lr=\(opt.lr), weight_decay=\(opt.weightDecay)); parameters were not changed")
         }
         return pyFloat(norm)
     } }, doc: "adamw_step(opt, params, grads, clip_grad) -> gradient norm before clipping."),

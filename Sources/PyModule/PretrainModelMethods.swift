@@ -114,8 +114,8 @@ let pretrainModelMethods: [Method] = [
         k.headLayers = try args.int(15, "head_layers", min: 1, max: 64)
         if let problem = k.problem { throw PyError.value(problem) }
         let total = PretrainModel.makeTable(k).total
-        guard total < (1 << 34) else { throw PyError.value("model too large: \(total) parameters") }
         try requireModelFits(k.vit, total: total, outputs: k.vocabSize, streams: k.twoStream ? 2 : 1)
+        guard total < (1 << 34) else { throw PyError.value("model too large: \(total) parameters") }
         let model: PretrainModel? = withoutGIL {
             k.twoStream ? MaPeTModel(config: k, seed: seed)
                 : k.kind == .ccvit ? CCViTModel(config: k, seed: seed) : BEiTModel(config: k, seed: seed)

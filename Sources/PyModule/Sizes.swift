@@ -57,10 +57,13 @@ func requireMemory(_ bytes: Int?, _ what: String, probe: Bool = true) throws {
         throw PyError.memory("\(what) would need \(describeBytes(bytes)); this machine has \(describeBytes(physicalMemory))")
     }
     guard probe, bytes > 1 << 24 else { return }
-    guard let p = malloc(bytes) else {
+    // mmap as malloc does for large blocks (same address-space limit and overcommit checks; the
+    // pages are never touched). A malloc/free pair would be optimised away.
+    let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+    guard let p, p != MAP_FAILED else {
         throw PyError.memory("\(what) would need \(describeBytes(bytes)), which cannot be allocated now")
     }
-    free(p)
+    munmap(p, bytes)
 }
 
 /// Floats one image needs for a training step of a ViT encoder of `k` with `streams` token

@@ -252,6 +252,12 @@ def load(path: str) -> VisionTransformer:
     if kind != "vit":
         from .pretrain_models import load_pretrain_model
         return load_pretrain_model(path)
-    model = VisionTransformer(**json.loads(metadata["config"]))
+    try:
+        config = json.loads(metadata["config"])
+        if not isinstance(config, dict):
+            raise TypeError(f"expected an object, got {type(config).__name__}")
+        model = VisionTransformer(**config)
+    except (ValueError, TypeError, MemoryError) as e:
+        raise type(e)(f"{path}: bad model config ({e})") from None
     model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optimizer.")})
     return model

@@ -5,6 +5,7 @@ the model's parameter block. Parameters excluded from weight decay follow the Ma
 recipe: every 1-D tensor (biases, norms, layer scales), ``pos_embed`` and ``cls_token``.
 """
 import json
+import threading
 from collections import OrderedDict
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 
@@ -73,6 +74,9 @@ class AdamW:
         self._m, self._v = np.asarray(m), np.asarray(v)
         self._table = table
         self._step = 0
+        # The engine serialises calls on one optimizer; this lock does the same for the Python-side
+        # state (step count, hyper-parameters) that a step reads and writes.
+        self._lock = threading.RLock()
 
     @property
     def step_count(self) -> int:
@@ -100,14 +104,15 @@ class AdamW:
         Raises:
             ValueError: the gradient norm is not finite (parameters unchanged).
         """
-        if lr is not None:
-            if not (lr >= 0 and np.isfinite(lr)):
-                raise ValueError(f"lr: expected a finite value ≥ 0, got {lr}")
-            self._set_hyper(float(lr), self.betas, self.eps, self.weight_decay, self._step)
-        self._configure()
-        norm = _core.adamw_step(self._handle, self.model.flat_params, self.model.flat_grads, self.clip_grad)
-        self._step += 1
-        return norm
+        if lr is not None and not (lr >= 0 and np.isfinite(lr)):
+            raise ValueError(f"lr: expected a finite value ≥ 0, got {lr}")
+        with self._lock:
+            if lr is not None:
+                self._set_hyper(float(lr), self.betas, self.eps, self.weight_decay, self._step)
+            self._configure()
+            norm = _core.adamw_step(self._handle, self.model.flat_params, self.model.flat_grads, self.clip_grad)
+            self._step += 1
+            return norm
 
     def zero_grad(self) -> None:
         """Clear the model's gradients."""
@@ -170,11 +175,12 @@ class AdamW:
             clip = float(clip)
             if not (np.isfinite(np.float32(clip)) and clip > 0):
                 raise ValueError(f"load_state_dict: clip_grad must be None or a positive float32, got {clip}")
-        self._set_hyper(lr, betas, eps, wd, int(step))   # raises (nothing changed) if the engine refuses a value
-        self.clip_grad = clip
-        for n in views_m:
-            views_m[n][...] = new["exp_avg", n]
-            views_v[n][...] = new["exp_avg_sq", n]
+        with self._lock:
+            self._set_hyper(lr, betas, eps, wd, int(step))   # raises (nothing changed) if the engine refuses a value
+            self.clip_grad = clip
+            for n in views_m:
+                views_m[n][...] = new["exp_avg", n]
+                views_v[n][...] = new["exp_avg_sq", n]
 
     def load(self, path: str) -> None:
         """Restore the optimizer state stored by ``model.save(path, optimizer=...)``."""

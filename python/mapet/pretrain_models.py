@@ -529,7 +529,12 @@ def load_pretrain_model(path: str) -> "_PretrainModel":
     kind = metadata.get("model")
     if metadata.get("format") != FORMAT or "config" not in metadata or kind not in _KINDS:
         raise ValueError(f"{path}: not a mapet pre-training model file (format={metadata.get('format')!r}, model={kind!r})")
-    config = json.loads(metadata["config"])
-    model = _build(kind, 0, config)
+    try:
+        config = json.loads(metadata["config"])
+        if not isinstance(config, dict):
+            raise TypeError(f"expected an object, got {type(config).__name__}")
+        model = _build(kind, 0, config)
+    except (ValueError, TypeError, MemoryError) as e:
+        raise type(e)(f"{path}: bad model config ({e})") from None
     model.load_state_dict(tensors)
     return model
