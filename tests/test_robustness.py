@@ -553,7 +553,7 @@ HYPOTHESIS = '''
 from hypothesis import given, settings, strategies as st, HealthCheck
 import warnings
 warnings.simplefilter("ignore")
-CLEAN = (TypeError, ValueError, MemoryError, IndexError, KeyError)
+CLEAN = (TypeError, ValueError, MemoryError)
 S = settings(max_examples=int(os.environ.get("MAPET_HYPOTHESIS_EXAMPLES", "60")), deadline=None,
              suppress_health_check=list(HealthCheck), derandomize=True, database=None)
 counts = {}

@@ -160,8 +160,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, mask: Opt
     Returns (out [B, M, C], probs [B, heads, M, Nk]).
     """
     q, k, v = _f32(q, "q"), _f32(k, "k"), _f32(v, "v")
-    if q.ndim != 3:
-        raise ValueError(f"attention: expected q [B, M, C], got shape {q.shape}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.ndim != 3:
+            raise ValueError(f"attention: expected {name} [B, {'M' if name == 'q' else 'N'}, C], got shape {t.shape}")
     out = np.empty_like(q)
     probs = np.empty((q.shape[0], int(heads), q.shape[1], k.shape[1]), np.float32)
     m = None if mask is None else _i32(mask, "mask")
@@ -262,6 +263,9 @@ def patch_embed(images: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarra
 def patch_embed_backward(dout, patches, weight, img_size: int, dimages=None, dweight=None, dbias=None):
     """Accumulate (dimages, dweight, dbias) of ``patch_embed``."""
     dout, patches, weight = _f32(dout, "dout"), _f32(patches, "patches"), _f32(weight, "weight")
+    if weight.ndim != 4 or patches.ndim != 3:
+        raise ValueError(f"patch_embed_backward: expected weight [C, Cin, p, p] and patches [B, n, Cin·p·p], "
+                         f"got shapes {weight.shape} and {patches.shape}")
     B, Cin = patches.shape[0], weight.shape[1]
     dimages = _zeros_or(dimages, (B, Cin, img_size, img_size), "dimages")
     dweight = _zeros_or(dweight, weight.shape, "dweight")
