@@ -136,9 +136,9 @@ def _():
 def _():
     mapet.morph_tokens(np.zeros((1, 200000, 1), np.float32), r=1)
 
-@case("dtm_memberships with 200000 tokens")
+@case("dtm_memberships with 2000000 tokens (4 TB)")
 def _():
-    mapet.dtm_memberships(np.zeros((1, 200000, 1), np.float32), [mapet.objectives.DTMScheduleEntry(10, 1, 10)])
+    mapet.dtm_memberships(np.zeros((1, 2000000, 1), np.float32), [mapet.objectives.DTMScheduleEntry(10, 1, 10)])
 
 @case("BlockMaskGenerator max_aspect=1e40")
 def _():
@@ -157,8 +157,9 @@ def _():
 
 @case("ViT train_step on a batch whose activations cannot fit")
 def _():
-    m = mapet.create_model("vit_tiny_patch16_224", img_size=224, patch_size=4, embed_dim=8, num_heads=1, depth=1, num_classes=2)
-    m.train_step(np.zeros((200, 3, 224, 224), np.float32), np.zeros(200, np.int64))
+    # 4097 tokens: ~0.3 GB of activations per image, 1 TB for the batch
+    m = mapet.create_model("vit_tiny_patch16_224", img_size=64, patch_size=1, embed_dim=8, num_heads=1, depth=1, num_classes=2)
+    m.train_step(np.zeros((4000, 3, 64, 64), np.float32), np.zeros(4000, np.int64))
 '''
 
 
@@ -176,11 +177,11 @@ def test_no_trap_no_abort_no_hang_on_sizes():
         "MIM model img_size=65536 patch_size=1": ("MemoryError", mem[0]),
         "absurd model from a small model file": ("MemoryError", r"big.safetensors.*would need \d+ bytes"),
         "morph_tokens with 200000 tokens (a 40 GB score matrix)": ("MemoryError", r"200000 tokens .*would need 4\d{10} bytes"),
-        "dtm_memberships with 200000 tokens": ("MemoryError", mem[0]),
+        "dtm_memberships with 2000000 tokens (4 TB)": ("MemoryError", mem[0]),
         "BlockMaskGenerator max_aspect=1e40": ("ValueError", r"max_aspect: expected a value in \[1e-12, 1e12\]"),
         "BlockMaskGenerator min_aspect=1e-300": ("ValueError", r"min_aspect"),
         "BlockMaskGenerator extreme but allowed aspects terminate": ("ValueError", "^ok$"),
-        "ViT train_step on a batch whose activations cannot fit": ("MemoryError", r"batch of 200 images would need \d+ bytes"),
+        "ViT train_step on a batch whose activations cannot fit": ("MemoryError", r"batch of 4000 images would need \d+ bytes"),
     })
     CASE_COUNT["sizes"] = len(results)
 
