@@ -65,7 +65,7 @@ let samplingMethods: [Method] = [
         let B = try args.int(1, "batch_size", min: 1)
         _ = try checkedCount([B, sampler.tokens], "batch_size", itemSize: 32)
         let first = sampler.reserve(B)  // under the GIL: concurrent callers get disjoint streams
-        guard let batch = withoutGIL({ sampler.draw(batchSize: B, firstStream: first) }) else {
+        guard let batch = exclusive(sampler, { sampler.draw(batchSize: B, firstStream: first) }) else {
             throw PyError.memory("sample: could not allocate a batch of \(B) permutations")
         }
         return makeHandle(batch)
@@ -80,7 +80,8 @@ let samplingMethods: [Method] = [
     Method(name: "perm_sampler_set_state", function: { _, a, n in call(a, n, "perm_sampler_set_state") { args in
         try args.expect(3)
         let s = try args.handle(0, "sampler", PermutationSampler.self)
-        s.setState(seed: try bits(args, 1, "seed"), samplesDrawn: try bits(args, 2, "samples_drawn"))
+        let (seed, drawn) = (try bits(args, 1, "seed"), try bits(args, 2, "samples_drawn"))
+        exclusive(s) { s.setState(seed: seed, samplesDrawn: drawn) }   // not while a draw reads the seed
         return none()
     } }, doc: "perm_sampler_set_state(sampler, seed_bits, samples_drawn_bits)"),
 

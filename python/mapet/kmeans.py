@@ -23,6 +23,7 @@ moves to the running mean of all points it has received (learning rate 1/count),
 streamed from a NumPy memmap that does not fit in memory.
 """
 import logging
+import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -124,6 +125,7 @@ class KMeans:
         self.n_iter_ = 0
         self.history_: List[Dict[str, float]] = []
         self._counts: Optional[np.ndarray] = None
+        self._lock = threading.Lock()
 
     # ----- faiss names -----
     @property
@@ -232,6 +234,10 @@ class KMeans:
         x = _check_points(x, d=self.d)
         t0 = time.perf_counter()
         xc = _f32(x)
+        with self._lock:  # the step updates the centroids and counts in place
+            return self._partial_fit(xc, t0)
+
+    def _partial_fit(self, xc: np.ndarray, t0: float) -> "KMeans":
         if self.cluster_centers_ is None:
             if xc.shape[0] < self.n_clusters:
                 raise ValueError(f"x: the first partial_fit chunk must hold at least n_clusters = "
