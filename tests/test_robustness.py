@@ -467,6 +467,31 @@ case("tokenizer config unknown key")(lambda: (mapet.io.save_file({"centroids": c
     {"mapet_tokenizer": "PixelTokenizer", "config": json.dumps(dict(tok._config(), bogus=1))}),
     mapet.PixelTokenizer.load(os.path.join(d, "t3.safetensors"))))
 
+# an image whose header claims 40000 × 40000 pixels, beside a good one
+import struct, zlib, warnings
+from PIL import Image
+root = os.path.join(d, "images"); os.makedirs(os.path.join(root, "a"))
+Image.new("RGB", (8, 8)).save(os.path.join(root, "a", "good.png"))
+Image.new("RGB", (8, 8)).save(os.path.join(root, "a", "bomb.png"))
+with open(os.path.join(root, "a", "bomb.png"), "r+b") as f:
+    png = bytearray(f.read())
+    png[16:24] = struct.pack(">II", 40000, 40000)            # IHDR width, height
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    f.seek(0); f.write(png)
+
+@case("ImageFolder skips an image claiming 40000² pixels")
+def _():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = mapet.data.ImageFolder(root, 8, on_error="skip")
+    assert [os.path.basename(p) for p, _ in ds.samples] == ["good.png"]
+    raise ValueError("ok")
+
+@case("ImageFolder raises naming an image claiming 40000² pixels")
+def _():
+    ds = mapet.data.ImageFolder(root, 8)
+    [ds[i] for i in range(len(ds))]
+
 # checkpoints: state that would decode to object arrays, or is not an object
 def checkpoint_file(label, state_json, groups='["m"]'):
     def run():
@@ -515,6 +540,8 @@ def test_malformed_files(tmp_path):
         "tokenizer config not JSON": ("ValueError", r"t1\.safetensors: bad tokenizer config"),
         "tokenizer config a list": ("ValueError", r"t2\.safetensors: bad tokenizer config"),
         "tokenizer config unknown key": ("ValueError", r"t3\.safetensors: bad tokenizer config"),
+        "ImageFolder skips an image claiming 40000² pixels": ("ValueError", "^ok$"),
+        "ImageFolder raises naming an image claiming 40000² pixels": ("ImageLoadError", r"bomb\.png: cannot read image \(DecompressionBombError"),
         "checkpoint object array": ("ValueError", r"corrupt checkpoint metadata .*dtype object"),
         "checkpoint dtype not a dtype": ("ValueError", "corrupt checkpoint metadata"),
         "checkpoint dtype a list": ("ValueError", "corrupt checkpoint metadata"),
