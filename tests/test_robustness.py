@@ -619,6 +619,30 @@ def _():
         clean("dtm_loss", mapet.objectives.dtm_loss, a, b, c, beta=x)
     prop()
 
+OPS = ["matmul", "gelu", "gelu_backward", "layer_norm", "layer_norm_backward", "softmax", "softmax_backward",
+       "linear", "linear_backward", "attention_backward", "residual", "residual_backward", "drop_path_keep",
+       "dropout_mask", "drop_path", "drop_path_backward", "dropout", "dropout_backward", "patch_embed",
+       "mean_pool", "mean_pool_backward"]
+
+@case("hypothesis every op")
+def _():
+    @S
+    @given(st.sampled_from(OPS), st.lists(st.one_of(arrays, ints, floats), min_size=0, max_size=6))
+    def prop(name, args):
+        clean("ops.*", getattr(mapet.ops, name), *args)
+    prop()
+
+@case("hypothesis objectives")
+def _():
+    @S
+    @given(arrays, arrays, arrays, arrays, ints, ints, floats)
+    def prop(a, b, c, e, i, j, x):
+        clean("ccvit_corrupt", mapet.ccvit_corrupt, a, b, c, e, patch_size=i, num_replace=j, seed=0)
+        clean("masked_mse", mapet.objectives.masked_mse, a, b, c)
+        clean("dtm_memberships", mapet.dtm_memberships, a, [mapet.objectives.DTMScheduleEntry(i, j, i)])
+        clean("DTMSchedule.draw", lambda: mapet.DTMSchedule(0, max_iterations=j, num_schedules=2).draw(i))
+    prop()
+
 @case("hypothesis models")
 def _():
     m = mapet.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, num_classes=3, depth=1)
@@ -654,10 +678,10 @@ def test_property_based_inputs_raise_cleanly():
     started = [x["start"] for x in lines if "start" in x]
     assert p.returncode == 0, f"child died in {started[-1:]}:\n{p.stderr[-3000:]}"
     results = {x["name"]: (x["exc"], x["msg"]) for x in lines if "name" in x}
-    assert results == {"hypothesis ops": (None, ""), "hypothesis models": (None, ""),
-                       "hypothesis samplers and k-means": (None, "")}, results
+    assert results == {n: (None, "") for n in ("hypothesis ops", "hypothesis every op", "hypothesis objectives",
+                                                "hypothesis models", "hypothesis samplers and k-means")}, results
     counts = next(x["counts"] for x in lines if "counts" in x)
-    assert len(counts) == 15 and min(counts.values()) >= 50, counts
+    assert len(counts) == 20 and min(counts.values()) >= 50, counts
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,12 @@ def _f32(x: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def _require_array(x, name: str) -> None:
+    """An output argument must be a NumPy array (written in place), not anything array-like."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name}: expected a float32 NumPy array to write into, got {type(x).__name__}")
+
+
 def matmul(a: np.ndarray, b: np.ndarray, out: Optional[np.ndarray] = None, *,
            trans_a: bool = False, trans_b: bool = False,
            alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
@@ -48,6 +54,7 @@ def matmul(a: np.ndarray, b: np.ndarray, out: Optional[np.ndarray] = None, *,
         if beta != 0.0:
             raise ValueError("matmul: beta != 0 needs out=")
         out = np.empty((m, n), dtype=np.float32)
+    _require_array(out, "out")
     _core.gemm(a, b, out, bool(trans_a), bool(trans_b), float(alpha), float(beta))
     return out
 
@@ -63,10 +70,7 @@ def gelu(x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
         The result array.
     """
     x = _f32(x, "x")
-    if out is None:
-        out = np.empty_like(x)
-    if out.shape != x.shape:
-        raise ValueError(f"gelu: out has shape {out.shape}, expected {x.shape}")
+    out = np.empty_like(x) if out is None else _zeros_or(out, x.shape, "out")
     _core.gelu_forward(x.reshape(-1), out.reshape(-1))
     return out
 
@@ -76,8 +80,7 @@ def gelu_backward(dout: np.ndarray, x: np.ndarray, dx: Optional[np.ndarray] = No
     x, dout = _f32(x, "x"), _f32(dout, "dout")
     if dout.shape != x.shape:
         raise ValueError(f"gelu_backward: dout has shape {dout.shape}, x has {x.shape}")
-    if dx is None:
-        dx = np.zeros_like(x)
+    dx = _zeros_or(dx, x.shape, "dx")
     _core.gelu_backward(dout.reshape(-1), x.reshape(-1), dx.reshape(-1))
     return dx
 
@@ -93,6 +96,7 @@ from .objectives import ccvit_pixel_targets, dtm_loss, masked_mse  # noqa: E402,
 def _zeros_or(x: Optional[np.ndarray], shape, name: str) -> np.ndarray:
     if x is None:
         return np.zeros(shape, np.float32)
+    _require_array(x, name)
     if x.shape != tuple(shape) or x.dtype != np.float32 or not x.flags.c_contiguous:
         raise ValueError(f"{name}: expected a C-contiguous float32 array of shape {tuple(shape)}, got {x.dtype} {x.shape}")
     return x
