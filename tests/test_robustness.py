@@ -658,6 +658,27 @@ def _():
         assert np.isfinite(m.flat_params).all()
     prop()
 
+@case("hypothesis pre-training models and tokenizers")
+def _():
+    small = dict(img_size=16, patch_size=8, depth=1)
+    mim = mapet.create_model("beit_tiny_patch16_224", num_tokens=8, **small)
+    mp = mapet.create_model("mapet_tiny_patch16_224", num_tokens=8, least_number=1, **small)
+    cc = mapet.create_model("ccvit_tiny_patch16_224", num_tokens=8, **small)
+    dt = mapet.create_model("dtm_tiny_patch16_224", output_dim=4, **small)
+    batch = mapet.PermutationSampler(4, least_number=1, seed=0).sample(2)
+    tok = mapet.PixelTokenizer(patch_size=8, n_tokens=2, n_iter=1).fit(np.random.default_rng(0).random((2, 3, 16, 16)))
+    @S
+    @given(arrays, arrays, arrays, arrays, arrays)
+    def prop(x, t, m, r, e):
+        clean("beit.train_step", mim.train_step, x, t, m)
+        clean("mapet.train_step", mp.train_step, x, t, batch)
+        clean("ccvit.train_step", cc.train_step, x, t, e, m, r)
+        clean("dtm.train_step", dt.train_step, x, e, m, r)
+        clean("PixelTokenizer.encode", tok.encode, x)
+        for model in (mim, mp, cc, dt):
+            assert np.isfinite(model.flat_params).all()
+    prop()
+
 @case("hypothesis samplers and k-means")
 def _():
     @S
@@ -679,9 +700,10 @@ def test_property_based_inputs_raise_cleanly():
     assert p.returncode == 0, f"child died in {started[-1:]}:\n{p.stderr[-3000:]}"
     results = {x["name"]: (x["exc"], x["msg"]) for x in lines if "name" in x}
     assert results == {n: (None, "") for n in ("hypothesis ops", "hypothesis every op", "hypothesis objectives",
-                                                "hypothesis models", "hypothesis samplers and k-means")}, results
+                                                "hypothesis models", "hypothesis pre-training models and tokenizers",
+                                                "hypothesis samplers and k-means")}, results
     counts = next(x["counts"] for x in lines if "counts" in x)
-    assert len(counts) == 20 and min(counts.values()) >= 50, counts
+    assert len(counts) == 25 and min(counts.values()) >= 50, counts
 
 
 # --------------------------------------------------------------------------------------------
