@@ -55,10 +55,16 @@ let package = Package(
                 .linkedLibrary("scipy_openblas"),
             ]
         ),
+        // bf16 GEMM for AVX512-BF16 CPUs: C, AVX-512 only inside functions marked with target
+        // attributes (selected at run time), so the library still loads and runs on AVX2 CPUs.
+        .target(
+            name: "CBF16",
+            cSettings: [.unsafeFlags(["-O3"])]
+        ),
         // Numerics: pure Swift, no Python, no Foundation.
         .target(
             name: "MaPeTKernels",
-            dependencies: ["CBLAS"],
+            dependencies: ["CBLAS", "CBF16"],
             swiftSettings: [
                 // -Ounchecked (no overflow/bounds traps) measured against -O on the shared 2-core
                 // machine: k-means fit ~30 % faster, ViT-Tiny train step ~10 %, AdamW the same.

@@ -11,7 +11,7 @@ scikit-learn algorithm="lloyd", tol=0 — it still stops once no label changes, 
 the iterations each side ran are printed; mapet always runs them all), and every side's final
 centroids are scored by one evaluator (exact Σ min ‖x − c‖² in float64 over float32 distances).
 
-    PY=/tmp/mapet-peers/bin/python
+    PY=.venv-bench/bin/python
     $PY bench/kmeans.py             # the issue's sizes (slow on 2 cores)
     $PY bench/kmeans.py --quick     # scaled-down sizes
 """
@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -132,7 +133,7 @@ def main():
         results = {}
         for r in range(a.runs):
             for lib in (libs if r % 2 == 0 else libs[::-1]):
-                out = f"/tmp/bench_kmeans_{lib}_{task}.npy"
+                out = os.path.join(tempfile.gettempdir(), f"bench_kmeans_{lib}_{task}.npy")
                 dt, n_iters[lib] = run(lib, task, size, out)
                 times[lib].append(dt)
                 print(f"  {task} {lib} run {r}: {dt:.2f} s", flush=True)

@@ -5,11 +5,16 @@ layer scale 0.1, drop path 0.1, 2 threads. One step = zero grads, forward, mean 
 the B×P predicted tokens, backward (no optimizer). Both sides get the same images, tokens and
 permutations (drawn by mapet's sampler; PyTorch builds its dense masks from them outside the timed
 step, as the reference does in its data loader). Runs are interleaved, median of --reps.
+With --precision bf16/both, mapet runs `precision="bf16"` (bf16 GEMM inputs, fp32 accumulation, fp32
+master weights) against the reference under torch.autocast("cpu", dtype=torch.bfloat16); PyTorch gets its
+faster attention formulation per precision (dense-mask matmul+softmax or SDPA, probed first).
 
 Before timing, the script copies mapet's weights into the PyTorch models (MaPeT, PIM, BEiT) by
 state_dict name and checks that inference logits agree (a cross-check of names, order and maths).
 
-Run:  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE /tmp/mapet-peers/bin/python bench/mapet_step.py
+Run from the project root (peers: bench/requirements.txt):
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv-bench/bin/python bench/mapet_step.py [--precision both]
 """
 import argparse
 import os
@@ -64,40 +69,66 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
     args = ap.parse_args()
     mapet.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
-    print(f"mapet {mapet.__version__} ({mapet.get_num_threads()} threads), torch {torch.__version__} "
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    print(f"CPU {cpu}; mapet {mapet.__version__} ({mapet.get_num_threads()} threads, BLAS "
+          f"{mapet.blas_info()['corename']}, bf16 {mapet.bf16_info()}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}")
     if not args.no_check:
         print("cross-check (mapet weights loaded into the PyTorch models, eval logits):")
         cross_check(args.threads)
 
     B = args.batch
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     sampler = mapet.PermutationSampler(196, 50, seed=0)
     batch = sampler.sample(B)
-    torch_step = mapet_step_fn(batch=B, threads=args.threads, orders=batch.orders.copy())
-    images = torch_step.images.numpy()
-    tokens = torch_step.tokens.numpy()
-    model = create_pretrain_model("mapet_tiny_patch16_224", **RECIPE)
-    assert model.config["num_tokens"] == 8192 and model.config["least_number"] == 50
+    orders = batch.orders.copy()
+    # PyTorch in its fastest setting per precision: the reference formulation (matmul + softmax with
+    # the dense additive mask) or F.scaled_dot_product_attention with that mask, whichever is faster here.
+    steps = {}
+    for p in precisions:
+        best = None
+        for sdpa in (False, True):
+            fn = mapet_step_fn(batch=B, threads=args.threads, orders=orders, sdpa=sdpa, autocast=p == "bf16")
+            fn()
+            t = statistics.median(time_once(fn) for _ in range(3))
+            print(f"  torch {p} {'sdpa' if sdpa else 'matmul+softmax'}: {t * 1e3:.0f} ms (3-run median, setting probe)")
+            if best is None or t < best[0]:
+                best = (t, sdpa, fn)
+        steps[f"torch {p}{' autocast' if p == 'bf16' else ''} ({'sdpa' if best[1] else 'matmul+softmax'})"] = best[2]
+    ref = next(iter(steps.values()))
+    images, tokens = ref.images.numpy(), ref.tokens.numpy()
+    for p in precisions:
+        model = create_pretrain_model("mapet_tiny_patch16_224", precision=p, **RECIPE)
+        assert model.config["num_tokens"] == 8192 and model.config["least_number"] == 50
 
-    def mapet_step() -> float:
-        model.zero_grad()
-        return model.train_step(images, tokens, batch)
+        def mapet_step(model=model) -> float:
+            model.zero_grad()
+            return model.train_step(images, tokens, batch)
 
+        steps[f"mapet {p}"] = mapet_step
     print(f"MaPeT-Tiny/16 train step, 224 px, batch {B}, 8192 tokens, least_number 50 (P = {batch.num_predicted}), "
           f"recipe {RECIPE}")
-    l_m, l_t = mapet_step(), torch_step()   # warm-up (allocations, first-touch)
-    print(f"  first losses: mapet {l_m:.4f}, torch {l_t:.4f} (log 8192 = {np.log(8192):.4f}; different inits)")
-    tm, tt = [], []
+    for k, fn in steps.items():
+        print(f"  first loss {k}: {fn():.4f}")   # warm-up (allocations, first touch)
+    times = {k: [] for k in steps}
     for r in range(args.reps):
-        tt.append(time_once(torch_step))
-        tm.append(time_once(mapet_step))
-        print(f"  run {r + 1}: torch {tt[-1] * 1e3:8.1f} ms   mapet {tm[-1] * 1e3:8.1f} ms")
-    mt, mm = statistics.median(tt), statistics.median(tm)
-    print(f"median: torch {mt * 1e3:.1f} ms/step, mapet {mm * 1e3:.1f} ms/step -> mapet is {mt / mm:.2f}x faster")
-
+        for k in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+            times[k].append(time_once(steps[k]))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"medians of {args.reps} interleaved runs:")
+    for k, m in med.items():
+        print(f"  {k:40s}: {m * 1e3:8.1f} ms/step   runs: " + " ".join(f"{x * 1e3:.0f}" for x in times[k]))
+    for p in precisions:
+        t = [k for k in med if k.startswith("torch " + p)][0]
+        print(f"  mapet {p} vs {t}: {med[t] / med['mapet ' + p]:.2f}x")
+    for p in precisions:
+        with mapet.profile() as prof:
+            steps[f"mapet {p}"]()
+        print(f"\nmapet.profile() of one mapet {p} step:\n{prof}")
 
 if __name__ == "__main__":
     main()

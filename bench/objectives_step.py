@@ -4,7 +4,7 @@ Needs torch + timm (the peer venv) and checkouts of Cakeyan/CCViT_Public and nav
 reference models are imported from them, as bench/verify_ccvit_dtm_reference.py does, which also
 checks that both sides compute the same numbers):
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(/work/shared/tools/peer-venv.sh) \
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv-bench/bin/python \
         bench/objectives_step.py /path/to/CCViT_Public /path/to/dtm
 
 Setting: 224 px, batch 16, embed 192, depth 12, 3 heads, layer scale 0.1, drop path 0.1, 2 threads.

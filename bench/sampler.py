@@ -7,7 +7,7 @@ read; no dense masks). Peers in the same run, interleaved, median of 7:
          dense additive float masks (content [N+P, N+P], query [P, N+P]); timed on 128 samples
          (2048 would need 1.2 GB) and scaled to 2048.
 
-Run: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(/work/shared/tools/peer-venv.sh) bench/sampler.py
+Run: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv-bench/bin/python bench/sampler.py
 (the peer venv needs scipy-openblas32 to import mapet).
 """
 import os

@@ -2,7 +2,7 @@
 
 Benchmark-only (needs torch). Standalone:
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(/work/shared/tools/peer-venv.sh) bench/torch_step.py
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv-bench/bin/python bench/torch_step.py
 
 Importable by the mapet-vs-torch benchmarks, which interleave the two sides themselves:
 
@@ -63,8 +63,9 @@ def vit_step_fn(batch=32, img_size=224, num_classes=1000, threads=2, seed=0, sdp
 
 
 def mapet_step_fn(batch=16, img_size=224, num_tokens=8192, least_number=50, threads=2, seed=0, sdpa=False,
-                  orders=None, **model_kw):
-    """MaPeT-Tiny/16 two-stream train step with dense additive masks (as the reference)."""
+                  orders=None, autocast=False, **model_kw):
+    """MaPeT-Tiny/16 two-stream train step with dense additive masks (as the reference); `autocast`
+    runs forward and loss under torch.autocast("cpu", dtype=torch.bfloat16)."""
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -79,8 +80,9 @@ def mapet_step_fn(batch=16, img_size=224, num_tokens=8192, least_number=50, thre
 
     def step():
         model.zero_grad(set_to_none=True)
-        logits = model.forward_masked(images, mask_h, mask_g, predicted)
-        loss = F.cross_entropy(logits.reshape(-1, num_tokens), targets.reshape(-1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model.forward_masked(images, mask_h, mask_g, predicted)
+            loss = F.cross_entropy(logits.reshape(-1, num_tokens), targets.reshape(-1))
         loss.backward()
         return loss.item()
 

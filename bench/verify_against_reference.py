@@ -2,7 +2,7 @@
 
 Needs torch + timm (the peer venv) and a checkout of https://github.com/aimagelab/MaPeT:
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(/work/shared/tools/peer-venv.sh) \
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv-bench/bin/python \
         bench/verify_against_reference.py /path/to/MaPeT
 
 Checks that (1) mapet's content/query masks equal the reference's

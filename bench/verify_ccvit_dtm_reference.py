@@ -2,7 +2,7 @@
 
 Needs torch + timm (the peer venv) and checkouts of Cakeyan/CCViT_Public and naver-ai/dtm:
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(/work/shared/tools/peer-venv.sh) \
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv-bench/bin/python \
         bench/verify_ccvit_dtm_reference.py /path/to/CCViT_Public /path/to/dtm
 
 mapet weights go into the reference modules through ``mapet.interop.to_beit_layout`` with

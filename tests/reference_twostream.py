@@ -28,9 +28,15 @@ PyTorch reference names (timm ViT + MaPeT / BEiT heads):
 (0 or 1/keep) for the attention and MLP branch of every block, shared by both streams.
 Losses: mean cross-entropy over predicted (MaPeT/PIM, optionally restricted by a loss mask)
 or masked (MIM) positions against the visual token of that patch (``tokens`` [B, n]).
+
+Mixed precision (SPEC §7): inside ``with bf16_matmuls():`` every matrix product of these
+references (patch embedding, linears, QKᵀ, PV — not the losses) first rounds both inputs to
+bfloat16 (``bf16_round``: float32, then round to nearest, ties to even, to the upper 16 bits)
+and multiplies in float64 — what an autocast engine computes up to its fp32 accumulation.
 """
+import contextlib
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
@@ -40,6 +46,36 @@ except ImportError:  # pragma: no cover
     _erf = np.vectorize(math.erf)
 
 Weights = Dict[str, np.ndarray]
+
+
+# ------------------------------------------------------------------ bf16 matrix products
+
+def bf16_round(x: np.ndarray) -> np.ndarray:
+    """x as float32, rounded to the nearest bfloat16 (ties to even; NaN stays NaN), as float64."""
+    a = np.ascontiguousarray(x, dtype=np.float32)
+    bits = a.view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
+    return np.where(np.isnan(a), a, rounded).astype(np.float64)
+
+
+_BF16 = [False]
+
+
+@contextlib.contextmanager
+def bf16_matmuls() -> Iterator[None]:
+    """Within the block, ``mm`` (every matrix product of the references) rounds its inputs to bf16."""
+    _BF16.append(True)
+    try:
+        yield
+    finally:
+        _BF16.pop()
+
+
+def mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b in float64, inputs rounded to bf16 first inside ``bf16_matmuls()``."""
+    if _BF16[-1]:
+        return bf16_round(a) @ bf16_round(b)
+    return np.asarray(a, dtype=np.float64) @ np.asarray(b, dtype=np.float64)
 
 
 # ------------------------------------------------------------------ pieces
@@ -55,7 +91,7 @@ def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float = 1e-6) -
 
 
 def linear(x: np.ndarray, weights: Weights, name: str) -> np.ndarray:
-    y = x @ weights[name + ".weight"].T
+    y = mm(x, weights[name + ".weight"].T)
     if name + ".bias" in weights:
         y = y + weights[name + ".bias"]
     return y
@@ -77,7 +113,7 @@ def patchify(images: np.ndarray, p: int) -> np.ndarray:
 def embed_patches(weights: Weights, images: np.ndarray) -> np.ndarray:
     w = weights["patch_embed.proj.weight"]
     C, p = w.shape[0], w.shape[-1]
-    return patchify(np.asarray(images, dtype=np.float64), p) @ w.reshape(C, -1).T + weights["patch_embed.proj.bias"]
+    return mm(patchify(np.asarray(images, dtype=np.float64), p), w.reshape(C, -1).T) + weights["patch_embed.proj.bias"]
 
 
 def depth_of(weights: Weights) -> int:
@@ -97,13 +133,13 @@ def attention(weights: Weights, pre: str, xq: np.ndarray, xkv: np.ndarray, allow
     kv = linear(xkv, weights, pre + ".kv")
     k = kv[..., :C].reshape(B, K, heads, d).transpose(0, 2, 1, 3)
     v = kv[..., C:].reshape(B, K, heads, d).transpose(0, 2, 1, 3)
-    s = q @ k.transpose(0, 1, 3, 2) / math.sqrt(d)
+    s = mm(q, k.transpose(0, 1, 3, 2)) / math.sqrt(d)
     if allowed is not None:
         s = np.where(allowed[:, None], s, -np.inf)
     s = s - s.max(axis=-1, keepdims=True)
     a = np.exp(s)
     a = a / a.sum(axis=-1, keepdims=True)
-    out = (a @ v).transpose(0, 2, 1, 3).reshape(B, M, C)
+    out = mm(a, v).transpose(0, 2, 1, 3).reshape(B, M, C)
     return linear(out, weights, pre + ".proj")
 
 

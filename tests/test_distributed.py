@@ -21,6 +21,7 @@ import mapet
 from mapet import distributed
 from mapet.data import ArrayDataset, DataLoader, load_digits
 from mapet.train import finetune
+from float32_bounds import clear_of_ties
 
 PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(mapet.__file__)))
 TINY = dict(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=3, drop_path_rate=0.0)
@@ -258,7 +259,12 @@ def test_distributed_kmeans_equals_single_process_on_concatenated_points(tmp_pat
     one = Single(12, n_iter=6, seed=11).fit(x, init_centroids=init)
     np.testing.assert_allclose(r0["a"], one.cluster_centers_, rtol=1e-6, atol=1e-5)
     assert list(r0["a_splits"]) == [h["splits"] for h in one.history_]
-    assert np.array_equal(np.concatenate([r0["labels"], r1["labels"]]), one.labels_)
+    # Labels: ranks score their own shard (other GEMM shapes) against centroids equal to atol:
+    # the same label wherever neither can move the nearest centroid (float32_bounds).
+    sure = clear_of_ties(x, one.cluster_centers_, centroid_slack=1e-5 * np.sqrt(x.shape[1]))
+    assert sure.mean() > 0.95
+    ranks_labels = np.concatenate([r0["labels"], r1["labels"]])
+    assert np.array_equal(ranks_labels[sure], one.labels_[sure])
     two = Single(12, n_iter=6, seed=11, n_redo=2).fit(x)
     np.testing.assert_allclose(r0["b"], two.cluster_centers_, rtol=1e-6, atol=1e-5)
     np.testing.assert_allclose(float(r0["b_in"]), two.inertia_, rtol=1e-6)
@@ -390,7 +396,12 @@ def test_tokenizing_across_ranks_writes_shards_with_one_manifest(tmp_path):
     assert np.array_equal(tok.centroids, PixelTokenizer.load(str(tmp_path / "tok-1.safetensors")).centroids)
     x = load_digits(16, "all")[0][:301]
     cache = TokenCache.open(str(tmp_path / "cache"), length=301, tokenizer=tok, n_patches=16, verify=True)
-    assert np.array_equal(np.asarray(cache.tokens), tok.encode(x))
+    # Each rank encoded its 150/151 images in batches of 64: other GEMM shapes than encoding the
+    # 301 at once, so tokens agree wherever float32 cannot move the nearest centroid.
+    patches = tok.patchify(x).reshape(-1, tok.centroids.shape[1])
+    sure = clear_of_ties(patches, tok.centroids)
+    assert sure.mean() > 0.95
+    assert np.array_equal(np.asarray(cache.tokens).reshape(-1)[sure], tok.encode(x).reshape(-1)[sure])
     assert [s["stop"] - s["start"] for s in cache.manifest["shards"]] == [150, 151]
 
 

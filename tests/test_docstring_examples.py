@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["mapet._runtime", "mapet.interop", "mapet.kmeans", "mapet.models", "mapet.objectives", "mapet.ops",
+MODULES = ["mapet._runtime", "mapet.profiling", "mapet.interop", "mapet.kmeans", "mapet.models", "mapet.objectives", "mapet.ops",
            "mapet.optim", "mapet.pretrain_models", "mapet.sampling", "mapet.schedules", "mapet.tokenizers"]
 
 

@@ -195,18 +195,31 @@ def test_no_leak_over_100k_calls():
 
 # ---------------------------------------------------------------- threads
 
+@pytest.mark.bitwise
 def test_set_num_threads_roundtrip_and_determinism():
+    # GEMM tiles are cut by the shape and the processor count, never by the thread count, so
+    # every thread count makes the same BLAS calls: bitwise equal by construction, on any
+    # OpenBLAS kernel. Odd sizes put tile edges inside micro-kernel blocks; both split directions.
     rng = np.random.default_rng(2)
-    a = rng.standard_normal((300, 200)).astype(np.float32)
-    b = rng.standard_normal((200, 250)).astype(np.float32)
+    shapes = [(300, 200, 250), (301, 203, 97), (97, 203, 301), (1000, 17, 33), (33, 1000, 517)]
     old = mapet.get_num_threads()
     try:
-        mapet.set_num_threads(1)
-        assert mapet.get_num_threads() == 1
-        r1 = mapet.ops.matmul(a, b)
-        mapet.set_num_threads(2)
-        r2 = mapet.ops.matmul(a, b)
-        assert np.array_equal(r1, r2)
+        for m, k, n in shapes:
+            a = rng.standard_normal((m, k)).astype(np.float32)
+            b = rng.standard_normal((k, n)).astype(np.float32)
+            results = []
+            for threads in (1, 2, 3):
+                mapet.set_num_threads(threads)
+                assert mapet.get_num_threads() == threads
+                results.append(mapet.ops.matmul(a, b))
+                results.append(mapet.ops.matmul(np.ascontiguousarray(a.T), b, trans_a=True))
+            ref = a.astype(np.float64) @ b.astype(np.float64)
+            bound = np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64) * k * 2.0 ** -24
+            assert np.all(np.abs(results[0] - ref) <= bound)
+            for r in results[2::2]:
+                assert np.array_equal(r, results[0]), (m, k, n)
+            for r in results[3::2]:
+                assert np.array_equal(r, results[1]), (m, k, n)
         assert mapet.blas_info()["blas_threads"] == 1  # one parallel strategy: OpenBLAS stays serial
     finally:
         mapet.set_num_threads(old)

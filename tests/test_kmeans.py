@@ -81,6 +81,7 @@ def test_objective_never_increases_random_data_with_splits():
     np.testing.assert_allclose(km.inertia_, D.min(1).sum(), rtol=1e-5)
 
 
+@pytest.mark.bitwise
 def test_bounds_give_the_plain_lloyd_result():
     rng = np.random.default_rng(4)
     x, _ = blobs(400, rng.standard_normal((40, 32)) * 2, 1.0, rng)
@@ -95,6 +96,7 @@ def test_bounds_give_the_plain_lloyd_result():
     assert all(h["searched"] == n for h in b.history_)
 
 
+@pytest.mark.bitwise
 def test_yinyang_groups_give_the_plain_lloyd_result_and_float64_lloyd_labels():
     # k = 300 → 30 centroid groups: the group filter and its GEMM fallback both run. Blobs share
     # centroids (k < blobs) so points keep moving for several iterations.
@@ -160,6 +162,7 @@ def test_spherical_centroids_are_unit_norm():
     np.testing.assert_array_equal(km.predict(x)[clear], ip.argmax(1)[clear])
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize("init", ["random", "k-means++"])
 def test_same_seed_same_centroids_on_one_and_two_threads(init):
     rng = np.random.default_rng(9)

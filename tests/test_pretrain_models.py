@@ -303,6 +303,7 @@ def test_drop_path_one_keep_mask_per_sample_shared_by_both_streams(kind):
     assert len({p for _, p in seen}) >= 2   # the masks really vary across samples
 
 
+@pytest.mark.bitwise
 def test_rng_state_resumes_training_bitwise_and_seed_restarts():
     rng = np.random.default_rng(8)
     m, _ = make("mapet", rng, drop_path_rate=0.5)

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import mapet
+from float32_bounds import clear_of_ties
 
 
 def patchify_loops(img, p):
@@ -38,6 +39,7 @@ def test_pixel_round_trip_is_lossless_on_centroid_patches():
     np.testing.assert_array_equal(tok.decode(tok.encode(images)), images)
 
 
+@pytest.mark.bitwise
 def test_pixel_encode_is_nearest_centroid_and_batches_stream():
     rng = np.random.default_rng(2)
     imgs = rng.random((8, 3, 16, 16), dtype=np.float32)
@@ -49,7 +51,12 @@ def test_pixel_encode_is_nearest_centroid_and_batches_stream():
     srt = np.sort(D, 1)
     clear = srt[:, 1] - srt[:, 0] > 1e-5
     np.testing.assert_array_equal(tokens.reshape(-1)[clear], D.argmin(1)[clear])
-    np.testing.assert_array_equal(tok.encode(iter([imgs[:3], imgs[3:]])), tokens)
+    # Batches of 3 and 5 images are other GEMM shapes than 8: the same token wherever no float32
+    # evaluation can change the nearest centroid (float32_bounds), and nearly everywhere.
+    streamed = tok.encode(iter([imgs[:3], imgs[3:]]))
+    sure = clear_of_ties(P, tok.centroids)
+    assert sure.mean() > 0.95
+    np.testing.assert_array_equal(streamed.reshape(-1)[sure], tokens.reshape(-1)[sure])
     again = mapet.PixelTokenizer(patch_size=4, n_tokens=20, n_iter=4, seed=0).fit([imgs[:5], imgs[5:]])
     np.testing.assert_array_equal(again.centroids, tok.centroids)
 

@@ -5,10 +5,16 @@ input, files, and a learning test."""
 import math
 import time
 
+import os
+import sys
+
 import numpy as np
 import pytest
 
 import mapet
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from reference_twostream import bf16_round  # noqa: E402
 
 _erf = np.vectorize(math.erf)
 
@@ -50,8 +56,12 @@ def gelu_b(dy, x):
     return dy * (0.5 * (1 + _erf(x / math.sqrt(2))) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi))
 
 
-def reference_step(P, images, labels, cfg, smoothing=0.0):
-    """Loss, logits and every gradient of the timm ViT, float64, by reference names."""
+def reference_step(P, images, labels, cfg, smoothing=0.0, bf16=False):
+    """Loss, logits and every gradient of the timm ViT, float64, by reference names.
+
+    ``bf16``: every matrix product, forward and backward (dX = dY·W, dW = dYᵀ·X, the attention
+    products), rounds its inputs to bfloat16 first (SPEC §7, autocast semantics)."""
+    mm = (lambda a, b: bf16_round(a) @ bf16_round(b)) if bf16 else np.matmul  # noqa: E731
     P = {k: np.asarray(v, np.float64) for k, v in P.items()}
     x_img = np.asarray(images, np.float64)
     B, Cin, S, _ = x_img.shape
@@ -66,32 +76,32 @@ def reference_step(P, images, labels, cfg, smoothing=0.0):
 
     patches = x_img.reshape(B, Cin, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(B, g * g, Cin * p * p)
     Wp = P["patch_embed.proj.weight"].reshape(C, -1)
-    tok = patches @ Wp.T + P["patch_embed.proj.bias"]
+    tok = mm(patches, Wp.T) + P["patch_embed.proj.bias"]
     x = np.concatenate([np.broadcast_to(P["cls_token"], (B, 1, C)), tok], 1) + P["pos_embed"]
     N = x.shape[1]
     caches = []
     for i in range(depth):
         pre = f"blocks.{i}."
         h1, c1 = ln_f(x, P[pre + "norm1.weight"], P[pre + "norm1.bias"])
-        q = h1 @ P[pre + "attn.q.weight"].T + bias(pre + "attn.q.bias")
-        kv = h1 @ P[pre + "attn.kv.weight"].T + bias(pre + "attn.kv.bias")
+        q = mm(h1, P[pre + "attn.q.weight"].T) + bias(pre + "attn.q.bias")
+        kv = mm(h1, P[pre + "attn.kv.weight"].T) + bias(pre + "attn.kv.bias")
         split = lambda t: t.reshape(B, N, H, D).transpose(0, 2, 1, 3)  # noqa: E731
         qh, kh, vh = split(q), split(kv[..., :C]), split(kv[..., C:])
-        s = qh @ kh.transpose(0, 1, 3, 2) / math.sqrt(D)
+        s = mm(qh, kh.transpose(0, 1, 3, 2)) / math.sqrt(D)
         pr = np.exp(s - s.max(-1, keepdims=True))
         pr /= pr.sum(-1, keepdims=True)
-        a = (pr @ vh).transpose(0, 2, 1, 3).reshape(B, N, C)
-        o = a @ P[pre + "attn.proj.weight"].T + P[pre + "attn.proj.bias"]
+        a = mm(pr, vh).transpose(0, 2, 1, 3).reshape(B, N, C)
+        o = mm(a, P[pre + "attn.proj.weight"].T) + P[pre + "attn.proj.bias"]
         x1 = x + gam(pre + "ls1.gamma") * o
         h2, c2 = ln_f(x1, P[pre + "norm2.weight"], P[pre + "norm2.bias"])
-        f1 = h2 @ P[pre + "mlp.fc1.weight"].T + P[pre + "mlp.fc1.bias"]
+        f1 = mm(h2, P[pre + "mlp.fc1.weight"].T) + P[pre + "mlp.fc1.bias"]
         act = gelu_f(f1)
-        f2 = act @ P[pre + "mlp.fc2.weight"].T + P[pre + "mlp.fc2.bias"]
+        f2 = mm(act, P[pre + "mlp.fc2.weight"].T) + P[pre + "mlp.fc2.bias"]
         caches.append((x, h1, c1, qh, kh, vh, pr, a, o, x1, h2, c2, f1, act, f2))
         x = x1 + gam(pre + "ls2.gamma") * f2
     pooled = x[:, 1:].mean(1) if pool == "avg" else x[:, 0]
     nrm, cn = ln_f(pooled, P[norm + ".weight"], P[norm + ".bias"])
-    logits = nrm @ P["head.weight"].T + P["head.bias"]
+    logits = mm(nrm, P["head.weight"].T) + P["head.bias"]
     z = logits - logits.max(1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(1, keepdims=True))
     q_t = np.full((B, K), smoothing / K)
@@ -100,8 +110,8 @@ def reference_step(P, images, labels, cfg, smoothing=0.0):
 
     G = {}
     dlogits = (np.exp(logp) - q_t) / B
-    G["head.weight"], G["head.bias"] = dlogits.T @ nrm, dlogits.sum(0)
-    dpooled, G[norm + ".weight"], G[norm + ".bias"] = ln_b(dlogits @ P["head.weight"], cn, P[norm + ".weight"])
+    G["head.weight"], G["head.bias"] = mm(dlogits.T, nrm), dlogits.sum(0)
+    dpooled, G[norm + ".weight"], G[norm + ".bias"] = ln_b(mm(dlogits, P["head.weight"]), cn, P[norm + ".weight"])
     dx = np.zeros((B, N, C))
     if pool == "avg":
         dx[:, 1:] = dpooled[:, None] / (N - 1)
@@ -114,34 +124,34 @@ def reference_step(P, images, labels, cfg, smoothing=0.0):
         if ls:
             G[pre + "ls2.gamma"] = (dx * f2).sum((0, 1))
         df2 = dx * gam(pre + "ls2.gamma")
-        G[pre + "mlp.fc2.weight"], G[pre + "mlp.fc2.bias"] = rows(df2).T @ rows(act), df2.sum((0, 1))
-        df1 = gelu_b(df2 @ P[pre + "mlp.fc2.weight"], f1)
-        G[pre + "mlp.fc1.weight"], G[pre + "mlp.fc1.bias"] = rows(df1).T @ rows(h2), df1.sum((0, 1))
-        dh2 = df1 @ P[pre + "mlp.fc1.weight"]
+        G[pre + "mlp.fc2.weight"], G[pre + "mlp.fc2.bias"] = mm(rows(df2).T, rows(act)), df2.sum((0, 1))
+        df1 = gelu_b(mm(df2, P[pre + "mlp.fc2.weight"]), f1)
+        G[pre + "mlp.fc1.weight"], G[pre + "mlp.fc1.bias"] = mm(rows(df1).T, rows(h2)), df1.sum((0, 1))
+        dh2 = mm(df1, P[pre + "mlp.fc1.weight"])
         dx1, G[pre + "norm2.weight"], G[pre + "norm2.bias"] = ln_b(dh2, c2, P[pre + "norm2.weight"])
         dx1 = dx1 + dx
         if ls:
             G[pre + "ls1.gamma"] = (dx1 * o).sum((0, 1))
         do = dx1 * gam(pre + "ls1.gamma")
-        G[pre + "attn.proj.weight"], G[pre + "attn.proj.bias"] = rows(do).T @ rows(a), do.sum((0, 1))
-        da = (do @ P[pre + "attn.proj.weight"]).reshape(B, N, H, D).transpose(0, 2, 1, 3)
-        dv = pr.transpose(0, 1, 3, 2) @ da
-        dp = da @ vh.transpose(0, 1, 3, 2)
+        G[pre + "attn.proj.weight"], G[pre + "attn.proj.bias"] = mm(rows(do).T, rows(a)), do.sum((0, 1))
+        da = mm(do, P[pre + "attn.proj.weight"]).reshape(B, N, H, D).transpose(0, 2, 1, 3)
+        dv = mm(pr.transpose(0, 1, 3, 2), da)
+        dp = mm(da, vh.transpose(0, 1, 3, 2))
         ds = pr * (dp - (dp * pr).sum(-1, keepdims=True)) / math.sqrt(D)
-        dq, dk = ds @ kh, ds.transpose(0, 1, 3, 2) @ qh
+        dq, dk = mm(ds, kh), mm(ds.transpose(0, 1, 3, 2), qh)
         merge = lambda t: t.transpose(0, 2, 1, 3).reshape(B, N, C)  # noqa: E731
         dq, dkv = merge(dq), np.concatenate([merge(dk), merge(dv)], -1)
-        G[pre + "attn.q.weight"] = rows(dq).T @ rows(h1)
-        G[pre + "attn.kv.weight"] = rows(dkv).T @ rows(h1)
+        G[pre + "attn.q.weight"] = mm(rows(dq).T, rows(h1))
+        G[pre + "attn.kv.weight"] = mm(rows(dkv).T, rows(h1))
         if cfg.get("qkv_bias", True):
             G[pre + "attn.q.bias"], G[pre + "attn.kv.bias"] = dq.sum((0, 1)), dkv.sum((0, 1))
-        dh1 = dq @ P[pre + "attn.q.weight"] + dkv @ P[pre + "attn.kv.weight"]
+        dh1 = mm(dq, P[pre + "attn.q.weight"]) + mm(dkv, P[pre + "attn.kv.weight"])
         dx0, G[pre + "norm1.weight"], G[pre + "norm1.bias"] = ln_b(dh1, c1, P[pre + "norm1.weight"])
         dx = dx1 + dx0
     G["pos_embed"] = dx.sum(0, keepdims=True)
     G["cls_token"] = dx[:, :1].sum(0, keepdims=True)
     dtok = dx[:, 1:]
-    G["patch_embed.proj.weight"] = (rows(dtok).T @ rows(patches)).reshape(P["patch_embed.proj.weight"].shape)
+    G["patch_embed.proj.weight"] = mm(rows(dtok).T, rows(patches)).reshape(P["patch_embed.proj.weight"].shape)
     G["patch_embed.proj.bias"] = dtok.sum((0, 1))
     feats = ln_f(x, P["norm.weight"], P["norm.bias"])[0] if pool == "token" else x
     return loss, logits, G, feats

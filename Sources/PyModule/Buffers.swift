@@ -64,7 +64,24 @@ final class BufferArena {
         return ArrayView(pointer: p.assumingMemoryBound(to: T.self), shape: v.shape)
     }
 
+    /// Borrows a 2-d float32 array whose rows may lie apart (e.g. a column slice `x[:, :k]` of a
+    /// C-contiguous array): unit stride along a row, any row stride ≥ the row. Returns the view
+    /// and the row stride in elements (the `ld` of BLAS).
+    func float32Rows(_ obj: PyObj, _ name: String, _ shape: [Int?], writable: Bool = false) throws -> (ArrayView<Float>, Int) {
+        var ld = 0
+        let v: ArrayView<Float> = try view(obj, name, shape, writable: writable, dtype: .float32, rowStride: &ld)
+        return (v, ld)
+    }
+
     private func view<T>(_ obj: PyObj, _ name: String, _ shape: [Int?], writable: Bool, dtype: DType) throws -> ArrayView<T> {
+        var unused = 0
+        return try view(obj, name, shape, writable: writable, dtype: dtype, rowStride: &unused, strided: false)
+    }
+
+    /// `strided`: a 2-d array whose rows are contiguous but spaced `rowStride` elements apart
+    /// is accepted (rowStride ≥ the row length, a whole number of elements).
+    private func view<T>(_ obj: PyObj, _ name: String, _ shape: [Int?], writable: Bool, dtype: DType,
+                         rowStride: inout Int, strided: Bool = true) throws -> ArrayView<T> {
         let expected = "a \(dtype.numpyName) array of shape \(describe(shape))"
         if mapet_py_is_none(obj) != 0 { throw PyError.type("\(name): expected \(expected), got None") }
         let v = UnsafeMutablePointer<Py_buffer>.allocate(capacity: 1)
@@ -91,6 +108,24 @@ final class BufferArena {
         }
         for (d, want) in shape.enumerated() where want != nil && want! != actual[d] {
             throw PyError.value("\(name): expected \(expected), got shape \(actual)")
+        }
+        if strided && ndim == 2 {
+            let rows = actual[0], cols = actual[1], s0 = b.strides![0], s1 = b.strides![1]
+            guard cols <= 1 || s1 == b.itemsize else {
+                throw PyError.value("\(name): expected rows with unit stride, got strides \([s0, s1]) for shape \(actual) (use np.ascontiguousarray)")
+            }
+            if rows <= 1 || cols == 0 {
+                rowStride = max(cols, 1)
+            } else {
+                guard s0 % b.itemsize == 0, s0 / b.itemsize >= max(cols, 1) else {
+                    throw PyError.value("\(name): expected a row stride ≥ the row (\(cols) elements), got strides \([s0, s1]) for shape \(actual) (use np.ascontiguousarray)")
+                }
+                rowStride = s0 / b.itemsize
+            }
+            let count = rows * cols
+            if count > 0 && b.buf == nil { throw PyError.value("\(name): buffer has no data") }
+            let ptr = b.buf ?? UnsafeMutableRawPointer(mutating: emptyStorage)
+            return ArrayView(pointer: ptr.assumingMemoryBound(to: T.self), shape: actual)
         }
         // C-contiguity (extent-1 dimensions may carry any stride; an empty array has no layout).
         var expectedStride = b.itemsize

@@ -4,26 +4,17 @@ import MaPeTKernels
 
 let kernelMethods: [Method] = [
     Method(name: "gemm", function: { _, a, n in call(a, n, "gemm") { args in
-        // gemm(a, b, out, trans_a, trans_b, alpha, beta): out = alpha·op(a)·op(b) + beta·out
-        try args.expect(7)
-        let arena = BufferArena(); defer { arena.release() }
-        let A = try arena.float32(args[0], "a", [nil, nil])
-        let B = try arena.float32(args[1], "b", [nil, nil])
-        let tA = try args.bool(3, "trans_a"), tB = try args.bool(4, "trans_b")
-        let M = tA ? A.shape[1] : A.shape[0], K = tA ? A.shape[0] : A.shape[1]
-        let K2 = tB ? B.shape[1] : B.shape[0], N = tB ? B.shape[0] : B.shape[1]
-        guard K == K2 else {
-            throw PyError.value("gemm: inner dimensions differ: op(a) is [\(M), \(K)], op(b) is [\(K2), \(N)]")
-        }
-        let C = try arena.float32(args[2], "out", [M, N], writable: true)
-        let alpha = Float(try args.double(5, "alpha")), beta = Float(try args.double(6, "beta"))
-        nonisolated(unsafe) let (pa, pb, pc) = (A.readOnly, B.readOnly, C.pointer)
-        withoutGIL {
-            sgemmParallel(transA: tA, transB: tB, M: M, N: N, K: K, alpha: alpha, A: pa, lda: A.shape[1],
-                          B: pb, ldb: B.shape[1], beta: beta, C: pc, ldc: N)
-        }
-        return none()
-    } }, doc: "gemm(a, b, out, trans_a, trans_b, alpha, beta): out = alpha·op(a)·op(b) + beta·out (float32, row-major)."),
+        try gemmCall(args, "gemm", bf16: false)
+    } }, doc: "gemm(a, b, out, trans_a, trans_b, alpha, beta): out = alpha·op(a)·op(b) + beta·out (float32, row-major; rows may be strided)."),
+
+    Method(name: "gemm_bf16", function: { _, a, n in call(a, n, "gemm_bf16") { args in
+        try gemmCall(args, "gemm_bf16", bf16: true)
+    } }, doc: "gemm_bf16(a, b, out, trans_a, trans_b, alpha, beta): as gemm with inputs rounded to bf16 and fp32 accumulation (fp32 when bf16_info() says inactive)."),
+
+    Method(name: "bf16_info", function: { _, a, n in call(a, n, "bf16_info") { args in
+        try args.expect(0)
+        return try pyTuple([pyBool(BF16.isNative), pyBool(BF16.isActive), pyString(BF16.kernelName)])
+    } }, doc: "bf16_info() -> (native, active, kernel)"),
 
     Method(name: "gelu_forward", function: { _, a, n in call(a, n, "gelu_forward") { args in
         try args.expect(2)
@@ -44,3 +35,31 @@ let kernelMethods: [Method] = [
         return none()
     } }, doc: "gelu_backward(dout, x, dx): dx += dout·gelu'(x), 1-d float32."),
 ]
+
+/// gemm / gemm_bf16(a, b, out, trans_a, trans_b, alpha, beta): out = alpha·op(a)·op(b) + beta·out.
+/// a, b and out are 2-d float32 arrays with contiguous rows; rows may lie apart (column slices).
+private func gemmCall(_ args: Args, _ name: String, bf16: Bool) throws -> PyObj? {
+    try args.expect(7)
+    let arena = BufferArena(); defer { arena.release() }
+    let (A, lda) = try arena.float32Rows(args[0], "a", [nil, nil])
+    let (B, ldb) = try arena.float32Rows(args[1], "b", [nil, nil])
+    let tA = try args.bool(3, "trans_a"), tB = try args.bool(4, "trans_b")
+    let M = tA ? A.shape[1] : A.shape[0], K = tA ? A.shape[0] : A.shape[1]
+    let K2 = tB ? B.shape[1] : B.shape[0], N = tB ? B.shape[0] : B.shape[1]
+    guard K == K2 else {
+        throw PyError.value("\(name): inner dimensions differ: op(a) is [\(M), \(K)], op(b) is [\(K2), \(N)]")
+    }
+    let (C, ldc) = try arena.float32Rows(args[2], "out", [M, N], writable: true)
+    let alpha = Float(try args.double(5, "alpha")), beta = Float(try args.double(6, "beta"))
+    nonisolated(unsafe) let (pa, pb, pc) = (A.readOnly, B.readOnly, C.pointer)
+    withoutGIL {
+        if bf16 {
+            bf16GemmParallel(transA: tA, transB: tB, M: M, N: N, K: K, alpha: alpha, A: pa, lda: lda,
+                             B: pb, ldb: ldb, beta: beta, C: pc, ldc: ldc)
+        } else {
+            sgemmParallel(transA: tA, transB: tB, M: M, N: N, K: K, alpha: alpha, A: pa, lda: lda,
+                          B: pb, ldb: ldb, beta: beta, C: pc, ldc: ldc)
+        }
+    }
+    return none()
+}

@@ -51,6 +51,17 @@ private struct AdamWHyper {
     }
 }
 
+extension Args {
+    /// A matrix-product precision given by name ("fp32" or "bf16").
+    func precision(_ i: Int, _ name: String) throws -> Precision {
+        let text = try string(i, name)
+        guard let p = Precision(rawValue: text) else {
+            throw PyError.value("\(name): expected 'fp32' or 'bf16', got '\(text)'")
+        }
+        return p
+    }
+}
+
 let modelMethods: [Method] = [
     Method(name: "vit_create", function: { _, a, n in call(a, n, "vit_create") { args in
         // (img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, num_classes,
@@ -154,6 +165,19 @@ let modelMethods: [Method] = [
             throw PyError.value("train_step: the loss is not finite (\(v)); gradients were not changed (check the images for NaN/inf and the learning rate)")
         }
     } }, doc: "vit_train_step(model, images, labels, label_smoothing, logits_out) -> loss; adds gradients."),
+
+    Method(name: "vit_set_precision", function: { _, a, n in call(a, n, "vit_set_precision") { args in
+        try args.expect(2)
+        let m = try args.handle(0, "model", VisionTransformer.self)
+        let precision = try args.precision(1, "precision")
+        exclusive(m) { m.precision = precision }   // not in the middle of another thread's step
+        return none()
+    } }, doc: "vit_set_precision(model, precision): 'fp32' or 'bf16' for every matrix product."),
+
+    Method(name: "vit_precision", function: { _, a, n in call(a, n, "vit_precision") { args in
+        try args.expect(1)
+        return pyString(try args.handle(0, "model", VisionTransformer.self).precision.rawValue)
+    } }, doc: "vit_precision(model) -> 'fp32' or 'bf16'"),
 
     Method(name: "vit_release", function: { _, a, n in call(a, n, "vit_release") { args in
         try args.expect(1)

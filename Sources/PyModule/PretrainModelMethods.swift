@@ -168,6 +168,19 @@ let pretrainModelMethods: [Method] = [
         return none()
     } }, doc: "pretrain_set_seed(model, seed_bits): restarts the drop-path generator"),
 
+    Method(name: "pretrain_set_precision", function: { _, a, n in call(a, n, "pretrain_set_precision") { args in
+        try args.expect(2)
+        let m = try args.handle(0, "model", PretrainModel.self)
+        let precision = try args.precision(1, "precision")
+        exclusive(m) { m.precision = precision }   // not in the middle of another thread's step
+        return none()
+    } }, doc: "pretrain_set_precision(model, precision): 'fp32' or 'bf16' for every matrix product."),
+
+    Method(name: "pretrain_precision", function: { _, a, n in call(a, n, "pretrain_precision") { args in
+        try args.expect(1)
+        return pyString(try args.handle(0, "model", PretrainModel.self).precision.rawValue)
+    } }, doc: "pretrain_precision(model) -> 'fp32' or 'bf16'"),
+
     Method(name: "pretrain_release", function: { _, a, n in call(a, n, "pretrain_release") { args in
         try args.expect(1)
         let m = try args.handle(0, "model", PretrainModel.self)

@@ -1,5 +1,6 @@
 // Conversions between Python objects and Swift values, errors, the GIL and handles.
 import CPythonBridge
+import MaPeTKernels
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -39,6 +40,7 @@ struct PythonErrorSet: Error {}
 /// Runs a method body, turning thrown errors into a raised Python exception (nil return).
 func call(_ args: UnsafePointer<PyObj?>?, _ nargs: Int, _ name: StaticString,
           _ body: (Args) throws -> PyObj?) -> PyObj? {
+    let t0 = Profiler.begin(); defer { Profiler.end(.extensionCall, t0) }
     do {
         return try body(Args(base: args, count: nargs, function: "\(name)"))
     } catch let e as PyError {
@@ -186,7 +188,8 @@ func pyList(_ items: [PyObj?]) throws -> PyObj {
 /// Runs `body` with the GIL released. `body` must not touch Python objects.
 func withoutGIL<R>(_ body: () throws -> R) rethrows -> R {
     let state = PyEval_SaveThread()
-    defer { PyEval_RestoreThread(state) }
+    let t0 = Profiler.begin()
+    defer { Profiler.end(.native, t0); PyEval_RestoreThread(state) }
     return try body()
 }
 

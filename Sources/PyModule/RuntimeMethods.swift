@@ -29,6 +29,19 @@ let runtimeMethods: [Method] = [
         return none()
     } }, doc: "request_shutdown(timeout): stops interruptible native calls (k-means) at their next chunk and waits up to timeout seconds for them; registered with atexit."),
 
+    Method(name: "profile_reset", function: { _, a, n in call(a, n, "profile_reset") { args in
+        try args.expect(1)
+        Profiler.reset(running: try args.bool(0, "running"))
+        return none()
+    } }, doc: "profile_reset(running): clears the per-kernel-class times and starts/stops accounting."),
+
+    Method(name: "profile_snapshot", function: { _, a, n in call(a, n, "profile_snapshot") { args in
+        try args.expect(0)
+        return try pyList(Profiler.snapshot().enumerated().map { i, e in
+            try pyTuple([pyString(KernelClass(rawValue: i)!.name), pyInt(Int(e.ns)), pyInt(Int(e.calls))])
+        })
+    } }, doc: "profile_snapshot() -> [(class, nanoseconds, calls)] in kernel-class order."),
+
     Method(name: "live_storages", function: { _, a, n in call(a, n, "live_storages") { args in
         try args.expect(0)
         return pyInt(TensorStorage.liveCount.current)

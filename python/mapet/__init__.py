@@ -5,7 +5,8 @@ baselines, CCViT and DTM; tokenize images with k-means; fine-tune and linear-pro
 training loop is Python; every hot path runs in Swift; NumPy arrays cross without copies.
 """
 from ._native import _core
-from ._runtime import blas_info, get_num_threads, set_num_threads
+from ._runtime import bf16_info, blas_info, get_num_threads, set_num_threads
+from .profiling import profile
 from . import ops
 from .objectives import DTMSchedule, ccvit_corrupt, ccvit_pixel_targets, dtm_memberships, morph_tokens
 from .sampling import BlockMaskGenerator, PermutationBatch, PermutationSampler
@@ -20,7 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
-    "set_num_threads", "get_num_threads", "blas_info", "ops",
+    "set_num_threads", "get_num_threads", "blas_info", "bf16_info", "profile", "ops",
     "DTMSchedule", "morph_tokens", "dtm_memberships", "ccvit_corrupt", "ccvit_pixel_targets",
     "PermutationSampler", "PermutationBatch", "BlockMaskGenerator",
     "VisionTransformer", "create_model", "load", "AdamW", "MaPeT", "BEiT", "CCViT", "DTM",

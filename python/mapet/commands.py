@@ -1,7 +1,9 @@
 """The subcommands of ``python -m mapet``: tokenize, pretrain, finetune, linprobe, eval, demo.
 
 Each command reads its options from the resolved config (defaults below, refined by ``-c FILE``
-and ``--set key=value``) and writes its outputs under ``-o/--output-dir``. Data is either the
+and ``--set key=value``) and writes its outputs under ``-o/--output-dir``. ``precision`` ("fp32"
+or "bf16", ``--set precision=bf16``) sets the models' matrix-product precision; left at null, a
+run is fp32 and a resumed run keeps the precision stored in its checkpoint. Data is either the
 built-in digits (``data: digits``) or an ImageFolder root (``data: /path/to/train``, with
 ``val_data`` for the held-out split).
 """
@@ -110,6 +112,7 @@ PRETRAIN_DEFAULTS = {
     "init_values": 0.1, "drop_path_rate": 0.1,
     "ccvit": {"num_replace": None, "token_weight": 1.0, "pixel_weight": 1.0, "early_layers": None, "head_layers": 2},
     "dtm": {"teacher": None},
+    "precision": None,
 }
 
 
@@ -169,7 +172,7 @@ def run_pretrain(cfg: Dict[str, Any]):
                               min_lr=float(cfg["min_lr"]), clip_grad=cfg["clip_grad"],
                               accum_steps=int(cfg["accum_steps"]), seed=int(cfg["seed"]),
                               output_dir=_out(cfg, "checkpoints"), checkpoint_every=int(cfg["checkpoint_every"]),
-                              progress=bool(cfg.get("progress", True)), **extra)
+                              progress=bool(cfg.get("progress", True)), precision=cfg.get("precision"), **extra)
     if _is_main():
         model.save(_out(cfg, "model.safetensors"))
     return model, history
@@ -189,7 +192,7 @@ FINETUNE_DEFAULTS = {
     "data": "digits", "seed": 0, "model": dict(_MODEL), "pretrained": None, "epochs": 10, "batch_size": 64,
     "lr": 1e-3, "weight_decay": 0.05, "layer_decay": 0.75, "warmup_epochs": 1, "min_lr": 1e-6,
     "label_smoothing": 0.1, "drop_path_rate": 0.1, "global_pool": "avg", "checkpoint_every": 0,
-    "init_values": 0.1,
+    "init_values": 0.1, "precision": None,
 }
 
 
@@ -210,7 +213,7 @@ def run_finetune(cfg: Dict[str, Any]):
                               min_lr=float(cfg["min_lr"]), label_smoothing=float(cfg["label_smoothing"]),
                               seed=int(cfg["seed"]), output_dir=_out(cfg, "checkpoints"),
                               checkpoint_every=int(cfg["checkpoint_every"]),
-                              progress=bool(cfg.get("progress", True)))
+                              progress=bool(cfg.get("progress", True)), precision=cfg.get("precision"))
     if _is_main():
         model.save(_out(cfg, "model.safetensors"))
     return model, history, evaluate(model, val)
@@ -225,7 +228,7 @@ def _finetune(args, cfg) -> int:
 
 
 LINPROBE_DEFAULTS = {"data": "digits", "seed": 0, "model": dict(_MODEL), "pretrained": None, "epochs": 100,
-                     "lr": 0.1, "pool": "avg", "init_values": 0.1}
+                     "lr": 0.1, "pool": "avg", "init_values": 0.1, "precision": None}
 
 
 def run_linprobe(cfg: Dict[str, Any]) -> Dict[str, float]:
@@ -237,7 +240,7 @@ def run_linprobe(cfg: Dict[str, Any]) -> Dict[str, float]:
     model = create_model(f"vit_{cfg['model']['size']}_patch16_224", seed=int(cfg["seed"]), num_classes=int(train[1].max()) + 1,
                          pretrained=cfg.get("pretrained"), init_values=cfg.get("init_values", 0.1), **_overrides(cfg))
     return linear_probe(model, train, val, epochs=int(cfg["epochs"]), lr=float(cfg["lr"]), pool=cfg["pool"],
-                        seed=int(cfg["seed"]))
+                        seed=int(cfg["seed"]), precision=cfg.get("precision"))
 
 
 @command("linprobe", "linear probe: a linear classifier on frozen features", defaults=LINPROBE_DEFAULTS)
@@ -246,7 +249,7 @@ def _linprobe(args, cfg) -> int:
     return 0
 
 
-EVAL_DEFAULTS = {"data": "digits", "model": dict(_MODEL), "checkpoint": None}
+EVAL_DEFAULTS = {"data": "digits", "model": dict(_MODEL), "checkpoint": None, "precision": None}
 
 
 @command("eval", "top-1 accuracy of a saved classifier on the held-out split", defaults=EVAL_DEFAULTS)
@@ -256,5 +259,5 @@ def _eval(args, cfg) -> int:
 
     if not cfg.get("checkpoint"):
         raise SystemExit("python -m mapet eval: set --set checkpoint=PATH (a model.safetensors)")
-    _emit(evaluate(load(cfg["checkpoint"]), _load_split(cfg, "test")))
+    _emit(evaluate(load(cfg["checkpoint"]), _load_split(cfg, "test"), precision=cfg.get("precision")))
     return 0

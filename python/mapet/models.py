@@ -13,6 +13,7 @@ import numpy as np
 
 from ._native import _core
 from ._params import ParameterBlock
+from ._runtime import set_precision
 from .io import load_file, save_file
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class VisionTransformer(ParameterBlock):
         init_values: layer-scale init (``ls1.gamma``/``ls2.gamma``); None disables layer scale.
         drop_path_rate: stochastic depth, rising linearly 0 → rate over the blocks (training only).
         seed: initialisation and drop-path seed.
+        precision: "fp32" or "bf16" (autocast-style mixed precision of every matrix product,
+            see ``precision``).
 
     Example:
         >>> import numpy as np, mapet
@@ -74,7 +77,7 @@ class VisionTransformer(ParameterBlock):
         (2, 10)
     """
 
-    def __init__(self, *, seed: int = 0, **config: Any) -> None:
+    def __init__(self, *, seed: int = 0, precision: str = "fp32", **config: Any) -> None:
         unknown = sorted(set(config) - set(_DEFAULTS))
         if unknown:
             raise TypeError(f"VisionTransformer: unknown option(s) {unknown}; known: {sorted(_DEFAULTS)}")
@@ -92,6 +95,23 @@ class VisionTransformer(ParameterBlock):
         self.config: Dict[str, Any] = cfg
         self.seed = int(seed)
         self._bind(_core.vit_table(self._handle), *_core.vit_blocks(self._handle))
+        self.precision = precision
+
+    @property
+    def precision(self) -> str:
+        """Precision of every matrix product, forward and backward: "fp32", or "bf16" (inputs
+        rounded to bfloat16, fp32 accumulation; weights, gradients, optimizer state, norms,
+        softmax, GELU and losses stay fp32, as ``torch.autocast``). Settable at any time; files
+        stay fp32 and load into a model of either precision.
+
+        Raises:
+            ValueError: not "fp32" or "bf16".
+        """
+        return _core.vit_precision(self._handle)
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        set_precision(_core.vit_set_precision, self._handle, value)
 
     def zero_grad(self) -> None:
         """Clear the gradient block."""
@@ -171,7 +191,7 @@ class VisionTransformer(ParameterBlock):
                 f"global_pool={c['global_pool']!r}, params={self.num_params})")
 
 
-def create_model(name: str, seed: int = 0, pretrained: Any = None, **overrides: Any) -> Any:
+def create_model(name: str, seed: int = 0, pretrained: Any = None, precision: str = "fp32", **overrides: Any) -> Any:
     """Build a model by timm name with timm-named overrides.
 
     Args:
@@ -183,6 +203,8 @@ def create_model(name: str, seed: int = 0, pretrained: Any = None, **overrides: 
             ``mapet.interop``) or a state_dict (name → array). Every key whose name and shape match is
             copied; decoder, mask tokens and anything else that does not fit is skipped and
             reported (``model.pretrained_report`` and one log line).
+        precision: "fp32" or "bf16": precision of the model's matrix products (``model.precision``;
+            bf16 = inputs rounded to bfloat16, fp32 accumulation, everything else fp32).
         **overrides: ``img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
             num_classes, global_pool, init_values, drop_path_rate, qkv_bias``.
 
@@ -190,6 +212,8 @@ def create_model(name: str, seed: int = 0, pretrained: Any = None, **overrides: 
         >>> import mapet
         >>> mapet.create_model("vit_small_patch16_224", num_classes=100).config["embed_dim"]
         384
+        >>> mapet.create_model("vit_tiny_patch16_224", depth=2, precision="bf16").precision
+        'bf16'
     """
     if name.split("_")[0] in ("mapet", "pim", "beit", "ccvit", "dtm"):
         from .pretrain_models import create_pretrain_model
@@ -199,6 +223,7 @@ def create_model(name: str, seed: int = 0, pretrained: Any = None, **overrides: 
     else:
         raise ValueError(f"create_model: unknown model {name!r}; available: {sorted(_ARCHS)} and "
                          "mapet_/pim_/beit_/ccvit_/dtm_{tiny,small,base}_patch16_224")
+    model.precision = precision
     if pretrained is not None:
         model.pretrained_report = load_pretrained(model, pretrained)
     return model

@@ -11,6 +11,8 @@ import numpy as np
 
 from ._native import _core
 from .objectives import _i32
+from ._runtime import warn_if_bf16_inactive
+
 
 
 def _f32(x: np.ndarray, name: str) -> np.ndarray:
@@ -25,17 +27,35 @@ def _require_array(x, name: str) -> None:
         raise TypeError(f"{name}: expected a float32 NumPy array to write into, got {type(x).__name__}")
 
 
+def _rows_f32(x: np.ndarray, name: str) -> np.ndarray:
+    """float32 2-d array with contiguous rows; a column slice ``big[:, :k]`` passes uncopied."""
+    if x is None:
+        raise TypeError(f"{name}: expected an array, got None")
+    if (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 2
+            and x.strides[1] == 4 and x.strides[0] >= 4 * x.shape[1] and x.strides[0] % 4 == 0):
+        return x
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
 def matmul(a: np.ndarray, b: np.ndarray, out: Optional[np.ndarray] = None, *,
            trans_a: bool = False, trans_b: bool = False,
-           alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
-    """Float32 GEMM through OpenBLAS: ``out = alpha·op(a)·op(b) + beta·out``.
+           alpha: float = 1.0, beta: float = 0.0, precision: str = "fp32") -> np.ndarray:
+    """GEMM ``out = alpha·op(a)·op(b) + beta·out`` in float32 (OpenBLAS) or bf16.
+
+    With ``precision="bf16"`` every element of ``a`` and ``b`` is rounded to bfloat16
+    (round-to-nearest-even) and the products are summed in float32 by mapet's AVX512-BF16
+    kernel (see :func:`mapet.bf16_info`); the error against the float32 product is about
+    2⁻⁸·Σ|a·b| per element. Where that kernel is not active (CPU without avx512_bf16, or the
+    environment variable ``MAPET_BF16=off``) the product is computed in float32 and one line
+    is logged, once per process.
 
     Args:
-        a: [M, K] (or [K, M] with ``trans_a``).
+        a: [M, K] (or [K, M] with ``trans_a``). Rows may be strided (``x[:, :k]`` is not copied).
         b: [K, N] (or [N, K] with ``trans_b``).
-        out: optional float32 C-contiguous [M, N] written in place.
+        out: optional float32 [M, N] with contiguous rows, written in place.
         trans_a, trans_b: use the transpose of ``a`` / ``b``.
-        alpha, beta: scalars of the update.
+        alpha, beta: scalars of the update (``beta == 0`` never reads ``out``).
+        precision: ``"fp32"`` or ``"bf16"``.
 
     Returns:
         ``out`` (the same object when given).
@@ -44,8 +64,12 @@ def matmul(a: np.ndarray, b: np.ndarray, out: Optional[np.ndarray] = None, *,
         >>> import numpy as np, mapet
         >>> mapet.ops.matmul(np.eye(2, dtype=np.float32), np.ones((2, 3), np.float32)).shape
         (2, 3)
+        >>> mapet.ops.matmul(np.eye(2, dtype=np.float32), np.ones((2, 3), np.float32), precision="bf16")[0]
+        array([1., 1., 1.], dtype=float32)
     """
-    a, b = _f32(a, "a"), _f32(b, "b")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"matmul: precision must be 'fp32' or 'bf16', got {precision!r}")
+    a, b = _rows_f32(a, "a"), _rows_f32(b, "b")
     if a.ndim != 2 or b.ndim != 2:
         raise ValueError(f"matmul: expected 2-d a and b, got shapes {a.shape} and {b.shape}")
     m = a.shape[1] if trans_a else a.shape[0]
@@ -55,7 +79,11 @@ def matmul(a: np.ndarray, b: np.ndarray, out: Optional[np.ndarray] = None, *,
             raise ValueError("matmul: beta != 0 needs out=")
         out = np.empty((m, n), dtype=np.float32)
     _require_array(out, "out")
-    _core.gemm(a, b, out, bool(trans_a), bool(trans_b), float(alpha), float(beta))
+    if precision == "bf16":
+        warn_if_bf16_inactive("matmul(precision='bf16')")
+        _core.gemm_bf16(a, b, out, bool(trans_a), bool(trans_b), float(alpha), float(beta))
+    else:
+        _core.gemm(a, b, out, bool(trans_a), bool(trans_b), float(alpha), float(beta))
     return out
 
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from ._native import _core
 from ._params import ParameterBlock
+from ._runtime import set_precision
 from .io import load_file, save_file
 from .objectives import _i32
 from .sampling import PermutationBatch, PermutationSampler
@@ -111,6 +112,22 @@ class _PretrainModel(ParameterBlock):
         self.config: Dict[str, Any] = cfg
         self.seed = int(seed)
         self._bind(_core.pretrain_table(self._handle), *_core.pretrain_blocks(self._handle))
+
+    @property
+    def precision(self) -> str:
+        """Precision of every matrix product, forward and backward: "fp32", or "bf16" (inputs
+        rounded to bfloat16, fp32 accumulation; weights, gradients, optimizer state, norms,
+        softmax, GELU and losses stay fp32, as ``torch.autocast``). Settable at any time; files
+        stay fp32 and load into a model of either precision.
+
+        Raises:
+            ValueError: not "fp32" or "bf16".
+        """
+        return _core.pretrain_precision(self._handle)
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        set_precision(_core.pretrain_set_precision, self._handle, value)
 
     @staticmethod
     def _head_size(cfg: Dict[str, Any]) -> int:

@@ -16,6 +16,7 @@ checkpoints and draws a progress bar.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -56,7 +57,8 @@ class _Loop:
                  lr: float, warmup_epochs: float = 0.0, min_lr: float = 1e-6, warmup_start_lr: float = 1e-6,
                  accum_steps: int = 1, output_dir: Optional[str] = None, checkpoint_every: int = 0,
                  states: Optional[Dict[str, Any]] = None, log_every: int = 10, progress: bool = False,
-                 desc: str = "train", config: Optional[Dict[str, Any]] = None, seed: int = 0):
+                 desc: str = "train", config: Optional[Dict[str, Any]] = None, seed: int = 0,
+                 precision: Optional[str] = None):
         if epochs <= 0:
             raise ValueError(f"epochs must be positive, got {epochs}")
         if accum_steps < 1:
@@ -74,6 +76,13 @@ class _Loop:
         self.states = dict(states or {})
         self.log_every, self.progress, self.desc = max(1, int(log_every)), progress, desc
         self.config = dict(config or {})
+        # The model's matrix-product precision is part of the run: stored in checkpoints, and a
+        # resumed run keeps the stored one unless `precision` asks for another.
+        self.requested_precision = precision
+        if precision is not None:
+            model.precision = precision
+        if hasattr(model, "precision"):
+            self.config["precision"] = model.precision
         self.step = 0
         self.micro = 0  # micro-batches run so far: seeds the model's drop-path stream
         self.seed = int(seed)
@@ -112,6 +121,10 @@ class _Loop:
         for k, s in self.states.items():
             s.load_state_dict(state["states"][k])
         self.step, self.history = int(state["step"]), state["history"]
+        stored = state.get("config", {}).get("precision")
+        if stored is not None and self.requested_precision is None and hasattr(self.model, "precision"):
+            self.model.precision = stored
+            self.config["precision"] = stored
         log.info("%s: resumed from %s at step %d/%d", self.desc, path, self.step, self.total_steps)
         return True
 
@@ -383,6 +396,7 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
              checkpoint_every: int = 0, log_every: int = 10, progress: bool = False,
              stop_after: Optional[int] = None, tokenizer: Any = None, num_replace: Optional[int] = None,
              token_weight: float = 1.0, pixel_weight: float = 1.0, teacher: Any = None,
+             precision: Optional[str] = None,
              **model_overrides) -> Tuple[Any, Dict[str, List[float]]]:
     """Pre-train a ViT with MaPeT, PIM, MIM (BEiT), CCViT or DTM.
 
@@ -413,6 +427,8 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
             its features precomputed once, an array [len(data), num_patches (+1), d] aligned with
             ``data`` (memory-mapped arrays work). ``tokens`` is unused. A model given by size gets
             ``output_dim`` from the teacher's feature dimension.
+        precision: "fp32" or "bf16" for the model's matrix products (``model.precision``); None
+            keeps the model's, or on resume the precision stored in the checkpoint.
 
     Returns:
         (model, history) with history {"loss": [...], "lr": [...]} per optimizer step.
@@ -503,7 +519,8 @@ def pretrain(method: str = "mapet", *, model: Any = "tiny", data: Any, tokens: O
     loop = _Loop(model, optimizer, loader, step_fn, epochs=epochs, lr=lr, warmup_epochs=warmup_epochs,
                  min_lr=min_lr, warmup_start_lr=warmup_start_lr, accum_steps=accum_steps, output_dir=output_dir,
                  checkpoint_every=checkpoint_every, states=states, log_every=log_every, progress=progress,
-                 desc=f"pretrain[{method}]", config={"method": method, "model": cfg}, seed=seed)
+                 desc=f"pretrain[{method}]", config={"method": method, "model": cfg}, seed=seed,
+                 precision=precision)
     history = loop.run(stop_after=stop_after)
     return model, history
 
@@ -516,7 +533,7 @@ def finetune(model: Any, train: Any, *, val: Any = None, num_classes: Optional[i
              min_lr: float = 1e-6, warmup_start_lr: float = 1e-6, label_smoothing: float = 0.1,
              clip_grad: Optional[float] = None, accum_steps: int = 1, seed: int = 0,
              output_dir: Optional[str] = None, checkpoint_every: int = 0, log_every: int = 10,
-             progress: bool = False, stop_after: Optional[int] = None,
+             progress: bool = False, stop_after: Optional[int] = None, precision: Optional[str] = None,
              **model_overrides) -> Tuple[Any, Dict[str, List[float]]]:
     """Fine-tune a ViT classifier end to end (optionally from a pre-training checkpoint).
 
@@ -527,6 +544,8 @@ def finetune(model: Any, train: Any, *, val: Any = None, num_classes: Optional[i
         num_classes: classes (default: max label + 1 of ``train`` when given as arrays).
         pretrained: path or state_dict of a pre-trained model (matching keys are copied).
         layer_decay: BEiT layer-wise lr decay (None or 1.0: off); label_smoothing: CE smoothing.
+        precision: "fp32" or "bf16" for the model's matrix products, training and the ``val``
+            evaluation; None keeps the model's (on resume: the checkpoint's).
         Other arguments as in :func:`pretrain`.
 
     Returns:
@@ -549,7 +568,7 @@ def finetune(model: Any, train: Any, *, val: Any = None, num_classes: Optional[i
     loop = _Loop(model, optimizer, loader, step_fn, epochs=epochs, lr=lr, warmup_epochs=warmup_epochs,
                  min_lr=min_lr, warmup_start_lr=warmup_start_lr, accum_steps=accum_steps, output_dir=output_dir,
                  checkpoint_every=checkpoint_every, log_every=log_every, progress=progress, desc="finetune",
-                 config={"model": model.config}, seed=seed)
+                 config={"model": model.config}, seed=seed, precision=precision)
     history = loop.run(stop_after=stop_after)
     if val is not None:
         history["val_top1"] = [evaluate(model, val)["top1"]]
@@ -565,6 +584,20 @@ def extract_features(model: Any, data: Any, batch_size: int = 256, pool: str = "
         f = model.forward_features(images[i:i + batch_size])
         out.append(f[:, 1:].mean(axis=1) if pool == "avg" else f[:, 0])
     return np.concatenate(out).astype(np.float32)
+
+
+@contextlib.contextmanager
+def _running_at(model: Any, precision: Optional[str]):
+    """Run ``model`` at ``precision`` inside the block (None: unchanged), then restore its own."""
+    if precision is None:
+        yield
+        return
+    own = model.precision
+    model.precision = precision
+    try:
+        yield
+    finally:
+        model.precision = own
 
 
 def _images_of(data):
@@ -583,7 +616,7 @@ def _labels_of(data):
 
 def linear_probe(model: Any, train: Any, val: Any = None, *, epochs: int = 100, lr: float = 0.1,
                  weight_decay: float = 0.0, batch_size: int = 256, pool: str = "avg",
-                 seed: int = 0) -> Dict[str, float]:
+                 seed: int = 0, precision: Optional[str] = None) -> Dict[str, float]:
     """Linear probing: a linear classifier on frozen, standardised features (as MAE/BEiT:
     a parameter-free BatchNorm on the features, then a linear layer trained with SGD+momentum
     and a cosine schedule on softmax cross-entropy).
@@ -593,13 +626,18 @@ def linear_probe(model: Any, train: Any, val: Any = None, *, epochs: int = 100, 
         train, val: (images, labels).
         epochs, lr, weight_decay, batch_size: the probe's recipe.
         pool: "avg" (mean of patch tokens) or "token" (class token).
+        precision: "fp32" or "bf16" for the backbone's matrix products while features are
+            extracted (the model's own setting is restored); None: the model's.
 
     Returns:
         {"train_top1", "val_top1"} (val only when given).
     """
     from .ops import matmul
 
-    ftr, ytr = extract_features(model, train, pool=pool), _labels_of(train)
+    with _running_at(model, precision):
+        ftr = extract_features(model, train, pool=pool)
+        fva = extract_features(model, val, pool=pool) if val is not None else None
+    ytr = _labels_of(train)
     mean, std = ftr.mean(0), ftr.std(0) + 1e-6
     ftr = (ftr - mean) / std
     k = int(ytr.max()) + 1
@@ -636,13 +674,16 @@ def linear_probe(model: Any, train: Any, val: Any = None, *, epochs: int = 100, 
 
     result = {"train_top1": top1(ftr, ytr)}
     if val is not None:
-        fva = (extract_features(model, val, pool=pool) - mean) / std
+        fva = (fva - mean) / std
         result["val_top1"] = top1(fva, _labels_of(val))
     return result
 
 
-def evaluate(model: Any, data: Any, batch_size: int = 256) -> Dict[str, float]:
+def evaluate(model: Any, data: Any, batch_size: int = 256, precision: Optional[str] = None) -> Dict[str, float]:
     """Top-1 accuracy and mean cross-entropy of a classifier on (images, labels).
+
+    ``precision`` ("fp32" / "bf16") runs the model's matrix products at that precision for this
+    call (its own setting is restored); None: the model's.
 
     Under ``mpiexec`` every rank evaluates a contiguous share of the rows and the counts are
     summed, so every rank returns the same metrics of the whole set."""
@@ -653,12 +694,13 @@ def evaluate(model: Any, data: Any, batch_size: int = 256) -> Dict[str, float]:
         share = distributed.contiguous_shard(n, ctx)
         images, labels = images[share], labels[share]
     correct, loss = 0, 0.0
-    for i in range(0, images.shape[0], batch_size):
-        logits = np.asarray(model(images[i:i + batch_size]), dtype=np.float64)
-        y = labels[i:i + batch_size]
-        correct += int(np.sum(np.argmax(logits, 1) == y))
-        z = logits - logits.max(1, keepdims=True)
-        loss += float(np.sum(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]))
+    with _running_at(model, precision):
+        for i in range(0, images.shape[0], batch_size):
+            logits = np.asarray(model(images[i:i + batch_size]), dtype=np.float64)
+            y = labels[i:i + batch_size]
+            correct += int(np.sum(np.argmax(logits, 1) == y))
+            z = logits - logits.max(1, keepdims=True)
+            loss += float(np.sum(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]))
     if ctx.distributed:
         correct, loss = ctx.allreduce_(np.array([correct, loss], dtype=np.float64))
         correct = int(round(correct))

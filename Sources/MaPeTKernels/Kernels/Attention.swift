@@ -14,6 +14,8 @@ import Glibc
 //   dQ_h += dS K_h,  dK_h += dSᵀ Q_h.  Masked entries have P = 0, hence dS = 0: the backward
 // needs no mask. Work is split over B × H tasks (Parallel.forEach), each running
 // single-threaded GEMMs; tasks write disjoint elements, so results are thread-count independent.
+// `precision` applies to all six products (QKᵀ, PV; dP, dV, dQ, dK): in bf16 their inputs —
+// P and dS included — are rounded to bf16 and accumulate in fp32; softmax and dS stay fp32.
 
 public func attentionForward<Mask: AttentionMask>(
     out: UnsafeMutablePointer<Float>, ldOut: Int,
@@ -21,8 +23,9 @@ public func attentionForward<Mask: AttentionMask>(
     q: UnsafePointer<Float>, ldQ: Int,
     k: UnsafePointer<Float>, ldK: Int,
     v: UnsafePointer<Float>, ldV: Int,
-    B: Int, M: Int, Nk: Int, C: Int, H: Int, mask: Mask
+    B: Int, M: Int, Nk: Int, C: Int, H: Int, mask: Mask, precision: Precision = .fp32
 ) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.attention, t0) }
     precondition(H > 0 && C % H == 0, "attention: C must be a multiple of H")
     let D = C / H
     let scale = 1 / Float(D).squareRoot()
@@ -31,7 +34,7 @@ public func attentionForward<Mask: AttentionMask>(
         let b = task / H, h = task % H
         let qh = q + b * M * ldQ + h * D, kh = k + b * Nk * ldK + h * D, vh = v + b * Nk * ldV + h * D
         let P = probs + task * M * Nk
-        sgemm(transA: false, transB: true, M: M, N: Nk, K: D, alpha: 1, A: qh, lda: ldQ,
+        gemmSerial(precision, transA: false, transB: true, M: M, N: Nk, K: D, alpha: 1, A: qh, lda: ldQ,
               B: kh, ldb: ldK, beta: 0, C: P, ldc: Nk)
         for i in 0..<M {
             let row = P + i * Nk
@@ -44,7 +47,7 @@ public func attentionForward<Mask: AttentionMask>(
                 if any { softmaxRowInPlace(row, count: Nk, scale: scale) } else { row.update(repeating: 0, count: Nk) }
             }
         }
-        sgemm(transA: false, transB: false, M: M, N: D, K: Nk, alpha: 1, A: P, lda: Nk,
+        gemmSerial(precision, transA: false, transB: false, M: M, N: D, K: Nk, alpha: 1, A: P, lda: Nk,
               B: vh, ldb: ldV, beta: 0, C: out + b * M * ldOut + h * D, ldc: ldOut)
     }
 }
@@ -58,8 +61,9 @@ public func attentionBackward(
     q: UnsafePointer<Float>, ldQ: Int,
     k: UnsafePointer<Float>, ldK: Int,
     v: UnsafePointer<Float>, ldV: Int,
-    B: Int, M: Int, Nk: Int, C: Int, H: Int
+    B: Int, M: Int, Nk: Int, C: Int, H: Int, precision: Precision = .fp32
 ) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.attention, t0) }
     let D = C / H
     let scale = 1 / Float(D).squareRoot()
     nonisolated(unsafe) let dQ = dQ, dK = dK, dV = dV, dOut = dOut, probs = probs, q = q, k = k, v = v
@@ -72,18 +76,18 @@ public func attentionBackward(
         let qo = b * M * ldQ + h * D, ko = b * Nk * ldK + h * D, vo = b * Nk * ldV + h * D
         let dOh = dOut + b * M * ldOut + h * D
         let P = probs + task * M * Nk
-        sgemm(transA: false, transB: true, M: M, N: Nk, K: D, alpha: 1, A: dOh, lda: ldOut,
+        gemmSerial(precision, transA: false, transB: true, M: M, N: Nk, K: D, alpha: 1, A: dOh, lda: ldOut,
               B: v + vo, ldb: ldV, beta: 0, C: dS, ldc: Nk)
-        sgemm(transA: true, transB: false, M: Nk, N: D, K: M, alpha: 1, A: P, lda: Nk,
+        gemmSerial(precision, transA: true, transB: false, M: Nk, N: D, K: M, alpha: 1, A: P, lda: Nk,
               B: dOh, ldb: ldOut, beta: 1, C: dV + vo, ldc: ldV)
         for i in 0..<M {
             let p = P + i * Nk, d = dS + i * Nk
             let s = vdot(p, d, Nk)
             for j in 0..<Nk { d[j] = p[j] * (d[j] - s) * scale }
         }
-        sgemm(transA: false, transB: false, M: M, N: D, K: Nk, alpha: 1, A: dS, lda: Nk,
+        gemmSerial(precision, transA: false, transB: false, M: M, N: D, K: Nk, alpha: 1, A: dS, lda: Nk,
               B: k + ko, ldb: ldK, beta: 1, C: dQ + qo, ldc: ldQ)
-        sgemm(transA: true, transB: false, M: Nk, N: D, K: M, alpha: 1, A: dS, lda: Nk,
+        gemmSerial(precision, transA: true, transB: false, M: Nk, N: D, K: M, alpha: 1, A: dS, lda: Nk,
               B: q + qo, ldb: ldQ, beta: 1, C: dK + ko, ldc: ldK)
       }
     }

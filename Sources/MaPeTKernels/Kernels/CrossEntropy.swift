@@ -17,6 +17,7 @@ public func crossEntropyForward(
     logits: UnsafePointer<Float>, targets: UnsafePointer<Int32>,
     rows: Int, K: Int, smoothing: Float = 0
 ) -> (sum: Double, count: Int) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.loss, t0) }
     nonisolated(unsafe) let losses = losses, probs = probs, logits = logits, targets = targets
     Parallel.forRanges(rows, grain: max(1, 8192 / max(K, 1))) { r in
         for i in r {
@@ -49,6 +50,7 @@ public func crossEntropyBackward(
     dLogits: UnsafeMutablePointer<Float>, probs: UnsafePointer<Float>, targets: UnsafePointer<Int32>,
     rows: Int, K: Int, smoothing: Float = 0, scale: Float
 ) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.loss, t0) }
     nonisolated(unsafe) let dLogits = dLogits, probs = probs, targets = targets
     let off = smoothing / Float(K)
     Parallel.forRanges(rows, grain: max(1, 8192 / max(K, 1))) { r in

@@ -12,6 +12,7 @@ public func dropPathKeep(keep: UnsafeMutablePointer<Float>, B: Int, rate: Float,
 
 public func dropPathForward(out: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
                             keep: UnsafePointer<Float>, B: Int, rowSize R: Int) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.elementwise, t0) }
     nonisolated(unsafe) let out = out, input = input, keep = keep
     Parallel.forEach(B) { b in
         let s = keep[b]
@@ -21,6 +22,7 @@ public func dropPathForward(out: UnsafeMutablePointer<Float>, input: UnsafePoint
 
 public func dropPathBackward(dInput: UnsafeMutablePointer<Float>, dOut: UnsafePointer<Float>,
                              keep: UnsafePointer<Float>, B: Int, rowSize R: Int) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.elementwise, t0) }
     nonisolated(unsafe) let dInput = dInput, dOut = dOut, keep = keep
     Parallel.forEach(B) { b in
         let s = keep[b]

@@ -9,12 +9,14 @@ public func dropoutMask(mask: UnsafeMutablePointer<Float>, count: Int, rate: Flo
 
 public func dropoutForward(out: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
                            mask: UnsafePointer<Float>, count: Int) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.elementwise, t0) }
     nonisolated(unsafe) let out = out, input = input, mask = mask
     Parallel.forRanges(count, grain: 1 << 14) { r in for i in r { out[i] = mask[i] * input[i] } }
 }
 
 public func dropoutBackward(dInput: UnsafeMutablePointer<Float>, dOut: UnsafePointer<Float>,
                             mask: UnsafePointer<Float>, count: Int) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.elementwise, t0) }
     nonisolated(unsafe) let dInput = dInput, dOut = dOut, mask = mask
     Parallel.forRanges(count, grain: 1 << 14) { r in for i in r { dInput[i] += mask[i] * dOut[i] } }
 }

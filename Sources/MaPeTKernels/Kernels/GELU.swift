@@ -6,6 +6,7 @@ import Glibc
 
 /// out[n] = gelu(input[n]), 8 lanes at a time with the vector erf (|error| ≤ 1.5·10⁻⁷·|x|/2).
 public func geluForward(out: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, count: Int) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.elementwise, t0) }
     nonisolated(unsafe) let out = out, input = input
     Parallel.forRanges(count, grain: 1 << 14) { r in
         var i = r.lowerBound
@@ -27,6 +28,7 @@ public func geluBackward(
     dInput: UnsafeMutablePointer<Float>, dOut: UnsafePointer<Float>,
     input: UnsafePointer<Float>, count: Int
 ) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.elementwise, t0) }
     nonisolated(unsafe) let dInput = dInput, dOut = dOut, input = input
     Parallel.forRanges(count, grain: 1 << 14) { r in
         var i = r.lowerBound

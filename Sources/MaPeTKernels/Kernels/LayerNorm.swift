@@ -15,6 +15,7 @@ public func layerNormForward(
     input: UnsafePointer<Float>, weight: UnsafePointer<Float>, bias: UnsafePointer<Float>,
     rows: Int, cols: Int, eps: Float = layerNormEps
 ) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.norms, t0) }
     nonisolated(unsafe) let out = out, mean = mean, rstd = rstd, input = input, weight = weight, bias = bias
     Parallel.forRanges(rows, grain: max(1, 8192 / max(cols, 1))) { r in
         for i in r {
@@ -43,6 +44,7 @@ public func layerNormBackward(
     dOut: UnsafePointer<Float>, input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
     mean: UnsafePointer<Float>, rstd: UnsafePointer<Float>, rows: Int, cols: Int
 ) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.norms, t0) }
     nonisolated(unsafe) let dInput = dInput, dOut = dOut, input = input, weight = weight, mean = mean, rstd = rstd
     Parallel.forRanges(rows, grain: max(1, 4096 / max(cols, 1))) { r in
         for i in r {

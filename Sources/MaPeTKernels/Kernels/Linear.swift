@@ -1,13 +1,15 @@
 // Linear layer in PyTorch layout:  out [rows, OC] = input [rows, IC] · weightᵀ + bias,
-// weight [OC, IC], bias [OC] (optional). GEMMs through `sgemmParallel` (row blocks over
-// workers, single-threaded BLAS each).
+// weight [OC, IC], bias [OC] (optional). GEMMs through `gemm(precision, …)`: `sgemmParallel`
+// (row blocks over workers, single-threaded BLAS each) in fp32, bf16 inputs with fp32
+// accumulation in bf16 (SPEC §7); the bias and the accumulation into gradients stay fp32.
 // Backward:  dInput += dOut · weight,  dWeight += dOutᵀ · input,  dBias += Σ_rows dOut.
 
 public func linearForward(
     out: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
     weight: UnsafePointer<Float>, bias: UnsafePointer<Float>?,
-    rows: Int, inFeatures IC: Int, outFeatures OC: Int
+    rows: Int, inFeatures IC: Int, outFeatures OC: Int, precision: Precision = .fp32
 ) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.gemm, t0) }
     var beta: Float = 0
     if let bias {
         nonisolated(unsafe) let out = out, bias = bias
@@ -16,7 +18,7 @@ public func linearForward(
         }
         beta = 1
     }
-    sgemmParallel(transA: false, transB: true, M: rows, N: OC, K: IC, alpha: 1, A: input, lda: IC,
+    gemm(precision, transA: false, transB: true, M: rows, N: OC, K: IC, alpha: 1, A: input, lda: IC,
                   B: weight, ldb: IC, beta: beta, C: out, ldc: OC)
 }
 
@@ -24,14 +26,15 @@ public func linearForward(
 public func linearBackward(
     dInput: UnsafeMutablePointer<Float>?, dWeight: UnsafeMutablePointer<Float>?, dBias: UnsafeMutablePointer<Float>?,
     dOut: UnsafePointer<Float>, input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
-    rows: Int, inFeatures IC: Int, outFeatures OC: Int
+    rows: Int, inFeatures IC: Int, outFeatures OC: Int, precision: Precision = .fp32
 ) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.gemm, t0) }
     if let dInput {
-        sgemmParallel(transA: false, transB: false, M: rows, N: IC, K: OC, alpha: 1, A: dOut, lda: OC,
+        gemm(precision, transA: false, transB: false, M: rows, N: IC, K: OC, alpha: 1, A: dOut, lda: OC,
                       B: weight, ldb: IC, beta: 1, C: dInput, ldc: IC)
     }
     if let dWeight {
-        sgemmParallel(transA: true, transB: false, M: OC, N: IC, K: rows, alpha: 1, A: dOut, lda: OC,
+        gemm(precision, transA: true, transB: false, M: OC, N: IC, K: rows, alpha: 1, A: dOut, lda: OC,
                       B: input, ldb: IC, beta: 1, C: dWeight, ldc: IC)
     }
     if let dBias { columnSumAccumulate(dBias, dOut, rows: rows, cols: OC) }

@@ -5,6 +5,7 @@
 
 public func patchifyForward(patches: UnsafeMutablePointer<Float>, images: UnsafePointer<Float>,
                             B: Int, inChans: Int, imgSize S: Int, patch p: Int) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.elementwise, t0) }
     let g = S / p, n = g * g, K = inChans * p * p
     nonisolated(unsafe) let patches = patches, images = images
     Parallel.forEach(B) { b in
@@ -25,6 +26,7 @@ public func patchifyForward(patches: UnsafeMutablePointer<Float>, images: Unsafe
 /// dImages += the patches' gradient scattered back to pixel positions.
 public func patchifyBackward(dImages: UnsafeMutablePointer<Float>, dPatches: UnsafePointer<Float>,
                              B: Int, inChans: Int, imgSize S: Int, patch p: Int) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.elementwise, t0) }
     let g = S / p, n = g * g, K = inChans * p * p
     nonisolated(unsafe) let dImages = dImages, dPatches = dPatches
     Parallel.forEach(B) { b in
@@ -46,18 +48,19 @@ public func patchifyBackward(dImages: UnsafeMutablePointer<Float>, dPatches: Uns
 public func patchEmbedForward(
     out: UnsafeMutablePointer<Float>, patches: UnsafeMutablePointer<Float>, images: UnsafePointer<Float>,
     weight: UnsafePointer<Float>, bias: UnsafePointer<Float>?,
-    B: Int, inChans: Int, imgSize S: Int, patch p: Int, C: Int
+    B: Int, inChans: Int, imgSize S: Int, patch p: Int, C: Int, precision: Precision = .fp32
 ) {
     patchifyForward(patches: patches, images: images, B: B, inChans: inChans, imgSize: S, patch: p)
     let n = (S / p) * (S / p)
-    linearForward(out: out, input: patches, weight: weight, bias: bias, rows: B * n, inFeatures: inChans * p * p, outFeatures: C)
+    linearForward(out: out, input: patches, weight: weight, bias: bias, rows: B * n, inFeatures: inChans * p * p, outFeatures: C,
+                  precision: precision)
 }
 
 /// dImages (optional) += ∂/∂images; dWeight, dBias accumulate.
 public func patchEmbedBackward(
     dImages: UnsafeMutablePointer<Float>?, dWeight: UnsafeMutablePointer<Float>?, dBias: UnsafeMutablePointer<Float>?,
     dOut: UnsafePointer<Float>, patches: UnsafePointer<Float>, weight: UnsafePointer<Float>,
-    B: Int, inChans: Int, imgSize S: Int, patch p: Int, C: Int
+    B: Int, inChans: Int, imgSize S: Int, patch p: Int, C: Int, precision: Precision = .fp32
 ) {
     let n = (S / p) * (S / p), K = inChans * p * p
     var dPatches: UnsafeMutablePointer<Float>? = nil
@@ -67,7 +70,7 @@ public func patchEmbedBackward(
     }
     defer { dPatches?.deallocate() }
     linearBackward(dInput: dPatches, dWeight: dWeight, dBias: dBias, dOut: dOut, input: patches, weight: weight,
-                   rows: B * n, inFeatures: K, outFeatures: C)
+                   rows: B * n, inFeatures: K, outFeatures: C, precision: precision)
     if let dImages, let dPatches {
         patchifyBackward(dImages: dImages, dPatches: dPatches, B: B, inChans: inChans, imgSize: S, patch: p)
     }

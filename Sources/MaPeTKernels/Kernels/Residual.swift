@@ -9,6 +9,7 @@ public func residualForward(
     out: UnsafeMutablePointer<Float>, residual: UnsafePointer<Float>, branch: UnsafePointer<Float>,
     gamma: UnsafePointer<Float>?, keep: UnsafePointer<Float>?, B: Int, T: Int, C: Int
 ) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.elementwise, t0) }
     nonisolated(unsafe) let out = out, residual = residual, branch = branch, gamma = gamma, keep = keep
     Parallel.forRanges(B * T, grain: max(1, 8192 / max(C, 1))) { r in
         for row in r {
@@ -29,6 +30,7 @@ public func residualBackward(
     dOut: UnsafePointer<Float>, branch: UnsafePointer<Float>,
     gamma: UnsafePointer<Float>?, keep: UnsafePointer<Float>?, B: Int, T: Int, C: Int
 ) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.elementwise, t0) }
     nonisolated(unsafe) let dResidual = dResidual, dBranch = dBranch, dOut = dOut, branch = branch, gamma = gamma, keep = keep
     Parallel.forRanges(B * T, grain: max(1, 8192 / max(C, 1))) { r in
         for row in r {

@@ -111,6 +111,8 @@ public struct TransformerBlock: @unchecked Sendable {
     public let C, H, hidden: Int
     public let w: BlockTensors
     public let g: BlockTensors
+    /// Precision of the block's matrix products (linears and attention); the model sets it.
+    public var precision: Precision = .fp32
 
     public init(C: Int, H: Int, hidden: Int, weights: BlockTensors, grads: BlockTensors) {
         self.C = C; self.H = H; self.hidden = hidden; w = weights; g = grads
@@ -121,9 +123,9 @@ public struct TransformerBlock: @unchecked Sendable {
     /// norm1 and the query projection of `x [rows, C]`; keys/values too when `c.kv` is set.
     public func forwardAttentionInputs(x: UnsafePointer<Float>, cache c: BlockCache, rows: Int) {
         layerNormForward(out: c.ln1, mean: c.ln1Mean, rstd: c.ln1Rstd, input: x, weight: w.norm1W, bias: w.norm1B, rows: rows, cols: C)
-        linearForward(out: c.q, input: c.ln1, weight: w.qW, bias: w.qB, rows: rows, inFeatures: C, outFeatures: C)
+        linearForward(out: c.q, input: c.ln1, weight: w.qW, bias: w.qB, rows: rows, inFeatures: C, outFeatures: C, precision: precision)
         if let kv = c.kv {
-            linearForward(out: kv, input: c.ln1, weight: w.kvW, bias: w.kvB, rows: rows, inFeatures: C, outFeatures: 2 * C)
+            linearForward(out: kv, input: c.ln1, weight: w.kvW, bias: w.kvB, rows: rows, inFeatures: C, outFeatures: 2 * C, precision: precision)
         }
     }
 
@@ -131,19 +133,19 @@ public struct TransformerBlock: @unchecked Sendable {
     public func forwardAttention<Mask: AttentionMask>(cache c: BlockCache, source: BlockCache, B: Int, T: Int, Nk: Int, mask: Mask) {
         let kv = source.kv!
         attentionForward(out: c.attn, ldOut: C, probs: c.probs, q: c.q, ldQ: C, k: kv, ldK: 2 * C, v: kv + C, ldV: 2 * C,
-                         B: B, M: T, Nk: Nk, C: C, H: H, mask: mask)
+                         B: B, M: T, Nk: Nk, C: C, H: H, mask: mask, precision: precision)
     }
 
     /// proj + residual, then the MLP residual: out [B·T, C] (may not alias x).
     public func forwardOutput(out: UnsafeMutablePointer<Float>, x: UnsafePointer<Float>, cache c: BlockCache,
                               B: Int, T: Int, keep1: UnsafePointer<Float>?, keep2: UnsafePointer<Float>?) {
         let rows = B * T
-        linearForward(out: c.proj, input: c.attn, weight: w.projW, bias: w.projB, rows: rows, inFeatures: C, outFeatures: C)
+        linearForward(out: c.proj, input: c.attn, weight: w.projW, bias: w.projB, rows: rows, inFeatures: C, outFeatures: C, precision: precision)
         residualForward(out: c.xMid, residual: x, branch: c.proj, gamma: w.ls1, keep: keep1, B: B, T: T, C: C)
         layerNormForward(out: c.ln2, mean: c.ln2Mean, rstd: c.ln2Rstd, input: c.xMid, weight: w.norm2W, bias: w.norm2B, rows: rows, cols: C)
-        linearForward(out: c.fc1, input: c.ln2, weight: w.fc1W, bias: w.fc1B, rows: rows, inFeatures: C, outFeatures: hidden)
+        linearForward(out: c.fc1, input: c.ln2, weight: w.fc1W, bias: w.fc1B, rows: rows, inFeatures: C, outFeatures: hidden, precision: precision)
         geluForward(out: c.act, input: c.fc1, count: rows * hidden)
-        linearForward(out: c.fc2, input: c.act, weight: w.fc2W, bias: w.fc2B, rows: rows, inFeatures: hidden, outFeatures: C)
+        linearForward(out: c.fc2, input: c.act, weight: w.fc2W, bias: w.fc2B, rows: rows, inFeatures: hidden, outFeatures: C, precision: precision)
         residualForward(out: out, residual: c.xMid, branch: c.fc2, gamma: w.ls2, keep: keep2, B: B, T: T, C: C)
     }
 
@@ -165,19 +167,19 @@ public struct TransformerBlock: @unchecked Sendable {
         residualBackward(dResidual: nil, dBranch: s.dBranch, dGamma: g.ls2, dOut: dx, branch: c.fc2, gamma: w.ls2, keep: keep2, B: B, T: T, C: C)
         zero(s.dAct, rows * hidden)
         linearBackward(dInput: s.dAct, dWeight: g.fc2W, dBias: g.fc2B, dOut: s.dBranch, input: c.act, weight: w.fc2W,
-                       rows: rows, inFeatures: hidden, outFeatures: C)
+                       rows: rows, inFeatures: hidden, outFeatures: C, precision: precision)
         zero(s.dFc1, rows * hidden)
         geluBackward(dInput: s.dFc1, dOut: s.dAct, input: c.fc1, count: rows * hidden)
         zero(s.dLn, rows * C)
         linearBackward(dInput: s.dLn, dWeight: g.fc1W, dBias: g.fc1B, dOut: s.dFc1, input: c.ln2, weight: w.fc1W,
-                       rows: rows, inFeatures: C, outFeatures: hidden)
+                       rows: rows, inFeatures: C, outFeatures: hidden, precision: precision)
         layerNormBackward(dInput: dx, dWeight: g.norm2W, dBias: g.norm2B, dOut: s.dLn, input: c.xMid, weight: w.norm2W,
                           mean: c.ln2Mean, rstd: c.ln2Rstd, rows: rows, cols: C)
         zero(s.dBranch, rows * C)
         residualBackward(dResidual: nil, dBranch: s.dBranch, dGamma: g.ls1, dOut: dx, branch: c.proj, gamma: w.ls1, keep: keep1, B: B, T: T, C: C)
         zero(s.dAttn, rows * C)
         linearBackward(dInput: s.dAttn, dWeight: g.projW, dBias: g.projB, dOut: s.dBranch, input: c.attn, weight: w.projW,
-                       rows: rows, inFeatures: C, outFeatures: C)
+                       rows: rows, inFeatures: C, outFeatures: C, precision: precision)
     }
 
     /// ∂L/∂q into `s.dQ` (cleared here) and ∂L/∂[k|v] added into `dKV` (the source stream's, cleared by its owner).
@@ -186,7 +188,7 @@ public struct TransformerBlock: @unchecked Sendable {
         zero(s.dQ, B * T * C)
         let kv = source.kv!
         attentionBackward(dQ: s.dQ, dK: dKV, dV: dKV + C, dOut: s.dAttn, ldOut: C, probs: c.probs,
-                          q: c.q, ldQ: C, k: kv, ldK: 2 * C, v: kv + C, ldV: 2 * C, B: B, M: T, Nk: Nk, C: C, H: H)
+                          q: c.q, ldQ: C, k: kv, ldK: 2 * C, v: kv + C, ldV: 2 * C, B: B, M: T, Nk: Nk, C: C, H: H, precision: precision)
     }
 
     /// q (and kv, when `dKV` is given) backward, then norm1: adds ∂L/∂x into dx.
@@ -194,10 +196,10 @@ public struct TransformerBlock: @unchecked Sendable {
                                         scratch s: BlockScratch, dKV: UnsafePointer<Float>?, rows: Int) {
         zero(s.dLn, rows * C)
         linearBackward(dInput: s.dLn, dWeight: g.qW, dBias: g.qB, dOut: s.dQ, input: c.ln1, weight: w.qW,
-                       rows: rows, inFeatures: C, outFeatures: C)
+                       rows: rows, inFeatures: C, outFeatures: C, precision: precision)
         if let dKV {
             linearBackward(dInput: s.dLn, dWeight: g.kvW, dBias: g.kvB, dOut: dKV, input: c.ln1, weight: w.kvW,
-                           rows: rows, inFeatures: C, outFeatures: 2 * C)
+                           rows: rows, inFeatures: C, outFeatures: 2 * C, precision: precision)
         }
         layerNormBackward(dInput: dx, dWeight: g.norm1W, dBias: g.norm1B, dOut: s.dLn, input: x, weight: w.norm1W,
                           mean: c.ln1Mean, rstd: c.ln1Rstd, rows: rows, cols: C)

@@ -82,7 +82,7 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
         let v = config.vit, C = v.embedDim, n = v.numPatches, N = v.numTokens, B = a.B, M = a.M
         patchEmbedForward(out: a.patchOut, patches: a.patches, images: images, weight: ptr("patch_embed.proj.weight"),
                           bias: ptr("patch_embed.proj.bias"), B: B, inChans: v.inChans, imgSize: v.imgSize,
-                          patch: v.patchSize, C: C)
+                          patch: v.patchSize, C: C, precision: precision)
         nonisolated(unsafe) let x = a.xs[0], patchOut = a.patchOut, cls = ptr("cls_token"), pos = ptr("pos_embed"),
                                 mt = ptr("mask_token"), masked = masked
         Parallel.forEach(B) { b in
@@ -120,7 +120,7 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
         layerNormForward(out: normOut, mean: mean, rstd: rstd, input: sel, weight: ptr(norm + ".weight"),
                          bias: ptr(norm + ".bias"), rows: M, cols: C)
         linearForward(out: out, input: normOut, weight: ptr(head + ".weight"), bias: ptr(head + ".bias"),
-                      rows: M, inFeatures: C, outFeatures: K)
+                      rows: M, inFeatures: C, outFeatures: K, precision: precision)
     }
 
     /// Backward of `rowHeadForward` from dOut [M, K]: adds the parameter gradients and writes
@@ -133,7 +133,8 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
         let C = config.vit.embedDim
         zero(dNormOut, M * C)
         linearBackward(dInput: dNormOut, dWeight: grad(head + ".weight"), dBias: grad(head + ".bias"), dOut: dOut,
-                       input: normOut, weight: ptr(head + ".weight"), rows: M, inFeatures: C, outFeatures: K)
+                       input: normOut, weight: ptr(head + ".weight"), rows: M, inFeatures: C, outFeatures: K,
+                       precision: precision)
         zero(dSel, M * C)
         layerNormBackward(dInput: dSel, dWeight: grad(norm + ".weight"), dBias: grad(norm + ".bias"), dOut: dNormOut,
                           input: sel, weight: ptr(norm + ".weight"), mean: mean, rstd: rstd, rows: M, cols: C)

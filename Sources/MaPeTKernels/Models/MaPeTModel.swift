@@ -90,7 +90,7 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
         let v = config.vit, C = v.embedDim, n = v.numPatches, N = v.numTokens, B = a.B, P = a.P, T = a.T
         patchEmbedForward(out: a.patchOut, patches: a.patches, images: images, weight: ptr("patch_embed.proj.weight"),
                           bias: ptr("patch_embed.proj.bias"), B: B, inChans: v.inChans, imgSize: v.imgSize,
-                          patch: v.patchSize, C: C)
+                          patch: v.patchSize, C: C, precision: precision)
         nonisolated(unsafe) let h = a.hs[0], g = a.gs[0], patchOut = a.patchOut, cls = ptr("cls_token"),
                                 pos = ptr("pos_embed"), mpt = ptr(config.specialToken), predicted = batch.predictedPointer
         let markers = positionalTokens
@@ -125,7 +125,8 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
                 let w = blk.w
                 layerNormForward(out: ch.ln1, mean: ch.ln1Mean, rstd: ch.ln1Rstd, input: a.hs[l], weight: w.norm1W,
                                  bias: w.norm1B, rows: B * T, cols: C)
-                linearForward(out: ch.kv!, input: ch.ln1, weight: w.kvW, bias: w.kvB, rows: B * T, inFeatures: C, outFeatures: 2 * C)
+                linearForward(out: ch.kv!, input: ch.ln1, weight: w.kvW, bias: w.kvB, rows: B * T, inFeatures: C, outFeatures: 2 * C,
+                              precision: precision)
             }
             blk.forwardAttentionInputs(x: a.gs[l], cache: cg, rows: B * P)
             if l < depth - 1 {
@@ -140,7 +141,7 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
         layerNormForward(out: a.normOut, mean: a.normMean, rstd: a.normRstd, input: a.gs[depth], weight: ptr("norm.weight"),
                          bias: ptr("norm.bias"), rows: B * P, cols: C)
         linearForward(out: a.logits, input: a.normOut, weight: ptr("decoder.weight"), bias: ptr("decoder.bias"),
-                      rows: B * P, inFeatures: C, outFeatures: config.vocabSize)
+                      rows: B * P, inFeatures: C, outFeatures: config.vocabSize, precision: precision)
     }
 
     /// Inference logits [B, P, V] for the predicted positions of `batch` (ascending), no drop path.
@@ -185,7 +186,8 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
         crossEntropyBackward(dLogits: a.dLogits, probs: a.probs, targets: a.targets, rows: B * P, K: V, scale: 1 / Float(count))
         zero(a.dNormOut, B * P * C)
         linearBackward(dInput: a.dNormOut, dWeight: grad("decoder.weight"), dBias: grad("decoder.bias"), dOut: a.dLogits,
-                       input: a.normOut, weight: ptr("decoder.weight"), rows: B * P, inFeatures: C, outFeatures: V)
+                       input: a.normOut, weight: ptr("decoder.weight"), rows: B * P, inFeatures: C, outFeatures: V,
+                       precision: precision)
         zero(a.dg, B * P * C)
         layerNormBackward(dInput: a.dg, dWeight: grad("norm.weight"), dBias: grad("norm.bias"), dOut: a.dNormOut,
                           input: a.gs[depth], weight: ptr("norm.weight"), mean: a.normMean, rstd: a.normRstd, rows: B * P, cols: C)
@@ -209,7 +211,7 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
                 let w = blk.w, g = blk.g
                 zero(sh.dLn, B * T * C)
                 linearBackward(dInput: sh.dLn, dWeight: g.kvW, dBias: g.kvB, dOut: dKV, input: ch.ln1, weight: w.kvW,
-                               rows: B * T, inFeatures: C, outFeatures: 2 * C)
+                               rows: B * T, inFeatures: C, outFeatures: 2 * C, precision: precision)
                 layerNormBackward(dInput: a.dh, dWeight: g.norm1W, dBias: g.norm1B, dOut: sh.dLn, input: a.hs[l], weight: w.norm1W,
                                   mean: ch.ln1Mean, rstd: ch.ln1Rstd, rows: B * T, cols: C)
             }

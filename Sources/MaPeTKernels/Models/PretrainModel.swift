@@ -71,9 +71,17 @@ public class PretrainModel: @unchecked Sendable {
     public let table: ParameterTable
     public let params: TensorStorage
     public let grads: TensorStorage
-    public let blocks: [TransformerBlock]
+    public private(set) var blocks: [TransformerBlock]
     /// CCViT's pixel-head blocks (`cls_pt_layers`); empty for the other kinds.
-    public let headBlocks: [TransformerBlock]
+    public private(set) var headBlocks: [TransformerBlock]
+    /// Precision of every matrix product, forward and backward (SPEC §7); parameters,
+    /// gradients and everything else stay fp32.
+    public var precision: Precision = .fp32 {
+        didSet {
+            for i in blocks.indices { blocks[i].precision = precision }
+            for i in headBlocks.indices { headBlocks[i].precision = precision }
+        }
+    }
     /// Drop-path generator; advances once per training step (rewound on a non-finite loss).
     public var rng: Xoshiro256StarStar
 
@@ -205,7 +213,8 @@ public class PretrainModel: @unchecked Sendable {
         }
         patchEmbedBackward(dImages: nil, dWeight: grad("patch_embed.proj.weight"), dBias: grad("patch_embed.proj.bias"),
                            dOut: dPatch, patches: patches, weight: ptr("patch_embed.proj.weight"),
-                           B: B, inChans: v.inChans, imgSize: v.imgSize, patch: v.patchSize, C: C)
+                           B: B, inChans: v.inChans, imgSize: v.imgSize, patch: v.patchSize, C: C,
+                           precision: precision)
     }
 }
 

@@ -84,7 +84,12 @@ public final class VisionTransformer: @unchecked Sendable {
     public let table: ParameterTable
     public let params: TensorStorage
     public let grads: TensorStorage
-    public let blocks: [TransformerBlock]
+    public private(set) var blocks: [TransformerBlock]
+    /// Precision of every matrix product, forward and backward (SPEC §7); parameters,
+    /// gradients and everything else stay fp32.
+    public var precision: Precision = .fp32 {
+        didSet { for i in blocks.indices { blocks[i].precision = precision } }
+    }
     /// Drop-path generator; its state advances once per training step.
     public var rng: Xoshiro256StarStar
     private var train: ViTActivations?
@@ -150,7 +155,8 @@ public final class VisionTransformer: @unchecked Sendable {
                        images: UnsafePointer<Float>, B: Int) {
         let k = config, C = k.embedDim, n = k.numPatches, N = k.numTokens
         patchEmbedForward(out: patchOut, patches: patches, images: images, weight: ptr("patch_embed.proj.weight"),
-                          bias: ptr("patch_embed.proj.bias"), B: B, inChans: k.inChans, imgSize: k.imgSize, patch: k.patchSize, C: C)
+                          bias: ptr("patch_embed.proj.bias"), B: B, inChans: k.inChans, imgSize: k.imgSize, patch: k.patchSize, C: C,
+                          precision: precision)
         nonisolated(unsafe) let x = x, patchOut = patchOut, cls = ptr("cls_token"), pos = ptr("pos_embed")
         Parallel.forEach(B) { b in
             let xb = x + b * N * C
@@ -218,7 +224,8 @@ public final class VisionTransformer: @unchecked Sendable {
         }
         layerNormForward(out: normOut, mean: mean, rstd: rstd, input: pooled, weight: ptr(normName + ".weight"),
                          bias: ptr(normName + ".bias"), rows: B, cols: C)
-        linearForward(out: logits, input: normOut, weight: ptr("head.weight"), bias: ptr("head.bias"), rows: B, inFeatures: C, outFeatures: k.numClasses)
+        linearForward(out: logits, input: normOut, weight: ptr("head.weight"), bias: ptr("head.bias"), rows: B, inFeatures: C, outFeatures: k.numClasses,
+                      precision: precision)
     }
 
     // MARK: Training
@@ -265,7 +272,8 @@ public final class VisionTransformer: @unchecked Sendable {
                              scale: 1 / Float(max(count, 1)))
         zero(a.dNormOut, B * C)
         linearBackward(dInput: a.dNormOut, dWeight: grad("head.weight"), dBias: grad("head.bias"), dOut: a.dLogits,
-                       input: a.normOut, weight: ptr("head.weight"), rows: B, inFeatures: C, outFeatures: K)
+                       input: a.normOut, weight: ptr("head.weight"), rows: B, inFeatures: C, outFeatures: K,
+                       precision: precision)
         zero(a.dPooled, B * C)
         layerNormBackward(dInput: a.dPooled, dWeight: grad(normName + ".weight"), dBias: grad(normName + ".bias"),
                           dOut: a.dNormOut, input: a.pooled, weight: ptr(normName + ".weight"),
@@ -294,7 +302,8 @@ public final class VisionTransformer: @unchecked Sendable {
         Parallel.forEach(B) { b in (dPatchS + b * n * C).update(from: dx + (b * N + 1) * C, count: n * C) }
         patchEmbedBackward(dImages: nil, dWeight: grad("patch_embed.proj.weight"), dBias: grad("patch_embed.proj.bias"),
                            dOut: dPatch, patches: a.patches, weight: ptr("patch_embed.proj.weight"),
-                           B: B, inChans: k.inChans, imgSize: k.imgSize, patch: k.patchSize, C: C)
+                           B: B, inChans: k.inChans, imgSize: k.imgSize, patch: k.patchSize, C: C,
+                           precision: precision)
         return .success(loss)
     }
 

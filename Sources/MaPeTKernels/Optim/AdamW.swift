@@ -126,6 +126,7 @@ public final class AdamW: @unchecked Sendable {
     @discardableResult
     public func update(params: UnsafeMutablePointer<Float>, grads: UnsafeMutablePointer<Float>,
                        clipNorm: Float? = nil, knownNorm: Double? = nil) -> Double {
+        let t0 = Profiler.begin(); defer { Profiler.end(.optimizer, t0) }
         var norm = knownNorm ?? .nan
         if clipNorm != nil && knownNorm == nil { norm = gradNorm(grads: grads) }
         let clip = clipFactor(clipNorm, norm)

@@ -7,13 +7,18 @@ import CBLAS
 /// mapet's one parallel strategy: OpenBLAS runs single-threaded and mapet splits work
 /// (row blocks of a GEMM, batch × heads of attention, chunks of points in k-means) over
 /// `Parallel.threadCount` Dispatch workers. BLAS calls therefore never nest inside a
-/// multi-threaded BLAS, and results depend only on the thread count through the split,
-/// which every kernel keeps independent of the reduction order.
+/// multi-threaded BLAS. Every kernel cuts its work so that no element's reduction order depends
+/// on `threadCount` (GEMM tiles are cut by `planWidth`, k-means by fixed blocks, attention by
+/// batch × heads): results are bitwise the same for any thread count on a given machine.
 public enum Parallel {
     nonisolated(unsafe) private static var _threads: Int = {
         scipy_openblas_set_num_threads(1)
         return max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
     }()
+
+    /// The processor count at start-up. Work that must come out bitwise the same for any
+    /// `threadCount` (GEMM tiles) is cut by this, never by `threadCount`.
+    public static let planWidth: Int = max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
 
     /// Number of worker threads used by mapet kernels.
     public static var threadCount: Int {

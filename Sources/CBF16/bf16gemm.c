@@ -1,0 +1,306 @@
+// bf16 GEMM on AVX512-BF16 (see include/mapet_bf16.h for the contract).
+//
+// Structure (the classic pack + micro-kernel GEMM, Goto/BLIS):
+//   op(B) [K, N] is packed once into panels of NR = 64 columns, [k-pair][column] inside a
+//   panel, converting fp32 → bf16 with round-to-nearest-even (vcvtne2ps2bf16).
+//   A tile of C (rows i0..i1, columns j0..j1) walks K in blocks of KCP k-pairs; for each block
+//   it packs its rows of op(A) (at most MC) and runs the MR × NR = 6 × 64 micro-kernel over
+//   the packed B panels: per k-pair, 4 vector loads of B, 6 broadcast pairs of A, 24
+//   `vdpbf16ps` into 24 zmm accumulators (acc[i] += a.lo·b.lo + a.hi·b.hi per fp32 lane).
+// Every element of C is one accumulator lane summed over its k-pairs in increasing order,
+// one KC block after the other, so its value does not depend on the tiling or the threads.
+#include "mapet_bf16.h"
+
+#include <string.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma,avx2")))
+
+// Blocking, overridable at build time for tuning (-DMAPET_BF16_KCP=…). Measured on Zen 5:
+// KCP 64–192 and MC 48–192 are within noise of each other; 6×64 and 8×48 micro-kernels tie,
+// 12×32 and 14×32 are slower; what is lost against the bare instruction is memory traffic
+// (A packing on narrow N, C and B panels out of L1), not the micro-kernel.
+#ifndef MAPET_BF16_KCP
+#define MAPET_BF16_KCP 128
+#endif
+#ifndef MAPET_BF16_MC
+#define MAPET_BF16_MC 96
+#endif
+enum {
+    MR = 6,          // rows of the micro-kernel
+    NV = 4,          // zmm vectors per row: NR = 16·NV columns
+    NR = 16 * NV,
+    KCP = MAPET_BF16_KCP,   // k-pairs per K block: a 6 × KCP slice of A and a KCP × NR panel of B
+    MC = MAPET_BF16_MC,     // rows of op(A) packed at once (a multiple of MR and of 16)
+};
+
+int mapet_bf16_cpu_supported(void) {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+#else
+    return 0;
+#endif
+}
+
+const char *mapet_bf16_kernel_name(void) { return "avx512bf16 6x64"; }
+
+long mapet_bf16_panel_cols(void) { return NR; }
+
+size_t mapet_bf16_packed_b_words(long K, long N) {
+    long kp = (K + 1) / 2, panels = (N + NR - 1) / NR;
+    return (size_t)kp * (size_t)panels * NR;
+}
+
+size_t mapet_bf16_a_buffer_words(void) { return (size_t)MC * KCP; }
+
+void mapet_bf16_tile_shape(long M, long N, long K, long *tileRows, long *tileCols) {
+    (void)K;
+    long rowTiles = (M + MC - 1) / MC, panels = (N + NR - 1) / NR;
+    // Whole rows of C when there are enough row tiles to share out; otherwise also cut N so
+    // that about 8 tiles exist (2–4 per worker on this project's machines).
+    long colTiles = rowTiles >= 8 ? 1 : (8 + rowTiles - 1) / rowTiles;
+    if (colTiles > panels) colTiles = panels;
+    if (colTiles < 1) colTiles = 1;
+    *tileRows = MC;
+    *tileCols = (panels + colTiles - 1) / colTiles * NR;
+}
+
+long mapet_bf16_next(long *counter) { return __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED); }
+
+#if defined(__x86_64__)
+
+// ---------------------------------------------------------------- conversion helpers
+
+static inline __mmask16 AVX512BF16 mask_first(long n) {
+    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+}
+
+/// 32 consecutive fp32 (masked: the missing ones are 0) → 16 words of consecutive pairs.
+static inline __m512i AVX512BF16 cvt_consecutive(const float *x, long n) {
+    __m512 lo = _mm512_maskz_loadu_ps(mask_first(n), x);
+    __m512 hi = _mm512_maskz_loadu_ps(mask_first(n - 16), x + 16);
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+/// Rows k and k+1, 16 columns each → 16 words (row k in the low half of word j).
+static inline __m512i AVX512BF16 cvt_interleave(const float *r0, const float *r1, long n) {
+    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    __mmask16 m = mask_first(n);
+    __m512 a = _mm512_maskz_loadu_ps(m, r0);
+    __m512 b = r1 ? _mm512_maskz_loadu_ps(m, r1) : _mm512_setzero_ps();
+    __m512i both = (__m512i)_mm512_cvtne2ps_pbh(b, a);   // words 0..15: row k, 16..31: row k+1
+    return _mm512_permutexvar_epi16(idx, both);
+}
+
+/// In-register transpose of a 16 × 16 matrix of 32-bit words.
+static inline void AVX512BF16 transpose16(__m512i r[16]) {
+    __m512i a[16], b[16];
+    for (int m = 0; m < 8; m++) {
+        a[2 * m] = _mm512_unpacklo_epi32(r[2 * m], r[2 * m + 1]);
+        a[2 * m + 1] = _mm512_unpackhi_epi32(r[2 * m], r[2 * m + 1]);
+    }
+    for (int q = 0; q < 4; q++) {
+        b[4 * q + 0] = _mm512_unpacklo_epi64(a[4 * q + 0], a[4 * q + 2]);
+        b[4 * q + 1] = _mm512_unpackhi_epi64(a[4 * q + 0], a[4 * q + 2]);
+        b[4 * q + 2] = _mm512_unpacklo_epi64(a[4 * q + 1], a[4 * q + 3]);
+        b[4 * q + 3] = _mm512_unpackhi_epi64(a[4 * q + 1], a[4 * q + 3]);
+    }
+    // b[4q + c], 128-bit lane L: column 4L + c of rows 4q..4q+3.
+    for (int c = 0; c < 4; c++) {
+        __m512i s0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44);
+        __m512i s1 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
+        __m512i s2 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
+        __m512i s3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+        r[c] = _mm512_shuffle_i32x4(s0, s1, 0x88);
+        r[4 + c] = _mm512_shuffle_i32x4(s0, s1, 0xDD);
+        r[8 + c] = _mm512_shuffle_i32x4(s2, s3, 0x88);
+        r[12 + c] = _mm512_shuffle_i32x4(s2, s3, 0xDD);
+    }
+}
+
+// ---------------------------------------------------------------- packing B
+
+AVX512BF16
+void mapet_bf16_pack_b(int transB, long K, long N, const float *B, long ldb,
+                       long panel0, long panel1, uint32_t *packed) {
+    long kpT = (K + 1) / 2;
+    for (long p = panel0; p < panel1; p++) {
+        uint32_t *dst = packed + (size_t)p * kpT * NR;
+        long j0 = p * NR;
+        if (!transB) {
+            // op(B) = B [K, N]: pair rows k, k+1 column by column.
+            for (long kp = 0; kp < kpT; kp++) {
+                const float *r0 = B + 2 * kp * ldb + j0;
+                const float *r1 = 2 * kp + 1 < K ? r0 + ldb : NULL;
+                for (int v = 0; v < NV; v++) {
+                    __m512i w = cvt_interleave(r0 + 16 * v, r1 ? r1 + 16 * v : NULL, N - j0 - 16 * v);
+                    _mm512_storeu_si512(dst + kp * NR + 16 * v, w);
+                }
+            }
+        } else {
+            // op(B) = Bᵀ, B [N, K]: column j of op(B) is row j of B, its pairs consecutive;
+            // convert 16 rows × 16 pairs and transpose to [pair][column].
+            for (int v = 0; v < NV; v++) {
+                long jv = j0 + 16 * v;
+                for (long kp = 0; kp < kpT; kp += 16) {
+                    __m512i r[16];
+                    for (int jj = 0; jj < 16; jj++) {
+                        if (jv + jj < N) r[jj] = cvt_consecutive(B + (jv + jj) * ldb + 2 * kp, K - 2 * kp);
+                        else r[jj] = _mm512_setzero_si512();
+                    }
+                    transpose16(r);
+                    long nq = kpT - kp < 16 ? kpT - kp : 16;
+                    for (long q = 0; q < nq; q++) _mm512_storeu_si512(dst + (kp + q) * NR + 16 * v, r[q]);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- packing A
+
+/// Packs rows [ib, ib + mb) of op(A), k-pairs [kp0, kp0 + kpn), into abuf. Returns the strides
+/// (in words) between rows and between k-pairs of the layout chosen: rows of pairs for
+/// A [M, K] (each row converts straight from memory), pairs of rows for A [K, M].
+AVX512BF16
+static void pack_a(int transA, long K, const float *A, long lda, long ib, long mb, long kp0, long kpn,
+                   uint32_t *abuf, long *rs, long *ks) {
+    long mbr = (mb + MR - 1) / MR * MR;   // the micro-kernel reads whole MR-row panels
+    if (!transA) {
+        long k0 = 2 * kp0, nk = K - k0 < 2 * kpn ? K - k0 : 2 * kpn;
+        for (long i = 0; i < mb; i++) {
+            const float *src = A + (ib + i) * lda + k0;
+            uint32_t *dst = abuf + i * KCP;
+            for (long q = 0; q < kpn; q += 16) {
+                __m512i w = cvt_consecutive(src + 2 * q, nk - 2 * q);
+                _mm512_mask_storeu_epi32(dst + q, mask_first(kpn - q), w);
+            }
+        }
+        for (long i = mb; i < mbr; i++) memset(abuf + i * KCP, 0, (size_t)kpn * 4);
+        *rs = KCP; *ks = 1;
+    } else {
+        long mbv = (mbr + 15) / 16 * 16;   // ≤ MC: MC is a multiple of 48
+        for (long q = 0; q < kpn; q++) {
+            long k = 2 * (kp0 + q);
+            const float *r0 = A + k * lda + ib;
+            const float *r1 = k + 1 < K ? r0 + lda : NULL;
+            for (long i = 0; i < mbv; i += 16) {
+                __m512i w = cvt_interleave(r0 + i, r1 ? r1 + i : NULL, mb - i);
+                _mm512_storeu_si512(abuf + q * MC + i, w);
+            }
+        }
+        *rs = 1; *ks = MC;
+    }
+}
+
+// ---------------------------------------------------------------- micro-kernel
+
+/// C[0:mr, 0:nr] (+)= alpha · Σ_k a·b over kpn k-pairs. a: row r, pair q at a[r·rs + q·ks];
+/// b: [q][NR]. first: C = alpha·acc + beta·C (beta == 0: C not read); else C += alpha·acc.
+/// `nvu` (1…NV, a constant after inlining) vectors of each B row are used: the last panel of
+/// an N that is not a multiple of NR (197 = 3·64 + 5) computes only the columns it has.
+static inline __attribute__((always_inline)) AVX512BF16
+void kernel_body(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *b,
+                 float *c, long ldc, float alpha, float beta, int first, long mr, long nr, const int nvu) {
+    __m512 acc[MR][NV];
+#pragma clang loop unroll(full)
+    for (int r = 0; r < MR; r++)
+#pragma clang loop unroll(full)
+        for (int v = 0; v < nvu; v++) acc[r][v] = _mm512_setzero_ps();
+    // Bring the C tile in while the k loop runs: it is read and written only at the end, and
+    // a large C is far out of cache (its rows are pages apart).
+    for (long r = 0; r < mr; r++)
+        for (long v = 0; v < nr; v += 16) _mm_prefetch((const char *)(c + r * ldc + v), _MM_HINT_T0);
+    const uint32_t *a0 = a, *a1 = a + rs, *a2 = a + 2 * rs, *a3 = a + 3 * rs, *a4 = a + 4 * rs, *a5 = a + 5 * rs;
+    long off = 0;
+    for (long q = 0; q < kpn; q++, off += ks, b += NR) {
+        __m512bh bv[NV];
+#pragma clang loop unroll(full)
+        for (int v = 0; v < nvu; v++) bv[v] = (__m512bh)_mm512_loadu_si512(b + 16 * v);
+        const uint32_t *rows[MR] = {a0, a1, a2, a3, a4, a5};
+#pragma clang loop unroll(full)
+        for (int r = 0; r < MR; r++) {
+            __m512bh ar = (__m512bh)_mm512_set1_epi32((int)rows[r][off]);
+#pragma clang loop unroll(full)
+            for (int v = 0; v < nvu; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], ar, bv[v]);
+        }
+    }
+    __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    for (long r = 0; r < mr; r++) {
+        float *cr = c + r * ldc;
+#pragma clang loop unroll(full)
+        for (int v = 0; v < nvu; v++) {
+            __mmask16 m = mask_first(nr - 16 * v);
+            if (!m) break;
+            __m512 x;
+            if (first) {
+                x = _mm512_mul_ps(va, acc[r][v]);
+                if (beta != 0.0f) x = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m, cr + 16 * v), x);
+            } else {
+                x = _mm512_fmadd_ps(va, acc[r][v], _mm512_maskz_loadu_ps(m, cr + 16 * v));
+            }
+            _mm512_mask_storeu_ps(cr + 16 * v, m, x);
+        }
+    }
+}
+
+AVX512BF16
+static void kernel_6x64(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *b,
+                        float *c, long ldc, float alpha, float beta, int first, long mr, long nr) {
+    switch ((nr + 15) / 16) {
+    case 1: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, first, mr, nr, 1); break;
+    case 2: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, first, mr, nr, 2); break;
+    case 3: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, first, mr, nr, 3); break;
+    default: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, first, mr, nr, NV); break;
+    }
+}
+
+// ---------------------------------------------------------------- a tile of C
+
+AVX512BF16
+void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const float *A, long lda,
+                     const uint32_t *packedB, float beta, float *C, long ldc,
+                     long i0, long i1, long j0, long j1, uint32_t *abuf) {
+    (void)M;
+    if (j1 > N) j1 = N;
+    long kpT = (K + 1) / 2;
+    for (long kp0 = 0; kp0 < kpT; kp0 += KCP) {
+        long kpn = kpT - kp0 < KCP ? kpT - kp0 : KCP;
+        int first = kp0 == 0;
+        for (long ib = i0; ib < i1; ib += MC) {
+            long mb = i1 - ib < MC ? i1 - ib : MC;
+            long rs, ks;
+            pack_a(transA, K, A, lda, ib, mb, kp0, kpn, abuf, &rs, &ks);
+            for (long j = j0; j < j1; j += NR) {
+                long nr = j1 - j < NR ? j1 - j : NR;
+                const uint32_t *bp = packedB + (size_t)(j / NR) * kpT * NR + (size_t)kp0 * NR;
+                for (long ir = 0; ir < mb; ir += MR) {
+                    long mr = mb - ir < MR ? mb - ir : MR;
+                    kernel_6x64(kpn, abuf + ir * rs, rs, ks, bp, C + (ib + ir) * ldc + j, ldc,
+                                alpha, beta, first, mr, nr);
+                }
+            }
+        }
+    }
+}
+
+#else   // not x86-64: mapet_bf16_cpu_supported() is 0 and nothing below is ever called
+
+void mapet_bf16_pack_b(int transB, long K, long N, const float *B, long ldb,
+                       long panel0, long panel1, uint32_t *packed) {
+    (void)transB; (void)K; (void)N; (void)B; (void)ldb; (void)panel0; (void)panel1; (void)packed;
+}
+
+void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const float *A, long lda,
+                     const uint32_t *packedB, float beta, float *C, long ldc,
+                     long i0, long i1, long j0, long j1, uint32_t *abuf) {
+    (void)transA; (void)M; (void)N; (void)K; (void)alpha; (void)A; (void)lda; (void)packedB;
+    (void)beta; (void)C; (void)ldc; (void)i0; (void)i1; (void)j0; (void)j1; (void)abuf;
+}
+
+#endif

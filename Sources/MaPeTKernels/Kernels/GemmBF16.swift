@@ -1,0 +1,138 @@
+import CBF16
+import Dispatch
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Mixed-precision GEMM on CPUs with AVX512-BF16 (the C target `CBF16`):
+///   C[M, N] = alpha · op(A) · op(B) + beta · C,   op(A) [M, K], op(B) [K, N], row-major,
+/// with every input element rounded to bf16 (round-to-nearest-even) and the products
+/// summed in fp32 (`vdpbf16ps`: two products of exactly representable bf16 values per step).
+/// Error: against the exact product of the ROUNDED inputs, fp32 accumulation gives
+/// |err| ≤ ~K·2⁻²⁴·Σ|a·b|; against the fp32 inputs the bf16 rounding dominates, ≈ 2⁻⁸·Σ|a·b|.
+/// Like the instruction itself, bf16 subnormals (|x| < 2⁻¹²⁶) count as zero.
+public enum BF16 {
+    /// The CPU can run the AVX512-BF16 kernel.
+    public static let isNative: Bool = mapet_bf16_cpu_supported() != 0
+
+    /// The environment variable MAPET_BF16 set to off/0/false switches the kernel off
+    /// (read once, at first use).
+    private static let disabledByEnvironment: Bool = {
+        guard let raw = getenv("MAPET_BF16") else { return false }
+        let value = String(cString: raw).lowercased()
+        return value == "off" || value == "0" || value == "false"
+    }()
+
+    /// Native and not switched off by the environment variable MAPET_BF16=off (read once, at first use).
+    public static var isActive: Bool { isNative && !disabledByEnvironment }
+
+    /// What `bf16Gemm` runs: the micro-kernel's name, or the fp32 fallback.
+    public static var kernelName: String {
+        isActive ? String(cString: mapet_bf16_kernel_name()) : "fp32 (sgemm fallback)"
+    }
+}
+
+/// C = alpha·op(A)·op(B) + beta·C, inputs rounded to bf16 (RNE), fp32 accumulation. Single-threaded.
+/// Semantics of cblas_sgemm (row-major; `lda`, `ldb`, `ldc` are row strides as stored; beta == 0
+/// does not read C; K == 0 gives beta·C). Precondition: BF16.isActive — when it is not, this
+/// computes in fp32 through `sgemm` instead of trapping.
+public func bf16Gemm(transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
+    alpha: Float, A: UnsafePointer<Float>, lda: Int, B: UnsafePointer<Float>, ldb: Int,
+    beta: Float, C: UnsafeMutablePointer<Float>, ldc: Int)
+{
+    bf16GemmDriver(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
+                   B: B, ldb: ldb, beta: beta, C: C, ldc: ldc, parallel: false)
+}
+
+/// The same over Parallel.threadCount workers. Work is split in tiles whose boundaries depend
+/// only on (M, N, K), and every element's K summation order is fixed (one accumulator lane,
+/// k-pairs in increasing order), so the result is bitwise independent of the thread count.
+/// op(B) is packed once, in parallel, and shared; each worker packs its own rows of op(A).
+public func bf16GemmParallel(transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
+    alpha: Float, A: UnsafePointer<Float>, lda: Int, B: UnsafePointer<Float>, ldb: Int,
+    beta: Float, C: UnsafeMutablePointer<Float>, ldc: Int)
+{
+    bf16GemmDriver(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
+                   B: B, ldb: ldb, beta: beta, C: C, ldc: ldc, parallel: true)
+}
+
+/// Rounds to bf16 with round-to-nearest-even and back to fp32 (NaN stays NaN): the reference
+/// for what the kernel does to each input element.
+@inlinable
+public func bf16Round(_ x: Float) -> Float {
+    if x.isNaN { return x }
+    let u = x.bitPattern
+    return Float(bitPattern: (u &+ 0x7FFF &+ ((u >> 16) & 1)) & 0xFFFF_0000)
+}
+
+private func bf16GemmDriver(transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
+    alpha: Float, A: UnsafePointer<Float>, lda: Int, B: UnsafePointer<Float>, ldb: Int,
+    beta: Float, C: UnsafeMutablePointer<Float>, ldc: Int, parallel: Bool)
+{
+    if M <= 0 || N <= 0 { return }
+    guard BF16.isActive else {
+        if !parallel {
+            sgemm(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
+                  B: B, ldb: ldb, beta: beta, C: C, ldc: ldc)
+        } else {
+            sgemmParallel(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
+                          B: B, ldb: ldb, beta: beta, C: C, ldc: ldc)
+        }
+        return
+    }
+    if K <= 0 {
+        for i in 0..<M { for j in 0..<N { C[i * ldc + j] = beta == 0 ? 0 : beta * C[i * ldc + j] } }
+        return
+    }
+    let NR = mapet_bf16_panel_cols()
+    let panels = (N + NR - 1) / NR
+    let packed = UnsafeMutableRawPointer.allocate(
+        byteCount: mapet_bf16_packed_b_words(K, N) * 4, alignment: 64).assumingMemoryBound(to: UInt32.self)
+    defer { packed.deallocate() }
+    var shape = (rows: 0, cols: 0)
+    mapet_bf16_tile_shape(M, N, K, &shape.rows, &shape.cols)
+    let tileRows = shape.rows, tileCols = shape.cols
+    let rowTiles = (M + tileRows - 1) / tileRows, colTiles = (N + tileCols - 1) / tileCols
+    let tiles = rowTiles * colTiles
+    // Small products are not worth a thread hop (the result is the same either way).
+    let flops = 2.0 * Double(M) * Double(N) * Double(K)
+    let threads = parallel && flops >= 4e6 ? Parallel.threadCount : 1
+    let workers = max(1, min(threads, tiles))
+    let tA: Int32 = transA ? 1 : 0, tB: Int32 = transB ? 1 : 0
+
+    nonisolated(unsafe) let A = A, B = B, C = C, packedB = packed
+    let runTile = { @Sendable (t: Int, abuf: UnsafeMutablePointer<UInt32>) in
+        let i0 = (t / colTiles) * tileRows, j0 = (t % colTiles) * tileCols
+        mapet_bf16_tile(tA, M, N, K, alpha, A, lda, packedB, beta, C, ldc,
+                        i0, min(i0 + tileRows, M), j0, min(j0 + tileCols, N), abuf)
+    }
+    let abufBytes = mapet_bf16_a_buffer_words() * 4
+    if workers == 1 {
+        mapet_bf16_pack_b(tB, K, N, B, ldb, 0, panels, packedB)
+        let abuf = UnsafeMutableRawPointer.allocate(byteCount: abufBytes, alignment: 64)
+            .assumingMemoryBound(to: UInt32.self)
+        defer { abuf.deallocate() }
+        for t in 0..<tiles { runTile(t, abuf) }
+        return
+    }
+    DispatchQueue.concurrentPerform(iterations: min(workers, panels)) { w in
+        let parts = min(workers, panels)
+        mapet_bf16_pack_b(tB, K, N, B, ldb, panels * w / parts, panels * (w + 1) / parts, packedB)
+    }
+    // Tiles are handed out first come, first served: which worker computes a tile never
+    // changes its value.
+    let counter = UnsafeMutablePointer<Int>.allocate(capacity: 1)
+    counter.initialize(to: 0)
+    defer { counter.deallocate() }
+    nonisolated(unsafe) let next = counter
+    DispatchQueue.concurrentPerform(iterations: workers) { _ in
+        let abuf = UnsafeMutableRawPointer.allocate(byteCount: abufBytes, alignment: 64)
+            .assumingMemoryBound(to: UInt32.self)
+        defer { abuf.deallocate() }
+        while true {
+            let t = mapet_bf16_next(next)
+            if t >= tiles { break }
+            runTile(t, abuf)
+        }
+    }
+}

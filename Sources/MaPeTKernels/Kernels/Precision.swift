@@ -1,0 +1,49 @@
+// Numeric precision of a model's matrix products (SPEC §7, autocast semantics):
+//   .fp32  every GEMM in fp32 (OpenBLAS sgemm);
+//   .bf16  GEMM inputs rounded to bf16, fp32 accumulation, fp32 outputs — when the bf16
+//          kernel is active (`BF16.isActive`); otherwise the fp32 path runs.
+// Parameters, gradients, optimizer state, LayerNorm, softmax, GELU and losses are fp32 in both.
+
+public enum Precision: String, Sendable, CaseIterable {
+    case fp32, bf16
+
+    /// Whether a product requested at this precision runs through the bf16 kernel.
+    @inline(__always)
+    public var usesBF16: Bool { self == .bf16 && BF16.isActive }
+}
+
+/// C[M, N] = alpha · op(A) · op(B) + beta · C at `precision`, split over the worker threads
+/// (arguments as `sgemm`; the result does not depend on the thread count).
+@inline(__always)
+public func gemm(
+    _ precision: Precision, transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
+    alpha: Float, A: UnsafePointer<Float>, lda: Int,
+    B: UnsafePointer<Float>, ldb: Int,
+    beta: Float, C: UnsafeMutablePointer<Float>, ldc: Int
+) {
+    if precision.usesBF16 {
+        bf16GemmParallel(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
+                         B: B, ldb: ldb, beta: beta, C: C, ldc: ldc)
+    } else {
+        sgemmParallel(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
+                      B: B, ldb: ldb, beta: beta, C: C, ldc: ldc)
+    }
+}
+
+/// The same product on the calling thread (for callers that parallelise outside, e.g. attention
+/// over batch × heads).
+@inline(__always)
+public func gemmSerial(
+    _ precision: Precision, transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
+    alpha: Float, A: UnsafePointer<Float>, lda: Int,
+    B: UnsafePointer<Float>, ldb: Int,
+    beta: Float, C: UnsafeMutablePointer<Float>, ldc: Int
+) {
+    if precision.usesBF16 {
+        bf16Gemm(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
+                 B: B, ldb: ldb, beta: beta, C: C, ldc: ldc)
+    } else {
+        sgemm(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
+              B: B, ldb: ldb, beta: beta, C: C, ldc: ldc)
+    }
+}
