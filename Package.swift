@@ -66,6 +66,10 @@ let package = Package(
             name: "MaPeTKernels",
             dependencies: ["CBLAS", "CBF16"],
             swiftSettings: [
+                // -Ounchecked (no overflow/bounds traps) measured against -O on the shared 2-core
+                // machine: k-means fit ~30 % faster, ViT-Tiny train step ~10 %, AdamW the same.
+                // Kept: PyModule checks every size and index before it reaches the kernels
+                // (Sizes.swift, Buffers.swift), so no Python input gets here unchecked.
                 .unsafeFlags(["-Ounchecked", "-wmo"], .when(configuration: .release)),
                 .unsafeFlags(["-target-cpu", targetCPU]),
             ]

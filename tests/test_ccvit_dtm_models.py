@@ -514,7 +514,8 @@ def test_save_load_round_trip(kind, tmp_path):
     back = mapet.load(path)
     assert type(back) is type(m) and back.config == m.config
     a, b = m.state_dict(), back.state_dict()
-    assert list(a) == list(b) == list(tensors)
+    # model order in memory; the safetensors package orders the file's tensors itself
+    assert list(a) == list(b) and sorted(tensors) == sorted(a)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     if kind == "ccvit":
         x, tokens, targets, mask, replaced = ccvit_data(rng)

@@ -376,7 +376,7 @@ def test_save_load_round_trip(kind, tmp_path):
     m.save(path)
     tensors, meta = load_file(path)
     assert meta["format"] == "mapet" and meta["model"] == kind and json.loads(meta["config"]) == m.config
-    assert list(tensors) == list(m.state_dict())
+    assert sorted(tensors) == sorted(m.state_dict())  # the safetensors package orders the file
     back = load_pretrain_model(path)
     assert type(back) is type(m) and back.config == m.config
     assert np.array_equal(back.params_flat(), m.params_flat())

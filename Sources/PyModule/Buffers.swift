@@ -2,6 +2,9 @@
 // dtype, ndim, shape and contiguity that names the argument on failure.
 import CPythonBridge
 import MaPeTKernels
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A validated, C-contiguous view of a Python buffer.
 struct ArrayView<T> {
@@ -13,8 +16,15 @@ struct ArrayView<T> {
 
 /// Holds the Py_buffer views taken during one call; `release()` (with the GIL held)
 /// gives them back. Use as `let arena = BufferArena(); defer { arena.release() }`.
+///
+/// Read-only integer arrays (labels, tokens, masks, ids, memberships) are copied into
+/// private storage while the GIL is held: the checks made on them (ranges, counts) then
+/// still hold when the engine reads them after releasing the GIL, whatever another
+/// Python thread writes into the caller's array meanwhile. Float inputs are borrowed:
+/// a concurrent write can only change the numbers, never an index.
 final class BufferArena {
     private var views: [UnsafeMutablePointer<Py_buffer>] = []
+    private var copies: [UnsafeMutableRawPointer] = []
 
     func release() {
         for v in views {
@@ -22,6 +32,8 @@ final class BufferArena {
             v.deallocate()
         }
         views.removeAll()
+        for c in copies { free(c) }
+        copies.removeAll()
     }
 
     deinit { release() }
@@ -31,12 +43,25 @@ final class BufferArena {
         try view(obj, name, shape, writable: writable, dtype: .float32)
     }
 
+    /// Borrows `obj` as an int32 array; a read-only one is a private copy (see the type's note).
     func int32(_ obj: PyObj, _ name: String, _ shape: [Int?], writable: Bool = false) throws -> ArrayView<Int32> {
-        try view(obj, name, shape, writable: writable, dtype: .int32)
+        let v: ArrayView<Int32> = try view(obj, name, shape, writable: writable, dtype: .int32)
+        return writable ? v : try privateCopy(v, name)
     }
 
     func int64(_ obj: PyObj, _ name: String, _ shape: [Int?], writable: Bool = false) throws -> ArrayView<Int64> {
-        try view(obj, name, shape, writable: writable, dtype: .int64)
+        let v: ArrayView<Int64> = try view(obj, name, shape, writable: writable, dtype: .int64)
+        return writable ? v : try privateCopy(v, name)
+    }
+
+    private func privateCopy<T>(_ v: ArrayView<T>, _ name: String) throws -> ArrayView<T> {
+        let bytes = v.count * MemoryLayout<T>.stride
+        guard let p = malloc(Swift.max(bytes, 64)) else {
+            throw PyError.memory("\(name): could not allocate \(bytes) bytes for a private copy")
+        }
+        copies.append(p)
+        p.copyMemory(from: v.pointer, byteCount: bytes)
+        return ArrayView(pointer: p.assumingMemoryBound(to: T.self), shape: v.shape)
     }
 
     /// Borrows a 2-d float32 array whose rows may lie apart (e.g. a column slice `x[:, :k]` of a
@@ -102,15 +127,16 @@ final class BufferArena {
             let ptr = b.buf ?? UnsafeMutableRawPointer(mutating: emptyStorage)
             return ArrayView(pointer: ptr.assumingMemoryBound(to: T.self), shape: actual)
         }
-        // C-contiguity (extent-1 dimensions may carry any stride).
+        // C-contiguity (extent-1 dimensions may carry any stride; an empty array has no layout).
         var expectedStride = b.itemsize
-        for d in Swift.stride(from: ndim - 1, through: 0, by: -1) where actual[d] > 1 {
+        let empty = actual.contains(0)
+        for d in Swift.stride(from: ndim - 1, through: 0, by: -1) where actual[d] > 1 && !empty {
             guard b.strides![d] == expectedStride else {
                 throw PyError.value("\(name): expected a C-contiguous array, got strides \((0..<ndim).map { b.strides![$0] }) for shape \(actual) (use np.ascontiguousarray)")
             }
             expectedStride *= actual[d]
         }
-        let count = actual.reduce(1, *)
+        let count = try checkedProduct(actual, name)
         if count > 0 && b.buf == nil { throw PyError.value("\(name): buffer has no data") }
         // An empty array may have no storage at all; hand kernels a valid dummy pointer.
         let ptr = b.buf ?? UnsafeMutableRawPointer(mutating: emptyStorage)

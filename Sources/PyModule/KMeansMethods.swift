@@ -44,7 +44,9 @@ let kmeansMethods: [Method] = [
         let options = KMeansOptions(k: k, iterations: iters, spherical: spherical,
                                     initialization: KMeansInit(rawValue: kind)!, seed: seed, stream: stream, bounds: bounds)
         nonisolated(unsafe) let (xp, cp, lp) = (x.readOnly, c.pointer, labels.pointer)
-        let result = withoutGIL { kmeansFit(centroids: cp, labels: lp, x: xp, n: N, d: d, options: options) }
+        let result = try interruptible { stop in
+            kmeansFit(centroids: cp, labels: lp, x: xp, n: N, d: d, options: options, shouldStop: stop)
+        }
         let history = try pyList(result.history.map { h in
             try pyTuple([pyFloat(h.objective), pyFloat(h.seconds), pyInt(h.splits), pyInt(h.searched)])
         })

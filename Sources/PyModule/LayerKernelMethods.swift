@@ -236,6 +236,7 @@ let layerKernelMethods: [Method] = [
         let (B, S) = (img.shape[0], img.shape[2])
         guard img.shape[3] == S, S % p == 0 else { throw PyError.value("images: expected square images with a side divisible by \(p), got \(img.shape)") }
         let nP = (S / p) * (S / p)
+        _ = try checkedProduct([B, nP, Cin, p, p, 4], "patches")
         let b = try optionalF32(arena, args, 4, "bias", [C])
         let out = try arena.float32(args[0], "out", [B, nP, C], writable: true)
         let patches = try arena.float32(args[1], "patches", [B, nP, Cin * p * p], writable: true)
@@ -250,10 +251,11 @@ let layerKernelMethods: [Method] = [
         let arena = BufferArena(); defer { arena.release() }
         let w = try arena.float32(args[5], "weight", [nil, nil, nil, nil])
         let (C, Cin, p) = (w.shape[0], w.shape[1], w.shape[2])
-        let S = try args.int(6, "img_size", min: 1)
+        guard w.shape[3] == p, p > 0 else { throw PyError.value("weight: expected square kernels [C, Cin, p, p] with p ≥ 1, got \(w.shape)") }
+        let S = try args.int(6, "img_size", min: 1, max: 1 << 20)
         guard S % p == 0 else { throw PyError.value("img_size: \(S) is not divisible by the patch size \(p)") }
         let nP = (S / p) * (S / p)
-        let patches = try arena.float32(args[4], "patches", [nil, nP, Cin * p * p])
+        let patches = try arena.float32(args[4], "patches", [nil, nP, try checkedProduct([Cin, p, p], "weight")])
         let B = patches.shape[0]
         let dout = try arena.float32(args[3], "dout", [B, nP, C])
         let di = try optionalF32(arena, args, 0, "dimages", [B, Cin, S, S], writable: true)

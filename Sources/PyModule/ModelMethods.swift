@@ -22,6 +22,35 @@ private func images(_ arena: BufferArena, _ obj: PyObj, _ k: ViTConfig) throws -
     return x
 }
 
+/// AdamW's hyper-parameters as the engine uses them (float32): each is checked after rounding
+/// to float32, so a value finite in float64 cannot become inf, 0 or 1 in the update.
+private struct AdamWHyper {
+    let lr, beta1, beta2, eps, weightDecay: Float
+
+    /// Parses args[i..<i+5] = (lr, beta1, beta2, eps, weight_decay).
+    init(_ args: Args, _ i: Int) throws {
+        func f32(_ j: Int, _ name: String) throws -> Float {
+            let d = try args.finiteDouble(j, name)
+            let f = Float(d)
+            guard f.isFinite else { throw PyError.value("\(name): \(d) is not finite in float32 (the engine's precision)") }
+            return f
+        }
+        lr = try f32(i, "lr"); beta1 = try f32(i + 1, "beta1"); beta2 = try f32(i + 2, "beta2")
+        eps = try f32(i + 3, "eps"); weightDecay = try f32(i + 4, "weight_decay")
+        guard lr >= 0 else { throw PyError.value("lr: expected a value ≥ 0, got \(lr)") }
+        for (name, b) in [("beta1", beta1), ("beta2", beta2)] where !(b >= 0 && b < 1) {
+            throw PyError.value("\(name): expected a value in [0, 1) in float32 (the engine's precision), got \(try args.double(name == "beta1" ? i + 1 : i + 2, name)) which rounds to \(b)")
+        }
+        guard eps > 0, eps.isNormal else {
+            throw PyError.value("eps: expected a positive value that is a normal float32 (≥ \(Float.leastNormalMagnitude)), got \(try args.double(i + 3, "eps"))")
+        }
+        guard weightDecay >= 0 else { throw PyError.value("weight_decay: expected a value ≥ 0, got \(weightDecay)") }
+        guard lr * weightDecay <= 1 else {
+            throw PyError.value("lr·weight_decay: expected at most 1 (decoupled decay multiplies weights by 1 − lr·weight_decay), got \(lr)·\(weightDecay)")
+        }
+    }
+}
+
 extension Args {
     /// A matrix-product precision given by name ("fp32" or "bf16").
     func precision(_ i: Int, _ name: String) throws -> Precision {
@@ -57,6 +86,7 @@ let modelMethods: [Method] = [
         if let problem = k.problem { throw PyError.value(problem) }
         guard k.mlpRatio > 0, Double(k.hidden) < 1e7 else { throw PyError.value("mlp_ratio: expected a positive ratio, got \(k.mlpRatio)") }
         let total = VisionTransformer.makeTable(k).total
+        try requireModelFits(k, total: total, outputs: 1)
         guard total < (1 << 34) else { throw PyError.value("model too large: \(total) parameters") }
         guard let model = withoutGIL({ VisionTransformer(config: k, seed: seed) }) else {
             throw PyError.memory("vit_create: could not allocate \(total) parameters")
@@ -82,14 +112,14 @@ let modelMethods: [Method] = [
         let m = try args.handle(0, "model", VisionTransformer.self)
         let seed = UInt64(bitPattern: Int64(try args.int(1, "seed")))
         let stream = UInt64(try args.int(2, "stream", min: 0))
-        m.rng = Xoshiro256StarStar(seed: seed, stream: stream)
+        exclusive(m) { m.rng = Xoshiro256StarStar(seed: seed, stream: stream) }
         return none()
     } }, doc: "vit_reseed(model, seed, stream): restart the drop-path generator on stream `stream` of `seed`."),
 
     Method(name: "vit_zero_grad", function: { _, a, n in call(a, n, "vit_zero_grad") { args in
         try args.expect(1)
         let m = try args.handle(0, "model", VisionTransformer.self)
-        withoutGIL { m.zeroGrad() }
+        exclusive(m) { m.zeroGrad() }
         return none()
     } }, doc: "vit_zero_grad(model)"),
 
@@ -101,9 +131,10 @@ let modelMethods: [Method] = [
         let x = try images(arena, args[1], m.config)
         let B = x.shape[0], k = m.config
         let features = try args.bool(3, "features")
+        try requireBatchFits(m.config, B: B, outputs: 1)
         let out = features ? try arena.float32(args[2], "out", [B, k.numTokens, k.embedDim], writable: true)
                            : try arena.float32(args[2], "out", [B, k.numClasses], writable: true)
-        let ok = withoutGIL {
+        let ok = exclusive(m) {
             features ? m.forwardFeatures(out: out.pointer, images: x.readOnly, B: B) : m.forward(logits: out.pointer, images: x.readOnly, B: B)
         }
         guard ok else { throw PyError.memory("forward: could not allocate activations for batch \(B)") }
@@ -117,6 +148,7 @@ let modelMethods: [Method] = [
         let arena = BufferArena(); defer { arena.release() }
         let x = try images(arena, args[1], m.config)
         let B = x.shape[0], K = m.config.numClasses
+        try requireBatchFits(m.config, B: B, outputs: 1)
         let labels = try arena.int32(args[2], "labels", [B])
         for i in 0..<B where labels.pointer[i] < 0 || labels.pointer[i] >= K {
             throw PyError.value("labels: expected class indices in [0, \(K)), got \(labels.pointer[i]) at position \(i)")
@@ -125,7 +157,7 @@ let modelMethods: [Method] = [
         guard eps >= 0 && eps <= 1 else { throw PyError.value("label_smoothing: expected a value in [0, 1], got \(eps)") }
         let logits = args.isNone(4) ? nil : try arena.float32(args[4], "logits_out", [B, K], writable: true)
         nonisolated(unsafe) let lo = logits?.pointer
-        let r = withoutGIL { m.trainStep(images: x.readOnly, labels: labels.readOnly, B: B, smoothing: Float(eps), logitsOut: lo) }
+        let r = exclusive(m) { m.trainStep(images: x.readOnly, labels: labels.readOnly, B: B, smoothing: Float(eps), logitsOut: lo) }
         switch r {
         case .success(let loss): return pyFloat(loss)
         case .failure(.outOfMemory): throw PyError.memory("train_step: could not allocate activations for batch \(B)")
@@ -137,7 +169,8 @@ let modelMethods: [Method] = [
     Method(name: "vit_set_precision", function: { _, a, n in call(a, n, "vit_set_precision") { args in
         try args.expect(2)
         let m = try args.handle(0, "model", VisionTransformer.self)
-        m.precision = try args.precision(1, "precision")
+        let precision = try args.precision(1, "precision")
+        exclusive(m) { m.precision = precision }   // not in the middle of another thread's step
         return none()
     } }, doc: "vit_set_precision(model, precision): 'fp32' or 'bf16' for every matrix product."),
 
@@ -148,7 +181,8 @@ let modelMethods: [Method] = [
 
     Method(name: "vit_release", function: { _, a, n in call(a, n, "vit_release") { args in
         try args.expect(1)
-        try args.handle(0, "model", VisionTransformer.self).releaseActivations()
+        let m = try args.handle(0, "model", VisionTransformer.self)
+        exclusive(m) { m.releaseActivations() }
         return none()
     } }, doc: "vit_release(model): frees the cached training activations."),
 
@@ -166,14 +200,14 @@ let modelMethods: [Method] = [
             let off = PyLong_AsLongLong(PyTuple_GetItem(item, 0)), cnt = PyLong_AsLongLong(PyTuple_GetItem(item, 1))
             let decay = PyObject_IsTrue(PyTuple_GetItem(item, 2)), scale = PyFloat_AsDouble(PyTuple_GetItem(item, 3))
             if PyErr_Occurred() != nil { throw PythonErrorSet() }
-            guard off >= 0, cnt >= 0, off + cnt <= total, scale.isFinite, scale >= 0 else {
+            guard off >= 0, cnt >= 0, off <= Int64(total), cnt <= Int64(total) - off, scale.isFinite, scale >= 0 else {
                 throw PyError.value("segments[\(i)]: (\(off), \(cnt), _, \(scale)) is outside the block of \(total) or has a bad lr scale")
             }
             segs.append(AdamWSegment(offset: Int(off), count: Int(cnt), decay: decay != 0, lrScale: Float(scale)))
         }
-        let lr = try args.finiteDouble(2, "lr"), b1 = try args.finiteDouble(3, "beta1"), b2 = try args.finiteDouble(4, "beta2")
-        let eps = try args.finiteDouble(5, "eps"), wd = try args.finiteDouble(6, "weight_decay")
-        guard let opt = AdamW(total: total, segments: segs, lr: Float(lr), beta1: Float(b1), beta2: Float(b2), eps: Float(eps), weightDecay: Float(wd)) else {
+        let h = try AdamWHyper(args, 2)
+        try requireMemory(product([total, 8]), "AdamW's moments for \(total) parameters")
+        guard let opt = AdamW(total: total, segments: segs, lr: h.lr, beta1: h.beta1, beta2: h.beta2, eps: h.eps, weightDecay: h.weightDecay) else {
             throw PyError.memory("AdamW: could not allocate moments for \(total) parameters")
         }
         guard let h = makeHandle(opt) else { throw PythonErrorSet() }
@@ -184,10 +218,12 @@ let modelMethods: [Method] = [
         // (opt, lr, beta1, beta2, eps, weight_decay, step)
         try args.expect(7)
         let opt = try args.handle(0, "optimizer", AdamW.self)
-        opt.lr = Float(try args.finiteDouble(1, "lr")); opt.beta1 = Float(try args.finiteDouble(2, "beta1"))
-        opt.beta2 = Float(try args.finiteDouble(3, "beta2")); opt.eps = Float(try args.finiteDouble(4, "eps"))
-        opt.weightDecay = Float(try args.finiteDouble(5, "weight_decay"))
-        opt.step = try args.int(6, "step", min: 0)
+        let h = try AdamWHyper(args, 1)
+        let step = try args.int(6, "step", min: 0, max: 1 << 53)
+        exclusive(opt) {  // all checked above: the optimizer changes completely or not at all
+            opt.lr = h.lr; opt.beta1 = h.beta1; opt.beta2 = h.beta2; opt.eps = h.eps
+            opt.weightDecay = h.weightDecay; opt.step = step
+        }
         return none()
     } }, doc: "adamw_configure(opt, lr, beta1, beta2, eps, weight_decay, step)"),
 
@@ -211,12 +247,22 @@ let modelMethods: [Method] = [
             guard c > 0 else { throw PyError.value("clip_grad: expected a positive max norm, got \(c)") }
             clip = Float(c)
         }
-        let norm = withoutGIL { opt.gradNorm(grads: g.readOnly) }
+        nonisolated(unsafe) let (pp, gp) = (p.pointer, g.pointer)
+        let (norm, finite) = exclusive(opt) {
+            let norm = opt.gradNorm(grads: UnsafePointer(gp))
+            guard norm.isFinite else { return (norm, true) }
+            // A dry run first: an update that would leave a parameter or moment non-finite
+            // (a learning rate too large for float32) is refused, not applied.
+            guard opt.updateStaysFinite(params: pp, grads: gp, clipNorm: clip, knownNorm: norm) else { return (norm, false) }
+            _ = opt.update(params: pp, grads: gp, clipNorm: clip, knownNorm: norm)
+            return (norm, true)
+        }
         guard norm.isFinite else {
             throw PyError.value("AdamW.step: the gradient norm is not finite (\(norm)); parameters were not changed")
         }
-        nonisolated(unsafe) let (pp, gp) = (p.pointer, g.pointer)
-        _ = withoutGIL { opt.update(params: pp, grads: gp, clipNorm: clip, knownNorm: norm) }
+        guard finite else {
+            throw PyError.value("AdamW.step: this update would make parameters or moments non-finite in float32 (lr=\(opt.lr), weight_decay=\(opt.weightDecay)); parameters were not changed")
+        }
         return pyFloat(norm)
     } }, doc: "adamw_step(opt, params, grads, clip_grad) -> gradient norm before clipping."),
 ]

@@ -33,6 +33,7 @@ public func PyInit__core() -> UnsafeMutablePointer<PyObject>? {
     methodTable = table
     guard let module = mapet_module_create("mapet._core", "Swift engine of mapet.", table) else { return nil }
     guard registerTensorType(in: module) else { mapet_py_decref(module); return nil }
+    guard mapet_capture_main_thread() == 0 else { mapet_py_decref(module); return nil }
     Parallel.threadCount = Parallel.threadCount  // pins OpenBLAS to one thread
     return module
 }

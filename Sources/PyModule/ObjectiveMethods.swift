@@ -13,6 +13,14 @@ func checkIds(_ ids: ArrayView<Int32>, _ name: String, below bound: Int, what: S
     }
 }
 
+/// Bytes the morphing's per-sample working state takes across the worker threads: the
+/// (N+1)/2 × N/2 score matrix and four copies of the [N, D] tokens (MorphingState).
+private func morphingBytes(B: Int, N: Int, D: Int) -> Int? {
+    guard let scores = product([(N + 1) / 2, N / 2]), let tokens = product([N, D, 4]),
+          let perSample = sum([scores, tokens, product([N, 8]) ?? -1]), perSample >= 0 else { return nil }
+    return product([perSample, Swift.min(Swift.max(B, 1), Parallel.threadCount), 4])
+}
+
 private func seedArg(_ args: Args, _ i: Int) throws -> UInt64 {
     UInt64(try args.int(i, "seed", min: 0))
 }
@@ -62,6 +70,7 @@ let objectiveMethods: [Method] = [
         let iterations = try args.int(2, "iterations", min: 0, max: 1 << 20)
         let protectFirst = try args.bool(3, "protect_first")
         let G = tokenMorphingGroupCount(N: N, r: r, iterations: iterations, protectFirst: protectFirst)
+        try requireMemory(morphingBytes(B: B, N: N, D: D), "token morphing of \(N) tokens of dimension \(D)")
         let m = try arena.int32(args[4], "membership", [B, N], writable: true)
         let s = try arena.int32(args[5], "sizes", [B, G], writable: true)
         let out = try arena.float32(args[6], "merged", [B, G, D], writable: true)
@@ -87,6 +96,7 @@ let objectiveMethods: [Method] = [
             throw PyError.value("dtm_memberships: schedule \(l) needs r ≥ 0 and 0 ≤ iterations ≤ 2^20, got r=\(r), iterations=\(k)")
         }
         let protectFirst = try args.bool(3, "protect_first")
+        try requireMemory(morphingBytes(B: B, N: N, D: D), "token morphing of \(N) tokens of dimension \(D)")
         let out = try arena.int32(args[4], "out", [rs.count, B, N], writable: true)
         nonisolated(unsafe) let (px, po) = (x.readOnly, out.pointer)
         withoutGIL {
@@ -142,14 +152,14 @@ let objectiveMethods: [Method] = [
         let arena = BufferArena(); defer { arena.release() }
         let img = try arena.float32(args[0], "images", [nil, nil, nil, nil], writable: true)
         let (B, C, H, W) = (img.shape[0], img.shape[1], img.shape[2], img.shape[3])
-        let P = try args.int(4, "patch_size", min: 1)
+        let P = try args.int(4, "patch_size", min: 1, max: 1 << 16)
         guard H % P == 0, W % P == 0 else {
             throw PyError.value("images: expected height and width divisible by patch_size \(P), got \(H)×\(W)")
         }
         let nP = (H / P) * (W / P)
         let mask = try arena.int32(args[1], "mask", [B, nP])
         let ids = try arena.int32(args[2], "centroid_ids", [B, nP])
-        let cent = try arena.float32(args[3], "centroids", [nil, C * P * P])
+        let cent = try arena.float32(args[3], "centroids", [nil, try checkedProduct([C, P, P], "centroids")])
         try checkIds(ids, "centroid_ids", below: cent.shape[0], what: "centroid indices")
         let numReplace = try args.int(5, "num_replace", min: 0)
         let seed = try seedArg(args, 6)
@@ -169,11 +179,11 @@ let objectiveMethods: [Method] = [
         let arena = BufferArena(); defer { arena.release() }
         let img = try arena.float32(args[0], "images", [nil, nil, nil, nil])
         let (B, C, H, W) = (img.shape[0], img.shape[1], img.shape[2], img.shape[3])
-        let P = try args.int(1, "patch_size", min: 1)
+        let P = try args.int(1, "patch_size", min: 1, max: 1 << 16)
         guard H % P == 0, W % P == 0 else {
             throw PyError.value("images: expected height and width divisible by patch_size \(P), got \(H)×\(W)")
         }
-        let out = try arena.float32(args[2], "out", [B, (H / P) * (W / P), C * P * P], writable: true)
+        let out = try arena.float32(args[2], "out", [B, (H / P) * (W / P), try checkedProduct([C, P, P], "out")], writable: true)
         nonisolated(unsafe) let (pi, po) = (img.readOnly, out.pointer)
         withoutGIL { ccvitPixelTargets(out: po, images: pi, B: B, C: C, H: H, W: W, P: P) }
         return none()

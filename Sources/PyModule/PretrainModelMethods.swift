@@ -22,6 +22,7 @@ private func pretrainImages(_ arena: BufferArena, _ obj: PyObj, _ k: ViTConfig) 
         throw PyError.value("images: expected \(k.imgSize)×\(k.imgSize) images (shape \(want)), got shape \(x.shape)")
     }
     guard x.shape[0] >= 1 else { throw PyError.value("images: expected at least one image, got shape \(x.shape)") }
+    try requireBatchFits(k, B: x.shape[0], outputs: 1)
     return x
 }
 
@@ -113,6 +114,7 @@ let pretrainModelMethods: [Method] = [
         k.headLayers = try args.int(15, "head_layers", min: 1, max: 64)
         if let problem = k.problem { throw PyError.value(problem) }
         let total = PretrainModel.makeTable(k).total
+        try requireModelFits(k.vit, total: total, outputs: k.vocabSize, streams: k.twoStream ? 2 : 1)
         guard total < (1 << 34) else { throw PyError.value("model too large: \(total) parameters") }
         let model: PretrainModel? = withoutGIL {
             k.twoStream ? MaPeTModel(config: k, seed: seed)
@@ -138,13 +140,14 @@ let pretrainModelMethods: [Method] = [
     Method(name: "pretrain_zero_grad", function: { _, a, n in call(a, n, "pretrain_zero_grad") { args in
         try args.expect(1)
         let m = try args.handle(0, "model", PretrainModel.self)
-        withoutGIL { m.zeroGrad() }
+        exclusive(m) { m.zeroGrad() }
         return none()
     } }, doc: "pretrain_zero_grad(model)"),
 
     Method(name: "pretrain_rng_state", function: { _, a, n in call(a, n, "pretrain_rng_state") { args in
         try args.expect(1)
-        let s = try args.handle(0, "model", PretrainModel.self).rng.stateWords
+        let m = try args.handle(0, "model", PretrainModel.self)
+        let s = exclusive(m) { m.rng.stateWords }
         return try pyTuple([s.0, s.1, s.2, s.3].map { pyInt(Int(Int64(bitPattern: $0))) })
     } }, doc: "pretrain_rng_state(model) -> 4 signed 64-bit words of the drop-path xoshiro256** state"),
 
@@ -153,21 +156,23 @@ let pretrainModelMethods: [Method] = [
         let m = try args.handle(0, "model", PretrainModel.self)
         let s = (try word(args, 1, "s0"), try word(args, 2, "s1"), try word(args, 3, "s2"), try word(args, 4, "s3"))
         guard s.0 | s.1 | s.2 | s.3 != 0 else { throw PyError.value("state: a xoshiro256** state must not be all zero") }
-        m.rng = Xoshiro256StarStar(state: s)
+        exclusive(m) { m.rng = Xoshiro256StarStar(state: s) }
         return none()
     } }, doc: "pretrain_set_rng_state(model, s0, s1, s2, s3)"),
 
     Method(name: "pretrain_set_seed", function: { _, a, n in call(a, n, "pretrain_set_seed") { args in
         try args.expect(2)
         let m = try args.handle(0, "model", PretrainModel.self)
-        m.rng = Xoshiro256StarStar(seed: try word(args, 1, "seed"), stream: 1)
+        let seed = try word(args, 1, "seed")
+        exclusive(m) { m.rng = Xoshiro256StarStar(seed: seed, stream: 1) }
         return none()
     } }, doc: "pretrain_set_seed(model, seed_bits): restarts the drop-path generator"),
 
     Method(name: "pretrain_set_precision", function: { _, a, n in call(a, n, "pretrain_set_precision") { args in
         try args.expect(2)
         let m = try args.handle(0, "model", PretrainModel.self)
-        m.precision = try args.precision(1, "precision")
+        let precision = try args.precision(1, "precision")
+        exclusive(m) { m.precision = precision }   // not in the middle of another thread's step
         return none()
     } }, doc: "pretrain_set_precision(model, precision): 'fp32' or 'bf16' for every matrix product."),
 
@@ -179,8 +184,10 @@ let pretrainModelMethods: [Method] = [
     Method(name: "pretrain_release", function: { _, a, n in call(a, n, "pretrain_release") { args in
         try args.expect(1)
         let m = try args.handle(0, "model", PretrainModel.self)
-        (m as? MaPeTModel)?.releaseActivations()
-        (m as? BEiTModel)?.releaseActivations()   // BEiT, DTM and CCViT
+        exclusive(m) {
+            (m as? MaPeTModel)?.releaseActivations()
+            (m as? BEiTModel)?.releaseActivations()   // BEiT, DTM and CCViT
+        }
         return none()
     } }, doc: "pretrain_release(model): frees the cached activations."),
 
@@ -194,7 +201,7 @@ let pretrainModelMethods: [Method] = [
         let batch = try permutationBatch(args, 2, B: B, m.config)
         let out = try arena.float32(args[3], "out", [B, batch.predictedCount, m.config.vocabSize], writable: true)
         nonisolated(unsafe) let o = out.pointer
-        guard withoutGIL({ m.forward(logits: o, images: x.readOnly, batch: batch) }) else {
+        guard exclusive(m, { m.forward(logits: o, images: x.readOnly, batch: batch) }) else {
             throw PyError.memory("forward: could not allocate activations for batch \(B)")
         }
         return none()
@@ -212,7 +219,7 @@ let pretrainModelMethods: [Method] = [
         let logits = args.isNone(4) ? nil
             : try arena.float32(args[4], "logits_out", [B, batch.predictedCount, m.config.vocabSize], writable: true)
         nonisolated(unsafe) let lo = logits?.pointer
-        let r = withoutGIL { m.trainStep(images: x.readOnly, tokens: tokens.readOnly, batch: batch, logitsOut: lo) }
+        let r = exclusive(m) { m.trainStep(images: x.readOnly, tokens: tokens.readOnly, batch: batch, logitsOut: lo) }
         return try stepResult(r, B: B)
     } }, doc: "twostream_train_step(model, images, tokens, batch, logits_out) -> loss; adds gradients."),
 
@@ -230,7 +237,7 @@ let pretrainModelMethods: [Method] = [
         }
         let out = try arena.float32(args[3], "out", [B, counts[0], m.config.vocabSize], writable: true)
         nonisolated(unsafe) let o = out.pointer
-        guard withoutGIL({ m.forward(logits: o, images: x.readOnly, masked: mask.readOnly, B: B) }) else {
+        guard exclusive(m, { m.forward(logits: o, images: x.readOnly, masked: mask.readOnly, B: B) }) else {
             throw PyError.memory("forward: could not allocate activations for batch \(B)")
         }
         return none()
@@ -248,7 +255,7 @@ let pretrainModelMethods: [Method] = [
         let M = m.maskedCount(mask.readOnly, B: B)
         let logits = args.isNone(4) ? nil : try arena.float32(args[4], "logits_out", [M, m.config.vocabSize], writable: true)
         nonisolated(unsafe) let lo = logits?.pointer
-        let r = withoutGIL { m.trainStep(images: x.readOnly, tokens: tokens.readOnly, masked: mask.readOnly, B: B, logitsOut: lo) }
+        let r = exclusive(m) { m.trainStep(images: x.readOnly, tokens: tokens.readOnly, masked: mask.readOnly, B: B, logitsOut: lo) }
         return try stepResult(r, B: B)
     } }, doc: "mim_train_step(model, images, tokens, mask, logits_out) -> loss; adds gradients."),
     Method(name: "dtm_forward", function: { _, a, n in call(a, n, "dtm_forward") { args in
@@ -261,7 +268,7 @@ let pretrainModelMethods: [Method] = [
         let mask = try patchFlags(arena, args[2], "mask", B: B, m.config)
         let out = try arena.float32(args[3], "out", [B, m.config.vit.numPatches, m.config.vocabSize], writable: true)
         nonisolated(unsafe) let o = out.pointer
-        guard withoutGIL({ m.forward(logits: o, images: x.readOnly, masked: mask.readOnly, select: nil, B: B) }) else {
+        guard exclusive(m, { m.forward(logits: o, images: x.readOnly, masked: mask.readOnly, select: nil, B: B) }) else {
             throw PyError.memory("forward: could not allocate activations for batch \(B)")
         }
         return none()
@@ -289,7 +296,7 @@ let pretrainModelMethods: [Method] = [
         let pred = args.isNone(6) ? nil : try arena.float32(args[6], "pred_out", [B, np, D], writable: true)
         nonisolated(unsafe) let (px, pm, pt, pmem, po) = (x.readOnly, mask.readOnly, target.readOnly, mem.readOnly, pred?.pointer)
         let L = mem.shape[0]
-        let r = withoutGIL {
+        let r = exclusive(m) {
             m.dtmTrainStep(images: px, masked: pm, target: pt, membership: pmem, L: L, beta: beta, B: B, predOut: po)
         }
         return try stepResult(r, B: B)
@@ -308,7 +315,7 @@ let pretrainModelMethods: [Method] = [
         let logits = try arena.float32(args[4], "logits_out", [M, m.config.vocabSize], writable: true)
         let pixels = try arena.float32(args[5], "pixels_out", [M, m.config.vit.patchDim], writable: true)
         nonisolated(unsafe) let (px, pm, pr, lo, po) = (x.readOnly, mask.readOnly, replaced.readOnly, logits.pointer, pixels.pointer)
-        guard withoutGIL({ m.forward(logits: lo, pixels: po, images: px, masked: pm, replaced: pr, B: B) }) else {
+        guard exclusive(m, { m.forward(logits: lo, pixels: po, images: px, masked: pm, replaced: pr, B: B) }) else {
             throw PyError.memory("forward: could not allocate activations for batch \(B)")
         }
         return none()
@@ -336,7 +343,7 @@ let pretrainModelMethods: [Method] = [
         let pixels = args.isNone(9) ? nil : try arena.float32(args[9], "pixels_out", [M, P], writable: true)
         nonisolated(unsafe) let (px, pt, ptg, pm, pr) = (x.readOnly, tokens.readOnly, targets.readOnly, mask.readOnly, replaced.readOnly)
         nonisolated(unsafe) let (lo, po) = (logits?.pointer, pixels?.pointer)
-        let r = withoutGIL {
+        let r = exclusive(m) {
             m.trainStep(images: px, tokens: pt, pixelTargets: ptg, masked: pm, replaced: pr, B: B,
                         tokenWeight: tw, pixelWeight: pw, logitsOut: lo, pixelsOut: po)
         }

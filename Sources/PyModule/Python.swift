@@ -193,14 +193,108 @@ func withoutGIL<R>(_ body: () throws -> R) rethrows -> R {
     return try body()
 }
 
+/// Runs `body` with the GIL released, handing it a `stop` predicate to poll at chunk
+/// boundaries: true once Ctrl-C was pressed (calls made from the main thread) or the
+/// interpreter is exiting. A stopped call raises KeyboardInterrupt (or RuntimeError at exit)
+/// instead of returning its incomplete result.
+func interruptible<R>(_ body: (@escaping @Sendable () -> Bool) -> R) throws -> R {
+    let isMain = mapet_interrupt_begin()
+    let stop: @Sendable () -> Bool = { mapet_interrupt_pending(isMain) != 0 }
+    let r = withoutGIL {
+        defer { mapet_interrupt_body_done() }
+        return body(stop)
+    }
+    let stopped = stop()
+    mapet_interrupt_end()
+    if stopped {
+        if PyErr_CheckSignals() != 0 { throw PythonErrorSet() }   // KeyboardInterrupt (or the handler's own)
+        if mapet_shutdown_requested() != 0 { throw PyError.runtime("interrupted: the interpreter is exiting") }
+        // A SIGINT whose handler raised nothing (e.g. signal.signal(SIGINT, lambda *a: None)).
+        throw PyError.runtime("interrupted by SIGINT")
+    }
+    return r
+}
+
 // MARK: Handles: opaque Swift objects owned by Python (capsules)
+//
+// Thread safety: every handle carries one mutex. A call that touches the object's state
+// (train steps, forward passes, releasing activations, optimizer updates, reseeding) runs
+// through `exclusive(object) { ... }`: it releases the GIL first, then takes the object's
+// mutex, so concurrent calls on one object from several Python threads run one after the
+// other (never interleaved, never an "in use" error), while calls on different objects
+// still run in parallel. The mutex is only ever waited for without the GIL, so a thread
+// holding it can always get the GIL back: no deadlock.
 
 let handleName: UnsafePointer<CChar> = UnsafePointer(strdup("mapet.handle")!)
 
+/// The mutex of one native object (see `exclusive`).
+final class ObjectLock {
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    var handles = 1
+    init() {
+        mutex = .allocate(capacity: 1)
+        pthread_mutex_init(mutex, nil)
+    }
+    deinit {
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+    }
+    func lock() { pthread_mutex_lock(mutex) }
+    func unlock() { pthread_mutex_unlock(mutex) }
+}
+
+/// object → its lock, for every object behind a live handle (guarded by `lockTableMutex`).
+nonisolated(unsafe) private var lockTable: [ObjectIdentifier: ObjectLock] = [:]
+nonisolated(unsafe) private let lockTableMutex: UnsafeMutablePointer<pthread_mutex_t> = {
+    let m = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    pthread_mutex_init(m, nil)
+    return m
+}()
+
+private func withLockTable<R>(_ body: () -> R) -> R {
+    pthread_mutex_lock(lockTableMutex)
+    defer { pthread_mutex_unlock(lockTableMutex) }
+    return body()
+}
+
+/// The lock of `object` (one is made for objects that never had a handle).
+func objectLock(_ object: AnyObject) -> ObjectLock {
+    withLockTable {
+        let id = ObjectIdentifier(object)
+        if let l = lockTable[id] { return l }
+        let l = ObjectLock()
+        l.handles = 0
+        lockTable[id] = l
+        return l
+    }
+}
+
+/// Runs `body` with the GIL released and `object`'s mutex held. `body` must not touch Python objects.
+func exclusive<R>(_ object: AnyObject, _ body: () throws -> R) rethrows -> R {
+    let lock = objectLock(object)
+    return try withoutGIL {
+        lock.lock()
+        defer { lock.unlock() }
+        return try body()
+    }
+}
+
 func makeHandle(_ object: AnyObject) -> PyObj? {
+    withLockTable {
+        let id = ObjectIdentifier(object)
+        if let l = lockTable[id] { l.handles += 1 } else { lockTable[id] = ObjectLock() }
+    }
     let p = Unmanaged.passRetained(object).toOpaque()
     return PyCapsule_New(p, handleName) { capsule in
         guard let capsule, let p = PyCapsule_GetPointer(capsule, handleName) else { return }
-        Unmanaged<AnyObject>.fromOpaque(p).release()
+        let object = Unmanaged<AnyObject>.fromOpaque(p)
+        withLockTable {
+            let id = ObjectIdentifier(object.takeUnretainedValue())
+            if let l = lockTable[id] {
+                l.handles -= 1
+                if l.handles <= 0 { lockTable[id] = nil }
+            }
+        }
+        object.release()
     }
 }

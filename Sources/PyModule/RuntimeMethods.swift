@@ -22,6 +22,13 @@ let runtimeMethods: [Method] = [
         return try pyTuple([pyString(config), pyString(core), pyInt(Int(scipy_openblas_get_num_threads()))])
     } }, doc: "blas_info() -> (config, corename, blas_threads)"),
 
+    Method(name: "request_shutdown", function: { _, a, n in call(a, n, "request_shutdown") { args in
+        try args.expect(1)
+        let timeout = try args.finiteDouble(0, "timeout")
+        mapet_request_shutdown(max(0, timeout))   // keeps the GIL (see bridge.c)
+        return none()
+    } }, doc: "request_shutdown(timeout): stops interruptible native calls (k-means) at their next chunk and waits up to timeout seconds for them; registered with atexit."),
+
     Method(name: "profile_reset", function: { _, a, n in call(a, n, "profile_reset") { args in
         try args.expect(1)
         Profiler.reset(running: try args.bool(0, "running"))

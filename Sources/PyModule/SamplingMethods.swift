@@ -65,7 +65,7 @@ let samplingMethods: [Method] = [
         let B = try args.int(1, "batch_size", min: 1)
         _ = try checkedCount([B, sampler.tokens], "batch_size", itemSize: 32)
         let first = sampler.reserve(B)  // under the GIL: concurrent callers get disjoint streams
-        guard let batch = withoutGIL({ sampler.draw(batchSize: B, firstStream: first) }) else {
+        guard let batch = exclusive(sampler, { sampler.draw(batchSize: B, firstStream: first) }) else {
             throw PyError.memory("sample: could not allocate a batch of \(B) permutations")
         }
         return makeHandle(batch)
@@ -80,7 +80,8 @@ let samplingMethods: [Method] = [
     Method(name: "perm_sampler_set_state", function: { _, a, n in call(a, n, "perm_sampler_set_state") { args in
         try args.expect(3)
         let s = try args.handle(0, "sampler", PermutationSampler.self)
-        s.setState(seed: try bits(args, 1, "seed"), samplesDrawn: try bits(args, 2, "samples_drawn"))
+        let (seed, drawn) = (try bits(args, 1, "seed"), try bits(args, 2, "samples_drawn"))
+        exclusive(s) { s.setState(seed: seed, samplesDrawn: drawn) }   // not while a draw reads the seed
         return none()
     } }, doc: "perm_sampler_set_state(sampler, seed_bits, samples_drawn_bits)"),
 
@@ -170,10 +171,11 @@ let samplingMethods: [Method] = [
         guard t <= h * w else {
             throw PyError.value("num_masking_patches: expected at most \(h)×\(w) = \(h * w) cells, got \(t)")
         }
-        let lo = try args.int(3, "min_num_patches", min: 1)
-        let hi = try args.int(4, "max_num_patches", min: 1)
+        let lo = try args.int(3, "min_num_patches", min: 1, max: 1 << 24)
+        let hi = try args.int(4, "max_num_patches", min: 1, max: 1 << 24)
         let minAspect = try args.finiteDouble(5, "min_aspect"), maxAspect = try args.finiteDouble(6, "max_aspect")
-        guard minAspect > 0 else { throw PyError.value("min_aspect: expected > 0, got \(minAspect)") }
+        guard minAspect >= 1e-12 else { throw PyError.value("min_aspect: expected a value in [1e-12, 1e12], got \(minAspect)") }
+        guard maxAspect <= 1e12 else { throw PyError.value("max_aspect: expected a value in [1e-12, 1e12], got \(maxAspect)") }
         guard maxAspect >= minAspect else {
             throw PyError.value("max_aspect: expected ≥ min_aspect = \(minAspect), got \(maxAspect)")
         }

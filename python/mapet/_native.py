@@ -4,6 +4,7 @@
 points at the usual site-packages neighbour; loading the library here first (RTLD_GLOBAL)
 also covers installs where the two packages live in different directories.
 """
+import atexit
 import ctypes
 import os
 import platform
@@ -38,5 +39,9 @@ _blas = ctypes.CDLL(
 )
 
 from . import _core  # noqa: E402  (must follow the BLAS preload)
+
+# At exit, long native calls still running in (daemon) threads stop at their next chunk
+# boundary before the interpreter tears down the arrays they read.
+atexit.register(_core.request_shutdown, 5.0)
 
 __all__ = ["_core"]

@@ -91,6 +91,8 @@ class ParameterBlock:
             if name not in state:
                 continue
             value = np.asarray(state[name])
+            if value.dtype.kind not in "fiu":
+                raise TypeError(f"load_state_dict: {name} has dtype {value.dtype}, expected a numeric array")
             if value.shape != target.shape:
                 raise ValueError(f"load_state_dict: {name} has shape {tuple(value.shape)}, the model expects {target.shape}")
             value = value.astype(np.float32, copy=False)

@@ -44,7 +44,10 @@ def _encode(obj: Any) -> Any:
 def _decode(obj: Any) -> Any:
     if isinstance(obj, dict):
         if "__ndarray__" in obj:
-            return np.array(obj["__ndarray__"], dtype=np.dtype(obj["dtype"])).reshape(obj["shape"])
+            dtype = np.dtype(obj.get("dtype"))  # TypeError on anything that names no dtype
+            if dtype.kind not in "biufcUS":   # never object (or void/datetime) arrays from a file
+                raise ValueError(f"array of dtype {dtype} in the state (only numbers and strings)")
+            return np.array(obj["__ndarray__"], dtype=dtype).reshape(obj["shape"])
         return {k: _decode(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_decode(v) for v in obj]
@@ -127,8 +130,10 @@ def load_checkpoint(path: str) -> Tuple[Dict[str, Dict[str, np.ndarray]], Dict[s
     try:
         groups = json.loads(metadata["mapet.groups"])
         state = _decode(json.loads(metadata["mapet.state"]))
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"{path}: corrupt checkpoint metadata ({e})") from None
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: corrupt checkpoint metadata ({type(e).__name__}: {e})") from None
+    if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups) or not isinstance(state, dict):
+        raise ValueError(f"{path}: corrupt checkpoint metadata (groups must be a list of names, state an object)")
     out: Dict[str, Dict[str, np.ndarray]] = {g: {} for g in groups}
     for key, value in tensors.items():
         group, _, name = key.partition("/")

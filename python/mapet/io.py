@@ -1,17 +1,18 @@
-"""safetensors files, written atomically, read zero-copy-friendly.
+"""safetensors files through the ``safetensors`` package, written atomically.
 
-The format (https://github.com/huggingface/safetensors): 8-byte little-endian header size,
-a JSON header ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__":
-{str: str}}``, then the raw little-endian tensor bytes. Files written here load in the
-``safetensors`` package (``safetensors.numpy.load_file`` / ``torch`` variants) and back.
+Reading and writing go through the Rust implementation of the format (``safetensors.safe_open``
+and ``safetensors.numpy.save``), which rejects every malformed file (bad header length or JSON,
+overlapping, out-of-bounds or negative offsets, duplicate keys, bad shapes, trailing bytes,
+non-string metadata); here its errors become ``ValueError`` naming the file, and writes go to a
+temporary file that is fsynced and renamed over the destination.
 """
-import json
 import os
-import struct
 import tempfile
 from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16,
@@ -54,71 +55,66 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str,
     """Write ``tensors`` to ``path`` in safetensors format, atomically.
 
     Args:
-        tensors: name → array (any of the safetensors dtypes; made contiguous).
+        tensors: name → array (any of the safetensors dtypes; made contiguous little-endian).
         path: destination file.
         metadata: optional str → str map stored as ``__metadata__``.
+
+    Raises:
+        TypeError: a name or metadata entry is not a str, or a dtype safetensors cannot hold.
     """
-    header: Dict[str, object] = {}
-    arrays = []
-    offset = 0
-    for name in tensors:  # keep the caller's order
+    arrays = {}
+    for name in tensors:
+        if not isinstance(name, str):
+            raise TypeError(f"save_file: tensor names must be str, got {name!r}")
         a = np.ascontiguousarray(tensors[name])
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))
-        kind = _NAMES.get(np.dtype(a.dtype.str.replace(">", "<")))
-        if kind is None:
+        if _NAMES.get(np.dtype(a.dtype.str.replace(">", "<"))) is None:
             raise TypeError(f"save_file: tensor {name!r} has unsupported dtype {a.dtype}")
-        header[name] = {"dtype": kind, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        arrays.append(a)
-        offset += a.nbytes
+        arrays[name] = a
     if metadata:
         bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
             raise TypeError(f"save_file: metadata must map str to str; offending keys {bad}")
-        header["__metadata__"] = dict(metadata)
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # align the data section
-
-    def write(f):
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for a in arrays:
-            f.write(memoryview(a).cast("B"))
-
-    atomic_write(path, write)
+    blob = safetensors.numpy.save(arrays, metadata=dict(metadata) if metadata else None)
+    atomic_write(path, lambda f: f.write(blob))
 
 
 def load_file(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
     """Read a safetensors file.
 
     Returns:
-        (tensors, metadata): name → NumPy array (owning its memory), and the metadata map.
+        (tensors, metadata): name → NumPy array (owning its memory, numeric dtype), and the
+        metadata map (str → str).
 
     Raises:
-        ValueError: the file is truncated or not safetensors (the message names the file).
+        FileNotFoundError: no such file. ValueError: the file is not valid safetensors or holds a
+        dtype NumPy cannot represent (the message names the file and the problem).
     """
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file")
+        raise ValueError(f"{path}: not a regular file")
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 8:
-        raise ValueError(f"{path}: not a safetensors file (only {len(raw)} bytes)")
-    (n,) = struct.unpack("<Q", raw[:8])
-    if n > len(raw) - 8:
-        raise ValueError(f"{path}: not a safetensors file or truncated (header of {n} bytes)")
+        head = f.read(8)
+    if len(head) < 8:
+        raise ValueError(f"{path}: not a safetensors file (only {size} bytes)")
+    n = int.from_bytes(head, "little")
+    if n > size - 8:
+        raise ValueError(f"{path}: truncated or not a safetensors file (header of {n} bytes, file of {size})")
     try:
-        header = json.loads(raw[8:8 + n])
-    except ValueError as e:
-        raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
-    base = 8 + n
-    metadata = header.pop("__metadata__", {}) or {}
-    out = {}
-    for name, info in header.items():
-        begin, end = info["data_offsets"]
-        dtype = _DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        if base + end > len(raw) or begin > end:
-            raise ValueError(f"{path}: truncated (tensor {name!r} ends past the file)")
-        a = np.frombuffer(raw, dtype=dtype, count=(end - begin) // np.dtype(dtype).itemsize, offset=base + begin)
-        out[name] = a.reshape(info["shape"]).copy()
+        with safetensors.safe_open(path, framework="np") as f:
+            metadata = f.metadata() or {}
+            names = f.offset_keys() if hasattr(f, "offset_keys") else f.keys()
+            out = {}
+            for name in names:
+                a = f.get_tensor(name)
+                if a.dtype.kind not in "biuf":
+                    raise ValueError(f"tensor {name!r} has dtype {a.dtype}")
+                out[name] = np.array(a, copy=True)
+    except (safetensors.SafetensorError, ValueError, TypeError, OverflowError) as e:
+        what = "truncated, or bytes no tensor covers" if "not fully covered" in str(e) else "not a valid safetensors file"
+        raise ValueError(f"{path}: {what} ({e})") from None
     return out, dict(metadata)

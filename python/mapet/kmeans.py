@@ -23,6 +23,7 @@ moves to the running mean of all points it has received (learning rate 1/count),
 streamed from a NumPy memmap that does not fit in memory.
 """
 import logging
+import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -130,6 +131,7 @@ class KMeans:
         self.n_iter_ = 0
         self.history_: List[Dict[str, float]] = []
         self._counts: Optional[np.ndarray] = None
+        self._lock = threading.Lock()
 
     # ----- faiss names -----
     @property
@@ -197,9 +199,10 @@ class KMeans:
             c = np.empty((self.n_clusters, d), dtype=np.float32)
             init = _INITS[self.init]
             if init_centroids is not None:
-                c[...] = _check_points(init_centroids, "init_centroids", d)
-                if c.shape[0] != self.n_clusters:
-                    raise ValueError(f"init_centroids: expected {self.n_clusters} rows, got {c.shape[0]}")
+                given = _check_points(init_centroids, "init_centroids", d)
+                if given.shape[0] != self.n_clusters:
+                    raise ValueError(f"init_centroids: expected {self.n_clusters} rows [k, d], got shape {tuple(given.shape)}")
+                c[...] = given
                 init = 2
             t0 = time.perf_counter()
             inertia, labels, hist = self._run(xt, c, init, r)
@@ -244,6 +247,10 @@ class KMeans:
         x = _check_points(x, d=self.d)
         t0 = time.perf_counter()
         xc = _f32(x)
+        with self._lock:  # the step updates the centroids and counts in place
+            return self._partial_fit(xc, t0)
+
+    def _partial_fit(self, xc: np.ndarray, t0: float) -> "KMeans":
         if self.cluster_centers_ is None:
             if xc.shape[0] < self.n_clusters:
                 raise ValueError(f"x: the first partial_fit chunk must hold at least n_clusters = "
@@ -281,6 +288,10 @@ class KMeans:
             (distances float32 [n], labels int32 [n]): squared L2 to the nearest centroid, its index.
         """
         c = self._require_fitted()
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
+            raise TypeError(f"chunk_size: expected an int, got {type(chunk_size).__name__}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size: expected an int ≥ 1, got {chunk_size}")
         x = _check_points(x, d=c.shape[1])
         n = x.shape[0]
         labels = np.empty(n, dtype=np.int32)

@@ -343,10 +343,16 @@ def load_pretrained(model: Any, source: Any, strict_trunk: bool = True) -> Dict[
     """
     tensors, _ = read_pretrained(source)
     own = model.state_dict()
-    loaded, skipped, dropped = [], [], []
+    staged, skipped, dropped = {}, [], []
     for k, v in tensors.items():
         if k in own and tuple(np.shape(v)) == own[k].shape:
-            loaded.append(k)
+            v = np.asarray(v)
+            if v.dtype.kind not in "fiu":
+                raise TypeError(f"pretrained: {k} has dtype {v.dtype}, expected a numeric array")
+            v = v.astype(np.float32)
+            if not np.all(np.isfinite(v)):
+                raise ValueError(f"pretrained: {k} holds NaN or inf (or values beyond float32); the model is unchanged")
+            staged[k] = v
         elif is_trunk_key(k):
             dropped.append(f"{k} {list(np.shape(v))}" + (f" (model: {list(own[k].shape)})" if k in own else
                                                          " (not in the model)"))
@@ -357,8 +363,9 @@ def load_pretrained(model: Any, source: Any, strict_trunk: bool = True) -> Dict[
                          f"and would be dropped: {', '.join(dropped[:8])}{' ...' if len(dropped) > 8 else ''}; "
                          "build the model with the checkpoint's architecture (leave img_size, patch_size, "
                          "embed_dim, depth, init_values ... unset to take them from the checkpoint)")
-    for k in loaded:
-        own[k][...] = np.asarray(tensors[k], dtype=np.float32)
+    for k, v in staged.items():  # all checked: copy in, all or nothing
+        own[k][...] = v
+    loaded = list(staged)
     skipped += [d.split(" ")[0] for d in dropped]
     missing = [k for k in own if k not in set(loaded)]
     log.info("pretrained: loaded %d tensors; skipped %s; left at init %s", len(loaded), skipped, missing)
@@ -377,6 +384,12 @@ def load(path: str) -> VisionTransformer:
     if kind != "vit":
         from .pretrain_models import load_pretrain_model
         return load_pretrain_model(path)
-    model = VisionTransformer(**json.loads(metadata["config"]))
+    try:
+        config = json.loads(metadata["config"])
+        if not isinstance(config, dict):
+            raise TypeError(f"expected an object, got {type(config).__name__}")
+        model = VisionTransformer(**config)
+    except (ValueError, TypeError, MemoryError) as e:
+        raise type(e)(f"{path}: bad model config ({e})") from None
     model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optimizer.")})
     return model

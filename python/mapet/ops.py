@@ -10,6 +10,7 @@ from typing import Optional
 import numpy as np
 
 from ._native import _core
+from .objectives import _i32
 from ._runtime import warn_if_bf16_inactive
 
 
@@ -18,6 +19,12 @@ def _f32(x: np.ndarray, name: str) -> np.ndarray:
     if x is None:
         raise TypeError(f"{name}: expected an array, got None")
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _require_array(x, name: str) -> None:
+    """An output argument must be a NumPy array (written in place), not anything array-like."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name}: expected a float32 NumPy array to write into, got {type(x).__name__}")
 
 
 def _rows_f32(x: np.ndarray, name: str) -> np.ndarray:
@@ -71,6 +78,7 @@ def matmul(a: np.ndarray, b: np.ndarray, out: Optional[np.ndarray] = None, *,
         if beta != 0.0:
             raise ValueError("matmul: beta != 0 needs out=")
         out = np.empty((m, n), dtype=np.float32)
+    _require_array(out, "out")
     if precision == "bf16":
         warn_if_bf16_inactive("matmul(precision='bf16')")
         _core.gemm_bf16(a, b, out, bool(trans_a), bool(trans_b), float(alpha), float(beta))
@@ -90,10 +98,7 @@ def gelu(x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
         The result array.
     """
     x = _f32(x, "x")
-    if out is None:
-        out = np.empty_like(x)
-    if out.shape != x.shape:
-        raise ValueError(f"gelu: out has shape {out.shape}, expected {x.shape}")
+    out = np.empty_like(x) if out is None else _zeros_or(out, x.shape, "out")
     _core.gelu_forward(x.reshape(-1), out.reshape(-1))
     return out
 
@@ -103,8 +108,7 @@ def gelu_backward(dout: np.ndarray, x: np.ndarray, dx: Optional[np.ndarray] = No
     x, dout = _f32(x, "x"), _f32(dout, "dout")
     if dout.shape != x.shape:
         raise ValueError(f"gelu_backward: dout has shape {dout.shape}, x has {x.shape}")
-    if dx is None:
-        dx = np.zeros_like(x)
+    dx = _zeros_or(dx, x.shape, "dx")
     _core.gelu_backward(dout.reshape(-1), x.reshape(-1), dx.reshape(-1))
     return dx
 
@@ -120,6 +124,7 @@ from .objectives import ccvit_pixel_targets, dtm_loss, masked_mse  # noqa: E402,
 def _zeros_or(x: Optional[np.ndarray], shape, name: str) -> np.ndarray:
     if x is None:
         return np.zeros(shape, np.float32)
+    _require_array(x, name)
     if x.shape != tuple(shape) or x.dtype != np.float32 or not x.flags.c_contiguous:
         raise ValueError(f"{name}: expected a C-contiguous float32 array of shape {tuple(shape)}, got {x.dtype} {x.shape}")
     return x
@@ -187,11 +192,12 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, mask: Opt
     Returns (out [B, M, C], probs [B, heads, M, Nk]).
     """
     q, k, v = _f32(q, "q"), _f32(k, "k"), _f32(v, "v")
-    if q.ndim != 3:
-        raise ValueError(f"attention: expected q [B, M, C], got shape {q.shape}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.ndim != 3:
+            raise ValueError(f"attention: expected {name} [B, {'M' if name == 'q' else 'N'}, C], got shape {t.shape}")
     out = np.empty_like(q)
     probs = np.empty((q.shape[0], int(heads), q.shape[1], k.shape[1]), np.float32)
-    m = None if mask is None else np.ascontiguousarray(mask, dtype=np.int32)
+    m = None if mask is None else _i32(mask, "mask")
     _core.attention_forward(out, probs, q, k, v, int(heads), m)
     return out, probs
 
@@ -289,6 +295,9 @@ def patch_embed(images: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarra
 def patch_embed_backward(dout, patches, weight, img_size: int, dimages=None, dweight=None, dbias=None):
     """Accumulate (dimages, dweight, dbias) of ``patch_embed``."""
     dout, patches, weight = _f32(dout, "dout"), _f32(patches, "patches"), _f32(weight, "weight")
+    if weight.ndim != 4 or patches.ndim != 3:
+        raise ValueError(f"patch_embed_backward: expected weight [C, Cin, p, p] and patches [B, n, Cin·p·p], "
+                         f"got shapes {weight.shape} and {patches.shape}")
     B, Cin = patches.shape[0], weight.shape[1]
     dimages = _zeros_or(dimages, (B, Cin, img_size, img_size), "dimages")
     dweight = _zeros_or(dweight, weight.shape, "dweight")
@@ -319,9 +328,9 @@ def cross_entropy(logits: np.ndarray, targets: np.ndarray, smoothing: float = 0.
     """
     logits = _f32(logits, "logits")
     t = np.asarray(targets)
-    if not np.issubdtype(t.dtype, np.integer):
+    if t.dtype == np.bool_ or not np.issubdtype(t.dtype, np.integer):
         raise TypeError(f"targets: expected integer class indices, got dtype {t.dtype}")
-    t = np.ascontiguousarray(t, dtype=np.int32)
+    t = _i32(t, "targets")
     losses = np.empty(logits.shape[0], np.float32)
     probs = np.empty_like(logits)
     loss = _core.cross_entropy_forward(losses, probs, logits, t, float(smoothing))
@@ -331,7 +340,7 @@ def cross_entropy(logits: np.ndarray, targets: np.ndarray, smoothing: float = 0.
 def cross_entropy_backward(probs, targets, smoothing: float = 0.0, scale: Optional[float] = None, dlogits=None):
     """dlogits += scale·(probs − q); scale defaults to 1 / (rows with target ≥ 0)."""
     probs = _f32(probs, "probs")
-    t = np.ascontiguousarray(targets, dtype=np.int32)
+    t = _i32(targets, "targets")
     if scale is None:
         scale = 1.0 / max(int((t >= 0).sum()), 1)
     dlogits = _zeros_or(dlogits, probs.shape, "dlogits")

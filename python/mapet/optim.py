@@ -5,6 +5,7 @@ the model's parameter block. Parameters excluded from weight decay follow the Ma
 recipe: every 1-D tensor (biases, norms, layer scales), ``pos_embed`` and ``cls_token``.
 """
 import json
+import threading
 from collections import OrderedDict
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 
@@ -73,6 +74,9 @@ class AdamW:
         self._m, self._v = np.asarray(m), np.asarray(v)
         self._table = table
         self._step = 0
+        # The engine serialises calls on one optimizer; this lock does the same for the Python-side
+        # state (step count, hyper-parameters) that a step reads and writes.
+        self._lock = threading.RLock()
 
     @property
     def step_count(self) -> int:
@@ -81,6 +85,12 @@ class AdamW:
 
     def _configure(self) -> None:
         _core.adamw_configure(self._handle, self.lr, self.betas[0], self.betas[1], self.eps, self.weight_decay, self._step)
+
+    def _set_hyper(self, lr: float, betas: Tuple[float, float], eps: float, weight_decay: float, step: int) -> None:
+        """Hands the values to the engine (which checks them in float32 and raises before changing
+        anything), then keeps them here: a refused value leaves the optimizer as it was."""
+        _core.adamw_configure(self._handle, lr, betas[0], betas[1], eps, weight_decay, step)
+        self.lr, self.betas, self.eps, self.weight_decay, self._step = lr, betas, eps, weight_decay, step
 
     def step(self, lr: Optional[float] = None) -> float:
         """One update from the model's accumulated gradients.
@@ -94,14 +104,15 @@ class AdamW:
         Raises:
             ValueError: the gradient norm is not finite (parameters unchanged).
         """
-        if lr is not None:
-            if not (lr >= 0 and np.isfinite(lr)):
-                raise ValueError(f"lr: expected a finite value ≥ 0, got {lr}")
-            self.lr = float(lr)
-        self._configure()
-        norm = _core.adamw_step(self._handle, self.model.flat_params, self.model.flat_grads, self.clip_grad)
-        self._step += 1
-        return norm
+        if lr is not None and not (lr >= 0 and np.isfinite(lr)):
+            raise ValueError(f"lr: expected a finite value ≥ 0, got {lr}")
+        with self._lock:
+            if lr is not None:
+                self._set_hyper(float(lr), self.betas, self.eps, self.weight_decay, self._step)
+            self._configure()
+            norm = _core.adamw_step(self._handle, self.model.flat_params, self.model.flat_grads, self.clip_grad)
+            self._step += 1
+            return norm
 
     def zero_grad(self) -> None:
         """Clear the model's gradients."""
@@ -117,26 +128,59 @@ class AdamW:
                 "exp_avg": self._views(self._m), "exp_avg_sq": self._views(self._v)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore ``state_dict()`` output (names and shapes checked before anything changes)."""
-        m, v = state["exp_avg"], state["exp_avg_sq"]
+        """Restore ``state_dict()`` output: all or nothing.
+
+        Names, shapes, finiteness of the moments, the step and the hyper-parameters (in float32)
+        are all checked before anything changes; on any error the optimizer is left as it was.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state: expected a mapping (AdamW.state_dict()), got {type(state).__name__}")
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            if key not in state:
+                raise KeyError(f"load_state_dict: state has no '{key}'")
         views_m, views_v = self._views(self._m), self._views(self._v)
-        for label, src in (("exp_avg", m), ("exp_avg_sq", v)):
+        new = {}
+        for label in ("exp_avg", "exp_avg_sq"):
+            src = state[label]
+            if not isinstance(src, Mapping):
+                raise TypeError(f"load_state_dict: {label} must map parameter names to arrays, got {type(src).__name__}")
             missing, extra = sorted(set(views_m) - set(src)), sorted(set(src) - set(views_m))
             if missing or extra:
                 raise KeyError(f"load_state_dict: {label} missing {missing}, unexpected {extra}")
             for n, dst in views_m.items():
-                if np.shape(src[n]) != dst.shape:
-                    raise ValueError(f"load_state_dict: {label}.{n} has shape {np.shape(src[n])}, expected {dst.shape}")
-        for n in views_m:
-            views_m[n][...] = m[n]
-            views_v[n][...] = v[n]
-        self._step = int(state["step"])
-        self.lr = float(state.get("lr", self.lr))
-        self.betas = tuple(float(b) for b in state.get("betas", self.betas))
-        self.eps = float(state.get("eps", self.eps))
-        self.weight_decay = float(state.get("weight_decay", self.weight_decay))
-        self.clip_grad = state.get("clip_grad", self.clip_grad)
-        self._configure()
+                a = np.asarray(src[n])
+                if a.dtype.kind not in "fiu":
+                    raise TypeError(f"load_state_dict: {label}.{n} has dtype {a.dtype}, expected a float array")
+                if a.shape != dst.shape:
+                    raise ValueError(f"load_state_dict: {label}.{n} has shape {a.shape}, expected {dst.shape}")
+                a = a.astype(np.float32)
+                if not np.all(np.isfinite(a)):
+                    raise ValueError(f"load_state_dict: {label}.{n} holds NaN or inf")
+                if label == "exp_avg_sq" and np.any(a < 0):
+                    raise ValueError(f"load_state_dict: {label}.{n} holds negative values (a second moment is ≥ 0)")
+                new[label, n] = a
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"load_state_dict: step must be an int ≥ 0, got {step!r}")
+        try:
+            betas = tuple(float(b) for b in state.get("betas", self.betas))
+            lr, eps = float(state.get("lr", self.lr)), float(state.get("eps", self.eps))
+            wd = float(state.get("weight_decay", self.weight_decay))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"load_state_dict: bad hyper-parameter ({e})") from None
+        if len(betas) != 2:
+            raise ValueError(f"load_state_dict: betas must hold two values, got {betas}")
+        clip = state.get("clip_grad", self.clip_grad)
+        if clip is not None:
+            clip = float(clip)
+            if not (np.isfinite(np.float32(clip)) and clip > 0):
+                raise ValueError(f"load_state_dict: clip_grad must be None or a positive float32, got {clip}")
+        with self._lock:
+            self._set_hyper(lr, betas, eps, wd, int(step))   # raises (nothing changed) if the engine refuses a value
+            self.clip_grad = clip
+            for n in views_m:
+                views_m[n][...] = new["exp_avg", n]
+                views_v[n][...] = new["exp_avg_sq", n]
 
     def load(self, path: str) -> None:
         """Restore the optimizer state stored by ``model.save(path, optimizer=...)``."""

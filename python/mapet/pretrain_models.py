@@ -32,6 +32,7 @@ from ._native import _core
 from ._params import ParameterBlock
 from ._runtime import set_precision
 from .io import load_file, save_file
+from .objectives import _i32
 from .sampling import PermutationBatch, PermutationSampler
 
 __all__ = ["MaPeT", "BEiT", "CCViT", "DTM", "create_pretrain_model", "load_pretrain_model"]
@@ -506,7 +507,7 @@ class DTM(_PretrainModel):
         mem = np.asarray(memberships)
         if mem.dtype == np.bool_ or not np.issubdtype(mem.dtype, np.integer):
             raise TypeError(f"memberships: expected integer group ids [L, B, num_patches], got dtype {mem.dtype}")
-        mem = np.ascontiguousarray(mem[None] if mem.ndim == 2 else mem, dtype=np.int32)
+        mem = _i32(mem[None] if mem.ndim == 2 else mem, "memberships")
         pred = np.empty((B, n, self.config["output_dim"]), np.float32) if return_pred else None
         loss = _core.dtm_train_step(self._handle, x, m, t, mem, float(beta), pred)
         return (loss, pred) if return_pred else loss
@@ -564,7 +565,12 @@ def load_pretrain_model(path: str) -> "_PretrainModel":
     kind = metadata.get("model")
     if metadata.get("format") != FORMAT or "config" not in metadata or kind not in _KINDS:
         raise ValueError(f"{path}: not a mapet pre-training model file (format={metadata.get('format')!r}, model={kind!r})")
-    config = json.loads(metadata["config"])
-    model = _build(kind, 0, config)
+    try:
+        config = json.loads(metadata["config"])
+        if not isinstance(config, dict):
+            raise TypeError(f"expected an object, got {type(config).__name__}")
+        model = _build(kind, 0, config)
+    except (ValueError, TypeError, MemoryError) as e:
+        raise type(e)(f"{path}: bad model config ({e})") from None
     model.load_state_dict(tensors)
     return model

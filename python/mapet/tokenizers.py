@@ -117,10 +117,26 @@ class _Tokenizer:
         if meta.get("mapet_tokenizer") != cls._kind:
             raise ValueError(f"{path}: expected a {cls._kind} file, found tokenizer kind "
                              f"{meta.get('mapet_tokenizer')!r}")
-        tok = cls(**json.loads(meta["config"]))
-        c = np.ascontiguousarray(tensors["centroids"], dtype=np.float32)
+        try:
+            config = json.loads(meta["config"])
+            if not isinstance(config, dict):
+                raise TypeError(f"expected an object, got {type(config).__name__}")
+            tok = cls(**config)
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"{path}: bad tokenizer config in the metadata ({type(e).__name__}: {e})") from None
+        if set(tensors) != {"centroids"}:
+            raise ValueError(f"{path}: expected one tensor 'centroids', found {sorted(tensors)}")
+        c = tensors["centroids"]
+        if c.dtype.kind != "f" or c.ndim != 2:
+            raise ValueError(f"{path}: centroids must be a 2-d float array, got {c.dtype} {c.shape}")
+        c = np.ascontiguousarray(c, dtype=np.float32)
         if c.shape[0] != tok.n_tokens:
             raise ValueError(f"{path}: centroids have {c.shape[0]} rows but the config says n_tokens={tok.n_tokens}")
+        width = getattr(tok, "_vectors_dim", None)
+        if width is not None and c.shape[1] != width:
+            raise ValueError(f"{path}: centroids have width {c.shape[1]}, the config's patches have {width} values")
+        if c.shape[1] < 1 or not np.all(np.isfinite(c)):
+            raise ValueError(f"{path}: centroids must be finite with at least one column")
         tok.kmeans.cluster_centers_ = c
         tok._after_load(c)
         return tok

@@ -87,4 +87,14 @@ static inline void mapet_tensor_free(PyObject *self) {
     Py_DECREF(tp);  // heap types own a reference from each instance
 }
 
+// Ctrl-C and interpreter exit during long native calls (bridge.c). begin/end with the GIL
+// held, around the GIL-released work; begin returns whether the caller is the main thread.
+int mapet_capture_main_thread(void);
+int mapet_interrupt_begin(void);
+void mapet_interrupt_end(void);
+void mapet_interrupt_body_done(void);   // without the GIL, as the work ends
+int mapet_interrupt_pending(int is_main);
+int mapet_shutdown_requested(void);
+void mapet_request_shutdown(double timeout_seconds);
+
 #endif

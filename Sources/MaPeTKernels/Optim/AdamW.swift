@@ -62,6 +62,65 @@ public final class AdamW: @unchecked Sendable {
         return s.squareRoot()
     }
 
+    /// The clip factor for `norm` (1 when not clipping).
+    private func clipFactor(_ clipNorm: Float?, _ norm: Double) -> Float {
+        guard let clipNorm, norm.isFinite else { return 1 }
+        let c = Double(clipNorm) / (norm + 1e-6)
+        return c < 1 ? Float(c) : 1
+    }
+
+    /// One element of the update at step `t` (torch.optim.AdamW): (p, m, v) after it.
+    @inline(__always)
+    private static func element(p: Float, g: Float, m: Float, v: Float, decay: Float, stepSize: Float,
+                                b1: Float, b2: Float, eps: Float, bc2Sqrt: Float) -> (Float, Float, Float) {
+        let m1 = b1 * m + (1 - b1) * g
+        let v1 = b2 * v + (1 - b2) * g * g
+        return (p * decay - stepSize * m1 / (v1.squareRoot() / bc2Sqrt + eps), m1, v1)
+    }
+
+    /// Runs `body(item, range, decay, stepSize, β1, β2, ε, √bc2)` over the work items with the
+    /// coefficients of step `t`; returns the number of items.
+    @discardableResult
+    private func sweep(step t: Int, _ body: @escaping @Sendable (Int, Range<Int>, Float, Float, Float, Float, Float, Float) -> Void) -> Int {
+        let work = chunks()
+        let bc1 = 1 - pow(Double(beta1), Double(t)), bc2 = 1 - pow(Double(beta2), Double(t))
+        let b1 = beta1, b2 = beta2, eps = eps, wd = weightDecay, lr = lr
+        let bc2Sqrt = Float(bc2.squareRoot()), invBc1 = Float(1 / bc1)
+        let segs = segments
+        Parallel.forEach(work.count) { w in
+            let s = segs[work[w].seg]
+            let lrI = lr * s.lrScale
+            body(w, work[w].range, s.decay ? 1 - lrI * wd : 1, lrI * invBc1, b1, b2, eps, bc2Sqrt)
+        }
+        return work.count
+    }
+
+    /// Whether the next `update` with these arguments leaves every parameter and moment finite
+    /// (a dry run: nothing is written). Lets a caller refuse an update that would corrupt the
+    /// model (a learning rate too large for float32) instead of applying it.
+    public func updateStaysFinite(params: UnsafePointer<Float>, grads: UnsafePointer<Float>,
+                                  clipNorm: Float? = nil, knownNorm: Double? = nil) -> Bool {
+        var norm = knownNorm ?? .nan
+        if clipNorm != nil && knownNorm == nil { norm = gradNorm(grads: grads) }
+        let clip = clipFactor(clipNorm, norm)
+        let items = max(chunks().count, 1)
+        let flags = UnsafeMutablePointer<Bool>.allocate(capacity: items)
+        defer { flags.deallocate() }
+        flags.initialize(repeating: true, count: items)
+        nonisolated(unsafe) let p = params, g = grads, m = m.floats, v = v.floats, finite = flags
+        sweep(step: step + 1) { w, range, decay, stepSize, b1, b2, eps, bc2Sqrt in
+            var ok = true
+            for i in range {
+                let (p1, m1, v1) = AdamW.element(p: p[i], g: g[i] * clip, m: m[i], v: v[i], decay: decay,
+                                                 stepSize: stepSize, b1: b1, b2: b2, eps: eps, bc2Sqrt: bc2Sqrt)
+                ok = ok && p1.isFinite && m1.isFinite && v1.isFinite
+            }
+            finite[w] = ok
+        }
+        for k in 0..<items where !flags[k] { return false }
+        return true
+    }
+
     /// One update. Returns the gradient norm before clipping (computed only when clipping and
     /// `knownNorm` is nil; otherwise `knownNorm` or NaN).
     @discardableResult
@@ -70,30 +129,14 @@ public final class AdamW: @unchecked Sendable {
         let t0 = Profiler.begin(); defer { Profiler.end(.optimizer, t0) }
         var norm = knownNorm ?? .nan
         if clipNorm != nil && knownNorm == nil { norm = gradNorm(grads: grads) }
-        let work = chunks()
-        var clip: Float = 1
-        if let clipNorm, norm.isFinite {
-            let c = Double(clipNorm) / (norm + 1e-6)
-            if c < 1 { clip = Float(c) }
-        }
+        let clip = clipFactor(clipNorm, norm)
         step += 1
-        let bc1 = 1 - pow(Double(beta1), Double(step)), bc2 = 1 - pow(Double(beta2), Double(step))
-        let b1 = beta1, b2 = beta2, eps = eps, wd = weightDecay, lr = lr
-        let bc2Sqrt = Float(bc2.squareRoot()), invBc1 = Float(1 / bc1)
-        let segs = segments, clipFactor = clip
         nonisolated(unsafe) let p = params, g = grads, m = m.floats, v = v.floats
-        Parallel.forEach(work.count) { w in
-            let s = segs[work[w].seg]
-            let lrI = lr * s.lrScale
-            let decay: Float = s.decay ? 1 - lrI * wd : 1
-            let stepSize = lrI * invBc1
-            for i in work[w].range {
-                if clipFactor != 1 { g[i] *= clipFactor }
-                let gi = g[i]
-                p[i] *= decay
-                m[i] = b1 * m[i] + (1 - b1) * gi
-                v[i] = b2 * v[i] + (1 - b2) * gi * gi
-                p[i] -= stepSize * m[i] / (v[i].squareRoot() / bc2Sqrt + eps)
+        sweep(step: step) { _, range, decay, stepSize, b1, b2, eps, bc2Sqrt in
+            for i in range {
+                if clip != 1 { g[i] *= clip }
+                (p[i], m[i], v[i]) = AdamW.element(p: p[i], g: g[i], m: m[i], v: v[i], decay: decay,
+                                                   stepSize: stepSize, b1: b1, b2: b2, eps: eps, bc2Sqrt: bc2Sqrt)
             }
         }
         return norm

@@ -53,9 +53,11 @@ public struct BlockMaskGenerator: Sendable {
             for _ in 0..<10 {
                 let area = rng.uniform(Double(minNumPatches), Double(budget))
                 let aspect = exp(rng.uniform(logLo, logHi))
-                let h = Int((area * aspect).squareRoot().rounded(.toNearestOrEven))
-                let w = Int((area / aspect).squareRoot().rounded(.toNearestOrEven))
-                guard h < height && w < width else { continue }
+                let hd = (area * aspect).squareRoot().rounded(.toNearestOrEven)
+                let wd = (area / aspect).squareRoot().rounded(.toNearestOrEven)
+                // Compared as doubles: an extreme aspect gives sides beyond Int's range (or inf/NaN).
+                guard hd >= 0 && hd < Double(height) && wd >= 0 && wd < Double(width) else { continue }
+                let h = Int(hd), w = Int(wd)
                 let top = rng.below(height - h + 1), left = rng.below(width - w + 1)
                 var already = 0
                 for i in top..<(top + h) { for j in left..<(left + w) { already += Int(out[i * width + j]) } }

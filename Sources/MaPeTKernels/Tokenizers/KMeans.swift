@@ -68,6 +68,8 @@ public struct KMeansResult: Sendable {
     public var history: [KMeansIteration]
     /// Objective of the final centroids (one more assignment after the last update).
     public var inertia: Double
+    /// `shouldStop` answered true: the run ended early and its outputs are incomplete.
+    public var stopped = false
 }
 
 @inlinable func monotonicSeconds() -> Double {
@@ -151,7 +153,7 @@ func splitEmptyClusters(_ c: UnsafeMutablePointer<Float>, sizes: UnsafeMutablePo
 
 /// Initial centroids drawn from x with `rng` (random or k-means++).
 func initialCentroids(_ c: UnsafeMutablePointer<Float>, x: UnsafePointer<Float>, n: Int, d: Int, k: Int,
-                      kind: KMeansInit, rng: inout Xoshiro256StarStar) {
+                      kind: KMeansInit, rng: inout Xoshiro256StarStar, shouldStop: () -> Bool = { false }) {
     switch kind {
     case .given:
         return
@@ -172,7 +174,7 @@ func initialCentroids(_ c: UnsafeMutablePointer<Float>, x: UnsafePointer<Float>,
         defer { minD.deallocate(); sums.deallocate() }
         nonisolated(unsafe) let (x, c, mind, blockSum) = (x, c, minD, sums)
         (c).update(from: x + rng.below(n) * d, count: d)
-        for m in 0..<k {
+        for m in 0..<k where !shouldStop() {
             nonisolated(unsafe) let cm = UnsafePointer(c + m * d)
             let first = m == 0
             if m > 0 {
@@ -210,11 +212,17 @@ func initialCentroids(_ c: UnsafeMutablePointer<Float>, x: UnsafePointer<Float>,
 
 /// Lloyd k-means on x [n, d] (n ≥ k ≥ 1). Writes the final centroids [k, d] and the labels [n]
 /// of the final assignment. With `.given` the caller's centroids are the starting point.
+///
+/// `shouldStop` (e.g. Ctrl-C) is polled between blocks of points and between iterations; when
+/// it answers true the run returns at the next boundary with `stopped` set.
 public func kmeansFit(centroids: UnsafeMutablePointer<Float>, labels: UnsafeMutablePointer<Int32>,
-                      x: UnsafePointer<Float>, n: Int, d: Int, options o: KMeansOptions) -> KMeansResult {
+                      x: UnsafePointer<Float>, n: Int, d: Int, options o: KMeansOptions,
+                      shouldStop: (@Sendable () -> Bool)? = nil) -> KMeansResult {
     let k = o.k
+    let stop: @Sendable () -> Bool = shouldStop ?? { false }
     var rng = Xoshiro256StarStar(seed: o.seed, stream: o.stream)
-    initialCentroids(centroids, x: x, n: n, d: d, k: k, kind: o.initialization, rng: &rng)
+    initialCentroids(centroids, x: x, n: n, d: d, k: k, kind: o.initialization, rng: &rng, shouldStop: stop)
+    if stop() { return KMeansResult(history: [], inertia: .nan, stopped: true) }
     if o.spherical { normalizeRows(centroids, rows: k, d: d) }
 
     let P = KMeansBlocks.points
@@ -274,7 +282,7 @@ public func kmeansFit(centroids: UnsafeMutablePointer<Float>, labels: UnsafeMuta
                 own.deallocate(); groupMin.deallocate(); dist.deallocate()
             }
             var b = w
-            while b < blocks {
+            while b < blocks && !stop() {
                 defer { b += workers }
                 let lo = b * P, rows = min(P, n - lo)
                 var obj = 0.0
@@ -347,6 +355,7 @@ public func kmeansFit(centroids: UnsafeMutablePointer<Float>, labels: UnsafeMuta
     for _ in 0..<o.iterations {
         let t0 = monotonicSeconds()
         let (objective, searched) = assign(useBounds: haveBounds)
+        if stop() { return KMeansResult(history: history, inertia: .nan, stopped: true) }
         if o.bounds { old.update(from: centroids, count: k * d) }
         groupByLabel(counts: counts, offsets: offsets, order: order, labels: labels, n: n, k: k)
         clusterMeans(centroids, weight: nil, x: x, d: d, counts: counts, offsets: offsets, order: order, k: k)
@@ -373,7 +382,7 @@ public func kmeansFit(centroids: UnsafeMutablePointer<Float>, labels: UnsafeMuta
                                        splits: splits, searched: searched))
     }
     let (inertia, _) = assign(useBounds: haveBounds)
-    return KMeansResult(history: history, inertia: inertia)
+    return KMeansResult(history: history, inertia: inertia, stopped: stop())
 }
 
 /// One mini-batch step (Sculley 2010, in its per-batch form as scikit-learn's MiniBatchKMeans

@@ -237,7 +237,8 @@ def _open_rgb(path: str):
     try:
         with Image.open(path) as img:
             return img.convert("RGB")  # forces a full decode: truncated files fail here
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError, Image.DecompressionBombError) as e:
+        # DecompressionBombError: a header claiming more pixels than Pillow's limit (2× MAX_IMAGE_PIXELS)
         raise ImageLoadError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
 
 

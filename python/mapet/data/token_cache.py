@@ -23,6 +23,34 @@ MANIFEST, TOKENS = "manifest.json", "tokens.npy"
 _FORMAT, _VERSION = "mapet-token-cache", 1
 
 
+def _check_manifest(m: dict, mpath: str) -> None:
+    """Types and ranges of the manifest's fields; shard files must be plain names inside the cache."""
+    def count(key, where=m, label=None):
+        v = where.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise TokenCacheError(f"{mpath}: {label or key} must be an int ≥ 0, got {v!r}")
+    for key in ("length", "n_patches", "n_tokens"):
+        count(key)
+    if not isinstance(m.get("dtype"), str) or m["dtype"] not in ("int16", "int32", "int64", "uint16", "uint8"):
+        raise TokenCacheError(f"{mpath}: dtype must name an integer dtype, got {m.get('dtype')!r}")
+    shards = m.get("shards")
+    if shards is None:
+        return
+    if not isinstance(shards, list):
+        raise TokenCacheError(f"{mpath}: shards must be a list, got {type(shards).__name__}")
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict):
+            raise TokenCacheError(f"{mpath}: shards[{i}] must be an object, got {shard!r}")
+        name = shard.get("file")
+        if (not isinstance(name, str) or not name or name in (".", "..") or os.path.basename(name) != name
+                or "/" in name or "\\" in name or os.path.isabs(name)):
+            raise TokenCacheError(f"{mpath}: shards[{i}].file must be a file name inside the cache directory, got {name!r}")
+        count("start", shard, f"shards[{i}].start")
+        count("stop", shard, f"shards[{i}].stop")
+        if shard["stop"] < shard["start"]:
+            raise TokenCacheError(f"{mpath}: shards[{i}] stops ({shard['stop']}) before it starts ({shard['start']})")
+
+
 class TokenCacheError(ValueError):
     """A token cache is missing, incomplete, corrupt or does not match what the caller expects."""
 
@@ -172,8 +200,9 @@ class TokenCache:
                 m = json.load(f)
         except ValueError as e:
             raise TokenCacheError(f"{mpath}: corrupt manifest ({e})") from None
-        if m.get("format") != _FORMAT or not m.get("complete"):
+        if not isinstance(m, dict) or m.get("format") != _FORMAT or not m.get("complete"):
             raise TokenCacheError(f"{mpath}: not a complete mapet token cache")
+        _check_manifest(m, mpath)
         if m.get("shards"):
             # Written by several ranks (mapet.distributed.tokenize_to_cache): one file per rank,
             # rows [start, stop) each, joined here in order.
