@@ -633,8 +633,7 @@ def finetune(model: Any, train: Any, *, val: Any = None, num_classes: Optional[i
              clip_grad: Optional[float] = None, accum_steps: int = 1, seed: int = 0,
              output_dir: Optional[str] = None, checkpoint_every: int = 0, log_every: int = 10,
              progress: Optional[bool] = None, stop_after: Optional[int] = None, precision: Optional[str] = None,
-        metrics = (MetricsLog(self.output_dir, self.step, tensorboard=self.tensorboard)
-                   if self.output_dir and self.ctx.is_main else None)
+             workers: int = 0, validate_every_epoch: bool = False, tensorboard: bool = False,
              **model_overrides) -> Tuple[Any, Dict[str, List[float]]]:
     """Fine-tune a ViT classifier end to end (optionally from a pre-training checkpoint).
 
