@@ -168,3 +168,18 @@ def _size(path):
         return os.path.getsize(path)
     except OSError:
         return -1
+
+
+def test_equal_content_is_written_as_equal_bytes(tmp_path):
+    # safetensors keeps metadata in a hash map; mapet.io sorts it, so the same weights and metadata
+    # give the same file on every run (checksums, byte-wise comparison of two runs).
+    from mapet import io
+    tensors = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
+    meta = {f"key{i}": f"value {i} é" for i in range(12)}
+    files = set()
+    for i in range(6):
+        io.save_file(tensors, str(tmp_path / f"{i}.safetensors"), meta)
+        files.add((tmp_path / f"{i}.safetensors").read_bytes())
+    assert len(files) == 1
+    got, got_meta = io.load_file(str(tmp_path / "0.safetensors"))
+    assert got_meta == meta and all(np.array_equal(got[k], v) for k, v in tensors.items())

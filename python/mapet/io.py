@@ -6,6 +6,7 @@ overlapping, out-of-bounds or negative offsets, duplicate keys, bad shapes, trai
 non-string metadata); here its errors become ``ValueError`` naming the file, and writes go to a
 temporary file that is fsynced and renamed over the destination.
 """
+import json
 import os
 import tempfile
 from typing import Dict, Mapping, Optional, Tuple
@@ -76,8 +77,28 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str,
         bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
             raise TypeError(f"save_file: metadata must map str to str; offending keys {bad}")
-    blob = safetensors.numpy.save(arrays, metadata=dict(metadata) if metadata else None)
+    blob = _sorted_metadata(safetensors.numpy.save(arrays, metadata=dict(metadata) if metadata else None))
     atomic_write(path, lambda f: f.write(blob))
+
+
+def _sorted_metadata(blob: bytes) -> bytes:
+    """The package's file with its ``__metadata__`` entries in sorted order.
+
+    safetensors keeps the metadata in a hash map, so the same weights and metadata would be
+    written in a different byte order on each run; sorting the entries makes equal content equal
+    bytes (checksums, byte-wise comparisons of runs). The header keeps its length and alignment
+    padding and the tensor entries their order and offsets: only the metadata entries move.
+    """
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    if not meta:
+        return blob
+    text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header},
+                      separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # never for the package's own compact JSON; keep its bytes if so
+        return blob
+    return blob[:8] + text + b" " * (n - len(text)) + blob[8 + n:]
 
 
 def load_file(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:

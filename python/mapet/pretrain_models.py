@@ -103,7 +103,9 @@ class _PretrainModel(ParameterBlock):
             raise TypeError(f"{type(self).__name__}: unknown option(s) {unknown}; known: {sorted(defaults)}")
         cfg = dict(defaults, **config)
         if cfg["least_number"] is None and all(isinstance(cfg[k], (int, np.integer)) for k in ("img_size", "patch_size")):
-            cfg["least_number"] = default_least_number((int(cfg["img_size"]) // max(1, int(cfg["patch_size"]))) ** 2)
+            # capped at the engine's limit: models that large are refused for their memory anyway
+            cfg["least_number"] = min(default_least_number((int(cfg["img_size"]) // max(1, int(cfg["patch_size"]))) ** 2),
+                                      1 << 30)
         for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "num_tokens",
                     "least_number", *self._extra):
             v = cfg[key]
