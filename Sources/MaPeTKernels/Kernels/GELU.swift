@@ -43,35 +43,20 @@ public func geluBackward(
     }
 }
 
-/// gelu'(x) = Φ(x) + x · φ(x) on 8 lanes.
+/// gelu'(x) = Φ(x) + x · φ(x) on 8 lanes. erf(x/√2) by Abramowitz & Stegun 7.1.26 (as `verf`)
+/// needs e^(−x²/2), which is also √(2π)·φ(x): one exp serves both terms.
 @inline(__always)
 private func grad(_ x: FloatVector) -> FloatVector {
-    0.5 * (1 + verf(x * 0.70710678118654752)) + x * vexp(-0.5 * x * x) * 0.39894228040143268
-}
-
-/// Reference: out[n] = gelu(input[n]) with libm erff.
-public func geluForwardNaive(out: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, count: Int) {
-    nonisolated(unsafe) let out = out, input = input
-    Parallel.forRanges(count, grain: 1 << 14) { r in
-        for i in r {
-            let x = input[i]
-            out[i] = 0.5 * x * (1 + erff(x * 0.70710678118654752))
-        }
-    }
-}
-
-/// Reference: dInput[n] += dOut[n] · gelu'(input[n]),  gelu'(x) = Φ(x) + x · φ(x), with libm.
-public func geluBackwardNaive(
-    dInput: UnsafeMutablePointer<Float>, dOut: UnsafePointer<Float>,
-    input: UnsafePointer<Float>, count: Int
-) {
-    nonisolated(unsafe) let dInput = dInput, dOut = dOut, input = input
-    Parallel.forRanges(count, grain: 1 << 14) { r in
-        for i in r {
-            let x = input[i]
-            let cdf = 0.5 * (1 + erff(x * 0.70710678118654752))
-            let pdf = expf(-0.5 * x * x) * 0.39894228040143268
-            dInput[i] += dOut[i] * (cdf + x * pdf)
-        }
-    }
+    let z = x * 0.70710678118654752
+    let a = z.replacing(with: -z, where: z .< 0)
+    let t = 1 / (1 + 0.3275911 * a)
+    var p = FloatVector(repeating: 1.061405429)
+    p = p * t - 1.453152027
+    p = p * t + 1.421413741
+    p = p * t - 0.284496736
+    p = p * t + 0.254829592
+    let e = vexp(-(a * a))                      // e^(−x²/2)
+    var erf = 1 - p * t * e
+    erf = erf.replacing(with: -erf, where: z .< 0)
+    return 0.5 * (1 + erf) + x * e * 0.39894228040143268
 }
