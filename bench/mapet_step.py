@@ -102,7 +102,7 @@ def main() -> None:
     ref = next(iter(steps.values()))
     images, tokens = ref.images.numpy(), ref.tokens.numpy()
     for p in precisions:
-        model = create_pretrain_model("mapet_tiny_patch16_224", precision=p, **RECIPE)
+        model = mapet.create_model("mapet_tiny_patch16_224", precision=p, **RECIPE)
         assert model.config["num_tokens"] == 8192 and model.config["least_number"] == 50
 
         def mapet_step(model=model) -> float:

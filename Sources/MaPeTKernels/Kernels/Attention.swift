@@ -42,8 +42,9 @@ public func attentionForward<Mask: AttentionMask>(
                 softmaxRowInPlace(row, count: Nk, scale: scale)
             } else {
                 var any = false
-                for j in 0..<Nk where !mask.allows(batch: b, query: i, key: j) { row[j] = -.infinity }
-                for j in 0..<Nk where row[j] != -.infinity { any = true; break }
+                for j in 0..<Nk {
+                    if mask.allows(batch: b, query: i, key: j) { any = true } else { row[j] = -.infinity }
+                }
                 if any { softmaxRowInPlace(row, count: Nk, scale: scale) } else { row.update(repeating: 0, count: Nk) }
             }
         }

@@ -8,12 +8,15 @@ import Glibc
 /// One row in place: `row[j] = softmax(scale · row)[j]` over `count` entries.
 @inlinable
 public func softmaxRowInPlace(_ row: UnsafeMutablePointer<Float>, count: Int, scale: Float = 1) {
-    var mx = -Float.infinity
-    for j in 0..<count { mx = max(mx, row[j]) }
+    var mv = FloatVector(repeating: -.infinity)
+    var j = 0
+    while j + 8 <= count { mv = pointwiseMax(mv, loadV(row + j)); j += 8 }
+    var mx = mv.max()
+    while j < count { mx = max(mx, row[j]); j += 1 }
     mx *= scale
     let s = FloatVector(repeating: scale), m = FloatVector(repeating: mx)
     var acc = FloatVector()
-    var j = 0
+    j = 0
     while j + 8 <= count {
         let e = vexp(loadV(row + j) * s - m)
         storeV(e, row + j)
