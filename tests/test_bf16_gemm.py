@@ -22,6 +22,8 @@ import sys
 import numpy as np
 import pytest
 
+from cpu_flags import cpu_flags
+
 import mapet
 from mapet import ops
 
@@ -29,18 +31,7 @@ U32 = 2.0 ** -24      # fp32 unit roundoff
 UB = 2.0 ** -8        # bf16 unit roundoff (8-bit significand)
 
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-FLAGS = _cpu_flags()
+FLAGS = cpu_flags()
 CPU_BF16 = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= FLAGS
 ENV_OFF = os.environ.get("MAPET_BF16", "").lower() in ("off", "0", "false")
 ACTIVE = CPU_BF16 and not ENV_OFF

@@ -12,23 +12,14 @@ import sys
 
 import pytest
 
+from cpu_flags import cpu_flags
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def _kernels() -> list:
     """OPENBLAS_CORETYPE values this CPU runs ('' = unset: OpenBLAS's own choice)."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     kernels = [""]
     if {"avx2", "fma"} <= flags:
         kernels.append("Haswell")

@@ -2,9 +2,11 @@
 a size table into named zero-copy views (reference names, reference order)."""
 import logging
 from collections import OrderedDict
-from typing import Any, List, Mapping, Tuple
+from typing import Any, Callable, List, Mapping, Tuple
 
 import numpy as np
+
+from ._runtime import set_precision
 
 log = logging.getLogger("mapet.models")
 
@@ -16,6 +18,24 @@ class ParameterBlock:
     """
 
     _table: List[Tuple[str, Tuple[int, ...], int]]
+    #: The engine's (get, set) of this kind of model's precision.
+    _precision_ops: Tuple[Callable, Callable]
+
+    @property
+    def precision(self) -> str:
+        """Precision of every matrix product, forward and backward: "fp32", or "bf16" (inputs
+        rounded to bfloat16, fp32 accumulation; weights, gradients, optimizer state, norms,
+        softmax, GELU and losses stay fp32, as ``torch.autocast``). Settable at any time; files
+        stay fp32 and load into a model of either precision.
+
+        Raises:
+            ValueError: not "fp32" or "bf16".
+        """
+        return self._precision_ops[0](self._handle)
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        set_precision(self._precision_ops[1], self._handle, value)
 
     def _bind(self, table, params, grads) -> None:
         self._table = table

@@ -14,7 +14,6 @@ import numpy as np
 
 from ._native import _core
 from ._params import ParameterBlock
-from ._runtime import set_precision
 from .io import load_file, save_file
 
 log = logging.getLogger(__name__)
@@ -78,6 +77,8 @@ class VisionTransformer(ParameterBlock):
         (2, 10)
     """
 
+    _precision_ops = (_core.vit_precision, _core.vit_set_precision)
+
     def __init__(self, *, seed: int = 0, precision: str = "fp32", **config: Any) -> None:
         unknown = sorted(set(config) - set(_DEFAULTS))
         if unknown:
@@ -97,22 +98,6 @@ class VisionTransformer(ParameterBlock):
         self.seed = int(seed)
         self._bind(_core.vit_table(self._handle), *_core.vit_blocks(self._handle))
         self.precision = precision
-
-    @property
-    def precision(self) -> str:
-        """Precision of every matrix product, forward and backward: "fp32", or "bf16" (inputs
-        rounded to bfloat16, fp32 accumulation; weights, gradients, optimizer state, norms,
-        softmax, GELU and losses stay fp32, as ``torch.autocast``). Settable at any time; files
-        stay fp32 and load into a model of either precision.
-
-        Raises:
-            ValueError: not "fp32" or "bf16".
-        """
-        return _core.vit_precision(self._handle)
-
-    @precision.setter
-    def precision(self, value: str) -> None:
-        set_precision(_core.vit_set_precision, self._handle, value)
 
     def zero_grad(self) -> None:
         """Clear the gradient block."""

@@ -30,7 +30,6 @@ import numpy as np
 
 from ._native import _core
 from ._params import ParameterBlock
-from ._runtime import set_precision
 from .io import load_file, save_file
 from .objectives import _i32
 from .sampling import PermutationBatch, PermutationSampler
@@ -92,6 +91,8 @@ def _tokens(tokens: Any, batch: int, num_patches: int, num_tokens: int) -> np.nd
 class _PretrainModel(ParameterBlock):
     """Parameters, gradients, files and the drop-path generator (shared by every pre-training model)."""
 
+    _precision_ops = (_core.pretrain_precision, _core.pretrain_set_precision)
+
     _kind = ""
     #: Options of this kind beyond ``_DEFAULTS`` (name → default).
     _extra: Dict[str, Any] = {}
@@ -132,22 +133,6 @@ class _PretrainModel(ParameterBlock):
                           f"(least_number ≈ {default_least_number((cfg['img_size'] // cfg['patch_size']) ** 2)})",
                           stacklevel=3)
         self._bind(_core.pretrain_table(self._handle), *_core.pretrain_blocks(self._handle))
-
-    @property
-    def precision(self) -> str:
-        """Precision of every matrix product, forward and backward: "fp32", or "bf16" (inputs
-        rounded to bfloat16, fp32 accumulation; weights, gradients, optimizer state, norms,
-        softmax, GELU and losses stay fp32, as ``torch.autocast``). Settable at any time; files
-        stay fp32 and load into a model of either precision.
-
-        Raises:
-            ValueError: not "fp32" or "bf16".
-        """
-        return _core.pretrain_precision(self._handle)
-
-    @precision.setter
-    def precision(self, value: str) -> None:
-        set_precision(_core.pretrain_set_precision, self._handle, value)
 
     @staticmethod
     def _head_size(cfg: Dict[str, Any]) -> int:

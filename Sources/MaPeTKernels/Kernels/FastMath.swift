@@ -40,7 +40,11 @@ func pointwiseMax(_ a: FloatVector, _ b: FloatVector) -> FloatVector { a.replaci
 /// erf by Abramowitz & Stegun 7.1.26: 1 − (a₁t + … + a₅t⁵)·e^(−x²), t = 1/(1 + 0.3275911·|x|),
 /// odd extension; absolute error ≤ 1.5·10⁻⁷.
 @inlinable @inline(__always)
-public func verf(_ x: FloatVector) -> FloatVector {
+public func verf(_ x: FloatVector) -> FloatVector { verfAndGauss(x).erf }
+
+/// erf(x) as `verf`, and the e^(−x²) it is built from (GELU's backward reuses it for φ).
+@inlinable @inline(__always)
+public func verfAndGauss(_ x: FloatVector) -> (erf: FloatVector, gauss: FloatVector) {
     let a = x.replacing(with: -x, where: x .< 0)
     let t = 1 / (1 + 0.3275911 * a)
     var p = FloatVector(repeating: 1.061405429)
@@ -48,8 +52,9 @@ public func verf(_ x: FloatVector) -> FloatVector {
     p = p * t + 1.421413741
     p = p * t - 0.284496736
     p = p * t + 0.254829592
-    let y = 1 - p * t * vexp(-(a * a))
-    return y.replacing(with: -y, where: x .< 0)
+    let gauss = vexp(-(a * a))
+    let y = 1 - p * t * gauss
+    return (y.replacing(with: -y, where: x .< 0), gauss)
 }
 
 /// Scalar exp through the same polynomial (tails of vector loops agree with their bodies).

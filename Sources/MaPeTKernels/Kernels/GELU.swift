@@ -43,20 +43,10 @@ public func geluBackward(
     }
 }
 
-/// gelu'(x) = Φ(x) + x · φ(x) on 8 lanes. erf(x/√2) by Abramowitz & Stegun 7.1.26 (as `verf`)
-/// needs e^(−x²/2), which is also √(2π)·φ(x): one exp serves both terms.
+/// gelu'(x) = Φ(x) + x · φ(x) on 8 lanes; erf(x/√2) is built from e^(−x²/2) = √(2π)·φ(x), so
+/// one exp serves both terms.
 @inline(__always)
 private func grad(_ x: FloatVector) -> FloatVector {
-    let z = x * 0.70710678118654752
-    let a = z.replacing(with: -z, where: z .< 0)
-    let t = 1 / (1 + 0.3275911 * a)
-    var p = FloatVector(repeating: 1.061405429)
-    p = p * t - 1.453152027
-    p = p * t + 1.421413741
-    p = p * t - 0.284496736
-    p = p * t + 0.254829592
-    let e = vexp(-(a * a))                      // e^(−x²/2)
-    var erf = 1 - p * t * e
-    erf = erf.replacing(with: -erf, where: z .< 0)
-    return 0.5 * (1 + erf) + x * e * 0.39894228040143268
+    let (erf, gauss) = verfAndGauss(x * 0.70710678118654752)
+    return 0.5 * (1 + erf) + x * gauss * 0.39894228040143268
 }
