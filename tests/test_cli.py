@@ -71,6 +71,7 @@ def test_tokenize_pretrain_finetune_linprobe_eval(tmp_path):
     counts = np.array([[int(v) for v in r.split(",")[1:]] for r in rows[1:]])
     assert counts.shape == (10, 10) and counts.sum() == 359
     assert np.trace(counts) / 359 == pytest.approx(metrics["top1"], abs=1e-12)
+    assert (tmp_path / "ev" / "eval-confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_demo_on_a_tiny_budget(tmp_path):

@@ -871,6 +871,37 @@ def test_ctrl_c_interrupts_kmeans_fit_quickly():
     assert latency < 0.5, latency
 
 
+ASSIGN_CHILD = '''
+import sys, time, numpy as np, mapet
+rng = np.random.default_rng(0)
+km = mapet.KMeans(4096, n_iter=0, seed=0).fit(rng.standard_normal((8192, 128)).astype(np.float32))
+x = rng.standard_normal((600000, 128)).astype(np.float32)
+print("started", flush=True)
+t0 = time.monotonic()
+try:
+    km.assign(x, chunk_size=len(x))   # one native call of ~630 GFLOP: seconds
+    print("finished", time.monotonic() - t0, flush=True)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", time.monotonic() - t0, flush=True)
+'''
+
+
+def test_ctrl_c_interrupts_one_long_nearest_centroid_call_quickly():
+    p = subprocess.Popen([sys.executable, "-c", ASSIGN_CHILD], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert p.stdout.readline().strip() == "started"
+        time.sleep(0.8)   # inside the single kmeans_assign call
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        line = p.stdout.readline().split()
+        latency = time.monotonic() - t0
+        assert p.wait(timeout=10) == 0
+    finally:
+        p.kill()
+    assert line[0] == "KeyboardInterrupt", line
+    assert latency < 0.5, latency
+
+
 def test_exit_with_a_daemon_thread_inside_kmeans_fit():
     code = '''
 import threading, time, numpy as np, mapet

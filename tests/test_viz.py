@@ -160,3 +160,20 @@ def test_group_overlay_paints_merged_groups_only():
     np.testing.assert_array_equal(out[0, :, 4:, :], 0.5)                    # singletons untouched
     with pytest.raises(ValueError, match="membership must be"):
         viz.group_overlay(x, np.zeros((1, 3), int))
+
+
+def test_confusion_figure_draws_row_shares_and_counts(tmp_path):
+    counts = np.array([[5, 1, 0], [0, 0, 0], [2, 0, 9]])
+    fig = viz.plot_confusion(counts, ["cat", "dog", "owl"], path=str(tmp_path / "c.png"))
+    ax = fig.axes[0]
+    drawn = np.asarray(ax.images[0].get_array())
+    want = counts / np.maximum(counts.sum(1, keepdims=True), 1)  # an empty row stays 0, no NaN
+    np.testing.assert_allclose(drawn, want)
+    cells = sorted((round(t.get_position()[1]), round(t.get_position()[0]), t.get_text()) for t in ax.texts)
+    assert cells == [(0, 0, "5"), (0, 1, "1"), (2, 0, "2"), (2, 2, "9")]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["cat", "dog", "owl"]
+    assert ax.get_xlabel() == "predicted class" and ax.get_ylabel() == "true class"
+    assert "17 images, top-1 82.4%" in viz.caption_of(fig)
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match=r"matrix: expected \[3, 3\]"):
+        viz.plot_confusion(np.zeros((2, 2)), ["a", "b", "c"])

@@ -70,7 +70,9 @@ let kmeansMethods: [Method] = [
         try requireFinite(x, "x")
         nonisolated(unsafe) let (xp, cp, lp, dp) = (x.readOnly, c.readOnly, labels.pointer, dist?.pointer)
         let k = c.shape[0]
-        withoutGIL { kmeansAssign(labels: lp, distances: dp, x: xp, n: N, d: d, centroids: cp, k: k) }
+        try interruptible { stop in
+            kmeansAssign(labels: lp, distances: dp, x: xp, n: N, d: d, centroids: cp, k: k, shouldStop: stop)
+        }
         return none()
     } }, doc: "kmeans_assign(x, centroids, labels int32 out, distances float32 out|None): nearest centroid (squared L2)"),
 

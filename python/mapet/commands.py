@@ -39,7 +39,7 @@ _MODEL = {"size": "tiny", "img_size": 32, "patch_size": 4, "embed_dim": 96, "dep
 _MODEL_FROM_CHECKPOINT = {k: None for k in _MODEL}
 
 _DATA = {"data": "digits", "val_data": None, "val_split": 0.0, "split_seed": 0, "on_error": "raise", "workers": 2,
-         "progress": True}
+         "progress": None}
 _LOGS = {"tensorboard": False}
 
 #: What each configuration key means (``--list-options``); dotted keys, or the last part of one.
@@ -50,7 +50,7 @@ OPTIONS: Dict[str, str] = {
     "split_seed": "seed of the held-out split (digits and val_split)",
     "on_error": "unreadable images: 'raise' (stop, naming the file) or 'skip' (check every file first, drop bad ones)",
     "workers": "threads decoding and augmenting images (results do not depend on it)",
-    "progress": "draw a tqdm progress bar when tqdm is installed",
+    "progress": "tqdm progress bars: null = where a person watches (a terminal or notebook; not under CI=true, only MPI rank 0), true = always, false = never",
     "precision": "matrix products in 'fp32' or 'bf16' (null: fp32, or a resumed run's stored precision)",
     "tensorboard": "also write TensorBoard event files (needs tensorboardX or torch); checkpoints/log.csv is always written",
     "seed": "seed of initialisation, data order, masks and augmentation",
@@ -372,7 +372,8 @@ FINETUNE_DEFAULTS = dict(
 
 def _write_eval_outputs(cfg: Dict[str, Any], metrics: Dict[str, Any], classes: List[str], name: str) -> None:
     """``<name>.json`` (top-1/top-5/loss and per-class accuracy by class name) and the confusion
-    matrix as ``<name>-confusion.csv`` (rows: true class, columns: predicted)."""
+    matrix as ``<name>-confusion.csv`` (rows: true class, columns: predicted) and as a figure,
+    ``<name>-confusion.png``."""
     if not cfg.get("output_dir") or not _is_main():
         return
     per_class = {c: (None if np.isnan(a) else a) for c, a in zip(classes, metrics["per_class"])}
@@ -383,6 +384,9 @@ def _write_eval_outputs(cfg: Dict[str, Any], metrics: Dict[str, Any], classes: L
         f.write("true\\predicted," + ",".join(classes) + "\n")
         for c, row in zip(classes, metrics["confusion"]):
             f.write(c + "," + ",".join(str(int(v)) for v in row) + "\n")
+    from . import viz
+    viz.plot_confusion(metrics["confusion"], classes, title=f"Confusion matrix ({name})",
+                       path=_out(cfg, f"{name}-confusion.png"))
 
 
 def run_finetune(cfg: Dict[str, Any]):

@@ -192,6 +192,48 @@ def plot_bars(table: Mapping[str, Mapping[str, float]], *, title: str = "Results
     return _finish(fig, title, caption, path)
 
 
+def plot_confusion(matrix: Any, classes: Sequence[str], *, title: str = "Confusion matrix",
+                   caption: Optional[str] = None, path: Optional[str] = None) -> "Figure":
+    """A confusion matrix as a labelled heat map: rows the true class, columns the predicted one,
+    each cell its count; the colour is the share of its row (so rare classes read as clearly as
+    common ones).
+
+    Args:
+        matrix: [C, C] counts (``evaluate(..., confusion=True)["confusion"]``).
+        classes: the C class names, in the matrix's order.
+        title, caption, path: as in :func:`plot_curves`.
+
+    Returns:
+        The matplotlib Figure.
+    """
+    m = np.asarray(matrix)
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] != len(classes):
+        raise ValueError(f"plot_confusion: matrix: expected [{len(classes)}, {len(classes)}] for "
+                         f"{len(classes)} classes, got shape {m.shape}")
+    counts = m.astype(np.float64)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    side = 2.5 + 0.45 * len(classes)
+    fig = _new_figure(side + 1.2, side)
+    ax = fig.subplots()
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ticks = np.arange(len(classes))
+    ax.set_xticks(ticks, [str(c) for c in classes], rotation=90 if max(map(len, map(str, classes))) > 3 else 0)
+    ax.set_yticks(ticks, [str(c) for c in classes])
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if len(classes) <= 30:
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                if counts[i, j]:
+                    ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=8,
+                            color="white" if share[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, label="share of the true class", shrink=0.8)
+    total = counts.sum()
+    acc = np.trace(counts) / total if total else float("nan")
+    return _finish(fig, title, caption or f"{int(total)} images, top-1 {100 * acc:.1f}%: the diagonal holds the "
+                   "correct predictions; each row adds up to one true class.", path)
+
+
 # ------------------------------------------------------------------ MaPeT's masks
 
 def permutation_order(batch: Any, index: int = 0, positional_tokens: bool = True) -> Tuple[np.ndarray, np.ndarray]:

@@ -104,10 +104,14 @@ public func nearestCentroidsBlock(
 /// Assigns every point of x [n, d] to its nearest centroid of c [k, d]:
 /// labels [n] and distances [n] = ‖x_i − c_label‖² (recomputed directly, not from the GEMM
 /// identity, so they do not suffer its cancellation). Parallel over fixed point blocks.
+/// `shouldStop` (e.g. Ctrl-C) is polled between blocks; when it answers true the remaining
+/// blocks are skipped and the outputs are incomplete (the caller discards them).
 public func kmeansAssign(
     labels: UnsafeMutablePointer<Int32>, distances: UnsafeMutablePointer<Float>?,
-    x: UnsafePointer<Float>, n: Int, d: Int, centroids: UnsafePointer<Float>, k: Int
+    x: UnsafePointer<Float>, n: Int, d: Int, centroids: UnsafePointer<Float>, k: Int,
+    shouldStop: (@Sendable () -> Bool)? = nil
 ) {
+    let stop: @Sendable () -> Bool = shouldStop ?? { false }
     let norms = UnsafeMutablePointer<Float>.allocate(capacity: k)
     defer { norms.deallocate() }
     centroidSquaredNorms(norms, centroids: centroids, k: k, d: d)
@@ -118,7 +122,7 @@ public func kmeansAssign(
         let scratch = UnsafeMutablePointer<Float>.allocate(capacity: P * KMeansBlocks.centroids)
         let best = UnsafeMutablePointer<Float>.allocate(capacity: 2 * P)
         defer { scratch.deallocate(); best.deallocate() }
-        for b in range {
+        for b in range where !stop() {
             let lo = b * P, rows = min(P, n - lo)
             nearestCentroidsBlock(label: labels + lo, best: best, second: best + P, x: x + lo * d, rows: rows, d: d,
                                   centroids: c, norms: nm, k: k, scratch: scratch)
