@@ -30,6 +30,7 @@ import numpy as np
 from . import distributed
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .data import ArrayDataset, DataLoader
+from .data.datasets import DatasetView
 from .progress import bar as progress_bar
 from .schedules import cosine_lr
 
@@ -337,7 +338,7 @@ class _ImagesWithTokens:
         return self.images[indices], np.ascontiguousarray(self.tokens[indices])
 
 
-class _WithRows:
+class _WithRows(DatasetView):
     """A dataset whose items gain one row of ``rows`` (e.g. precomputed teacher features) last."""
 
     def __init__(self, dataset: Any, rows: Any) -> None:
@@ -348,14 +349,6 @@ class _WithRows:
 
     def __getitem__(self, i: int) -> tuple:
         return tuple(self.dataset[i]) + (np.asarray(self.rows[i]),)
-
-    @property
-    def decode_per_item(self) -> bool:
-        return not hasattr(self.dataset, "get_batch") or getattr(self.dataset, "decode_per_item", False)
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
 
     def get_batch(self, indices: np.ndarray) -> tuple:
         return tuple(self.dataset.get_batch(indices)) + (np.asarray(self.rows[np.asarray(indices)]),)

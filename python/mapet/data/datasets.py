@@ -7,7 +7,7 @@ in [0, 1] first, then label / extras). Optional: ``set_epoch(e)`` (re-draw augme
 import logging
 import os
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -150,7 +150,23 @@ def _walk_files(top: str) -> List[str]:
     return out
 
 
-class Subset:
+class DatasetView:
+    """Base of datasets that wrap another one (``self.dataset``): epochs pass through, and items
+    are decoded one by one (by the loader's workers) exactly when the wrapped dataset's are."""
+
+    dataset: Any
+
+    @property
+    def decode_per_item(self) -> bool:
+        """True when the wrapped dataset decodes item by item (the loader's workers then do it)."""
+        return not hasattr(self.dataset, "get_batch") or getattr(self.dataset, "decode_per_item", False)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+
+class Subset(DatasetView):
     """The items ``indices`` of a dataset (e.g. a validation split cut from one folder).
 
     Example:
@@ -175,14 +191,6 @@ class Subset:
     def targets(self) -> List[int]:
         t = dataset_targets(self.dataset)
         return [int(t[i]) for i in self.indices]
-
-    @property
-    def decode_per_item(self) -> bool:
-        return not hasattr(self.dataset, "get_batch") or getattr(self.dataset, "decode_per_item", False)
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
 
     def get_batch(self, indices: np.ndarray) -> tuple:
         if hasattr(self.dataset, "get_batch"):

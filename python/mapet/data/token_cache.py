@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..io import atomic_write
+from .datasets import DatasetView
 
 MANIFEST, TOKENS = "manifest.json", "tokens.npy"
 _FORMAT, _VERSION = "mapet-token-cache", 1
@@ -261,7 +262,7 @@ class TokenCache:
         return TokenDataset(dataset, self)
 
 
-class TokenDataset:
+class TokenDataset(DatasetView):
     """A dataset whose items are the wrapped dataset's item followed by the sample's cached tokens."""
 
     def __init__(self, dataset, cache: TokenCache):
@@ -278,17 +279,8 @@ class TokenDataset:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-
     def __getitem__(self, i: int) -> tuple:
         return tuple(self.dataset[i]) + (self.cache[i],)
-
-    @property
-    def decode_per_item(self) -> bool:
-        """True when the wrapped dataset decodes item by item (the loader's workers then do it)."""
-        return not hasattr(self.dataset, "get_batch") or getattr(self.dataset, "decode_per_item", False)
 
     @property
     def targets(self):
