@@ -40,6 +40,8 @@ public func attentionForward<Mask: AttentionMask>(
             let row = P + i * Nk
             if mask.isFull {
                 softmaxRowInPlace(row, count: Nk, scale: scale)
+            } else if let bias = mask.scoreBias(batch: b, query: i) {
+                softmaxRowInPlace(row, count: Nk, scale: scale, bias: bias)
             } else {
                 var any = false
                 for j in 0..<Nk {

@@ -13,11 +13,16 @@ public protocol AttentionMask: Sendable {
 
     /// True when every pair is allowed (lets attention take the unmasked fast path).
     var isFull: Bool { get }
+
+    /// Optional precomputed form: the row of additive score biases (0 = may attend, −∞ = may
+    /// not) of `query` in sample `batch`, `Nk` floats. nil (the default): attention asks `allows`.
+    func scoreBias(batch: Int, query: Int) -> UnsafePointer<Float>?
 }
 
 extension AttentionMask {
     @inlinable public func anyAllowed(batch: Int, queries: Range<Int>, keys: Range<Int>) -> Bool { true }
     @inlinable public var isFull: Bool { false }
+    @inlinable public func scoreBias(batch: Int, query: Int) -> UnsafePointer<Float>? { nil }
 }
 
 /// Every query attends every key (the ViT encoder).
@@ -25,4 +30,35 @@ public struct FullAttention: AttentionMask {
     public init() {}
     @inlinable public func allows(batch: Int, query: Int, key: Int) -> Bool { true }
     @inlinable public var isFull: Bool { true }
+}
+
+/// A rule evaluated once into additive score biases [B, M, Nk] (0 or −∞), read by every head
+/// and layer that uses it: a two-stream model asks its rank rules B·M·Nk times per step
+/// instead of once per head and layer. The caller owns `bias`; fill it with `fillScoreBias`.
+public struct ScoreBiasMask: AttentionMask, @unchecked Sendable {
+    public let bias: UnsafePointer<Float>
+    public let M: Int, Nk: Int
+
+    public init(bias: UnsafePointer<Float>, M: Int, Nk: Int) {
+        self.bias = bias; self.M = M; self.Nk = Nk
+    }
+
+    @inlinable public func allows(batch: Int, query: Int, key: Int) -> Bool {
+        bias[(batch * M + query) * Nk + key] == 0
+    }
+
+    @inlinable public func scoreBias(batch: Int, query: Int) -> UnsafePointer<Float>? {
+        bias + (batch * M + query) * Nk
+    }
+}
+
+/// bias[b, i, j] = 0 where `mask` allows (b, i, j), else −∞, for b < B, i < M, j < Nk.
+public func fillScoreBias<Mask: AttentionMask>(_ mask: Mask, B: Int, M: Int, Nk: Int, bias: UnsafeMutablePointer<Float>) {
+    nonisolated(unsafe) let bias = bias
+    Parallel.forRanges(B * M, grain: max(1, 4096 / max(Nk, 1))) { rows in
+        for row in rows {
+            let b = row / M, i = row % M, out = bias + row * Nk
+            for j in 0..<Nk { out[j] = mask.allows(batch: b, query: i, key: j) ? 0 : -.infinity }
+        }
+    }
 }

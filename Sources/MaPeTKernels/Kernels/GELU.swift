@@ -43,6 +43,45 @@ public func geluBackward(
     }
 }
 
+/// out[n] = gelu(x[n]) and x[n] replaced by gelu'(x[n]): what the backward needs, so that it is
+/// one product (`geluBackwardFromDerivative`) and the pre-activation need not be kept. Values
+/// are those of `geluForward` and of the derivative `geluBackward` uses.
+public func geluForwardKeepingDerivative(out: UnsafeMutablePointer<Float>, inputThenDerivative x: UnsafeMutablePointer<Float>,
+                                         count: Int) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.elementwise, t0) }
+    nonisolated(unsafe) let out = out, x = x
+    Parallel.forRanges(count, grain: 1 << 14) { r in
+        @inline(__always) func both(_ v: FloatVector) -> (FloatVector, FloatVector) {
+            let (erf, gauss) = verfAndGauss(v * 0.70710678118654752)
+            return (0.5 * v * (1 + erf), 0.5 * (1 + erf) + v * gauss * 0.39894228040143268)
+        }
+        var i = r.lowerBound
+        while i + 8 <= r.upperBound {
+            let (y, d) = both(loadV(x + i))
+            storeV(y, out + i); storeV(d, x + i)
+            i += 8
+        }
+        while i < r.upperBound {
+            let (y, d) = both(FloatVector(repeating: x[i]))
+            out[i] = y[0]; x[i] = d[0]
+            i += 1
+        }
+    }
+}
+
+/// dInput[n] = dOut[n] · derivative[n] (written, not accumulated), the derivative from
+/// `geluForwardKeepingDerivative`.
+public func geluBackwardFromDerivative(dInput: UnsafeMutablePointer<Float>, dOut: UnsafePointer<Float>,
+                                       derivative: UnsafePointer<Float>, count: Int) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.elementwise, t0) }
+    nonisolated(unsafe) let dInput = dInput, dOut = dOut, derivative = derivative
+    Parallel.forRanges(count, grain: 1 << 15) { r in
+        var i = r.lowerBound
+        while i + 8 <= r.upperBound { storeV(loadV(dOut + i) * loadV(derivative + i), dInput + i); i += 8 }
+        while i < r.upperBound { dInput[i] = dOut[i] * derivative[i]; i += 1 }
+    }
+}
+
 /// gelu'(x) = Φ(x) + x · φ(x) on 8 lanes; erf(x/√2) is built from e^(−x²/2) = √(2π)·φ(x), so
 /// one exp serves both terms.
 @inline(__always)

@@ -22,16 +22,17 @@ public func linearForward(
                   B: weight, ldb: IC, beta: beta, C: out, ldc: OC)
 }
 
-/// Any of dInput, dWeight, dBias may be nil (not needed / frozen).
+/// Any of dInput, dWeight, dBias may be nil (not needed / frozen). `accumulateInput: false`
+/// writes dInput instead of adding to it (the same values as adding to zeros, one pass less).
 public func linearBackward(
     dInput: UnsafeMutablePointer<Float>?, dWeight: UnsafeMutablePointer<Float>?, dBias: UnsafeMutablePointer<Float>?,
     dOut: UnsafePointer<Float>, input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
-    rows: Int, inFeatures IC: Int, outFeatures OC: Int, precision: Precision = .fp32
+    rows: Int, inFeatures IC: Int, outFeatures OC: Int, precision: Precision = .fp32, accumulateInput: Bool = true
 ) {
     let t0 = Profiler.begin(); defer { Profiler.end(.gemm, t0) }
     if let dInput {
         gemm(precision, transA: false, transB: false, M: rows, N: IC, K: OC, alpha: 1, A: dOut, lda: OC,
-                      B: weight, ldb: IC, beta: 1, C: dInput, ldc: IC)
+                      B: weight, ldb: IC, beta: accumulateInput ? 1 : 0, C: dInput, ldc: IC)
     }
     if let dWeight {
         gemm(precision, transA: true, transB: false, M: OC, N: IC, K: rows, alpha: 1, A: dOut, lda: OC,

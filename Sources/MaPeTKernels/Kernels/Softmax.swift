@@ -29,6 +29,38 @@ public func softmaxRowInPlace(_ row: UnsafeMutablePointer<Float>, count: Int, sc
     for j in 0..<count { row[j] *= inv }
 }
 
+/// One row in place with additive biases (0 or −∞): `row[j] = softmax(scale · row + bias)[j]`;
+/// a row whose biases are all −∞ becomes zeros. Where a bias is 0 the values are those of
+/// `softmaxRowInPlace` with the −∞ entries written into the row.
+@inlinable
+public func softmaxRowInPlace(_ row: UnsafeMutablePointer<Float>, count: Int, scale: Float, bias: UnsafePointer<Float>) {
+    let s = FloatVector(repeating: scale)
+    var mv = FloatVector(repeating: -.infinity)
+    var j = 0
+    while j + 8 <= count {
+        let y = loadV(row + j) * s + loadV(bias + j)
+        storeV(y, row + j)
+        mv = pointwiseMax(mv, y)
+        j += 8
+    }
+    var mx = mv.max()
+    while j < count { let y = row[j] * scale + bias[j]; row[j] = y; mx = max(mx, y); j += 1 }
+    if mx == -.infinity { row.update(repeating: 0, count: count); return }
+    let m = FloatVector(repeating: mx)
+    var acc = FloatVector()
+    j = 0
+    while j + 8 <= count {
+        let e = vexp(loadV(row + j) - m)
+        storeV(e, row + j)
+        acc += e
+        j += 8
+    }
+    var total = acc.sum()
+    while j < count { let e = sexp(row[j] - mx); row[j] = e; total += e; j += 1 }
+    let inv = 1 / total
+    for j in 0..<count { row[j] *= inv }
+}
+
 /// out [rows, cols] = softmax over each row of input [rows, cols].
 public func softmaxForward(out: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, rows: Int, cols: Int) {
     nonisolated(unsafe) let out = out, input = input

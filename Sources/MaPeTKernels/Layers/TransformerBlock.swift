@@ -64,7 +64,9 @@ public final class Arena: @unchecked Sendable {
 
 /// What one block keeps from the forward for the backward, for one stream of `rows = B·T` tokens.
 public struct BlockCache: @unchecked Sendable {
-    public var ln1, ln1Mean, ln1Rstd, q, attn, proj, xMid, ln2, ln2Mean, ln2Rstd, fc1, act, fc2: UnsafeMutablePointer<Float>
+    public var ln1, ln1Mean, ln1Rstd, q, attn, proj, xMid, ln2, ln2Mean, ln2Rstd, act, fc2: UnsafeMutablePointer<Float>
+    /// fc1's output, replaced in the forward by gelu' of it (all the backward needs).
+    public var fc1: UnsafeMutablePointer<Float>
     /// [rows, 2C] keys | values; nil for a stream that borrows another stream's K/V.
     public var kv: UnsafeMutablePointer<Float>?
     /// [B, H, T, Nk] attention probabilities.
@@ -144,7 +146,7 @@ public struct TransformerBlock: @unchecked Sendable {
         residualForward(out: c.xMid, residual: x, branch: c.proj, gamma: w.ls1, keep: keep1, B: B, T: T, C: C)
         layerNormForward(out: c.ln2, mean: c.ln2Mean, rstd: c.ln2Rstd, input: c.xMid, weight: w.norm2W, bias: w.norm2B, rows: rows, cols: C)
         linearForward(out: c.fc1, input: c.ln2, weight: w.fc1W, bias: w.fc1B, rows: rows, inFeatures: C, outFeatures: hidden, precision: precision)
-        geluForward(out: c.act, input: c.fc1, count: rows * hidden)
+        geluForwardKeepingDerivative(out: c.act, inputThenDerivative: c.fc1, count: rows * hidden)
         linearForward(out: c.fc2, input: c.act, weight: w.fc2W, bias: w.fc2B, rows: rows, inFeatures: hidden, outFeatures: C, precision: precision)
         residualForward(out: out, residual: c.xMid, branch: c.fc2, gamma: w.ls2, keep: keep2, B: B, T: T, C: C)
     }
@@ -165,21 +167,17 @@ public struct TransformerBlock: @unchecked Sendable {
         let rows = B * T
         zero(s.dBranch, rows * C)
         residualBackward(dResidual: nil, dBranch: s.dBranch, dGamma: g.ls2, dOut: dx, branch: c.fc2, gamma: w.ls2, keep: keep2, B: B, T: T, C: C)
-        zero(s.dAct, rows * hidden)
         linearBackward(dInput: s.dAct, dWeight: g.fc2W, dBias: g.fc2B, dOut: s.dBranch, input: c.act, weight: w.fc2W,
-                       rows: rows, inFeatures: hidden, outFeatures: C, precision: precision)
-        zero(s.dFc1, rows * hidden)
-        geluBackward(dInput: s.dFc1, dOut: s.dAct, input: c.fc1, count: rows * hidden)
-        zero(s.dLn, rows * C)
+                       rows: rows, inFeatures: hidden, outFeatures: C, precision: precision, accumulateInput: false)
+        geluBackwardFromDerivative(dInput: s.dFc1, dOut: s.dAct, derivative: c.fc1, count: rows * hidden)
         linearBackward(dInput: s.dLn, dWeight: g.fc1W, dBias: g.fc1B, dOut: s.dFc1, input: c.ln2, weight: w.fc1W,
-                       rows: rows, inFeatures: C, outFeatures: hidden, precision: precision)
+                       rows: rows, inFeatures: C, outFeatures: hidden, precision: precision, accumulateInput: false)
         layerNormBackward(dInput: dx, dWeight: g.norm2W, dBias: g.norm2B, dOut: s.dLn, input: c.xMid, weight: w.norm2W,
                           mean: c.ln2Mean, rstd: c.ln2Rstd, rows: rows, cols: C)
         zero(s.dBranch, rows * C)
         residualBackward(dResidual: nil, dBranch: s.dBranch, dGamma: g.ls1, dOut: dx, branch: c.proj, gamma: w.ls1, keep: keep1, B: B, T: T, C: C)
-        zero(s.dAttn, rows * C)
         linearBackward(dInput: s.dAttn, dWeight: g.projW, dBias: g.projB, dOut: s.dBranch, input: c.attn, weight: w.projW,
-                       rows: rows, inFeatures: C, outFeatures: C, precision: precision)
+                       rows: rows, inFeatures: C, outFeatures: C, precision: precision, accumulateInput: false)
     }
 
     /// ∂L/∂q into `s.dQ` (cleared here) and ∂L/∂[k|v] added into `dKV` (the source stream's, cleared by its owner).
@@ -194,9 +192,8 @@ public struct TransformerBlock: @unchecked Sendable {
     /// q (and kv, when `dKV` is given) backward, then norm1: adds ∂L/∂x into dx.
     public func backwardAttentionInputs(dx: UnsafeMutablePointer<Float>, x: UnsafePointer<Float>, cache c: BlockCache,
                                         scratch s: BlockScratch, dKV: UnsafePointer<Float>?, rows: Int) {
-        zero(s.dLn, rows * C)
         linearBackward(dInput: s.dLn, dWeight: g.qW, dBias: g.qB, dOut: s.dQ, input: c.ln1, weight: w.qW,
-                       rows: rows, inFeatures: C, outFeatures: C, precision: precision)
+                       rows: rows, inFeatures: C, outFeatures: C, precision: precision, accumulateInput: false)
         if let dKV {
             linearBackward(dInput: s.dLn, dWeight: g.kvW, dBias: g.kvB, dOut: dKV, input: c.ln1, weight: w.kvW,
                            rows: rows, inFeatures: C, outFeatures: 2 * C, precision: precision)

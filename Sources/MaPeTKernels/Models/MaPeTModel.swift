@@ -24,6 +24,9 @@ final class TwoStreamActivations: @unchecked Sendable {
     let normOut, normMean, normRstd, logits, probs, losses: UnsafeMutablePointer<Float>
     let dh, dg, dNormOut, dLogits: UnsafeMutablePointer<Float>
     let targets: UnsafeMutablePointer<Int32>
+    /// The step's two may-attend rules as score biases ([B, T, T] content, [B, P, T] query),
+    /// evaluated once per step for all heads and layers.
+    let contentBias, queryBias: UnsafeMutablePointer<Float>
 
     init?(config k: PretrainConfig, B: Int, P: Int) {
         let v = k.vit, C = v.embedDim, N = v.numTokens, n = v.numPatches, V = k.vocabSize, depth = v.depth
@@ -39,7 +42,7 @@ final class TwoStreamActivations: @unchecked Sendable {
         sizes += BlockScratch.floats(rows: hRows, C: C, hidden: v.hidden, ownsKV: true)
         sizes += BlockScratch.floats(rows: gRows, C: C, hidden: v.hidden, ownsKV: false)
         sizes += [depth * 2 * B, gRows * C, gRows, gRows, gRows * V, gRows * V, gRows,
-                  hRows * C, gRows * C, gRows * C, gRows * V, gRows]
+                  hRows * C, gRows * C, gRows * C, gRows * V, gRows, B * T * T, B * P * T]
         guard let arena = Arena(floats: Arena.size(sizes)) else { return nil }
         (self.B, self.P, self.T, self.arena) = (B, P, T, arena)
         patches = arena.take(B * n * v.patchDim); patchOut = arena.take(B * n * C)
@@ -59,6 +62,7 @@ final class TwoStreamActivations: @unchecked Sendable {
         dh = arena.take(hRows * C); dg = arena.take(gRows * C); dNormOut = arena.take(gRows * C)
         dLogits = arena.take(gRows * V)
         targets = UnsafeMutableRawPointer(arena.take(gRows)).assumingMemoryBound(to: Int32.self)
+        contentBias = arena.take(B * T * T); queryBias = arena.take(B * P * T)
     }
 }
 
@@ -113,8 +117,10 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
     private func runForward(_ a: TwoStreamActivations, images: UnsafePointer<Float>, batch: PermutationBatch, training: Bool) {
         let v = config.vit, C = v.embedDim, B = a.B, P = a.P, T = a.T, depth = v.depth
         embed(a, images: images, batch: batch)
-        let contentMask = TwoStreamContentMask(batch, positionalTokens: positionalTokens)
-        let queryMask = TwoStreamQueryMask(batch, positionalTokens: positionalTokens)
+        fillScoreBias(TwoStreamContentMask(batch, positionalTokens: positionalTokens), B: B, M: T, Nk: T, bias: a.contentBias)
+        fillScoreBias(TwoStreamQueryMask(batch, positionalTokens: positionalTokens), B: B, M: P, Nk: T, bias: a.queryBias)
+        let contentMask = ScoreBiasMask(bias: a.contentBias, M: T, Nk: T)
+        let queryMask = ScoreBiasMask(bias: a.queryBias, M: P, Nk: T)
         for (l, blk) in blocks.enumerated() {
             let (keep1, keep2) = keepPointers(a.keeps, l: l, B: B, training: training)
             let ch = a.hCaches[l], cg = a.gCaches[l]
