@@ -43,4 +43,18 @@ final class MatmulTests: XCTestCase {
             XCTAssertEqual(Double(dx[i]), fd, accuracy: 1e-4)
         }
     }
+
+    /// The forward that keeps gelu' gives the same bits as `geluForward` and, through the one-product
+    /// backward, as `geluBackward` accumulating into zeros.
+    func testGeluKeepingDerivativeEqualsSeparateForwardAndBackward() {
+        let x = values(1003, seed: 5).map { $0 * 6 }, dOut = values(1003, seed: 6)
+        var y0 = [Float](repeating: 0, count: x.count), dx0 = y0
+        geluForward(out: &y0, input: x, count: x.count)
+        geluBackward(dInput: &dx0, dOut: dOut, input: x, count: x.count)
+        var kept = x, y1 = [Float](repeating: 0, count: x.count), dx1 = y1
+        geluForwardKeepingDerivative(out: &y1, inputThenDerivative: &kept, count: x.count)
+        geluBackwardFromDerivative(dInput: &dx1, dOut: dOut, derivative: kept, count: x.count)
+        XCTAssertEqual(y0, y1)
+        XCTAssertEqual(dx0, dx1)
+    }
 }

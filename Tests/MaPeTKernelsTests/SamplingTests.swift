@@ -61,6 +61,48 @@ final class SamplingTests: XCTestCase {
         }
     }
 
+    /// Attention through the precomputed score biases gives the same bits as asking the rank rules
+    /// pair by pair (fully masked query rows included: none exist here, so one is made by hand).
+    func testScoreBiasMaskGivesTheSameAttentionAsTheRules() {
+        let (n, L, B, C, H) = (15, 4, 3, 16, 2)
+        let N = n + 1, P = N - L, T = N + P
+        guard let batch = PermutationBatch.sample(batchSize: B, tokens: N, leastNumber: L, upperLimit: nil,
+                                                  seed: 5, firstStream: 0) else { return XCTFail("alloc") }
+        var s: UInt64 = 99
+        func rnd(_ count: Int) -> [Float] {
+            (0..<count).map { _ in s = s &* 6364136223846793005 &+ 1442695040888963407; return Float(Int(s >> 41)) / Float(1 << 22) - 1 }
+        }
+        let q = rnd(B * T * C), kv = rnd(B * T * 2 * C)
+        func run<M: AttentionMask>(_ mask: M, rows: Int) -> ([Float], [Float]) {
+            var out = [Float](repeating: 0, count: B * rows * C), probs = [Float](repeating: 0, count: B * H * rows * T)
+            kv.withUnsafeBufferPointer { kvp in
+                attentionForward(out: &out, ldOut: C, probs: &probs, q: q, ldQ: C, k: kvp.baseAddress!, ldK: 2 * C,
+                                 v: kvp.baseAddress! + C, ldV: 2 * C, B: B, M: rows, Nk: T, C: C, H: H, mask: mask)
+            }
+            return (out, probs)
+        }
+        let content = TwoStreamContentMask(batch), query = TwoStreamQueryMask(batch)
+        var cBias = [Float](repeating: 1, count: B * T * T), qBias = [Float](repeating: 1, count: B * P * T)
+        fillScoreBias(content, B: B, M: T, Nk: T, bias: &cBias)
+        fillScoreBias(query, B: B, M: P, Nk: T, bias: &qBias)
+        XCTAssertTrue(cBias.allSatisfy { $0 == 0 || $0 == -.infinity })
+        cBias.withUnsafeBufferPointer { cb in
+            let biased = run(ScoreBiasMask(bias: cb.baseAddress!, M: T, Nk: T), rows: T), rules = run(content, rows: T)
+            XCTAssertEqual(biased.0, rules.0); XCTAssertEqual(biased.1, rules.1)
+        }
+        qBias.withUnsafeBufferPointer { qb in
+            let biased = run(ScoreBiasMask(bias: qb.baseAddress!, M: P, Nk: T), rows: P), rules = run(query, rows: P)
+            XCTAssertEqual(biased.0, rules.0); XCTAssertEqual(biased.1, rules.1)
+        }
+        // A row that may attend nothing gives zero probabilities and a zero output.
+        for j in 0..<T { qBias[j] = -.infinity }
+        qBias.withUnsafeBufferPointer { qb in
+            let (out, probs) = run(ScoreBiasMask(bias: qb.baseAddress!, M: P, Nk: T), rows: P)
+            XCTAssertTrue(out[0..<C].allSatisfy { $0 == 0 })
+            XCTAssertTrue(probs[0..<T].allSatisfy { $0 == 0 })
+        }
+    }
+
     func testFromOrdersRejectsNonPermutations() {
         let bad: [Int64] = [0, 1, 2, 3, 0, 1, 1, 3]
         let r = PermutationBatch.fromOrders(bad, batchSize: 2, tokens: 4, leastNumber: 1, upperLimit: nil)
