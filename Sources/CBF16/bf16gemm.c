@@ -206,7 +206,8 @@ static void pack_a(int transA, long K, const float *A, long lda, long ib, long m
 /// an N that is not a multiple of NR (197 = 3·64 + 5) computes only the columns it has.
 static inline __attribute__((always_inline)) AVX512BF16
 void kernel_body(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *b,
-                 float *c, long ldc, float alpha, float beta, int first, long mr, long nr, const int nvu) {
+                 float *c, long ldc, float alpha, float beta, const float *bias, int first, long mr, long nr,
+                 const int nvu) {
     __m512 acc[MR][NV];
 #pragma clang loop unroll(full)
     for (int r = 0; r < MR; r++)
@@ -241,6 +242,7 @@ void kernel_body(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *
             if (first) {
                 x = _mm512_mul_ps(va, acc[r][v]);
                 if (beta != 0.0f) x = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m, cr + 16 * v), x);
+                if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, bias + 16 * v));
             } else {
                 x = _mm512_fmadd_ps(va, acc[r][v], _mm512_maskz_loadu_ps(m, cr + 16 * v));
             }
@@ -251,12 +253,12 @@ void kernel_body(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *
 
 AVX512BF16
 static void kernel_6x64(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *b,
-                        float *c, long ldc, float alpha, float beta, int first, long mr, long nr) {
+                        float *c, long ldc, float alpha, float beta, const float *bias, int first, long mr, long nr) {
     switch ((nr + 15) / 16) {
-    case 1: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, first, mr, nr, 1); break;
-    case 2: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, first, mr, nr, 2); break;
-    case 3: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, first, mr, nr, 3); break;
-    default: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, first, mr, nr, NV); break;
+    case 1: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, first, mr, nr, 1); break;
+    case 2: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, first, mr, nr, 2); break;
+    case 3: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, first, mr, nr, 3); break;
+    default: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, first, mr, nr, NV); break;
     }
 }
 
@@ -264,7 +266,7 @@ static void kernel_6x64(long kpn, const uint32_t *a, long rs, long ks, const uin
 
 AVX512BF16
 void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const float *A, long lda,
-                     const uint32_t *packedB, float beta, float *C, long ldc,
+                     const uint32_t *packedB, float beta, const float *bias, float *C, long ldc,
                      long i0, long i1, long j0, long j1, uint32_t *abuf) {
     (void)M;
     if (j1 > N) j1 = N;
@@ -282,7 +284,7 @@ void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const floa
                 for (long ir = 0; ir < mb; ir += MR) {
                     long mr = mb - ir < MR ? mb - ir : MR;
                     kernel_6x64(kpn, abuf + ir * rs, rs, ks, bp, C + (ib + ir) * ldc + j, ldc,
-                                alpha, beta, first, mr, nr);
+                                alpha, beta, bias ? bias + j : NULL, first, mr, nr);
                 }
             }
         }
@@ -297,10 +299,10 @@ void mapet_bf16_pack_b(int transB, long K, long N, const float *B, long ldb,
 }
 
 void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const float *A, long lda,
-                     const uint32_t *packedB, float beta, float *C, long ldc,
+                     const uint32_t *packedB, float beta, const float *bias, float *C, long ldc,
                      long i0, long i1, long j0, long j1, uint32_t *abuf) {
     (void)transA; (void)M; (void)N; (void)K; (void)alpha; (void)A; (void)lda; (void)packedB;
-    (void)beta; (void)C; (void)ldc; (void)i0; (void)i1; (void)j0; (void)j1; (void)abuf;
+    (void)beta; (void)bias; (void)C; (void)ldc; (void)i0; (void)i1; (void)j0; (void)j1; (void)abuf;
 }
 
 #endif

@@ -71,6 +71,25 @@ final class GemmBF16Tests: XCTestCase {
         XCTAssertTrue(z.allSatisfy { $0 == 0 })
     }
 
+    /// The bias added in the kernel's store gives the bits of filling C with the bias and using
+    /// beta = 1 (K = 0 included, N not a multiple of 16); with beta = 2 the bias is folded into
+    /// C first, so the same fill computes it.
+    func testBiasInTheStoreEqualsBiasFilledC() {
+        for (M, N, K) in [(13, 197, 64), (7, 70, 300), (5, 33, 0)] {
+            let a = values(M * max(K, 1), seed: 7), b = values(max(K, 1) * N, seed: 8)
+            let bias = values(N, seed: 9), c0 = values(M * N, seed: 10)
+            for beta: Float in [0, 2] {
+                var fused = c0, filled = c0
+                bf16GemmParallel(transA: false, transB: true, M: M, N: N, K: K, alpha: 1, A: a, lda: max(K, 1),
+                                 B: b, ldb: max(K, 1), beta: beta, C: &fused, ldc: N, bias: bias)
+                for i in 0..<M { for j in 0..<N { filled[i * N + j] = beta * filled[i * N + j] + bias[j] } }
+                bf16GemmParallel(transA: false, transB: true, M: M, N: N, K: K, alpha: 1, A: a, lda: max(K, 1),
+                                 B: b, ldb: max(K, 1), beta: 1, C: &filled, ldc: N)
+                XCTAssertEqual(fused, filled, "M\(M) N\(N) K\(K) beta \(beta)")
+            }
+        }
+    }
+
     func testThreadCountDoesNotChangeBits() {
         let M = 517, N = 389, K = 263
         let saved = Parallel.threadCount

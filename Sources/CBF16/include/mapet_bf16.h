@@ -45,11 +45,12 @@ size_t mapet_bf16_a_buffer_words(void);
 /// the shape only.
 void mapet_bf16_tile_shape(long M, long N, long K, long *tileRows, long *tileCols);
 
-/// C[i0:i1, j0:j1] = alpha·op(A)[i0:i1, :]·op(B)[:, j0:j1] + beta·C[i0:i1, j0:j1] with op(B)
-/// packed by mapet_bf16_pack_b (all panels covering j0..j1; j0 a multiple of NR). beta == 0
-/// does not read C. `abuf` holds mapet_bf16_a_buffer_words() words.
+/// C[i0:i1, j0:j1] = alpha·op(A)[i0:i1, :]·op(B)[:, j0:j1] + beta·C[i0:i1, j0:j1] (+ bias[j0:j1]
+/// on every row, when bias is not NULL) with op(B) packed by mapet_bf16_pack_b (all panels
+/// covering j0..j1; j0 a multiple of NR). beta == 0 does not read C. `abuf` holds
+/// mapet_bf16_a_buffer_words() words.
 void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const float *A, long lda,
-                     const uint32_t *packedB, float beta, float *C, long ldc,
+                     const uint32_t *packedB, float beta, const float *bias, float *C, long ldc,
                      long i0, long i1, long j0, long j1, uint32_t *abuf);
 
 /// Atomically adds 1 to *counter and returns the previous value (tile dispatch).

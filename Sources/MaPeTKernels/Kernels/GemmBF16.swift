@@ -41,19 +41,21 @@ public func bf16Gemm(transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
     beta: Float, C: UnsafeMutablePointer<Float>, ldc: Int)
 {
     bf16GemmDriver(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
-                   B: B, ldb: ldb, beta: beta, C: C, ldc: ldc, parallel: false)
+                   B: B, ldb: ldb, beta: beta, C: C, ldc: ldc, bias: nil, parallel: false)
 }
 
 /// The same over Parallel.threadCount workers. Work is split in tiles whose boundaries depend
 /// only on (M, N, K), and every element's K summation order is fixed (one accumulator lane,
 /// k-pairs in increasing order), so the result is bitwise independent of the thread count.
 /// op(B) is packed once, in parallel, and shared; each worker packs its own rows of op(A).
+/// With `bias` [N], every row of C also gets the bias added; with beta = 0 it enters in the
+/// kernel's store of C (the bits of filling C with the bias and using beta = 1, one pass less).
 public func bf16GemmParallel(transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
     alpha: Float, A: UnsafePointer<Float>, lda: Int, B: UnsafePointer<Float>, ldb: Int,
-    beta: Float, C: UnsafeMutablePointer<Float>, ldc: Int)
+    beta: Float, C: UnsafeMutablePointer<Float>, ldc: Int, bias: UnsafePointer<Float>? = nil)
 {
     bf16GemmDriver(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
-                   B: B, ldb: ldb, beta: beta, C: C, ldc: ldc, parallel: true)
+                   B: B, ldb: ldb, beta: beta, C: C, ldc: ldc, bias: bias, parallel: true)
 }
 
 /// Rounds to bf16 with round-to-nearest-even and back to fp32 (NaN stays NaN): the reference
@@ -67,9 +69,20 @@ public func bf16Round(_ x: Float) -> Float {
 
 private func bf16GemmDriver(transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
     alpha: Float, A: UnsafePointer<Float>, lda: Int, B: UnsafePointer<Float>, ldb: Int,
-    beta: Float, C: UnsafeMutablePointer<Float>, ldc: Int, parallel: Bool)
+    beta: Float, C: UnsafeMutablePointer<Float>, ldc: Int, bias: UnsafePointer<Float>?, parallel: Bool)
 {
     if M <= 0 || N <= 0 { return }
+    var betaC = beta
+    if let bias, !BF16.isActive || K <= 0 || beta != 0 {
+        // The fallback, the empty product, and beta ≠ 0: put the bias into C and add to it.
+        for i in 0..<M {
+            let row = C + i * ldc
+            for j in 0..<N { row[j] = beta == 0 ? bias[j] : beta * row[j] + bias[j] }
+        }
+        betaC = 1
+    }
+    let folded = betaC != beta
+    let beta = betaC
     guard BF16.isActive else {
         if !parallel {
             sgemm(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
@@ -81,7 +94,7 @@ private func bf16GemmDriver(transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
         return
     }
     if K <= 0 {
-        for i in 0..<M { for j in 0..<N { C[i * ldc + j] = beta == 0 ? 0 : beta * C[i * ldc + j] } }
+        if !folded { for i in 0..<M { for j in 0..<N { C[i * ldc + j] = beta == 0 ? 0 : beta * C[i * ldc + j] } } }
         return
     }
     let NR = mapet_bf16_panel_cols()
@@ -100,10 +113,11 @@ private func bf16GemmDriver(transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
     let workers = max(1, min(threads, tiles))
     let tA: Int32 = transA ? 1 : 0, tB: Int32 = transB ? 1 : 0
 
-    nonisolated(unsafe) let A = A, B = B, C = C, packedB = packed
+    let kernelBias = folded ? nil : bias
+    nonisolated(unsafe) let A = A, B = B, C = C, packedB = packed, bias = kernelBias
     let runTile = { @Sendable (t: Int, abuf: UnsafeMutablePointer<UInt32>) in
         let i0 = (t / colTiles) * tileRows, j0 = (t % colTiles) * tileCols
-        mapet_bf16_tile(tA, M, N, K, alpha, A, lda, packedB, beta, C, ldc,
+        mapet_bf16_tile(tA, M, N, K, alpha, A, lda, packedB, beta, bias, C, ldc,
                         i0, min(i0 + tileRows, M), j0, min(j0 + tileCols, N), abuf)
     }
     let abufBytes = mapet_bf16_a_buffer_words() * 4

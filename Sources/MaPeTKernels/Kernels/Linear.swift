@@ -10,6 +10,12 @@ public func linearForward(
     rows: Int, inFeatures IC: Int, outFeatures OC: Int, precision: Precision = .fp32
 ) {
     let t0 = Profiler.begin(); defer { Profiler.end(.gemm, t0) }
+    if precision.usesBF16 {
+        // The bias enters in the kernel's store of C: no separate pass over the output.
+        bf16GemmParallel(transA: false, transB: true, M: rows, N: OC, K: IC, alpha: 1, A: input, lda: IC,
+                         B: weight, ldb: IC, beta: 0, C: out, ldc: OC, bias: bias)
+        return
+    }
     var beta: Float = 0
     if let bias {
         nonisolated(unsafe) let out = out, bias = bias
