@@ -56,7 +56,8 @@ public func attentionForward<Mask: AttentionMask>(
 }
 
 /// Accumulates dQ, dK, dV (same layouts and row strides as q, k, v; dK and dV may be two
-/// column ranges of one buffer).
+/// column ranges of one buffer); `accumulateQ`/`accumulateKV` false write them instead (the
+/// values of adding to zeros).
 public func attentionBackward(
     dQ: UnsafeMutablePointer<Float>, dK: UnsafeMutablePointer<Float>, dV: UnsafeMutablePointer<Float>,
     dOut: UnsafePointer<Float>, ldOut: Int,
@@ -64,11 +65,13 @@ public func attentionBackward(
     q: UnsafePointer<Float>, ldQ: Int,
     k: UnsafePointer<Float>, ldK: Int,
     v: UnsafePointer<Float>, ldV: Int,
-    B: Int, M: Int, Nk: Int, C: Int, H: Int, precision: Precision = .fp32
+    B: Int, M: Int, Nk: Int, C: Int, H: Int, precision: Precision = .fp32,
+    accumulateQ: Bool = true, accumulateKV: Bool = true
 ) {
     let t0 = Profiler.begin(); defer { Profiler.end(.attention, t0) }
     let D = C / H
     let scale = 1 / Float(D).squareRoot()
+    let betaQ: Float = accumulateQ ? 1 : 0, betaKV: Float = accumulateKV ? 1 : 0
     nonisolated(unsafe) let dQ = dQ, dK = dK, dV = dV, dOut = dOut, probs = probs, q = q, k = k, v = v
     // One dS scratch per worker range (not per task): no allocator traffic inside the loop.
     Parallel.forRanges(B * H) { tasks in
@@ -82,16 +85,16 @@ public func attentionBackward(
         gemmSerial(precision, transA: false, transB: true, M: M, N: Nk, K: D, alpha: 1, A: dOh, lda: ldOut,
               B: v + vo, ldb: ldV, beta: 0, C: dS, ldc: Nk)
         gemmSerial(precision, transA: true, transB: false, M: Nk, N: D, K: M, alpha: 1, A: P, lda: Nk,
-              B: dOh, ldb: ldOut, beta: 1, C: dV + vo, ldc: ldV)
+              B: dOh, ldb: ldOut, beta: betaKV, C: dV + vo, ldc: ldV)
         for i in 0..<M {
             let p = P + i * Nk, d = dS + i * Nk
             let s = vdot(p, d, Nk)
             for j in 0..<Nk { d[j] = p[j] * (d[j] - s) * scale }
         }
         gemmSerial(precision, transA: false, transB: false, M: M, N: D, K: Nk, alpha: 1, A: dS, lda: Nk,
-              B: k + ko, ldb: ldK, beta: 1, C: dQ + qo, ldc: ldQ)
+              B: k + ko, ldb: ldK, beta: betaQ, C: dQ + qo, ldc: ldQ)
         gemmSerial(precision, transA: true, transB: false, M: Nk, N: D, K: M, alpha: 1, A: dS, lda: Nk,
-              B: q + qo, ldb: ldQ, beta: 1, C: dK + ko, ldc: ldK)
+              B: q + qo, ldb: ldQ, beta: betaKV, C: dK + ko, ldc: ldK)
       }
     }
 }

@@ -180,13 +180,14 @@ public struct TransformerBlock: @unchecked Sendable {
                        rows: rows, inFeatures: C, outFeatures: C, precision: precision, accumulateInput: false)
     }
 
-    /// ∂L/∂q into `s.dQ` (cleared here) and ∂L/∂[k|v] added into `dKV` (the source stream's, cleared by its owner).
+    /// ∂L/∂q into `s.dQ` (written) and ∂L/∂[k|v] into `dKV` (the source stream's): written by the
+    /// first stream to reach it (`accumulateKV` false), added by the others.
     public func backwardAttention(cache c: BlockCache, scratch s: BlockScratch, source: BlockCache, dKV: UnsafeMutablePointer<Float>,
-                                  B: Int, T: Int, Nk: Int) {
-        zero(s.dQ, B * T * C)
+                                  B: Int, T: Int, Nk: Int, accumulateKV: Bool) {
         let kv = source.kv!
         attentionBackward(dQ: s.dQ, dK: dKV, dV: dKV + C, dOut: s.dAttn, ldOut: C, probs: c.probs,
-                          q: c.q, ldQ: C, k: kv, ldK: 2 * C, v: kv + C, ldV: 2 * C, B: B, M: T, Nk: Nk, C: C, H: H, precision: precision)
+                          q: c.q, ldQ: C, k: kv, ldK: 2 * C, v: kv + C, ldV: 2 * C, B: B, M: T, Nk: Nk, C: C, H: H, precision: precision,
+                          accumulateQ: false, accumulateKV: accumulateKV)
     }
 
     /// q (and kv, when `dKV` is given) backward, then norm1: adds ∂L/∂x into dx.
@@ -207,8 +208,7 @@ public struct TransformerBlock: @unchecked Sendable {
                          B: Int, T: Int, keep1: UnsafePointer<Float>?, keep2: UnsafePointer<Float>?) {
         let dKV = s.dKV!
         backwardOutput(dx: dx, cache: c, scratch: s, B: B, T: T, keep1: keep1, keep2: keep2)
-        zero(dKV, B * T * 2 * C)
-        backwardAttention(cache: c, scratch: s, source: c, dKV: dKV, B: B, T: T, Nk: T)
+        backwardAttention(cache: c, scratch: s, source: c, dKV: dKV, B: B, T: T, Nk: T, accumulateKV: false)
         backwardAttentionInputs(dx: dx, x: x, cache: c, scratch: s, dKV: dKV, rows: B * T)
     }
 }

@@ -207,9 +207,8 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
             let last = l == depth - 1
             blk.backwardOutput(dx: a.dg, cache: cg, scratch: sg, B: B, T: P, keep1: keep1, keep2: keep2)
             if !last { blk.backwardOutput(dx: a.dh, cache: ch, scratch: sh, B: B, T: T, keep1: keep1, keep2: keep2) }
-            zero(dKV, B * T * 2 * C)
-            blk.backwardAttention(cache: cg, scratch: sg, source: ch, dKV: dKV, B: B, T: P, Nk: T)
-            if !last { blk.backwardAttention(cache: ch, scratch: sh, source: ch, dKV: dKV, B: B, T: T, Nk: T) }
+            blk.backwardAttention(cache: cg, scratch: sg, source: ch, dKV: dKV, B: B, T: P, Nk: T, accumulateKV: false)
+            if !last { blk.backwardAttention(cache: ch, scratch: sh, source: ch, dKV: dKV, B: B, T: T, Nk: T, accumulateKV: true) }
             blk.backwardAttentionInputs(dx: a.dg, x: a.gs[l], cache: cg, scratch: sg, dKV: nil, rows: B * P)
             if !last {
                 blk.backwardAttentionInputs(dx: a.dh, x: a.hs[l], cache: ch, scratch: sh, dKV: dKV, rows: B * T)
