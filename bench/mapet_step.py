@@ -29,6 +29,8 @@ sys.path.insert(0, HERE)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from vit_step import gemm_peak  # noqa: E402
+
 import mapet  # noqa: E402
 from mapet.pretrain_models import create_pretrain_model  # noqa: E402
 from torch_models import TorchBEiT, TorchMaPeT, TorchPIM  # noqa: E402
@@ -61,6 +63,20 @@ def cross_check(threads: int) -> None:
         err = np.abs(got - want).max() / np.abs(want).max()
         print(f"  {name:5s}: same state_dict names and order; max |logit diff| / max |logit| = {err:.2e}")
         assert err < 1e-4
+
+
+def step_flops(B=16, P=147, n=196, C=192, depth=12, mlp=4, V=8192, patch_dim=3 * 16 * 16):
+    """Matmul FLOPs of one MaPeT train step (forward + backward = 3× forward, except the patch
+    embedding whose input gradient is not needed). Content stream: T = n + 1 + P rows per sample
+    (tokens and auxiliary positional tokens); query stream: P rows; the last block's content
+    stream only provides keys/values. Elementwise work is not counted."""
+    T, H = n + 1 + P, C * mlp
+    content = 2 * B * T * (C * C + 2 * C * C + C * C + 2 * C * H) + 4 * B * T * T * C
+    query = 2 * B * P * (C * C + C * C + 2 * C * H) + 4 * B * P * T * C
+    last = 2 * B * T * 2 * C * C + query
+    fwd = (depth - 1) * (content + query) + last + 2 * B * P * C * V
+    patch = 2 * B * n * patch_dim * C
+    return 3 * fwd + 2 * patch
 
 
 def main() -> None:
@@ -125,6 +141,14 @@ def main() -> None:
     for p in precisions:
         t = [k for k in med if k.startswith("torch " + p)][0]
         print(f"  mapet {p} vs {t}: {med[t] / med['mapet ' + p]:.2f}x")
+    fl = step_flops(B=B, P=batch.num_predicted)
+    print(f"\nthe step is {fl / 1e9:.1f} GFLOP of matrix products; mapet's GEMM peak measured now:")
+    for p in precisions:
+        peak = gemm_peak(p)["square 2048"]
+        m = med["mapet " + p]
+        t = [k for k in med if k.startswith("torch " + p)][0]
+        print(f"  {p}: peak {peak:.0f} GFLOP/s; mapet step {fl / m / 1e9:.0f} GFLOP/s = {100 * fl / m / 1e9 / peak:.0f}% of it; "
+              f"at 100% of the peak the step would take {fl / peak / 1e6:.0f} ms = {med[t] / (fl / peak / 1e9):.2f}x {t}")
     for p in precisions:
         with mapet.profile() as prof:
             steps[f"mapet {p}"]()

@@ -143,6 +143,11 @@ def main():
             print(f"  mapet {p} vs {t}: {med[t] / med['mapet ' + p]:.2f}x")
         if len(precisions) == 2:
             print(f"  mapet bf16 vs timm fp32: {med['timm fp32'] / med['mapet bf16']:.2f}x")
+        # The bound a target must respect: the step's matrix products alone, at mapet's GEMM peak.
+        for p in precisions:
+            t = [k for k in med if k.startswith("timm " + p)][0]
+            floor = fl / peaks[p]["square 2048"] / 1e9
+            print(f"  {p}: at 100% of the GEMM peak the step would take {floor * 1e3:.0f} ms = {med[t] / floor:.2f}x {t}")
     for p in precisions:
         with mapet.profile() as prof:
             steps[f"mapet {p}"]()
