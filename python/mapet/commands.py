@@ -92,6 +92,10 @@ OPTIONS: Dict[str, str] = {
     "global_pool": "'avg' (mean of patch tokens, fc_norm) or 'token' (class token)",
     "augment": "fine-tuning view of ImageFolder data: 'crop_flip' (RandomResizedCrop 0.08-1 + flip), 'randaugment' "
                "(the same + RandAugment rand-m9-mstd0.5-inc1, the BEiT/MaPeT recipe) or 'none' (evaluation view)",
+    "mixup": "Mixup's Beta alpha per batch (0: off; the BEiT/MaPeT recipe: 0.8); mixed batches train on soft targets",
+    "cutmix": "CutMix's Beta alpha per batch (0: off; the BEiT/MaPeT recipe: 1.0)",
+    "mixup_prob": "probability that a batch is mixed (when mixup or cutmix is on)",
+    "mixup_switch_prob": "probability of CutMix rather than Mixup when both are on",
     "validate_every_epoch": "evaluate val after every epoch and keep the best weights as best.safetensors",
     "pool": "linear probe features: 'avg' or 'token'",
     "checkpoint": "the model file to evaluate (model.safetensors of a finetune run)",
@@ -367,6 +371,7 @@ FINETUNE_DEFAULTS = dict(
     lr=1e-3, weight_decay=0.05, layer_decay=0.75, warmup_epochs=1, warmup_start_lr=1e-6, min_lr=1e-6,
     label_smoothing=0.1, drop_path_rate=0.1, global_pool="avg", checkpoint_every=0, init_values=None,
     augment="crop_flip", validate_every_epoch=True, precision=None,
+    mixup=0.0, cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5,
 )
 
 
@@ -412,7 +417,9 @@ def run_finetune(cfg: Dict[str, Any]):
                               seed=int(cfg["seed"]), output_dir=out, checkpoint_every=int(cfg["checkpoint_every"]),
                               progress=cfg.get("progress"), workers=int(cfg.get("workers", 0)),
                               validate_every_epoch=bool(cfg.get("validate_every_epoch", True)),
-                              tensorboard=bool(cfg.get("tensorboard", False)), precision=cfg.get("precision"))
+                              tensorboard=bool(cfg.get("tensorboard", False)), precision=cfg.get("precision"),
+                              mixup=float(cfg["mixup"]), cutmix=float(cfg["cutmix"]),
+                              mixup_prob=float(cfg["mixup_prob"]), mixup_switch_prob=float(cfg["mixup_switch_prob"]))
     if _is_main():
         model.save(_out(cfg, "model.safetensors"))
         with open(_out(cfg, "classes.json"), "w") as f:
