@@ -194,9 +194,12 @@ class VisionTransformer(ParameterBlock):
     # ------------------------------------------------------------------ files
 
     def save(self, path: str, optimizer: Optional["AdamW"] = None) -> None:  # noqa: F821
-        """Write a safetensors file: weights by name, config in the metadata (and the AdamW state)."""
+        """Write a safetensors file: weights by name, config in the metadata (and the AdamW state);
+        ``data_config`` (input normalisation, see ``mapet.data.data_config``) when set."""
         tensors: Dict[str, np.ndarray] = dict(self._params)
         metadata = {"format": FORMAT, "model": "vit", "config": json.dumps(self.config)}
+        from .data.data_config import metadata_entry
+        metadata.update(metadata_entry(self))  # the input normalisation, when the model records one
         if optimizer is not None:
             state = optimizer.state_dict()
             for name, v in state.pop("exp_avg").items():
@@ -387,4 +390,6 @@ def load(path: str) -> VisionTransformer:
     except (ValueError, TypeError, MemoryError) as e:
         raise type(e)(f"{path}: bad model config ({e})") from None
     model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optimizer.")})
+    from .data.data_config import from_metadata
+    model.data_config = from_metadata(metadata)
     return model
