@@ -14,7 +14,9 @@ Semantics of timm's ``Mixup(mode="batch")`` (Zhang et al. 2018; Yun et al. 2019)
 
 The draws of a batch are a pure function of (seed, epoch, batch index), like the loader's order
 and augmentation, so a resumed run mixes exactly as an uninterrupted one (no state to save). An
-odd batch mixes its middle sample with itself (timm requires even batches instead).
+odd batch mixes its middle sample with itself (timm requires even batches instead). Under
+``mpiexec`` every rank draws the same λ and box for a global batch and mixes within its own share
+(as timm does under DDP), so unlike unmixed fine-tuning the run is not the single-process one.
 """
 import math
 from typing import Any, Dict, Optional, Tuple
