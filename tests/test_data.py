@@ -428,14 +428,27 @@ def test_rand_augment_point_ops_match_numpy_formulas():
     assert np.array_equal(out("Invert", 9), 255 - a)
     t = 256 - int(0.9 * 256)  # magnitude 9: threshold 26
     assert np.array_equal(out("SolarizeIncreasing", 9), np.where(a >= t, 255 - a, a))
-    bits = 4 - int(0.5 * 4)  # magnitude 5: 2 bits kept
-    assert np.array_equal(out("PosterizeIncreasing", 5), a & ~((1 << (8 - bits)) - 1))
+    for m in (0, 5, 9, 10):  # magnitude 10 keeps 0 bits: black (a magnitude of 9 ± 0.5 is clipped to 10 at times)
+        bits = 4 - int(m / 10 * 4)
+        assert np.array_equal(out("PosterizeIncreasing", m), a & ~((1 << (8 - bits)) - 1)), m
+    assert not out("PosterizeIncreasing", 10).any()
     add = int(0.9 * 110)
     assert np.array_equal(out("SolarizeAdd", 9), np.where(a < 128, np.minimum(a + add, 255), a))
     for sign in (1.0, -1.0):  # brightness: a blend with black by 1 ± 0.9·m/10, rounded, clipped
         f = 1 + sign * 0.9 * 0.9
         assert np.abs(out("BrightnessIncreasing", 9, sign) - np.clip(a * f, 0, 255)).max() <= 1
     assert np.array_equal(out("Rotate", 0), a)  # magnitude 0 leaves geometry alone
+
+
+def test_rand_augment_never_fails_at_any_magnitude_or_sign():
+    # every op at the clipped ends of the magnitude range (the recipe's N(9, 0.5) reaches 10)
+    from mapet.data.transforms import RAND_AUGMENT_OPS, rand_augment_op
+    img = _ra_image()
+    for name in RAND_AUGMENT_OPS:
+        for m in (0.0, 5.0, 10.0):
+            for sign in (1.0, -1.0):
+                out = rand_augment_op(img, name, m, sign)
+                assert out.size == img.size and out.mode == "RGB", (name, m, sign)
 
 
 def test_rand_augment_translate_moves_pixels_and_fills_with_the_mean():

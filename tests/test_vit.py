@@ -56,7 +56,7 @@ def gelu_b(dy, x):
     return dy * (0.5 * (1 + _erf(x / math.sqrt(2))) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi))
 
 
-def reference_step(P, images, labels, cfg, smoothing=0.0, bf16=False):
+def reference_step(P, images, labels, cfg, smoothing=0.0, bf16=False, targets=None):
     """Loss, logits and every gradient of the timm ViT, float64, by reference names.
 
     ``bf16``: every matrix product, forward and backward (dX = dY·W, dW = dYᵀ·X, the attention
@@ -106,6 +106,8 @@ def reference_step(P, images, labels, cfg, smoothing=0.0, bf16=False):
     logp = z - np.log(np.exp(z).sum(1, keepdims=True))
     q_t = np.full((B, K), smoothing / K)
     q_t[np.arange(B), labels] += 1 - smoothing
+    if targets is not None:  # soft targets (mixup/cutmix): rows are distributions
+        q_t = np.asarray(targets, np.float64)
     loss = -(q_t * logp).sum(1).mean()
 
     G = {}
@@ -310,6 +312,101 @@ def test_gradients_against_central_finite_differences():
             assert abs(fd - g[j]) <= 5e-4 + 0.02 * abs(g[j]), f"{name}[{j}]: fd {fd:.6g} vs grad {g[j]:.6g}"
             checked += 1
     assert checked >= 40
+
+
+def soft_targets(rng, B, K):
+    """Mixup-like rows: two smoothed one-hots mixed with a random λ (entries ≥ 0, rows sum to 1)."""
+    lam = rng.random((B, 1))
+    a, b = np.full((B, K), 0.1 / K), np.full((B, K), 0.1 / K)
+    a[np.arange(B), rng.integers(0, K, B)] += 0.9
+    b[np.arange(B), rng.integers(0, K, B)] += 0.9
+    return (lam * a + (1 - lam) * b).astype(np.float32)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(global_pool="avg", init_values=0.5)])
+def test_soft_target_step_matches_float64_reference(kw):
+    # Soft-target cross-entropy −Σ q·log softmax (mixup/cutmix) through the whole ViT: loss, logits
+    # and every gradient against the float64 transcription fed the same targets.
+    rng = np.random.default_rng(11)
+    m = tiny(seed=4, **kw)
+    cfg = dict(TINY, **kw)
+    sd = m.state_dict()
+    for v in sd.values():
+        v[...] = rng.standard_normal(v.shape) * 0.3
+    x, y = batch(rng, 3)
+    q = soft_targets(rng, 3, cfg["num_classes"])
+    loss_ref, logits_ref, G, _ = reference_step(sd, x, y, cfg, targets=q.astype(np.float64))
+    m.zero_grad()
+    loss, logits = m.train_step(x, q, return_logits=True)
+    assert abs(loss - loss_ref) < 1e-5 * abs(loss_ref)
+    assert rel_err(logits, logits_ref) < 1e-4
+    for name, ref in G.items():
+        e = rel_err(m.grads()[name], ref)
+        assert e < 1e-4, f"{name}: relative error {e:.3g}"
+
+
+def test_soft_one_hot_targets_equal_hard_labels_with_smoothing():
+    # The two loss paths agree where they must: smoothed one-hot rows = label smoothing ε.
+    rng = np.random.default_rng(12)
+    m = tiny(seed=6)
+    x, y = batch(rng, 4)
+    q = np.full((4, 5), 0.1 / 5, np.float32)
+    q[np.arange(4), y] += 0.9
+    m.zero_grad()
+    hard = m.train_step(x, y, label_smoothing=0.1)
+    g_hard = m.flat_grads.copy()
+    m.zero_grad()
+    soft = m.train_step(x, q)
+    assert abs(hard - soft) <= 1e-6 * abs(hard)
+    np.testing.assert_allclose(m.flat_grads, g_hard, rtol=0, atol=1e-6 * np.abs(g_hard).max())
+
+
+def test_soft_target_gradients_against_central_finite_differences():
+    # Same noise analysis as test_gradients_against_central_finite_differences.
+    rng = np.random.default_rng(13)
+    m = tiny(seed=7, init_values=0.5)
+    sd = m.state_dict()
+    for v in sd.values():
+        v[...] = rng.standard_normal(v.shape) * 0.3
+    x, _ = batch(rng, 4)
+    q = soft_targets(rng, 4, 5)
+    m.zero_grad()
+    m.train_step(x, q)
+    grads = {k: v.copy() for k, v in m.grads().items()}
+    checked = 0
+    for name in rng.permutation(list(sd)):
+        flat, g = sd[name].reshape(-1), grads[name].reshape(-1)
+        big = np.flatnonzero(np.abs(g) >= 5e-3)
+        for j in rng.choice(big, min(2, big.size), replace=False):
+            old = flat[j]
+            flat[j] = old + 1e-2
+            lp = m.train_step(x, q)
+            flat[j] = old - 1e-2
+            lm = m.train_step(x, q)
+            flat[j] = old
+            fd = (lp - lm) / 2e-2
+            assert abs(fd - g[j]) <= 5e-4 + 0.02 * abs(g[j]), f"{name}[{j}]: fd {fd:.6g} vs grad {g[j]:.6g}"
+            checked += 1
+    assert checked >= 30
+
+
+@pytest.mark.parametrize("targets, match", [
+    (lambda q: q[:, :4], r"targets: expected a float32 array of shape \[2, 5\], got shape \[2, 4\]"),
+    (lambda q: np.where(np.arange(5) == 0, -0.1, q), r"targets: expected probabilities"),
+    (lambda q: np.where(np.arange(5) == 0, np.nan, q), r"targets: expected probabilities"),
+    (lambda q: q * 2, r"targets: expected each row to sum to 1"),
+])
+def test_bad_soft_targets_raise_and_leave_gradients_unchanged(targets, match):
+    rng = np.random.default_rng(14)
+    m = tiny()
+    x, _ = batch(rng, 2)
+    q = soft_targets(rng, 2, 5)
+    m.zero_grad()
+    with pytest.raises(ValueError, match=match):
+        m.train_step(x, np.ascontiguousarray(targets(q), np.float32))
+    assert not m.flat_grads.any()
+    with pytest.raises(ValueError, match="label_smoothing: soft targets carry their smoothing"):
+        m.train_step(x, q, label_smoothing=0.1)
 
 
 def test_gradients_accumulate_and_zero_grad_clears():

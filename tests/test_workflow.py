@@ -351,3 +351,41 @@ def test_a_saved_config_is_a_valid_config_file(tmp_path):
     r = _cli("linprobe", "-c", str(tmp_path / "lp" / "config.json"), "--print-config", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == json.loads((tmp_path / "lp" / "config.json").read_text())
+
+
+def _read_tfrecords(path):
+    """The records of a TFRecord file (TensorBoard's event files): uint64 length, masked CRC32C
+    of the length, the bytes, masked CRC32C of the bytes; lengths are checked against the file."""
+    import struct
+    out = []
+    with open(path, "rb") as f:
+        blob = f.read()
+    i = 0
+    while i < len(blob):
+        (n,) = struct.unpack("<Q", blob[i:i + 8])
+        assert i + 12 + n + 4 <= len(blob), "truncated record"
+        out.append(blob[i + 12:i + 12 + n])
+        i += 12 + n + 4
+    return out
+
+
+def test_tensorboard_event_files_hold_the_logged_scalars(tmp_path):
+    pytest.importorskip("tensorboardX", reason="the TensorBoard writer library is optional (CI has none; "
+                                               "test_tensorboard_needs_its_writer_library covers that case)")
+    from tensorboardX.proto import event_pb2
+    x, y = mapet.data.load_digits(16, "train")
+    model = mapet.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=24, depth=1,
+                               num_heads=3, num_classes=10)
+    out = str(tmp_path / "run")
+    _, hist = finetune(model, (x[:96], y[:96]), epochs=1, batch_size=32, output_dir=out, tensorboard=True)
+    folder = os.path.join(out, "tensorboard")
+    scalars = {}
+    for name in os.listdir(folder):
+        for record in _read_tfrecords(os.path.join(folder, name)):
+            event = event_pb2.Event.FromString(record)
+            for v in event.summary.value:
+                scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
+    assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3]
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx(hist["loss"], rel=1e-6)
+    assert [v for _, v in scalars["train/lr"]] == pytest.approx(hist["lr"], rel=1e-6)
+    assert all(v > 0 for _, v in scalars["train/images_per_s"])

@@ -166,6 +166,39 @@ let modelMethods: [Method] = [
         }
     } }, doc: "vit_train_step(model, images, labels, label_smoothing, logits_out) -> loss; adds gradients."),
 
+    Method(name: "vit_train_step_soft", function: { _, a, n in call(a, n, "vit_train_step_soft") { args in
+        // (model, images, targets float32 [B, classes], logits_out|None) -> loss
+        try args.expect(4)
+        let m = try args.handle(0, "model", VisionTransformer.self)
+        let arena = BufferArena(); defer { arena.release() }
+        let x = try images(arena, args[1], m.config)
+        let B = x.shape[0], K = m.config.numClasses
+        try requireBatchFits(m.config, B: B, outputs: 1)
+        let q = try arena.float32(args[2], "targets", [B, K])
+        for i in 0..<B {
+            var sum: Double = 0
+            for j in 0..<K {
+                let v = q.pointer[i * K + j]
+                guard v.isFinite, v >= 0 else {
+                    throw PyError.value("targets: expected probabilities (finite, ≥ 0), got \(v) at [\(i), \(j)]")
+                }
+                sum += Double(v)
+            }
+            guard abs(sum - 1) <= 1e-3 else {
+                throw PyError.value("targets: expected each row to sum to 1 (a distribution over the \(K) classes), row \(i) sums to \(sum)")
+            }
+        }
+        let logits = args.isNone(3) ? nil : try arena.float32(args[3], "logits_out", [B, K], writable: true)
+        nonisolated(unsafe) let lo = logits?.pointer
+        let r = exclusive(m) { m.trainStep(images: x.readOnly, targets: .soft(q.readOnly), B: B, logitsOut: lo) }
+        switch r {
+        case .success(let loss): return pyFloat(loss)
+        case .failure(.outOfMemory): throw PyError.memory("train_step: could not allocate activations for batch \(B)")
+        case .failure(.nonFiniteLoss(let v)):
+            throw PyError.value("train_step: the loss is not finite (\(v)); gradients were not changed (check the images for NaN/inf and the learning rate)")
+        }
+    } }, doc: "vit_train_step_soft(model, images, targets, logits_out) -> loss; soft-target cross-entropy (mixup/cutmix), adds gradients."),
+
     Method(name: "vit_set_precision", function: { _, a, n in call(a, n, "vit_set_precision") { args in
         try args.expect(2)
         let m = try args.handle(0, "model", VisionTransformer.self)

@@ -92,6 +92,14 @@ OPTIONS: Dict[str, str] = {
     "global_pool": "'avg' (mean of patch tokens, fc_norm) or 'token' (class token)",
     "augment": "fine-tuning view of ImageFolder data: 'crop_flip' (RandomResizedCrop 0.08-1 + flip), 'randaugment' "
                "(the same + RandAugment rand-m9-mstd0.5-inc1, the BEiT/MaPeT recipe) or 'none' (evaluation view)",
+    "mixup": "Mixup's Beta alpha per batch (0: off; the BEiT/MaPeT recipe: 0.8); mixed batches train on soft targets",
+    "cutmix": "CutMix's Beta alpha per batch (0: off; the BEiT/MaPeT recipe: 1.0)",
+    "mixup_prob": "probability that a batch is mixed (when mixup or cutmix is on)",
+    "mixup_switch_prob": "probability of CutMix rather than Mixup when both are on",
+    "mean": "per-channel mean of the input normalisation (x - mean) / std of pixels in [0, 1], e.g. "
+            "[0.485, 0.456, 0.406]; null: the checkpoint's (pixels in [0, 1] when it records none)",
+    "std": "per-channel std of the input normalisation, e.g. [0.229, 0.224, 0.225]; null: the checkpoint's",
+    "img_size": "image side the checkpoint expects; null: the checkpoint's (a different value is an error)",
     "validate_every_epoch": "evaluate val after every epoch and keep the best weights as best.safetensors",
     "pool": "linear probe features: 'avg' or 'token'",
     "checkpoint": "the model file to evaluate (model.safetensors of a finetune run)",
@@ -344,6 +352,8 @@ def run_pretrain(cfg: Dict[str, Any]):
                               tensorboard=bool(cfg.get("tensorboard", False)),
                               precision=cfg.get("precision"), **extra)
     if _is_main():
+        from .data.data_config import IDENTITY
+        model.data_config = IDENTITY  # pre-training sees pixels in [0, 1]: transfers must too
         model.save(_out(cfg, "model.safetensors"))
     return model, history
 
@@ -366,7 +376,8 @@ FINETUNE_DEFAULTS = dict(
     _DATA, **_LOGS, seed=0, model=dict(_MODEL_FROM_CHECKPOINT), pretrained=None, epochs=10, batch_size=64,
     lr=1e-3, weight_decay=0.05, layer_decay=0.75, warmup_epochs=1, warmup_start_lr=1e-6, min_lr=1e-6,
     label_smoothing=0.1, drop_path_rate=0.1, global_pool="avg", checkpoint_every=0, init_values=None,
-    augment="crop_flip", validate_every_epoch=True, precision=None,
+    augment="crop_flip", validate_every_epoch=True, precision=None, mean=None, std=None,
+    mixup=0.0, cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5,
 )
 
 
@@ -395,14 +406,19 @@ def run_finetune(cfg: Dict[str, Any]):
     from .train import evaluate, finetune
 
     keys, size = _transfer_model(cfg)
+    from .data.data_config import normalized, resolve
+    _, norm = resolve(cfg.get("pretrained"), keys.get("img_size"), cfg.get("mean"), cfg.get("std"),
+                      "the pre-trained checkpoint")
     augment = cfg.get("augment", "crop_flip")
     if augment not in AUGMENT:
         raise ValueError(f"config: augment must be one of {', '.join(AUGMENT)}, got {augment!r}")
     mode, rand = AUGMENT[augment]
     train, val, classes = _datasets(cfg, size, mode, what="finetune", randaugment=rand)
+    train, val = normalized(train, norm), normalized(val, norm)
     model = create_model(f"vit_{_size(cfg)}_patch16_224", seed=int(cfg["seed"]), num_classes=len(classes),
                          pretrained=cfg.get("pretrained"), drop_path_rate=cfg["drop_path_rate"],
                          global_pool=cfg["global_pool"], **keys)
+    model.data_config = norm  # recorded in model.safetensors / best.safetensors for eval and predict
     out = _out(cfg, "checkpoints")
     model, history = finetune(model, train, val=val, epochs=int(cfg["epochs"]), batch_size=int(cfg["batch_size"]),
                               lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]),
@@ -412,7 +428,9 @@ def run_finetune(cfg: Dict[str, Any]):
                               seed=int(cfg["seed"]), output_dir=out, checkpoint_every=int(cfg["checkpoint_every"]),
                               progress=cfg.get("progress"), workers=int(cfg.get("workers", 0)),
                               validate_every_epoch=bool(cfg.get("validate_every_epoch", True)),
-                              tensorboard=bool(cfg.get("tensorboard", False)), precision=cfg.get("precision"))
+                              tensorboard=bool(cfg.get("tensorboard", False)), precision=cfg.get("precision"),
+                              mixup=float(cfg["mixup"]), cutmix=float(cfg["cutmix"]),
+                              mixup_prob=float(cfg["mixup_prob"]), mixup_switch_prob=float(cfg["mixup_switch_prob"]))
     if _is_main():
         model.save(_out(cfg, "model.safetensors"))
         with open(_out(cfg, "classes.json"), "w") as f:
@@ -438,7 +456,7 @@ def _finetune(args, cfg) -> int:
 
 
 LINPROBE_DEFAULTS = dict(_DATA, seed=0, model=dict(_MODEL_FROM_CHECKPOINT), pretrained=None, epochs=100,
-                         lr=0.1, pool="avg", init_values=None, precision=None)
+                         lr=0.1, pool="avg", init_values=None, precision=None, mean=None, std=None)
 
 
 def run_linprobe(cfg: Dict[str, Any]) -> Dict[str, float]:
@@ -447,7 +465,11 @@ def run_linprobe(cfg: Dict[str, Any]) -> Dict[str, float]:
     from .train import linear_probe
 
     keys, size = _transfer_model(cfg)
+    from .data.data_config import normalized, resolve
+    _, norm = resolve(cfg.get("pretrained"), keys.get("img_size"), cfg.get("mean"), cfg.get("std"),
+                      "the pre-trained checkpoint")
     train, val, classes = _datasets(cfg, size, "eval", what="linprobe")
+    train, val = normalized(train, norm), normalized(val, norm)
     model = create_model(f"vit_{_size(cfg)}_patch16_224", seed=int(cfg["seed"]), num_classes=len(classes),
                          pretrained=cfg.get("pretrained"), **keys)
     return linear_probe(model, train, val, epochs=int(cfg["epochs"]), lr=float(cfg["lr"]), pool=cfg["pool"],
@@ -463,7 +485,7 @@ def _linprobe(args, cfg) -> int:
 
 
 EVAL_DEFAULTS = {"data": None, "split_seed": 0, "on_error": "raise", "workers": 2, "checkpoint": None,
-                 "precision": None}
+                 "precision": None, "img_size": None, "mean": None, "std": None}
 
 
 def run_eval(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -483,6 +505,8 @@ def run_eval(cfg: Dict[str, Any]) -> Dict[str, Any]:
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"config: checkpoint {cfg['checkpoint']} is a pre-training model, not a classifier; "
                          "fine-tune it first (python -m mapet finetune --set pretrained=...)")
+    from .data.data_config import normalized, resolve
+    _, norm = resolve(cfg["checkpoint"], cfg.get("img_size"), cfg.get("mean"), cfg.get("std"))
     size, num_classes = int(model.config["img_size"]), int(model.config["num_classes"])
     if cfg["data"] == "digits":
         from .data import ArrayDataset
@@ -499,6 +523,7 @@ def run_eval(cfg: Dict[str, Any]) -> Dict[str, Any]:
             check_same_classes(json.load(f), classes, "data")
     elif len(classes) != num_classes:
         raise ValueError(f"data: {len(classes)} classes, but the checkpoint classifies {num_classes}")
+    data = normalized(data, norm)
     metrics = evaluate(model, data, workers=int(cfg.get("workers", 0)), confusion=True,
                        precision=cfg.get("precision"))
     _write_eval_outputs(cfg, metrics, classes, "eval")

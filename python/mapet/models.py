@@ -160,8 +160,11 @@ class VisionTransformer(ParameterBlock):
 
         Args:
             images: [B, in_chans, img_size, img_size] floats.
-            labels: [B] class indices, any integer dtype.
-            label_smoothing: ε of the smoothed targets (timm LabelSmoothingCrossEntropy).
+            labels: [B] class indices, any integer dtype; or soft targets, floats [B, num_classes]
+                whose rows are distributions (mixup/cutmix, :class:`mapet.data.mixup.Mixup`):
+                the loss is then the soft-target cross-entropy −Σ q·log softmax (timm
+                SoftTargetCrossEntropy), with any label smoothing already in the targets.
+            label_smoothing: ε of the smoothed targets (timm LabelSmoothingCrossEntropy; hard labels only).
             return_logits: also return the training-mode logits [B, num_classes].
 
         Returns:
@@ -172,8 +175,15 @@ class VisionTransformer(ParameterBlock):
             gradients are unchanged.
         """
         x = self._check(images)
-        y = _labels(labels, x.shape[0], self.config["num_classes"])
         logits = np.empty((x.shape[0], self.config["num_classes"]), np.float32) if return_logits else None
+        soft = np.asarray(labels)
+        if soft.ndim == 2 and np.issubdtype(soft.dtype, np.floating):  # soft targets (mixup/cutmix)
+            if label_smoothing:
+                raise ValueError("label_smoothing: soft targets carry their smoothing; expected 0, "
+                                 f"got {label_smoothing}")
+            loss = _core.vit_train_step_soft(self._handle, x, np.ascontiguousarray(soft, np.float32), logits)
+            return (loss, logits) if return_logits else loss
+        y = _labels(labels, x.shape[0], self.config["num_classes"])
         loss = _core.vit_train_step(self._handle, x, y, float(label_smoothing), logits)
         return (loss, logits) if return_logits else loss
 
@@ -184,9 +194,12 @@ class VisionTransformer(ParameterBlock):
     # ------------------------------------------------------------------ files
 
     def save(self, path: str, optimizer: Optional["AdamW"] = None) -> None:  # noqa: F821
-        """Write a safetensors file: weights by name, config in the metadata (and the AdamW state)."""
+        """Write a safetensors file: weights by name, config in the metadata (and the AdamW state);
+        ``data_config`` (input normalisation, see ``mapet.data.data_config``) when set."""
         tensors: Dict[str, np.ndarray] = dict(self._params)
         metadata = {"format": FORMAT, "model": "vit", "config": json.dumps(self.config)}
+        from .data.data_config import metadata_entry
+        metadata.update(metadata_entry(self))  # the input normalisation, when the model records one
         if optimizer is not None:
             state = optimizer.state_dict()
             for name, v in state.pop("exp_avg").items():
@@ -377,4 +390,6 @@ def load(path: str) -> VisionTransformer:
     except (ValueError, TypeError, MemoryError) as e:
         raise type(e)(f"{path}: bad model config ({e})") from None
     model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optimizer.")})
+    from .data.data_config import from_metadata
+    model.data_config = from_metadata(metadata)
     return model

@@ -189,8 +189,9 @@ class _PretrainModel(ParameterBlock):
     def save(self, path: str) -> None:
         """Write a safetensors file: weights by reference name, metadata
         ``{"format": "mapet", "model": kind, "config": json}``."""
+        from .data.data_config import metadata_entry
         save_file(dict(self._params), path,
-                  {"format": FORMAT, "model": self._kind, "config": json.dumps(self.config)})
+                  {"format": FORMAT, "model": self._kind, "config": json.dumps(self.config), **metadata_entry(self)})
 
     def __repr__(self) -> str:
         c = self.config
@@ -560,4 +561,6 @@ def load_pretrain_model(path: str) -> "_PretrainModel":
     except (ValueError, TypeError, MemoryError) as e:
         raise type(e)(f"{path}: bad model config ({e})") from None
     model.load_state_dict(tensors)
+    from .data.data_config import from_metadata
+    model.data_config = from_metadata(metadata)
     return model

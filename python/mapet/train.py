@@ -627,6 +627,7 @@ def finetune(model: Any, train: Any, *, val: Any = None, num_classes: Optional[i
              output_dir: Optional[str] = None, checkpoint_every: int = 0, log_every: int = 10,
              progress: Optional[bool] = None, stop_after: Optional[int] = None, precision: Optional[str] = None,
              workers: int = 0, validate_every_epoch: bool = False, tensorboard: bool = False,
+             mixup: float = 0.0, cutmix: float = 0.0, mixup_prob: float = 1.0, mixup_switch_prob: float = 0.5,
              **model_overrides) -> Tuple[Any, Dict[str, List[float]]]:
     """Fine-tune a ViT classifier end to end (optionally from a pre-training checkpoint).
 
@@ -644,6 +645,10 @@ def finetune(model: Any, train: Any, *, val: Any = None, num_classes: Optional[i
             evaluation; None keeps the model's (on resume: the checkpoint's).
         workers: threads decoding images of a streaming dataset (``ImageFolder``).
         tensorboard: also write TensorBoard event files beside ``<output_dir>/log.csv``.
+        mixup, cutmix, mixup_prob, mixup_switch_prob: per-batch Mixup / CutMix (timm's names;
+            the BEiT/MaPeT recipe is 0.8, 1.0, 1.0, 0.5 = ``mapet.data.mixup.RECIPE``; 0, 0: off).
+            Mixed batches train on soft targets with ``label_smoothing`` folded in; the draws
+            follow (seed, epoch, batch), so resumed runs mix identically (:class:`mapet.data.mixup.Mixup`).
         Other arguments as in :func:`pretrain`.
 
     Returns:
@@ -657,9 +662,15 @@ def finetune(model: Any, train: Any, *, val: Any = None, num_classes: Optional[i
             num_classes = int(np.max(_labels_of(dataset))) + 1
         model = create_model(model, num_classes=num_classes, pretrained=pretrained, **model_overrides)
     loader = DataLoader(dataset, batch_size, shuffle=True, seed=seed, prefetch=1, workers=workers)
+    from .data.mixup import make_mixup
+    mixer = make_mixup(int(model.config["num_classes"]), mixup, cutmix, mixup_prob, mixup_switch_prob,
+                       label_smoothing, seed)
 
     def step_fn(batch):
         images, labels = batch[0], batch[1]
+        if mixer is not None:  # the loader has counted this batch: it is position - 1 of its epoch
+            images, targets = mixer(images, labels, loader.epoch, loader.position - 1)
+            return model.train_step(images, targets), images.shape[0]
         return model.train_step(images, labels, label_smoothing=label_smoothing), images.shape[0]
 
     optimizer = _make_optimizer(model, lr, weight_decay, clip_grad=clip_grad, layer_decay=layer_decay)
@@ -679,7 +690,8 @@ def finetune(model: Any, train: Any, *, val: Any = None, num_classes: Optional[i
     loop = _Loop(model, optimizer, loader, step_fn, epochs=epochs, lr=lr, warmup_epochs=warmup_epochs,
                  min_lr=min_lr, warmup_start_lr=warmup_start_lr, accum_steps=accum_steps, output_dir=output_dir,
                  checkpoint_every=checkpoint_every, log_every=log_every, progress=progress, desc="finetune",
-                 config={"model": model.config}, seed=seed, precision=precision,
+                 config=dict({"model": model.config}, **({"mixup": mixer.config} if mixer else {})),
+                 seed=seed, precision=precision,
                  epoch_end=validate if every else None, tensorboard=tensorboard)
     history = loop.run(stop_after=stop_after)
     if every:

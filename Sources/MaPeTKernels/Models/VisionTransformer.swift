@@ -235,10 +235,24 @@ public final class VisionTransformer: @unchecked Sendable {
         case nonFiniteLoss(Double)
     }
 
+    /// What a training step's cross-entropy compares the logits with.
+    public enum ClassTargets {
+        /// Class indices [B] in 0..<numClasses, with label smoothing ε.
+        case labels(UnsafePointer<Int32>, smoothing: Float)
+        /// Distributions [B, numClasses] (mixup/cutmix targets; rows ≥ 0 summing to 1).
+        case soft(UnsafePointer<Float>)
+    }
+
     /// Forward, mean cross-entropy (optional label smoothing), backward: adds ∂loss/∂θ into
     /// `grads` and returns the loss. Labels must be in 0..<numClasses (checked by callers).
     /// On a non-finite loss nothing is accumulated and the drop-path generator is rewound.
     public func trainStep(images: UnsafePointer<Float>, labels: UnsafePointer<Int32>, B: Int, smoothing: Float = 0,
+                          logitsOut: UnsafeMutablePointer<Float>? = nil) -> Result<Double, StepError> {
+        trainStep(images: images, targets: .labels(labels, smoothing: smoothing), B: B, logitsOut: logitsOut)
+    }
+
+    /// The step with hard labels or soft targets (mean soft-target cross-entropy over the batch).
+    public func trainStep(images: UnsafePointer<Float>, targets: ClassTargets, B: Int,
                           logitsOut: UnsafeMutablePointer<Float>? = nil) -> Result<Double, StepError> {
         let k = config, N = k.numTokens, C = k.embedDim, n = k.numPatches, K = k.numClasses
         if train?.B != B {
@@ -259,17 +273,29 @@ public final class VisionTransformer: @unchecked Sendable {
                         keep1: rate > 0 ? keep1 : nil, keep2: rate > 0 ? keep2 : nil)
         }
         head(logits: a.logits, pooled: a.pooled, normOut: a.normOut, mean: a.normMean, rstd: a.normRstd, x: a.xs[k.depth], B: B)
-        a.targets.update(from: labels, count: B)
-        let (sum, count) = crossEntropyForward(losses: a.losses, probs: a.probs, logits: a.logits, targets: a.targets,
+        let (sum, count): (Double, Int)
+        switch targets {
+        case .labels(let labels, let smoothing):
+            a.targets.update(from: labels, count: B)
+            (sum, count) = crossEntropyForward(losses: a.losses, probs: a.probs, logits: a.logits, targets: a.targets,
                                                rows: B, K: K, smoothing: smoothing)
+        case .soft(let q):
+            sum = softTargetCrossEntropyForward(losses: a.losses, probs: a.probs, logits: a.logits, targets: q, rows: B, K: K)
+            count = B
+        }
         let loss = sum / Double(max(count, 1))
         if let logitsOut { logitsOut.update(from: a.logits, count: B * K) }
         guard loss.isFinite else { rng = savedRNG; return .failure(.nonFiniteLoss(loss)) }
 
         // Backward.
         zero(a.dLogits, B * K)
-        crossEntropyBackward(dLogits: a.dLogits, probs: a.probs, targets: a.targets, rows: B, K: K, smoothing: smoothing,
-                             scale: 1 / Float(max(count, 1)))
+        switch targets {
+        case .labels(_, let smoothing):
+            crossEntropyBackward(dLogits: a.dLogits, probs: a.probs, targets: a.targets, rows: B, K: K, smoothing: smoothing,
+                                 scale: 1 / Float(max(count, 1)))
+        case .soft(let q):
+            softTargetCrossEntropyBackward(dLogits: a.dLogits, probs: a.probs, targets: q, rows: B, K: K, scale: 1 / Float(B))
+        }
         zero(a.dNormOut, B * C)
         linearBackward(dInput: a.dNormOut, dWeight: grad("head.weight"), dBias: grad("head.bias"), dOut: a.dLogits,
                        input: a.normOut, weight: ptr("head.weight"), rows: B, inFeatures: C, outFeatures: K,

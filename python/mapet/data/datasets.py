@@ -235,6 +235,20 @@ def check_same_classes(train_classes: Sequence[str], other_classes: Sequence[str
                      + "; ".join(parts) + "); the class folders must be the same in every split")
 
 
+def eval_view(img, size: int, crop_pct: float = 0.875, interpolation: str = "bicubic") -> np.ndarray:
+    """The evaluation view of an RGB Pillow image (timm/DeiT): resize the shorter side to
+    ``int(size / crop_pct)``, centre-crop ``size``; float32 [3, size, size] in [0, 1]."""
+    short = int(size / crop_pct)
+    w, h = img.size
+    if w <= h:
+        nw, nh = short, int(short * h / w)
+    else:
+        nw, nh = int(short * w / h), short
+    img = img.resize((nw, nh), pil_filter(interpolation))
+    top, left, ch, cw = center_crop_box(nh, nw, size, size)
+    return pil_to_chw(img.crop((left, top, left + cw, top + ch)))
+
+
 class ImageLoadError(ValueError):
     """An image file could not be decoded; the message names the file."""
 
@@ -396,15 +410,7 @@ class ImageFolder:
         S = self.img_size
         resample = pil_filter(self.interpolation)
         if self.mode == "eval":
-            short = int(S / self.crop_pct)
-            w, h = img.size
-            if w <= h:
-                nw, nh = short, int(short * h / w)
-            else:
-                nw, nh = int(short * w / h), short
-            img = img.resize((nw, nh), resample)
-            top, left, ch, cw = center_crop_box(nh, nw, S, S)
-            return pil_to_chw(img.crop((left, top, left + cw, top + ch))), label
+            return eval_view(img, S, self.crop_pct, self.interpolation), label
         rng = sample_rng(self.seed, self.epoch, i)
         w, h = img.size
         top, left, ch, cw = random_resized_crop_params(rng, h, w, self.scale, self.ratio)

@@ -176,7 +176,11 @@ def rand_augment_op(img, name: str, magnitude: float, sign: float):
     if name == "Rotate":
         return img.rotate(sign * 30.0 * f, resample=Image.BILINEAR, fillcolor=_FILL)
     if name == "PosterizeIncreasing":
-        return ImageOps.posterize(img, 4 - int(f * 4))
+        # keep 4 - int(4f) bits: 0 at magnitude 10 (black, as ImageOps.posterize did before Pillow
+        # began refusing 0 bits), so the lookup table is Pillow's own, written here for every bits in 0..8
+        bits = 4 - int(f * 4)
+        mask = ~(2 ** (8 - bits) - 1) & 0xFF
+        return img.point([i & mask for i in range(256)] * len(img.getbands()))
     if name == "SolarizeIncreasing":
         return ImageOps.solarize(img, 256 - int(f * 256))
     if name == "SolarizeAdd":
