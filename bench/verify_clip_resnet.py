@@ -10,7 +10,8 @@ with ``mapet.convert`` (which never imports torch), loads them with
 * ``encode_image`` (attention-pool embedding) with open_clip's ``model.encode_image``;
 * ``forward_features`` (the layer-4 grid as [B, h·w, C]) with open_clip's stem → layer4.
 
-Relative error = max |mapet − open_clip| / max |open_clip|; the check is ≤ 1e-5.
+Relative error = max |mapet − open_clip| / max |open_clip|; the check is ≤ 1e-5. With ``--time N``
+it also times ``encode_image`` of both, interleaved in this process, and prints medians of N.
 
 Run from the project root after ``python3 setup.py build_ext --inplace``:
 
@@ -18,8 +19,10 @@ Run from the project root after ``python3 setup.py build_ext --inplace``:
 """
 import argparse
 import os
+import statistics
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "python"))
@@ -54,6 +57,7 @@ def main() -> int:
     ap.add_argument("--model", default="RN50", choices=sorted(NAMES))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--time", type=int, default=0, metavar="N", help="also time encode_image, N interleaved runs")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     mapet.set_num_threads(args.threads)
@@ -88,6 +92,20 @@ def main() -> int:
             ok &= good
             print(f"  encode_image {embed.shape}: rel err {e:.2e};  forward_features {grid.shape}: rel err {g:.2e}"
                   f"  -> {'OK' if good else 'FAIL'} (≤ 1e-5)")
+        if args.time:
+            x = images.numpy()
+            t_ref, t_mapet = [], []
+            for _ in range(args.time):
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    model.encode_image(images)
+                t_ref.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                m.encode_image(x)
+                t_mapet.append(time.perf_counter() - t0)
+            r, q = statistics.median(t_ref), statistics.median(t_mapet)
+            print(f"encode_image, batch {args.batch}, {args.threads} threads, medians of {args.time} interleaved runs: "
+                  f"open_clip {args.batch / r:.1f} img/s, mapet {args.batch / q:.1f} img/s ({r / q:.2f}×)")
     print("all OK" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -299,3 +299,12 @@ def test_bad_inputs_and_weights_raise_and_leave_the_model_unchanged():
         mapet.create_model("clip_rn42")
     with pytest.raises(ValueError, match="multiple of 32"):
         ModifiedResNet(image_size=100)
+
+
+def test_module_example_runs():
+    import doctest
+
+    import mapet.clip.resnet as module
+
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
