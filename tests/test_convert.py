@@ -142,6 +142,23 @@ def test_hostile_pickles_are_refused_before_anything_runs(tmp_path, attack, writ
     assert not os.path.exists(tmp_path / "out.safetensors") and not os.path.exists(marker)
 
 
+@pytest.mark.parametrize("writer", [write_zip, write_legacy], ids=["zip", "legacy"])
+def test_stub_unknown_loads_the_weights_and_still_runs_nothing(tmp_path, writer):
+    marker = str(tmp_path / "pwned")
+    w = RNG.standard_normal(3).astype(np.float32)
+    path = str(tmp_path / "munch.pth")
+    writer(path, {"model": OrderedDict(w=Tensor(Storage("0", w), (3,))),
+                  "args": Obj("munch", "Munch", {"lr": 0.1}), "hook": Call("os", "system", (f"touch {marker}",))})
+    with pytest.raises(UnsafePickleError, match="munch.Munch"):
+        load_torch_file(path)
+    out = str(tmp_path / "out.safetensors")
+    report = convert(path, out, stub_unknown=True)
+    np.testing.assert_array_equal(load_file(out)[0]["w"], w)
+    assert sorted(report["skipped"]) == ["args (unknown global munch.Munch, not loaded)",
+                                         "hook (unknown global os.system, not loaded)"]
+    assert not os.path.exists(marker)
+
+
 def test_inst_opcode_and_hostile_torchscript_names_run_nothing(tmp_path):
     import zipfile
 

@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from .io import save_file
-from .torchfile import PickledNamespace, load_torch_file, torch_file_format
+from .torchfile import PickledNamespace, UnknownGlobal, load_torch_file, torch_file_format
 
 __all__ = ["convert", "read_checkpoint", "state_dict_of", "to_mapet_names", "LAYOUTS"]
 
@@ -76,7 +76,8 @@ def state_dict_of(obj: Any) -> Tuple[Dict[str, np.ndarray], List[str]]:
         for key in _WRAPPERS:
             if key in obj and _is_state_dict(obj[key]):
                 sd = dict(obj[key])
-                skipped = [f"{k} (checkpoint entry)" for k in obj if k != key]
+                skipped = [f"{k} (unknown global {obj[k].type_name}, not loaded)" if isinstance(obj[k], UnknownGlobal)
+                           else f"{k} (checkpoint entry)" for k in obj if k != key]
                 break
         if sd is None and isinstance(obj, Mapping):
             # a state dict with a few non-tensor entries (e.g. a saved step count)
@@ -158,20 +159,25 @@ def to_mapet_names(sd: Mapping[str, np.ndarray], layout: str = "auto") -> Tuple[
     return out, skipped, layout
 
 
-def read_checkpoint(path: str, layout: str = "auto") -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+def read_checkpoint(path: str, layout: str = "auto",
+                    stub_unknown: bool = False) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
     """Read a PyTorch checkpoint into mapet names without running code from it.
+
+    ``stub_unknown``: see :func:`mapet.torchfile.load_torch_file` (globals outside the allow-list
+    become inert placeholders instead of refusing the file; still nothing runs).
 
     Returns:
         (tensors, report) with report keys ``source_format`` (zip / torchscript / legacy),
         ``layout`` and ``skipped`` (names with the reason each was left out).
     """
-    obj = load_torch_file(path)
+    obj = load_torch_file(path, stub_unknown=stub_unknown)
     sd, skipped = state_dict_of(obj)
     tensors, more, used = to_mapet_names(sd, layout)
     return tensors, {"source_format": torch_file_format(path), "layout": used, "skipped": skipped + more}
 
 
-def convert(src: str, dst: str, layout: str = "auto", visual_only: bool = False) -> Dict[str, Any]:
+def convert(src: str, dst: str, layout: str = "auto", visual_only: bool = False,
+            stub_unknown: bool = False) -> Dict[str, Any]:
     """Convert a PyTorch checkpoint into a safetensors file of mapet names (written atomically).
 
     Args:
@@ -180,6 +186,8 @@ def convert(src: str, dst: str, layout: str = "auto", visual_only: bool = False)
         dst: the ``.safetensors`` file to write.
         layout: ``"auto"`` (from the names), ``"mapet"``, ``"beit"`` or ``"clip"``.
         visual_only: for CLIP, keep only the image tower (``visual.*``, prefix kept).
+        stub_unknown: globals outside the allow-list (e.g. training arguments saved as a custom
+            class) become inert placeholders instead of refusing the file; nothing runs either way.
 
     Returns:
         {"written": n, "layout": ..., "source_format": ..., "skipped": [...], "path": dst}.
@@ -188,7 +196,7 @@ def convert(src: str, dst: str, layout: str = "auto", visual_only: bool = False)
         mapet.torchfile.UnsafePickleError: the file names code to run (nothing was run).
         ValueError: not a checkpoint, or no state dict in it; FileNotFoundError.
     """
-    tensors, report = read_checkpoint(src, layout)
+    tensors, report = read_checkpoint(src, layout, stub_unknown)
     if visual_only:
         if report["layout"] != "clip":
             raise ValueError(f"visual_only applies to CLIP checkpoints; {src} has the {report['layout']} layout")
@@ -223,9 +231,13 @@ def _register_command() -> None:
         p.add_argument("--layout", choices=LAYOUTS, default="auto",
                        help="name layout of the source (default: detected from the names)")
         p.add_argument("--visual-only", action="store_true", help="CLIP: keep only the image tower (visual.*)")
+        p.add_argument("--stub-unknown", action="store_true",
+                       help="read files that pickle objects of other classes (e.g. training arguments): those "
+                            "objects become inert placeholders and are skipped; nothing from the file is run")
 
     def _convert(args, cfg) -> int:
-        report = convert(args.input, args.output, layout=args.layout, visual_only=args.visual_only)
+        report = convert(args.input, args.output, layout=args.layout, visual_only=args.visual_only,
+                         stub_unknown=args.stub_unknown)
         print(f"wrote {report['written']} tensors to {report['path']} ({report['layout']} layout, "
               f"{report['source_format']} file); skipped {len(report['skipped'])}")
         for reason, names in _by_reason(report["skipped"]).items():

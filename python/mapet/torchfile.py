@@ -36,7 +36,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["load_torch_file", "torch_file_format", "UnsafePickleError", "PickledNamespace", "ScriptObject"]
+__all__ = ["load_torch_file", "torch_file_format", "UnsafePickleError", "PickledNamespace", "ScriptObject",
+           "UnknownGlobal"]
 
 _MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
@@ -73,6 +74,26 @@ class ScriptObject:
 
     def __repr__(self) -> str:
         return f"ScriptObject({self.type_name})"
+
+
+class UnknownGlobal:
+    """Inert stand-in for a global outside the allow-list, made only with ``stub_unknown=True``:
+    it records the global's name and whatever the pickle passes to it; nothing is imported or called.
+    (E.g. training arguments saved as a ``munch.Munch``: the weights load, the arguments do not.)"""
+
+    type_name = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"UnknownGlobal({self.type_name})"
+
+
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 class _StorageType:
@@ -207,9 +228,10 @@ _SCRIPT_NAME = re.compile(r"^__torch__(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 class _Unpickler(pickle.Unpickler):
     """An unpickler that resolves globals from `_ALLOWED` only and storages through `storage`."""
 
-    def __init__(self, stream: io.BytesIO, storage) -> None:
+    def __init__(self, stream: io.BytesIO, storage, stub_unknown: bool = False) -> None:
         super().__init__(stream)
         self._storage = storage
+        self._stub = stub_unknown
         self._script_types: Dict[str, type] = {}
 
     def find_class(self, module: str, name: str) -> Any:
@@ -222,8 +244,14 @@ class _Unpickler(pickle.Unpickler):
             if qualified not in self._script_types:
                 self._script_types[qualified] = type("ScriptObject", (ScriptObject,), {"type_name": qualified})
             return self._script_types[qualified]
+        if self._stub and _DOTTED.match(module) and _DOTTED.match(name):
+            qualified = f"{module}.{name}"
+            if qualified not in self._script_types:
+                self._script_types[qualified] = type("UnknownGlobal", (UnknownGlobal,), {"type_name": qualified})
+            return self._script_types[qualified]
         raise UnsafePickleError(f"refused to load global {module}.{name}: not a tensor, storage or plain container "
-                                "(this reader never imports or calls anything a checkpoint names)")
+                                "(this reader never imports or calls anything a checkpoint names; with "
+                                "stub_unknown=True / --stub-unknown such objects are skipped instead)")
 
     def persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
@@ -235,9 +263,9 @@ class _Unpickler(pickle.Unpickler):
         return self._storage(key, storage_type.dtype, numel, view)
 
 
-def _unpickle(data: bytes, storage) -> Any:
+def _unpickle(data: bytes, storage, stub_unknown: bool = False) -> Any:
     try:
-        return _Unpickler(io.BytesIO(data), storage).load()
+        return _Unpickler(io.BytesIO(data), storage, stub_unknown).load()
     except (UnsafePickleError, ValueError):
         raise
     except (pickle.UnpicklingError, EOFError, TypeError, AttributeError, IndexError, KeyError,
@@ -272,11 +300,14 @@ def _zip_root(zf: zipfile.ZipFile, path: str) -> str:
     return roots[0]
 
 
-def load_torch_file(path: str) -> Any:
+def load_torch_file(path: str, stub_unknown: bool = False) -> Any:
     """The object saved in a PyTorch file, tensors as NumPy arrays, without executing its code.
 
     Args:
         path: a ``torch.save`` file (zip or legacy format) or a TorchScript archive.
+        stub_unknown: instead of refusing the file, stand an inert :class:`UnknownGlobal` in for
+            each global outside the allow-list (still nothing is imported or called; objects of
+            those classes are simply not reconstructed).
 
     Returns:
         The saved object (dicts, OrderedDicts, lists, numbers, strings, arrays; ``argparse``
@@ -284,7 +315,8 @@ def load_torch_file(path: str) -> Any:
         state dict, ``{"visual.conv1.weight": array, ...}``.
 
     Raises:
-        UnsafePickleError: the file names a global outside the allow-list (nothing ran).
+        UnsafePickleError: the file names a global outside the allow-list (nothing ran;
+            not raised with ``stub_unknown``).
         ValueError: the file is not a PyTorch checkpoint, or is corrupt or truncated.
         FileNotFoundError: no such file.
     """
@@ -293,15 +325,15 @@ def load_torch_file(path: str) -> Any:
         raise FileNotFoundError(f"{path}: no such file")
     try:
         if zipfile.is_zipfile(path):
-            return _load_zip(path)
-        return _load_legacy(path)
+            return _load_zip(path, stub_unknown)
+        return _load_legacy(path, stub_unknown)
     except UnsafePickleError as e:
         raise UnsafePickleError(f"{path}: {e}") from None
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
 
 
-def _load_zip(path: str) -> Any:
+def _load_zip(path: str, stub_unknown: bool = False) -> Any:
     with zipfile.ZipFile(path) as zf:
         root = _zip_root(zf, path)
         names = set(zf.namelist())
@@ -324,7 +356,7 @@ def _load_zip(path: str) -> Any:
                 cache[key] = s
             return cache[key]
 
-        obj = _unpickle(zf.read(f"{root}/data.pkl"), storage)
+        obj = _unpickle(zf.read(f"{root}/data.pkl"), storage, stub_unknown)
         scripted = f"{root}/constants.pkl" in names or any(n.startswith(f"{root}/code/") for n in names)
         if scripted:
             if not isinstance(obj, ScriptObject):
@@ -382,7 +414,7 @@ def _script_state_dict(module: ScriptObject, members: Dict[str, set]) -> Dict[st
     return out
 
 
-def _load_legacy(path: str) -> Any:
+def _load_legacy(path: str, stub_unknown: bool = False) -> Any:
     with open(path, "rb") as f:
         data = f.read()
     stream = io.BytesIO(data)
@@ -390,9 +422,9 @@ def _load_legacy(path: str) -> Any:
     def no_storage(*_: Any) -> Any:
         raise ValueError("storage reference outside the object pickle")
 
-    def next_pickle(storage=no_storage) -> Any:
+    def next_pickle(storage=no_storage, stub: bool = False) -> Any:
         try:  # one pickle after the other from one stream: the position after STOP is exact
-            return _Unpickler(stream, storage).load()
+            return _Unpickler(stream, storage, stub).load()
         except (UnsafePickleError, ValueError):
             raise
         except (pickle.UnpicklingError, EOFError, TypeError, AttributeError, IndexError, KeyError,
@@ -422,7 +454,7 @@ def _load_legacy(path: str) -> Any:
         views.append((v, root, view[1]))
         return v
 
-    obj = next_pickle(storage)
+    obj = next_pickle(storage, stub_unknown)
     keys = next_pickle()
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise ValueError("bad storage key list")
@@ -467,7 +499,7 @@ def _resolve(obj: Any, memo: Dict[int, Any]) -> Any:
         new = tuple(_resolve(v, memo) for v in obj)
         memo[id(obj)] = new
         return new
-    elif isinstance(obj, (PickledNamespace, ScriptObject)):
+    elif isinstance(obj, (PickledNamespace, ScriptObject, UnknownGlobal)):
         memo[id(obj)] = obj
         for k, v in list(vars(obj).items()):
             setattr(obj, k, _resolve(v, memo))
