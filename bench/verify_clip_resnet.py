@@ -13,9 +13,10 @@ with ``mapet.convert`` (which never imports torch), loads them with
 Relative error = max |mapet − open_clip| / max |open_clip|; the check is ≤ 1e-5. With ``--time N``
 it also times ``encode_image`` of both, interleaved in this process, and prints medians of N.
 
-Run from the project root after ``python3 setup.py build_ext --inplace``:
+Run from the project root after ``python3 setup.py build_ext --inplace``, with torch and open_clip_torch
+installed (bench/requirements.txt):
 
-    /tmp/mapet-peers/bin/python bench/verify_clip_resnet.py [--model RN50] [--batch 4]
+    .venv-bench/bin/python bench/verify_clip_resnet.py [--model RN50] [--batch 4] [--time 5]
 """
 import argparse
 import os
