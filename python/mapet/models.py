@@ -245,6 +245,9 @@ def create_model(name: str, seed: int = 0, pretrained: Any = None, precision: st
         >>> mapet.create_model("vit_tiny_patch16_224", depth=2, precision="bf16").precision
         'bf16'
     """
+    if name.startswith("clip_rn"):  # CLIP ModifiedResNet towers (frozen)
+        from .clip.resnet import create_clip_resnet
+        return create_clip_resnet(name, seed=seed, pretrained=pretrained, precision=precision, **overrides)
     source = None
     if pretrained is not None:
         tensors, recorded = read_pretrained(pretrained)

@@ -346,3 +346,64 @@ def cross_entropy_backward(probs, targets, smoothing: float = 0.0, scale: Option
     dlogits = _zeros_or(dlogits, probs.shape, "dlogits")
     _core.cross_entropy_backward(dlogits, probs, t, float(smoothing), float(scale))
     return dlogits
+
+
+def conv2d(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None, *, stride: int = 1,
+           padding: int = 0, residual: Optional[np.ndarray] = None, relu: bool = False,
+           precision: str = "fp32") -> np.ndarray:
+    """2-d convolution, PyTorch ``nn.Conv2d`` semantics (NCHW, groups 1, zero padding), inference only.
+
+    ``out = relu?(conv(x, weight) + bias + residual)``: the optional residual add and ReLU run in
+    the same call (a ResNet bottleneck's last convolution, shortcut and activation). Computed as
+    im2col + the engine's GEMM (``precision="bf16"``: GEMM inputs rounded to bfloat16).
+
+    Args:
+        x: [B, Cin, H, W]. weight: [Cout, Cin, kH, kW]. bias: [Cout] or None.
+        stride, padding: as ``nn.Conv2d`` (one value for both axes).
+        residual: [B, Cout, Ho, Wo] added before the ReLU, or None.
+        relu: apply max(·, 0) last.
+
+    Returns:
+        out [B, Cout, Ho, Wo], Ho = (H + 2·padding − kH) // stride + 1 (Wo likewise).
+
+    Example:
+        >>> import numpy as np, mapet
+        >>> mapet.ops.conv2d(np.ones((1, 2, 5, 5), np.float32), np.ones((3, 2, 3, 3), np.float32), padding=1).shape
+        (1, 3, 5, 5)
+    """
+    x, weight = _f32(x, "x"), _f32(weight, "weight")
+    if x.ndim != 4 or weight.ndim != 4:
+        raise ValueError(f"conv2d: expected x [B, Cin, H, W] and weight [Cout, Cin, kH, kW], got shapes "
+                         f"{x.shape} and {weight.shape}")
+    for name, v in (("stride", stride), ("padding", padding)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"conv2d: {name} must be an int, got {type(v).__name__}")
+    if stride < 1 or padding < 0:
+        raise ValueError(f"conv2d: expected stride ≥ 1 and padding ≥ 0, got stride={stride}, padding={padding}")
+    ho = (x.shape[2] + 2 * padding - weight.shape[2]) // stride + 1
+    wo = (x.shape[3] + 2 * padding - weight.shape[3]) // stride + 1
+    out = np.empty((x.shape[0], weight.shape[0], max(ho, 0), max(wo, 0)), np.float32)
+    _core.conv2d_forward(out, x, weight, None if bias is None else _f32(bias, "bias"),
+                         None if residual is None else _f32(residual, "residual"), bool(relu),
+                         int(stride), int(padding), precision)
+    return out
+
+
+def avg_pool2d(x: np.ndarray, stride: int) -> np.ndarray:
+    """Mean over non-overlapping ``stride × stride`` windows (``nn.AvgPool2d(stride)``), x [B, C, H, W]
+    → [B, C, H // stride, W // stride].
+
+    Example:
+        >>> import numpy as np, mapet
+        >>> mapet.ops.avg_pool2d(np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4), 2)[0, 0]
+        array([[ 2.5,  4.5],
+               [10.5, 12.5]], dtype=float32)
+    """
+    x = _f32(x, "x")
+    if x.ndim != 4:
+        raise ValueError(f"avg_pool2d: expected x [B, C, H, W], got shape {x.shape}")
+    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
+        raise ValueError(f"avg_pool2d: stride must be a positive int, got {stride!r}")
+    out = np.empty((x.shape[0], x.shape[1], x.shape[2] // stride, x.shape[3] // stride), np.float32)
+    _core.avg_pool2d_forward(out, x, int(stride))
+    return out
