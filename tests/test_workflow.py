@@ -271,26 +271,17 @@ def test_csv_log_is_written_parseable_and_trimmed_on_resume(tmp_path):
     assert all(float(r["images_per_s"]) > 0 for r in rows)
 
 
-def test_tensorboard_needs_its_writer_library(tmp_path):
-    try:
-        import tensorboardX  # noqa: F401
-        have = True
-    except ImportError:
-        try:
-            import torch.utils.tensorboard  # noqa: F401
-            have = True
-        except ImportError:
-            have = False
+def test_tensorboard_needs_its_writer_library(tmp_path, monkeypatch):
+    """Without tensorboardX or torch, asking for TensorBoard is an ImportError naming what to install
+    (the libraries are hidden here, so the case runs whatever is installed)."""
+    for name in ("tensorboardX", "torch", "torch.utils", "torch.utils.tensorboard"):
+        monkeypatch.setitem(sys.modules, name, None)
     x, y = mapet.data.load_digits(16, "train")
     model = mapet.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=24, depth=1,
                                num_heads=3, num_classes=10)
     out = str(tmp_path / "run")
-    if not have:
-        with pytest.raises(ImportError, match="tensorboardX"):
-            finetune(model, (x[:32], y[:32]), epochs=1, batch_size=32, output_dir=out, tensorboard=True)
-        return
-    finetune(model, (x[:32], y[:32]), epochs=1, batch_size=32, output_dir=out, tensorboard=True)
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(out, "tensorboard")))
+    with pytest.raises(ImportError, match="tensorboardX"):
+        finetune(model, (x[:32], y[:32]), epochs=1, batch_size=32, output_dir=out, tensorboard=True)
 
 
 def test_demo_on_ones_own_folder_says_so_and_draws_from_it(tmp_path):
@@ -370,9 +361,7 @@ def _read_tfrecords(path):
 
 
 def test_tensorboard_event_files_hold_the_logged_scalars(tmp_path):
-    pytest.importorskip("tensorboardX", reason="the TensorBoard writer library is optional (CI has none; "
-                                               "test_tensorboard_needs_its_writer_library covers that case)")
-    from tensorboardX.proto import event_pb2
+    from tensorboardX.proto import event_pb2   # in the test extras; optional for users
     x, y = mapet.data.load_digits(16, "train")
     model = mapet.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=24, depth=1,
                                num_heads=3, num_classes=10)
