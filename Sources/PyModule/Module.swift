@@ -25,6 +25,7 @@ public func PyInit__core() -> UnsafeMutablePointer<PyObject>? {
         + modelMethods
         + kmeansMethods
         + pretrainModelMethods
+        + clipMethods
     let table = UnsafeMutablePointer<PyMethodDef>.allocate(capacity: all.count + 1)
     for (i, m) in all.enumerated() {
         table[i] = mapet_method_def(strdup(m.name), m.function, strdup(m.doc))
