@@ -232,6 +232,9 @@ def create_model(name: str, seed: int = 0, pretrained: Any = None, precision: st
         >>> mapet.create_model("vit_tiny_patch16_224", depth=2, precision="bf16").precision
         'bf16'
     """
+    if name.startswith("clip_vit"):  # CLIP ViT image towers (mapet.clip)
+        from .clip.vit import create_clip_vit
+        return create_clip_vit(name, pretrained=pretrained, seed=seed, precision=precision, **overrides)
     source = None
     if pretrained is not None:
         tensors, recorded = read_pretrained(pretrained)
