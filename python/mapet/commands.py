@@ -66,7 +66,7 @@ OPTIONS: Dict[str, str] = {
     "tokenizer.path": "an existing PixelTokenizer file to use instead of fitting one",
     "tokenizer.kind": "'pixel' (CCViT centroids of patch pixels) or 'kclip' (k-means on CLIP patch features; needs clip)",
     "tokenizer.sample_fraction": "kclip: share of each batch's patch features kept for k-means",
-    "clip": "kclip: CLIP ViT weights (.safetensors, OpenAI/open_clip layout); its patch grid must match the model's",
+    "clip": "kclip: CLIP ViT weights with QuickGELU (.safetensors, OpenAI/open_clip layout); its patch grid must match the model's",
     "tokenizer.fit_images": "images (a seeded sample of data) the tokenizer is fitted on",
     "tokens": "a token cache directory (from 'tokenize'); unset: tokenize first",
     "least_number": "MaPeT/PIM context tokens (class token included); unset: 50/196 of the patches",

@@ -278,7 +278,7 @@ def tokenize_dataset_kclip(cfg: dict) -> str:
         raise ValueError(f"config: tokenizer=kclip needs clip=<CLIP weights .safetensors>, got {path!r}")
     size = int(cfg["model"]["img_size"])
     grid = size // int(cfg["model"]["patch_size"])
-    model = load_clip(path, quick_gelu=bool(cfg["tokenizer"].get("quick_gelu", True)))
+    model = load_clip(path, quick_gelu=True)  # OpenAI weights (open_clip's *-quickgelu); from Python for others
     if model.grid != grid:
         raise ValueError(f"config: the CLIP tower sees {model.grid}×{model.grid} patches but the model "
                          f"{grid}×{grid}; tokens must align with patches (set model.img_size/patch_size so that "
