@@ -197,6 +197,10 @@ def test_create_model_reads_a_full_clip_state_dict(tmp_path, images):
     sd["conv1.weight"] = sd["conv1.weight"].astype(np.float16).astype(np.float32)
     worst, _ = rel_errors(loaded.encode_image(images), reference_tower(sd, images, TINY["heads"])[2])
     assert worst <= 1e-4
+    fresh = CLIPVisionTransformer(**TINY)
+    report = fresh.load_clip_state_dict(path)
+    assert report["ignored"] == 4 and len(report["loaded"]) == len(sd)
+    assert np.array_equal(fresh.encode_image(images), loaded.encode_image(images))
     # The visual part alone, as a mapping, with GELU.
     alone = mapet.create_model("clip_vit_b16", pretrained=sd, quick_gelu=False, heads=3)
     assert not alone.config["quick_gelu"]
