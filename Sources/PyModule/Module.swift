@@ -26,6 +26,7 @@ public func PyInit__core() -> UnsafeMutablePointer<PyObject>? {
         + kmeansMethods
         + pretrainModelMethods
         + convMethods
+        + clipMethods
     let table = UnsafeMutablePointer<PyMethodDef>.allocate(capacity: all.count + 1)
     for (i, m) in all.enumerated() {
         table[i] = mapet_method_def(strdup(m.name), m.function, strdup(m.doc))

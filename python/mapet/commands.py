@@ -64,6 +64,9 @@ OPTIONS: Dict[str, str] = {
     "tokenizer.n_tokens": "k-means centroids = visual-token vocabulary",
     "tokenizer.n_iter": "k-means iterations",
     "tokenizer.path": "an existing PixelTokenizer file to use instead of fitting one",
+    "tokenizer.kind": "'pixel' (CCViT centroids of patch pixels) or 'kclip' (k-means on CLIP patch features; needs clip)",
+    "tokenizer.sample_fraction": "kclip: share of each batch's patch features kept for k-means",
+    "clip": "kclip: CLIP ViT weights with QuickGELU (.safetensors, OpenAI/open_clip layout); its patch grid must match the model's",
     "tokenizer.fit_images": "images (a seeded sample of data) the tokenizer is fitted on",
     "tokens": "a token cache directory (from 'tokenize'); unset: tokenize first",
     "least_number": "MaPeT/PIM context tokens (class token included); unset: 50/196 of the patches",
@@ -85,7 +88,7 @@ OPTIONS: Dict[str, str] = {
     "ccvit.pixel_weight": "CCViT: weight of the pixel loss",
     "ccvit.early_layers": "CCViT: block whose patch tokens feed the pixel head (unset: 3/4 of depth)",
     "ccvit.head_layers": "CCViT: blocks of the pixel head",
-    "dtm.teacher": "DTM: a model file whose trunk gives target features, or a .npy of precomputed features",
+    "dtm.teacher": "DTM: a model file whose trunk gives target features, a CLIP ViT .safetensors, or a .npy of precomputed features",
     "pretrained": "a pre-trained model file; its architecture (LayerScale included) is used for unset model keys",
     "layer_decay": "layer-wise learning-rate decay (1: off)",
     "label_smoothing": "cross-entropy label smoothing",
@@ -208,6 +211,9 @@ def tokenize_dataset(cfg: Dict[str, Any]) -> str:
     from .data import DataLoader, Subset, TokenCache
     from .tokenizers import PixelTokenizer
 
+    if cfg["tokenizer"].get("kind", "pixel") == "kclip":  # k-CLIP through a CLIP tower (mapet.clip)
+        from .clip.kclip import tokenize_dataset_kclip
+        return tokenize_dataset_kclip(cfg)
     size = int(cfg["model"]["img_size"])
     train, _, _ = _datasets(cfg, size, "pretrain", need_val=False, what="tokenize")
     workers = int(cfg.get("workers", 0))
@@ -247,11 +253,12 @@ def tokenize_dataset(cfg: Dict[str, Any]) -> str:
     return cache
 
 
-TOKENIZE_DEFAULTS = dict(_DATA, seed=0, model=dict(_MODEL),
-                         tokenizer={"n_tokens": 256, "n_iter": 20, "path": None, "fit_images": 4096})
+TOKENIZE_DEFAULTS = dict(_DATA, seed=0, model=dict(_MODEL), clip=None,
+                         tokenizer={"kind": "pixel", "n_tokens": 256, "n_iter": 20, "path": None, "fit_images": 4096,
+                                    "sample_fraction": 0.1})
 
 
-@command("tokenize", "fit the CCViT pixel tokenizer and cache the visual tokens of a dataset",
+@command("tokenize", "fit a tokenizer (CCViT pixels, or k-CLIP: tokenizer=kclip clip=FILE) and cache the visual tokens of a dataset",
          defaults=TOKENIZE_DEFAULTS, options=OPTIONS)
 def _tokenize(args, cfg) -> int:
     cache = tokenize_dataset(cfg)
@@ -264,7 +271,8 @@ def _tokenize(args, cfg) -> int:
 
 PRETRAIN_DEFAULTS = dict(
     _DATA, **_LOGS, seed=0, method="mapet", model=dict(_MODEL),
-    tokenizer={"n_tokens": 256, "n_iter": 20, "path": None, "fit_images": 4096}, tokens=None,
+    tokenizer={"kind": "pixel", "n_tokens": 256, "n_iter": 20, "path": None, "fit_images": 4096,
+               "sample_fraction": 0.1}, clip=None, tokens=None,
     least_number=None, num_masking_patches=None, epochs=10, batch_size=64, lr=1.5e-3, weight_decay=0.05,
     warmup_epochs=1, warmup_start_lr=1e-6, min_lr=1e-5, clip_grad=3.0, accum_steps=1, checkpoint_every=0,
     init_values=0.1, drop_path_rate=0.1,

@@ -70,7 +70,8 @@ def merge(base: Dict[str, Any], update: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def apply_override(cfg: Dict[str, Any], item: str) -> None:
-    """Apply one ``dotted.key=value`` override in place (creating intermediate mappings)."""
+    """Apply one ``dotted.key=value`` override in place (creating intermediate mappings); a word
+    given to a group that has a ``kind`` sets that kind (``tokenizer=kclip`` = ``tokenizer.kind=kclip``)."""
     key, sep, value = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
@@ -85,7 +86,11 @@ def apply_override(cfg: Dict[str, Any], item: str) -> None:
             raise ValueError(f"config override {item!r}: {'.'.join(parts[:i + 1])} is a "
                              f"{type(nxt).__name__}, not a mapping")
         node = nxt
-    node[parts[-1]] = parse_value(value)
+    parsed = parse_value(value)
+    if isinstance(node.get(parts[-1]), dict) and "kind" in node[parts[-1]] and isinstance(parsed, str):
+        node[parts[-1]]["kind"] = parsed  # a word for a group with a kind picks it: tokenizer=kclip
+        return
+    node[parts[-1]] = parsed
 
 
 def load_config(path: Optional[str] = None, overrides: Iterable[str] = (),

@@ -221,7 +221,8 @@ def create_model(name: str, seed: int = 0, pretrained: Any = None, precision: st
 
     Args:
         name: ``vit_{tiny,small,base}_patch16_224`` (classifier), or a pre-training model
-            ``mapet_*`` / ``pim_*`` / ``beit_*`` / ``ccvit_*`` / ``dtm_*`` (see ``mapet.pretrain_models``).
+            ``mapet_*`` / ``pim_*`` / ``beit_*`` / ``ccvit_*`` / ``dtm_*`` (see ``mapet.pretrain_models``),
+            or a frozen CLIP tower ``clip_vit_b16`` / ``clip_vit_b32`` / ``clip_vit_l14`` (see ``mapet.clip``).
         seed: initialisation / drop-path seed.
         pretrained: a path to a safetensors file (``model.save`` output, or any reference
             checkpoint, including the BEiT / CCViT / DTM layout with fused ``attn.qkv``, see
@@ -248,6 +249,9 @@ def create_model(name: str, seed: int = 0, pretrained: Any = None, precision: st
     if name.startswith("clip_rn"):  # CLIP ModifiedResNet towers (frozen)
         from .clip.resnet import create_clip_resnet
         return create_clip_resnet(name, seed=seed, pretrained=pretrained, precision=precision, **overrides)
+    if name.startswith("clip_vit"):  # CLIP ViT image towers (mapet.clip)
+        from .clip.vit import create_clip_vit
+        return create_clip_vit(name, pretrained=pretrained, seed=seed, precision=precision, **overrides)
     source = None
     if pretrained is not None:
         tensors, recorded = read_pretrained(pretrained)

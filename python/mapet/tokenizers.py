@@ -280,3 +280,10 @@ class FeatureTokenizer(_Tokenizer):
     def encode(self, features: Any) -> np.ndarray:
         """int32 [B, n_patches − skip_tokens]: nearest centroid of each patch feature."""
         return self._encode_vectors(features)
+
+    @classmethod
+    def from_clip(cls, model: Any, data: Any, k: int = 8192, **kwargs: Any) -> "FeatureTokenizer":
+        """k-CLIP: fit on the patch features of a CLIP tower over ``data`` (a ``mapet.clip.CLIPTokenizer``,
+        whose ``encode_images`` maps images to tokens). See :func:`mapet.clip.kclip.from_clip`."""
+        from .clip.kclip import from_clip
+        return from_clip(model, data, k=k, **kwargs)

@@ -428,8 +428,13 @@ def teacher_features(teacher: Any) -> Callable[[np.ndarray], np.ndarray]:
             ``mapet.VisionTransformer``), or the path of a mapet model file: a ViT, or a
             pre-training model (MaPeT, BEiT, …) whose trunk weights are loaded into a ViT of the
             same shape. Its features are those of the final norm, class token first (dropped by
-            :meth:`mapet.DTM.train_step`).
+            :meth:`mapet.DTM.train_step`). A CLIP ViT tower (``mapet.clip``) or CLIP checkpoint file
+            gives its ``ln_post`` tokens through ``proj`` on CLIP-preprocessed images (SPEC §5).
     """
+    from .clip.kclip import clip_teacher
+    clip = clip_teacher(teacher)
+    if clip is not None:
+        return clip
     if isinstance(teacher, (str, bytes)) or hasattr(teacher, "__fspath__"):
         from .models import VisionTransformer, load, load_pretrained
         model = load(teacher)

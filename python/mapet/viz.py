@@ -428,3 +428,66 @@ def group_overlay(images: np.ndarray, membership: np.ndarray, alpha: float = 0.5
                 tile_ *= 1 - alpha
                 tile_ += alpha * colours[merged[int(gid)] % len(colours)][:, None, None]
     return out
+
+
+# ------------------------------------------------------------------ visual tokens
+
+def token_colors(tokens: Any) -> np.ndarray:
+    """A colour per token id: float [..., 3] in [0, 1], hue stepping by the golden ratio so that nearby ids
+    look different; the same id always gets the same colour."""
+    from matplotlib.colors import hsv_to_rgb
+    t = np.asarray(tokens, dtype=np.int64)
+    hsv = np.stack([(t * 0.6180339887498949) % 1.0, 0.55 + 0.35 * ((t // 7) % 2), 0.95 - 0.25 * ((t // 3) % 2)], -1)
+    return hsv_to_rgb(hsv)
+
+
+def token_maps(tokens: Any, size: int) -> np.ndarray:
+    """Images [B, 3, size, size] with every patch filled by the colour of its token.
+
+    Args:
+        tokens: [B, n] token ids of a square grid of patches (row-major, as the models' patches).
+        size: side of the output images (a multiple of the grid side).
+
+    Example:
+        >>> token_maps(np.array([[0, 1, 2, 3]]), 8).shape
+        (1, 3, 8, 8)
+    """
+    t = np.asarray(tokens)
+    grid = int(round(t.shape[-1] ** 0.5)) if t.ndim == 2 else 0
+    if t.ndim != 2 or grid * grid != t.shape[1] or grid == 0 or int(size) % grid:
+        raise ValueError(f"token_maps: tokens must be [B, a square number of patches dividing size {size}], "
+                         f"got shape {t.shape}")
+    p = int(size) // grid
+    colours = token_colors(t).reshape(t.shape[0], grid, grid, 3)
+    return np.ascontiguousarray(colours.repeat(p, 1).repeat(p, 2).transpose(0, 3, 1, 2))
+
+
+def plot_token_maps(images: Any, tokens: Any, *, name: str = "k-CLIP", title: Optional[str] = None,
+                    caption: Optional[str] = None, path: Optional[str] = None, width: float = 6.0) -> "Figure":
+    """Each image beside its token map (every patch coloured by its visual token).
+
+    Args:
+        images: [B, C, H, W] in [0, 1] (C = 1 or 3, square).
+        tokens: [B, n] token ids (e.g. ``CLIPTokenizer.encode_images(images)``), a square grid.
+        name: the tokenizer's name for the labels.
+        title, caption, path, width: as in :func:`plot_curves`.
+
+    Returns:
+        The Figure of :func:`image_rows`: one row per image, ``[image | token map]``.
+    """
+    x = np.asarray(images, dtype=np.float64)
+    t = np.asarray(tokens)
+    if x.ndim != 4 or t.ndim != 2 or x.shape[0] != t.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"plot_token_maps: expected images [B, C, H, W] and tokens [B, n] with the same B > 0, "
+                         f"got {x.shape} and {t.shape}")
+    if x.shape[1] == 1:
+        x = np.repeat(x, 3, axis=1)
+    maps = token_maps(t, x.shape[-1])
+    rows = [(f"image {i}: {len(np.unique(t[i]))} distinct tokens", np.stack([x[i], maps[i]])) for i in range(len(x))]
+    grid = int(round(t.shape[1] ** 0.5))
+    if title is None:
+        title = f"{name} token maps"
+    if caption is None:
+        caption = (f"Left: the image. Right: its {grid}×{grid} patches, each filled with the colour of its {name} "
+                   f"token (same colour = same token). Regions the encoder sees alike share tokens.")
+    return image_rows(rows, title=title, caption=caption, path=path, width=width, label_width=2.0)

@@ -65,7 +65,7 @@ public final class Arena: @unchecked Sendable {
 /// What one block keeps from the forward for the backward, for one stream of `rows = B·T` tokens.
 public struct BlockCache: @unchecked Sendable {
     public var ln1, ln1Mean, ln1Rstd, q, attn, proj, xMid, ln2, ln2Mean, ln2Rstd, act, fc2: UnsafeMutablePointer<Float>
-    /// fc1's output, replaced in the forward by gelu' of it (all the backward needs).
+    /// fc1's output; with GELU replaced in the forward by gelu' of it (all the backward needs).
     public var fc1: UnsafeMutablePointer<Float>
     /// [rows, 2C] keys | values; nil for a stream that borrows another stream's K/V.
     public var kv: UnsafeMutablePointer<Float>?
@@ -115,6 +115,9 @@ public struct TransformerBlock: @unchecked Sendable {
     public let g: BlockTensors
     /// Precision of the block's matrix products (linears and attention); the model sets it.
     public var precision: Precision = .fp32
+    /// MLP nonlinearity and LayerNorm eps: GELU / 1e-6 (timm); CLIP sets QuickGELU / 1e-5.
+    public var activation: Activation = .gelu
+    public var normEps: Float = layerNormEps
 
     public init(C: Int, H: Int, hidden: Int, weights: BlockTensors, grads: BlockTensors) {
         self.C = C; self.H = H; self.hidden = hidden; w = weights; g = grads
@@ -124,7 +127,7 @@ public struct TransformerBlock: @unchecked Sendable {
 
     /// norm1 and the query projection of `x [rows, C]`; keys/values too when `c.kv` is set.
     public func forwardAttentionInputs(x: UnsafePointer<Float>, cache c: BlockCache, rows: Int) {
-        layerNormForward(out: c.ln1, mean: c.ln1Mean, rstd: c.ln1Rstd, input: x, weight: w.norm1W, bias: w.norm1B, rows: rows, cols: C)
+        layerNormForward(out: c.ln1, mean: c.ln1Mean, rstd: c.ln1Rstd, input: x, weight: w.norm1W, bias: w.norm1B, rows: rows, cols: C, eps: normEps)
         linearForward(out: c.q, input: c.ln1, weight: w.qW, bias: w.qB, rows: rows, inFeatures: C, outFeatures: C, precision: precision)
         if let kv = c.kv {
             linearForward(out: kv, input: c.ln1, weight: w.kvW, bias: w.kvB, rows: rows, inFeatures: C, outFeatures: 2 * C, precision: precision)
@@ -144,9 +147,13 @@ public struct TransformerBlock: @unchecked Sendable {
         let rows = B * T
         linearForward(out: c.proj, input: c.attn, weight: w.projW, bias: w.projB, rows: rows, inFeatures: C, outFeatures: C, precision: precision)
         residualForward(out: c.xMid, residual: x, branch: c.proj, gamma: w.ls1, keep: keep1, B: B, T: T, C: C)
-        layerNormForward(out: c.ln2, mean: c.ln2Mean, rstd: c.ln2Rstd, input: c.xMid, weight: w.norm2W, bias: w.norm2B, rows: rows, cols: C)
+        layerNormForward(out: c.ln2, mean: c.ln2Mean, rstd: c.ln2Rstd, input: c.xMid, weight: w.norm2W, bias: w.norm2B, rows: rows, cols: C, eps: normEps)
         linearForward(out: c.fc1, input: c.ln2, weight: w.fc1W, bias: w.fc1B, rows: rows, inFeatures: C, outFeatures: hidden, precision: precision)
-        geluForwardKeepingDerivative(out: c.act, inputThenDerivative: c.fc1, count: rows * hidden)
+        if activation == .gelu {
+            geluForwardKeepingDerivative(out: c.act, inputThenDerivative: c.fc1, count: rows * hidden)
+        } else {
+            activationForward(activation, out: c.act, input: c.fc1, count: rows * hidden)
+        }
         linearForward(out: c.fc2, input: c.act, weight: w.fc2W, bias: w.fc2B, rows: rows, inFeatures: hidden, outFeatures: C, precision: precision)
         residualForward(out: out, residual: c.xMid, branch: c.fc2, gamma: w.ls2, keep: keep2, B: B, T: T, C: C)
     }
@@ -169,7 +176,12 @@ public struct TransformerBlock: @unchecked Sendable {
         residualBackward(dResidual: nil, dBranch: s.dBranch, dGamma: g.ls2, dOut: dx, branch: c.fc2, gamma: w.ls2, keep: keep2, B: B, T: T, C: C)
         linearBackward(dInput: s.dAct, dWeight: g.fc2W, dBias: g.fc2B, dOut: s.dBranch, input: c.act, weight: w.fc2W,
                        rows: rows, inFeatures: hidden, outFeatures: C, precision: precision, accumulateInput: false)
-        geluBackwardFromDerivative(dInput: s.dFc1, dOut: s.dAct, derivative: c.fc1, count: rows * hidden)
+        if activation == .gelu {
+            geluBackwardFromDerivative(dInput: s.dFc1, dOut: s.dAct, derivative: c.fc1, count: rows * hidden)
+        } else {
+            zero(s.dFc1, rows * hidden)
+            activationBackward(activation, dInput: s.dFc1, dOut: s.dAct, input: c.fc1, count: rows * hidden)
+        }
         linearBackward(dInput: s.dLn, dWeight: g.fc1W, dBias: g.fc1B, dOut: s.dFc1, input: c.ln2, weight: w.fc1W,
                        rows: rows, inFeatures: C, outFeatures: hidden, precision: precision, accumulateInput: false)
         layerNormBackward(dInput: dx, dWeight: g.norm2W, dBias: g.norm2B, dOut: s.dLn, input: c.xMid, weight: w.norm2W,

@@ -1,0 +1,89 @@
+// The CLIP ViT image tower behind an opaque handle: creation from a config, the parameter table,
+// a zero-copy view of the parameter block, precision, and one inference pass that fills any of
+// the final tokens, the projected tokens and the pooled embedding.
+import CPythonBridge
+import MaPeTKernels
+
+let clipMethods: [Method] = [
+    Method(name: "clip_vit_create", function: { _, a, n in call(a, n, "clip_vit_create") { args in
+        // (img_size, patch_size, width, layers, heads, mlp_ratio, output_dim, activation, seed)
+        try args.expect(9)
+        var k = CLIPVisionConfig()
+        k.trunk.imgSize = try args.int(0, "img_size", min: 1, max: 1 << 16)
+        k.trunk.patchSize = try args.int(1, "patch_size", min: 1, max: 1 << 16)
+        k.trunk.embedDim = try args.int(2, "width", min: 1, max: 1 << 16)
+        k.trunk.depth = try args.int(3, "layers", min: 0, max: 1024)
+        k.trunk.numHeads = try args.int(4, "heads", min: 1, max: 1 << 12)
+        k.trunk.mlpRatio = try args.finiteDouble(5, "mlp_ratio")
+        k.outputDim = try args.int(6, "output_dim", min: 1, max: 1 << 16)
+        let act = try args.string(7, "activation")
+        guard let activation = Activation(rawValue: act) else {
+            throw PyError.value("activation: expected 'gelu' or 'quick_gelu', got '\(act)'")
+        }
+        k.activation = activation
+        let seed = UInt64(bitPattern: Int64(try args.int(8, "seed")))
+        if let problem = k.problem { throw PyError.value(problem) }
+        guard k.trunk.mlpRatio > 0, Double(k.trunk.hidden) < 1e7 else {
+            throw PyError.value("mlp_ratio: expected a positive ratio, got \(k.trunk.mlpRatio)")
+        }
+        let total = CLIPVisionTransformer.makeTable(k).total
+        guard total < (1 << 34) else { throw PyError.value("model too large: \(total) parameters") }
+        try requireMemory(product([total, 4]), "the tower's parameters (\(total))")
+        guard let model = withoutGIL({ CLIPVisionTransformer(config: k, seed: seed) }) else {
+            throw PyError.memory("clip_vit_create: could not allocate \(total) parameters")
+        }
+        guard let h = makeHandle(model) else { throw PythonErrorSet() }
+        return h
+    } }, doc: "clip_vit_create(img_size, patch_size, width, layers, heads, mlp_ratio, output_dim, activation, seed) -> handle"),
+
+    Method(name: "clip_vit_table", function: { _, a, n in call(a, n, "clip_vit_table") { args in
+        try args.expect(1)
+        let t = try args.handle(0, "model", CLIPVisionTransformer.self).table
+        return try pyList(t.entries.map { e in
+            try? pyTuple([pyString(e.name), pyTuple(e.shape.map { pyInt($0) }), pyInt(e.offset)])
+        })
+    } }, doc: "clip_vit_table(model) -> [(name, shape, offset)] in reference order (names without 'visual.')."),
+
+    Method(name: "clip_vit_params", function: { _, a, n in call(a, n, "clip_vit_params") { args in
+        try args.expect(1)
+        let m = try args.handle(0, "model", CLIPVisionTransformer.self)
+        return try makeTensor(m.params, dtype: .float32, shape: [m.table.total])
+    } }, doc: "clip_vit_params(model) -> 1-d zero-copy view of the parameter block."),
+
+    Method(name: "clip_vit_set_precision", function: { _, a, n in call(a, n, "clip_vit_set_precision") { args in
+        try args.expect(2)
+        let m = try args.handle(0, "model", CLIPVisionTransformer.self)
+        let precision = try args.precision(1, "precision")
+        exclusive(m) { m.precision = precision }
+        return none()
+    } }, doc: "clip_vit_set_precision(model, precision): 'fp32' or 'bf16' for every matrix product."),
+
+    Method(name: "clip_vit_precision", function: { _, a, n in call(a, n, "clip_vit_precision") { args in
+        try args.expect(1)
+        return pyString(try args.handle(0, "model", CLIPVisionTransformer.self).precision.rawValue)
+    } }, doc: "clip_vit_precision(model) -> 'fp32' or 'bf16'"),
+
+    Method(name: "clip_vit_forward", function: { _, a, n in call(a, n, "clip_vit_forward") { args in
+        // (model, images [B, 3, S, S], tokens [B, N, C]|None, projected [B, N, E]|None, embedding [B, E]|None)
+        try args.expect(5)
+        let m = try args.handle(0, "model", CLIPVisionTransformer.self)
+        let k = m.config.trunk, E = m.config.outputDim
+        let arena = BufferArena(); defer { arena.release() }
+        let x = try arena.float32(args[1], "images", [nil, nil, nil, nil])
+        guard x.shape[1] == k.inChans, x.shape[2] == k.imgSize, x.shape[3] == k.imgSize else {
+            throw PyError.value("images: expected shape [B, \(k.inChans), \(k.imgSize), \(k.imgSize)], got \(x.shape)")
+        }
+        let B = x.shape[0]
+        guard B >= 1 else { throw PyError.value("images: expected at least one image, got shape \(x.shape)") }
+        let floats = try checkedProduct([m.arenaFloats(B: 1), B], "activations")
+        try requireMemory(product([floats, 4]), "the activations of a batch of \(B) images", probe: false)
+        let tokens = args.isNone(2) ? nil : try arena.float32(args[2], "tokens", [B, k.numTokens, k.embedDim], writable: true)
+        let projected = args.isNone(3) ? nil : try arena.float32(args[3], "projected", [B, k.numTokens, E], writable: true)
+        let embedding = args.isNone(4) ? nil : try arena.float32(args[4], "embedding", [B, E], writable: true)
+        nonisolated(unsafe) let (t, p, e) = (tokens?.pointer, projected?.pointer, embedding?.pointer)
+        nonisolated(unsafe) let images = x.readOnly
+        let ok = exclusive(m) { m.forward(tokens: t, projected: p, embedding: e, images: images, B: B) }
+        guard ok else { throw PyError.memory("clip_vit_forward: could not allocate activations for batch \(B)") }
+        return none()
+    } }, doc: "clip_vit_forward(model, images, tokens, projected, embedding): fills the outputs that are not None."),
+]
