@@ -12,9 +12,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ._convert import images as _images
 from ._native import _core
 from ._params import ParameterBlock
 from .io import load_file, save_file
+from .registry import register_model_family, split_model_name
 
 log = logging.getLogger(__name__)
 
@@ -25,22 +27,6 @@ _DEFAULTS: Dict[str, Any] = dict(
     embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0, qkv_bias=True, init_values=None,
     drop_path_rate=0.0,
 )
-
-_ARCHS: Dict[str, Dict[str, Any]] = {
-    "vit_tiny_patch16_224": dict(embed_dim=192, depth=12, num_heads=3),
-    "vit_small_patch16_224": dict(embed_dim=384, depth=12, num_heads=6),
-    "vit_base_patch16_224": dict(embed_dim=768, depth=12, num_heads=12),
-}
-
-
-def _images(images: Any, name: str = "images") -> np.ndarray:
-    a = np.asarray(images)
-    if not np.issubdtype(a.dtype, np.floating):
-        raise TypeError(f"{name}: expected a floating-point array [B, C, H, W] (float32), got dtype {a.dtype}")
-    if a.ndim != 4:
-        raise ValueError(f"{name}: expected a 4-d array [B, C, H, W], got shape {a.shape}")
-    return np.ascontiguousarray(a, dtype=np.float32)
-
 
 def _labels(labels: Any, batch: int, num_classes: int) -> np.ndarray:
     a = np.asarray(labels)
@@ -55,7 +41,7 @@ def _labels(labels: Any, batch: int, num_classes: int) -> np.ndarray:
 
 
 class VisionTransformer(ParameterBlock):
-    """A ViT classifier (SPEC §1; timm ``VisionTransformer`` names).
+    """A ViT classifier (ALGORITHMS.md §1; timm ``VisionTransformer`` names).
 
     Args:
         img_size, patch_size, in_chans: input geometry (square images, side divisible by patch).
@@ -203,12 +189,16 @@ class VisionTransformer(ParameterBlock):
                 f"global_pool={c['global_pool']!r}, params={self.num_params})")
 
 
+register_model_family("vit", "ViT")(VisionTransformer)
+
+
 def create_model(name: str, seed: int = 0, pretrained: Any = None, precision: str = "fp32", **overrides: Any) -> Any:
     """Build a model by timm name with timm-named overrides.
 
     Args:
-        name: ``vit_{tiny,small,base}_patch16_224`` (classifier), or a pre-training model
-            ``mapet_*`` / ``pim_*`` / ``beit_*`` / ``ccvit_*`` / ``dtm_*`` (see ``mapet.pretrain_models``).
+        name: ``<family>_{tiny,small,base}_patch16_224`` of a family in :mod:`mapet.registry`:
+            ``vit`` (classifier), or a pre-training model ``mapet`` / ``pim`` / ``beit`` / ``ccvit`` /
+            ``dtm`` (see ``mapet.pretrain_models``).
         seed: initialisation / drop-path seed.
         pretrained: a path to a safetensors file (``model.save`` output, or any reference
             checkpoint, including the BEiT / CCViT / DTM layout with fused ``attn.qkv``, see
@@ -238,14 +228,8 @@ def create_model(name: str, seed: int = 0, pretrained: Any = None, precision: st
         source = tensors
         for key, value in trunk_config(tensors, recorded).items():
             overrides.setdefault(key, value)
-    if name.split("_")[0] in ("mapet", "pim", "beit", "ccvit", "dtm"):
-        from .pretrain_models import create_pretrain_model
-        model = create_pretrain_model(name, seed=seed, **overrides)
-    elif name in _ARCHS:
-        model = VisionTransformer(seed=seed, **dict(_ARCHS[name], **overrides))
-    else:
-        raise ValueError(f"create_model: unknown model {name!r}; available: {sorted(_ARCHS)} and "
-                         "mapet_/pim_/beit_/ccvit_/dtm_{tiny,small,base}_patch16_224")
+    family, size = split_model_name(name)
+    model = family.create(size, seed=seed, **overrides)
     model.precision = precision
     if source is not None:
         model.pretrained_report = load_pretrained(model, source)
