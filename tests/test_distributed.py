@@ -254,9 +254,8 @@ def test_distributed_kmeans_equals_single_process_on_concatenated_points(tmp_pat
     r0, r1 = np.load(tmp_path / "km0.npz"), np.load(tmp_path / "km1.npz")
     assert np.array_equal(r0["a"], r1["a"]) and np.array_equal(r0["b"], r1["b"])  # identical everywhere
     x, init = _blobs()
-    # the single-process k-means of this build on the concatenation (mapet.KMeans once merged)
-    Single = getattr(mapet, "KMeans", distributed.KMeans)
-    one = Single(12, n_iter=6, seed=11).fit(x, init_centroids=init)
+    # the single-process k-means on the concatenation
+    one = mapet.KMeans(12, n_iter=6, seed=11).fit(x, init_centroids=init)
     np.testing.assert_allclose(r0["a"], one.cluster_centers_, rtol=1e-6, atol=1e-5)
     assert list(r0["a_splits"]) == [h["splits"] for h in one.history_]
     # Labels: ranks score their own shard (other GEMM shapes) against centroids equal to atol:

@@ -244,7 +244,7 @@ def permutation_order(batch: Any, index: int = 0, positional_tokens: bool = True
         tokens by rank, then — with ``positional_tokens`` — the placeholders m_j by the rank of
         the token p_j they stand for), and into the query mask's rows (predicted tokens by rank).
     """
-    N = int(batch.num_tokens)
+    N = int(batch.sequence_length)
     token_order = np.asarray(batch.orders[index], dtype=np.int64)
     query_order = np.argsort(np.asarray(batch.predicted_ranks[index]), kind="stable")
     content = np.concatenate([token_order, N + query_order]) if positional_tokens else token_order
@@ -280,7 +280,7 @@ def plot_masks(batch: Any, index: int = 0, *, positional_tokens: bool = True,
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not -B <= int(index) < B:
         raise ValueError(f"plot_masks: index: expected an int in [{-B}, {B}), got {index!r}")
     index = int(index) % B
-    N, L, P = int(batch.num_tokens), int(batch.least_number), int(batch.num_predicted)
+    N, L, P = int(batch.sequence_length), int(batch.least_number), int(batch.num_predicted)
     content = batch.content_mask(index, positional_tokens)
     query = batch.query_mask(index, positional_tokens)
     c_order, q_order = permutation_order(batch, index, positional_tokens)

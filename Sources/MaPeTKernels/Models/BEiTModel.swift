@@ -1,5 +1,5 @@
-// The masked-encoder pre-training models: BEiT (the MIM baseline of SPEC §2), the DTM student
-// (SPEC §5) and, as a subclass, CCViT (SPEC §4). They share one trunk: the patch embeddings of
+// The masked-encoder pre-training models: BEiT (the MIM baseline of ALGORITHMS.md §2), the DTM student
+// (ALGORITHMS.md §5) and, as a subclass, CCViT (ALGORITHMS.md §4). They share one trunk: the patch embeddings of
 // masked patches are replaced by the learned `mask_token`, the class token is prepended and
 // pos_embed added, the ViT blocks run with full attention, and a head reads selected rows:
 //   head [M, V] = lm_head(norm(x_L[selected rows]))      (rows: sample-major, patch ascending)
@@ -23,7 +23,7 @@ final class MIMActivations: @unchecked Sendable {
     let targets, rows: UnsafeMutablePointer<Int32>   // rows: selected row index b·N + 1 + t
 
     init?(config k: PretrainConfig, B: Int, M: Int) {
-        let v = k.vit, C = v.embedDim, N = v.numTokens, n = v.numPatches, V = k.vocabSize, depth = v.depth
+        let v = k.vit, C = v.embedDim, N = v.sequenceLength, n = v.numPatches, V = k.vocabSize, depth = v.depth
         let R = B * N, attnProbs = B * v.numHeads * N * N, blocks = depth + k.pixelHeadDepth
         // Cross-entropy buffers (probs, per-row losses, targets) only for the token heads.
         let ce = k.kind == .dtm ? 0 : 1
@@ -79,7 +79,7 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
     /// a.logits [M, V]. The trunk's input rows of `masked` [B, n] patches hold the mask token.
     func runForward(_ a: MIMActivations, images: UnsafePointer<Float>, masked: UnsafePointer<Int32>,
                     select: UnsafePointer<Int32>?, training: Bool) {
-        let v = config.vit, C = v.embedDim, n = v.numPatches, N = v.numTokens, B = a.B, M = a.M
+        let v = config.vit, C = v.embedDim, n = v.numPatches, N = v.sequenceLength, B = a.B, M = a.M
         patchEmbedForward(out: a.patchOut, patches: a.patches, images: images, weight: ptr("patch_embed.proj.weight"),
                           bias: ptr("patch_embed.proj.bias"), B: B, inChans: v.inChans, imgSize: v.imgSize,
                           patch: v.patchSize, C: C, precision: precision)
@@ -147,7 +147,7 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
     /// so a second head reading x_level can add its gradient.
     func runBackward(_ a: MIMActivations, masked: UnsafePointer<Int32>,
                      inject: ((Int, UnsafeMutablePointer<Float>) -> Void)? = nil) {
-        let v = config.vit, C = v.embedDim, N = v.numTokens, n = v.numPatches, B = a.B
+        let v = config.vit, C = v.embedDim, N = v.sequenceLength, n = v.numPatches, B = a.B
         rowHeadBackward(dX: a.dx, dXCount: B * N * C, dSel: a.dSel, dNormOut: a.dNormOut, dOut: a.dLogits, sel: a.sel,
                         normOut: a.normOut, mean: a.normMean, rstd: a.normRstd, rows: a.rows, M: a.M,
                         norm: "norm", head: "lm_head", K: config.vocabSize)
@@ -202,7 +202,7 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
     /// Cross-entropy of a.logits against the visual tokens [B, n] of the selected rows
     /// (fills a.targets, a.probs, a.losses): (sum, count).
     func tokenCrossEntropy(_ a: MIMActivations, tokens: UnsafePointer<Int32>) -> (Double, Int) {
-        let N = config.vit.numTokens, n = config.vit.numPatches
+        let N = config.vit.sequenceLength, n = config.vit.numPatches
         for i in 0..<a.M {
             let r = Int(a.rows[i]), b = r / N, t = r % N - 1
             a.targets[i] = tokens[b * n + t]

@@ -1,4 +1,4 @@
-// MaPeT (Baraldi et al. 2023, SPEC §2): masked and permuted pre-training with two streams that
+// MaPeT (Baraldi et al. 2023, ALGORITHMS.md §2): masked and permuted pre-training with two streams that
 // share every weight. With N = n + 1 tokens, P predicted tokens p_0 < … < p_{P−1} and
 // m_j = mask_positional_token + pos_embed[p_j]:
 //   content h0 = [cls + pos_0 ; patch_embed + pos_{1..n} ; m_0..m_{P−1}]   (PIM: without the m_j)
@@ -26,7 +26,7 @@ final class TwoStreamActivations: @unchecked Sendable {
     let targets: UnsafeMutablePointer<Int32>
 
     init?(config k: PretrainConfig, B: Int, P: Int) {
-        let v = k.vit, C = v.embedDim, N = v.numTokens, n = v.numPatches, V = k.vocabSize, depth = v.depth
+        let v = k.vit, C = v.embedDim, N = v.sequenceLength, n = v.numPatches, V = k.vocabSize, depth = v.depth
         let T = k.kind == .mapet ? N + P : N
         let hRows = B * T, gRows = B * P
         let hProbs = B * v.numHeads * T * T, gProbs = B * v.numHeads * P * T
@@ -87,7 +87,7 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
 
     /// h0 and g0 from the images and the predicted positions.
     private func embed(_ a: TwoStreamActivations, images: UnsafePointer<Float>, batch: PermutationBatch) {
-        let v = config.vit, C = v.embedDim, n = v.numPatches, N = v.numTokens, B = a.B, P = a.P, T = a.T
+        let v = config.vit, C = v.embedDim, n = v.numPatches, N = v.sequenceLength, B = a.B, P = a.P, T = a.T
         patchEmbedForward(out: a.patchOut, patches: a.patches, images: images, weight: ptr("patch_embed.proj.weight"),
                           bias: ptr("patch_embed.proj.bias"), B: B, inChans: v.inChans, imgSize: v.imgSize,
                           patch: v.patchSize, C: C, precision: precision)
@@ -161,7 +161,7 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
     /// On a non-finite loss nothing is accumulated and the drop-path generator is rewound.
     public func trainStep(images: UnsafePointer<Float>, tokens: UnsafePointer<Int32>, batch: PermutationBatch,
                           logitsOut: UnsafeMutablePointer<Float>? = nil) -> Result<Double, StepError> {
-        let v = config.vit, C = v.embedDim, N = v.numTokens, n = v.numPatches, V = config.vocabSize, depth = v.depth
+        let v = config.vit, C = v.embedDim, N = v.sequenceLength, n = v.numPatches, V = config.vocabSize, depth = v.depth
         let B = batch.batchSize, P = batch.predictedCount
         guard let a = activations(B: B, P: P) else { return .failure(.outOfMemory) }
         let T = a.T

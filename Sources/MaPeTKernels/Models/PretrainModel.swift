@@ -2,7 +2,7 @@
 import Glibc
 #endif
 
-// What the pre-training models share (SPEC §1–2): a ViT trunk without classifier, one
+// What the pre-training models share (ALGORITHMS.md §1–2): a ViT trunk without classifier, one
 // learned special token and a linear head over the visual-token vocabulary.
 //   MaPeT / PIM (two-stream): cls_token, pos_embed, mask_positional_token, patch_embed, blocks,
 //                             norm, decoder [V, C]
@@ -52,8 +52,8 @@ public struct PretrainConfig: Sendable, Equatable {
     public var problem: String? {
         if let p = vit.problem { return p }
         if vocabSize < 1 { return "num_tokens must be ≥ 1, got \(vocabSize)" }
-        if twoStream && !(leastNumber >= 1 && leastNumber < vit.numTokens) {
-            return "least_number must be in [1, \(vit.numTokens - 1)] for \(vit.numPatches) patches, got \(leastNumber)"
+        if twoStream && !(leastNumber >= 1 && leastNumber < vit.sequenceLength) {
+            return "least_number must be in [1, \(vit.sequenceLength - 1)] for \(vit.numPatches) patches, got \(leastNumber)"
         }
         if kind == .ccvit && !(earlyLayers >= 1 && earlyLayers <= vit.depth) {
             return "early_layers must be in [1, depth=\(vit.depth)], got \(earlyLayers)"
@@ -74,7 +74,7 @@ public class PretrainModel: @unchecked Sendable {
     public private(set) var blocks: [TransformerBlock]
     /// CCViT's pixel-head blocks (`cls_pt_layers`); empty for the other kinds.
     public private(set) var headBlocks: [TransformerBlock]
-    /// Precision of every matrix product, forward and backward (SPEC §7); parameters,
+    /// Precision of every matrix product, forward and backward (ALGORITHMS.md §7); parameters,
     /// gradients and everything else stay fp32.
     public var precision: Precision = .fp32 {
         didSet {
@@ -95,7 +95,7 @@ public class PretrainModel: @unchecked Sendable {
         var t = ParameterTable()
         let v = k.vit, C = v.embedDim
         t.add("cls_token", [1, 1, C])
-        t.add("pos_embed", [1, v.numTokens, C])
+        t.add("pos_embed", [1, v.sequenceLength, C])
         t.add(k.specialToken, [1, 1, C])
         t.add("patch_embed.proj.weight", [C, v.inChans, v.patchSize, v.patchSize])
         t.add("patch_embed.proj.bias", [C])
@@ -116,7 +116,7 @@ public class PretrainModel: @unchecked Sendable {
         return t
     }
 
-    /// Allocates and initialises (SPEC §1); nil when memory runs out.
+    /// Allocates and initialises (ALGORITHMS.md §1); nil when memory runs out.
     init?(config: PretrainConfig, seed: UInt64) {
         precondition(config.problem == nil, config.problem ?? "")
         self.config = config
@@ -191,7 +191,7 @@ public class PretrainModel: @unchecked Sendable {
     /// Patches with `masked[b, t] != 0` were replaced by the mask token: no conv gradient.
     func embedTokensBackward(dRows: UnsafePointer<Float>, stride T: Int, dPatch: UnsafeMutablePointer<Float>,
                              patches: UnsafePointer<Float>, B: Int, masked: UnsafePointer<Int32>? = nil) {
-        let v = config.vit, C = v.embedDim, N = v.numTokens, n = v.numPatches
+        let v = config.vit, C = v.embedDim, N = v.sequenceLength, n = v.numPatches
         nonisolated(unsafe) let dCls = grad("cls_token"), dPos = grad("pos_embed"), dRows = dRows, dPatch = dPatch
         // cls and pos: sum over samples, samples in order (deterministic), split over columns.
         Parallel.forRanges(N * C, grain: 1024) { r in

@@ -2,7 +2,7 @@
 import Glibc
 #endif
 
-// The ViT classifier (Dosovitskiy et al. 2021; timm `VisionTransformer`, SPEC §1):
+// The ViT classifier (Dosovitskiy et al. 2021; timm `VisionTransformer`, ALGORITHMS.md §1):
 //   x0 = [cls ; patch_embed(images)] + pos_embed,   x_{l+1} = block_l(x_l),
 //   'token': logits = head(norm(x_L)[:, 0]);   'avg': logits = head(fc_norm(mean_{t≥1} x_L[:, t])).
 // Parameters, gradients live in one block each, cut by a `ParameterTable` under timm names.
@@ -25,7 +25,7 @@ public struct ViTConfig: Sendable, Equatable {
 
     public var grid: Int { imgSize / patchSize }
     public var numPatches: Int { grid * grid }
-    public var numTokens: Int { numPatches + 1 }
+    public var sequenceLength: Int { numPatches + 1 }
     public var hidden: Int { Int(Double(embedDim) * mlpRatio) }
     public var patchDim: Int { inChans * patchSize * patchSize }
 
@@ -58,7 +58,7 @@ public final class ViTActivations: @unchecked Sendable {
     let targets: UnsafeMutablePointer<Int32>
 
     init?(config k: ViTConfig, B: Int, blocks: Int) {
-        let N = k.numTokens, C = k.embedDim, n = k.numPatches, rows = B * N, K = k.numClasses
+        let N = k.sequenceLength, C = k.embedDim, n = k.numPatches, rows = B * N, K = k.numClasses
         let probsCount = B * k.numHeads * N * N
         var sizes = [B * n * k.patchDim, B * n * C] + Array(repeating: rows * C, count: blocks + 1)
         for _ in 0..<blocks { sizes += BlockCache.floats(rows: rows, C: C, hidden: k.hidden, probs: probsCount, ownsKV: true) }
@@ -85,7 +85,7 @@ public final class VisionTransformer: @unchecked Sendable {
     public let params: TensorStorage
     public let grads: TensorStorage
     public private(set) var blocks: [TransformerBlock]
-    /// Precision of every matrix product, forward and backward (SPEC §7); parameters,
+    /// Precision of every matrix product, forward and backward (ALGORITHMS.md §7); parameters,
     /// gradients and everything else stay fp32.
     public var precision: Precision = .fp32 {
         didSet { for i in blocks.indices { blocks[i].precision = precision } }
@@ -102,7 +102,7 @@ public final class VisionTransformer: @unchecked Sendable {
         var t = ParameterTable()
         let C = k.embedDim
         t.add("cls_token", [1, 1, C])
-        t.add("pos_embed", [1, k.numTokens, C])
+        t.add("pos_embed", [1, k.sequenceLength, C])
         t.add("patch_embed.proj.weight", [C, k.inChans, k.patchSize, k.patchSize])
         t.add("patch_embed.proj.bias", [C])
         for i in 0..<k.depth {
@@ -114,7 +114,7 @@ public final class VisionTransformer: @unchecked Sendable {
         return t
     }
 
-    /// A model initialised as SPEC §1 / timm: Linear trunc-normal(.02) with zero bias, pos_embed
+    /// A model initialised as ALGORITHMS.md §1 / timm: Linear trunc-normal(.02) with zero bias, pos_embed
     /// trunc-normal(.02), cls_token normal(1e-6), patch conv PyTorch default (uniform ±1/√fan_in),
     /// LayerNorm (1, 0), layer scale = init_values. Returns nil when memory runs out.
     public init?(config: ViTConfig, seed: UInt64) {
@@ -153,7 +153,7 @@ public final class VisionTransformer: @unchecked Sendable {
     /// x [B, N, C] = [cls ; patch_embed(images)] + pos_embed. `patches`/`patchOut` are scratch.
     private func embed(x: UnsafeMutablePointer<Float>, patches: UnsafeMutablePointer<Float>, patchOut: UnsafeMutablePointer<Float>,
                        images: UnsafePointer<Float>, B: Int) {
-        let k = config, C = k.embedDim, n = k.numPatches, N = k.numTokens
+        let k = config, C = k.embedDim, n = k.numPatches, N = k.sequenceLength
         patchEmbedForward(out: patchOut, patches: patches, images: images, weight: ptr("patch_embed.proj.weight"),
                           bias: ptr("patch_embed.proj.bias"), B: B, inChans: k.inChans, imgSize: k.imgSize, patch: k.patchSize, C: C,
                           precision: precision)
@@ -175,7 +175,7 @@ public final class VisionTransformer: @unchecked Sendable {
     public func forwardFeatures(out: UnsafeMutablePointer<Float>, images: UnsafePointer<Float>, B: Int) -> Bool {
         guard let final = inferenceTokens(images: images, B: B) else { return false }
         let (x, arena) = final
-        let k = config, rows = B * k.numTokens, C = k.embedDim
+        let k = config, rows = B * k.sequenceLength, C = k.embedDim
         if k.globalPool == .token {
             let mean = arena.take(rows), rstd = arena.take(rows)
             layerNormForward(out: out, mean: mean, rstd: rstd, input: x, weight: ptr("norm.weight"), bias: ptr("norm.bias"), rows: rows, cols: C)
@@ -197,7 +197,7 @@ public final class VisionTransformer: @unchecked Sendable {
 
     /// Runs the blocks with one reused cache; returns the final tokens and the arena holding them.
     private func inferenceTokens(images: UnsafePointer<Float>, B: Int) -> (UnsafeMutablePointer<Float>, Arena)? {
-        let k = config, N = k.numTokens, C = k.embedDim, rows = B * N
+        let k = config, N = k.sequenceLength, C = k.embedDim, rows = B * N
         let probs = B * k.numHeads * N * N
         var sizes = [B * k.numPatches * k.patchDim, B * k.numPatches * C, rows * C, rows * C, B * C, B * C, B, B, rows, rows]
         sizes += BlockCache.floats(rows: rows, C: C, hidden: k.hidden, probs: probs, ownsKV: true)
@@ -216,7 +216,7 @@ public final class VisionTransformer: @unchecked Sendable {
     /// pool → norm → head on final tokens x [B, N, C].
     private func head(logits: UnsafeMutablePointer<Float>, pooled: UnsafeMutablePointer<Float>, normOut: UnsafeMutablePointer<Float>,
                       mean: UnsafeMutablePointer<Float>, rstd: UnsafeMutablePointer<Float>, x: UnsafePointer<Float>, B: Int) {
-        let k = config, N = k.numTokens, C = k.embedDim
+        let k = config, N = k.sequenceLength, C = k.embedDim
         if k.globalPool == .avg {
             meanPoolForward(out: pooled, input: x, B: B, T: N, C: C, start: 1)
         } else {
@@ -240,7 +240,7 @@ public final class VisionTransformer: @unchecked Sendable {
     /// On a non-finite loss nothing is accumulated and the drop-path generator is rewound.
     public func trainStep(images: UnsafePointer<Float>, labels: UnsafePointer<Int32>, B: Int, smoothing: Float = 0,
                           logitsOut: UnsafeMutablePointer<Float>? = nil) -> Result<Double, StepError> {
-        let k = config, N = k.numTokens, C = k.embedDim, n = k.numPatches, K = k.numClasses
+        let k = config, N = k.sequenceLength, C = k.embedDim, n = k.numPatches, K = k.numClasses
         if train?.B != B {
             train = nil
             guard let a = ViTActivations(config: k, B: B, blocks: k.depth) else { return .failure(.outOfMemory) }
