@@ -264,7 +264,7 @@ def test_distributed_kmeans_equals_single_process_on_concatenated_points(tmp_pat
     assert sure.mean() > 0.95
     ranks_labels = np.concatenate([r0["labels"], r1["labels"]])
     assert np.array_equal(ranks_labels[sure], one.labels_[sure])
-    two = Single(12, n_iter=6, seed=11, n_redo=2).fit(x)
+    two = mapet.KMeans(12, n_iter=6, seed=11, n_redo=2).fit(x)
     np.testing.assert_allclose(r0["b"], two.cluster_centers_, rtol=1e-6, atol=1e-5)
     np.testing.assert_allclose(float(r0["b_in"]), two.inertia_, rtol=1e-6)
     # and an independent float64 transcription. The iteration with the splits (the 3 far
