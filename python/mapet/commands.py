@@ -23,6 +23,7 @@ from ._command_setup import (_DATA, _LOGS, _MODEL, _MODEL_FROM_CHECKPOINT, OPTIO
                              _eval_view, _folder, _is_main, _model_keys, _out, _size, _transfer_model, _view_id,
                              tokenize_dataset)
 from .cli import command
+from ._pretrain_base import _DEFAULTS as MODEL_DEFAULTS
 from .methods import CCVIT, PRETRAIN_RECIPE, Run
 from .registry import SUFFIX, get_method, method_names
 
@@ -54,7 +55,7 @@ PRETRAIN_DEFAULTS = dict(
     _DATA, **_LOGS, seed=0, method="mapet", model=dict(_MODEL),
     tokenizer={"n_tokens": 256, "n_iter": 20, "path": None, "fit_images": 4096}, tokens=None,
     least_number=None, num_masking_patches=None, **PRETRAIN_RECIPE, checkpoint_every=0,
-    init_values=0.1, drop_path_rate=0.1,
+    init_values=MODEL_DEFAULTS["init_values"], drop_path_rate=MODEL_DEFAULTS["drop_path_rate"],
     # the method sections: each method's own options (the registry's), the CCViT model's pixel-head shape
     ccvit=dict({k: v for k, v in CCVIT.options.items() if k != "tokenizer"}, early_layers=None, head_layers=2),
     dtm={k: v for k, v in get_method("dtm").options.items()}, precision=None,

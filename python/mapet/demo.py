@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 DEMO_DEFAULTS: Dict[str, Any] = {
     **_DATA, "seed": 0, "model": dict(_MODEL), "output_dir": "mapet-demo",
     "tokenizer": {"n_tokens": 256, "n_iter": 20, "path": None, "fit_images": 4096},
-    "methods": ["mapet", "mim", "ccvit", "dtm"],
+    "methods": ["mapet", "beit", "ccvit", "dtm"],
     "pretrain": {"epochs": 10, "batch_size": 64, "lr": 1.5e-3, "least_number": 16, "warmup_epochs": 1},
     "finetune": {"epochs": 10, "batch_size": 64, "lr": 1e-3, "layer_decay": 0.75},
     "linprobe": {"epochs": 100, "lr": 0.1},

@@ -37,7 +37,7 @@ def _i32(x, name: str) -> np.ndarray:
         return np.ascontiguousarray(a, dtype=np.int32)
     if not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"{name}: expected an integer or bool array, got dtype {a.dtype}")
-    if a.dtype != np.int32 and a.size and (a.min() < -2**31 or a.max() >= 2**31):
+    if not np.can_cast(a.dtype, np.int32) and a.size and (a.min() < -2**31 or a.max() >= 2**31):
         raise ValueError(f"{name}: values outside the int32 range (min {a.min()}, max {a.max()})")
     return np.ascontiguousarray(a, dtype=np.int32)
 
