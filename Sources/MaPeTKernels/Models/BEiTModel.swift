@@ -80,11 +80,11 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
     func runForward(_ a: MIMActivations, images: UnsafePointer<Float>, masked: UnsafePointer<Int32>,
                     select: UnsafePointer<Int32>?, training: Bool) {
         let v = config.vit, C = v.embedDim, n = v.numPatches, N = v.sequenceLength, B = a.B, M = a.M
-        patchEmbedForward(out: a.patchOut, patches: a.patches, images: images, weight: ptr("patch_embed.proj.weight"),
-                          bias: ptr("patch_embed.proj.bias"), B: B, inChans: v.inChans, imgSize: v.imgSize,
+        patchEmbedForward(out: a.patchOut, patches: a.patches, images: images, weight: trunk.patchWeight,
+                          bias: trunk.patchBias, B: B, inChans: v.inChans, imgSize: v.imgSize,
                           patch: v.patchSize, C: C, precision: precision)
-        nonisolated(unsafe) let x = a.xs[0], patchOut = a.patchOut, cls = ptr("cls_token"), pos = ptr("pos_embed"),
-                                mt = ptr("mask_token"), masked = masked
+        nonisolated(unsafe) let x = a.xs[0], patchOut = a.patchOut, cls = trunk.clsToken, pos = trunk.posEmbed,
+                                mt = trunk.special!, masked = masked
         Parallel.forEach(B) { b in
             let xb = x + b * N * C
             for j in 0..<C { xb[j] = cls[j] + pos[j] }
@@ -104,22 +104,22 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
             blk.forward(out: a.xs[l + 1], x: a.xs[l], cache: a.caches[l], B: B, T: N, mask: FullAttention(), keep1: keep1, keep2: keep2)
         }
         rowHeadForward(out: a.logits, sel: a.sel, normOut: a.normOut, mean: a.normMean, rstd: a.normRstd,
-                       x: a.xs[v.depth], rows: a.rows, M: M, norm: "norm", head: "lm_head", K: config.vocabSize)
+                       x: a.xs[v.depth], rows: a.rows, M: M, head: tokenHead, K: config.vocabSize)
     }
 
-    /// A head over selected rows: sel [M, C] = x[rows], out [M, K] = head(norm(sel)) (LayerNorm
-    /// `norm`, Linear `head`); sel, normOut, mean and rstd are kept for `rowHeadBackward`.
+    /// A head over selected rows: sel [M, C] = x[rows], out [M, K] = head(norm(sel)) (the LayerNorm
+    /// and Linear of `head`); sel, normOut, mean and rstd are kept for `rowHeadBackward`.
     func rowHeadForward(out: UnsafeMutablePointer<Float>, sel: UnsafeMutablePointer<Float>, normOut: UnsafeMutablePointer<Float>,
                         mean: UnsafeMutablePointer<Float>, rstd: UnsafeMutablePointer<Float>, x: UnsafePointer<Float>,
-                        rows: UnsafePointer<Int32>, M: Int, norm: String, head: String, K: Int) {
+                        rows: UnsafePointer<Int32>, M: Int, head: HeadTensors, K: Int) {
         let C = config.vit.embedDim
         nonisolated(unsafe) let sel = sel, x = x, rows = rows
         Parallel.forRanges(M, grain: 64) { rr in
             for i in rr { (sel + i * C).update(from: x + Int(rows[i]) * C, count: C) }
         }
-        layerNormForward(out: normOut, mean: mean, rstd: rstd, input: sel, weight: ptr(norm + ".weight"),
-                         bias: ptr(norm + ".bias"), rows: M, cols: C)
-        linearForward(out: out, input: normOut, weight: ptr(head + ".weight"), bias: ptr(head + ".bias"),
+        layerNormForward(out: normOut, mean: mean, rstd: rstd, input: sel, weight: head.normWeight,
+                         bias: head.normBias, rows: M, cols: C)
+        linearForward(out: out, input: normOut, weight: head.weight, bias: head.bias,
                       rows: M, inFeatures: C, outFeatures: K, precision: precision)
     }
 
@@ -129,15 +129,15 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
     func rowHeadBackward(dX: UnsafeMutablePointer<Float>, dXCount: Int, dSel: UnsafeMutablePointer<Float>,
                          dNormOut: UnsafeMutablePointer<Float>, dOut: UnsafePointer<Float>, sel: UnsafePointer<Float>,
                          normOut: UnsafePointer<Float>, mean: UnsafePointer<Float>, rstd: UnsafePointer<Float>,
-                         rows: UnsafePointer<Int32>, M: Int, norm: String, head: String, K: Int) {
+                         rows: UnsafePointer<Int32>, M: Int, head: HeadTensors, dHead: HeadTensors, K: Int) {
         let C = config.vit.embedDim
         zero(dNormOut, M * C)
-        linearBackward(dInput: dNormOut, dWeight: grad(head + ".weight"), dBias: grad(head + ".bias"), dOut: dOut,
-                       input: normOut, weight: ptr(head + ".weight"), rows: M, inFeatures: C, outFeatures: K,
+        linearBackward(dInput: dNormOut, dWeight: dHead.weight, dBias: dHead.bias, dOut: dOut,
+                       input: normOut, weight: head.weight, rows: M, inFeatures: C, outFeatures: K,
                        precision: precision)
         zero(dSel, M * C)
-        layerNormBackward(dInput: dSel, dWeight: grad(norm + ".weight"), dBias: grad(norm + ".bias"), dOut: dNormOut,
-                          input: sel, weight: ptr(norm + ".weight"), mean: mean, rstd: rstd, rows: M, cols: C)
+        layerNormBackward(dInput: dSel, dWeight: dHead.normWeight, dBias: dHead.normBias, dOut: dNormOut,
+                          input: sel, weight: head.normWeight, mean: mean, rstd: rstd, rows: M, cols: C)
         zero(dX, dXCount)
         for i in 0..<M { (dX + Int(rows[i]) * C).update(from: dSel + i * C, count: C) }
     }
@@ -150,14 +150,14 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
         let v = config.vit, C = v.embedDim, N = v.sequenceLength, n = v.numPatches, B = a.B
         rowHeadBackward(dX: a.dx, dXCount: B * N * C, dSel: a.dSel, dNormOut: a.dNormOut, dOut: a.dLogits, sel: a.sel,
                         normOut: a.normOut, mean: a.normMean, rstd: a.normRstd, rows: a.rows, M: a.M,
-                        norm: "norm", head: "lm_head", K: config.vocabSize)
+                        head: tokenHead, dHead: dTokenHead, K: config.vocabSize)
         for l in stride(from: v.depth - 1, through: 0, by: -1) {
             inject?(l + 1, a.dx)
             let (keep1, keep2) = keepPointers(a.keeps, l: l, B: B, training: true)
             blocks[l].backward(dx: a.dx, x: a.xs[l], cache: a.caches[l], scratch: a.scratch, B: B, T: N, keep1: keep1, keep2: keep2)
         }
         embedTokensBackward(dRows: a.dx, stride: N, dPatch: a.scratch.dLn, patches: a.patches, B: B, masked: masked)
-        let dMt = grad("mask_token")
+        let dMt = dTrunk.special!
         for b in 0..<B {
             for t in 0..<n where masked[b * n + t] != 0 {
                 let row = a.dx + (b * N + 1 + t) * C

@@ -84,7 +84,7 @@ public final class CCViTModel: BEiTModel, @unchecked Sendable {
             blk.forward(out: p.hs[i + 1], x: p.hs[i], cache: p.caches[i], B: B, T: N, mask: FullAttention(), keep1: keep1, keep2: keep2)
         }
         rowHeadForward(out: p.pixels, sel: p.sel, normOut: p.normOut, mean: p.normMean, rstd: p.normRstd,
-                       x: p.hs[headBlocks.count], rows: a.rows, M: M, norm: "cls_pt_norm", head: "cls_pt_lm_head",
+                       x: p.hs[headBlocks.count], rows: a.rows, M: M, head: pixelHead!,
                        K: v.patchDim)
     }
 
@@ -93,7 +93,7 @@ public final class CCViTModel: BEiTModel, @unchecked Sendable {
         let v = config.vit, N = v.sequenceLength, B = a.B
         rowHeadBackward(dX: p.dh, dXCount: B * N * v.embedDim, dSel: p.dSel, dNormOut: p.dNormOut, dOut: p.dPixels,
                         sel: p.sel, normOut: p.normOut, mean: p.normMean, rstd: p.normRstd, rows: a.rows, M: a.M,
-                        norm: "cls_pt_norm", head: "cls_pt_lm_head", K: v.patchDim)
+                        head: pixelHead!, dHead: dPixelHead!, K: v.patchDim)
         for i in stride(from: headBlocks.count - 1, through: 0, by: -1) {
             let (keep1, keep2) = keepPointers(a.keeps, l: v.depth + i, B: B, training: true)
             headBlocks[i].backward(dx: p.dh, x: p.hs[i], cache: p.caches[i], scratch: a.scratch, B: B, T: N,

@@ -71,6 +71,10 @@ public class PretrainModel: @unchecked Sendable {
     public let table: ParameterTable
     public let params: TensorStorage
     public let grads: TensorStorage
+    /// The parameters outside the blocks, and their gradients, resolved once.
+    let trunk: TrunkTensors, dTrunk: TrunkTensors
+    /// `norm` + the token head (`decoder` / `lm_head`), and CCViT's pixel head (nil for the other kinds).
+    let tokenHead: HeadTensors, dTokenHead: HeadTensors, pixelHead: HeadTensors?, dPixelHead: HeadTensors?
     public private(set) var blocks: [TransformerBlock]
     /// CCViT's pixel-head blocks (`cls_pt_layers`); empty for the other kinds.
     public private(set) var headBlocks: [TransformerBlock]
@@ -125,6 +129,13 @@ public class PretrainModel: @unchecked Sendable {
         guard let p = TensorStorage(count: table.total, dtype: .float32),
               let g = TensorStorage(count: table.total, dtype: .float32) else { return nil }
         params = p; grads = g
+        trunk = TrunkTensors(base: p.floats, table: table, norm: "norm", head: config.headName, special: config.specialToken)
+        dTrunk = TrunkTensors(base: g.floats, table: table, norm: "norm", head: config.headName, special: config.specialToken)
+        tokenHead = HeadTensors(base: p.floats, table: table, norm: "norm", head: config.headName)
+        dTokenHead = HeadTensors(base: g.floats, table: table, norm: "norm", head: config.headName)
+        let pixel = config.kind == .ccvit
+        pixelHead = pixel ? HeadTensors(base: p.floats, table: table, norm: "cls_pt_norm", head: "cls_pt_lm_head") : nil
+        dPixelHead = pixel ? HeadTensors(base: g.floats, table: table, norm: "cls_pt_norm", head: "cls_pt_lm_head") : nil
         zero(p.floats, table.total)
         zero(g.floats, table.total)
         let v = config.vit
@@ -149,8 +160,6 @@ public class PretrainModel: @unchecked Sendable {
 
     public var parameterCount: Int { table.entries.reduce(0) { $0 + $1.count } }
 
-    func ptr(_ name: String) -> UnsafeMutablePointer<Float> { params.floats + table.offset(name) }
-    func grad(_ name: String) -> UnsafeMutablePointer<Float> { grads.floats + table.offset(name) }
 
     public func zeroGrad() { zero(grads.floats, table.total) }
 
@@ -192,7 +201,7 @@ public class PretrainModel: @unchecked Sendable {
     func embedTokensBackward(dRows: UnsafePointer<Float>, stride T: Int, dPatch: UnsafeMutablePointer<Float>,
                              patches: UnsafePointer<Float>, B: Int, masked: UnsafePointer<Int32>? = nil) {
         let v = config.vit, C = v.embedDim, N = v.sequenceLength, n = v.numPatches
-        nonisolated(unsafe) let dCls = grad("cls_token"), dPos = grad("pos_embed"), dRows = dRows, dPatch = dPatch
+        nonisolated(unsafe) let dCls = dTrunk.clsToken, dPos = dTrunk.posEmbed, dRows = dRows, dPatch = dPatch
         // cls and pos: sum over samples, samples in order (deterministic), split over columns.
         Parallel.forRanges(N * C, grain: 1024) { r in
             for b in 0..<B {
@@ -211,8 +220,8 @@ public class PretrainModel: @unchecked Sendable {
                 for t in 0..<n where masked[b * n + t] != 0 { (dPatch + (b * n + t) * C).update(repeating: 0, count: C) }
             }
         }
-        patchEmbedBackward(dImages: nil, dWeight: grad("patch_embed.proj.weight"), dBias: grad("patch_embed.proj.bias"),
-                           dOut: dPatch, patches: patches, weight: ptr("patch_embed.proj.weight"),
+        patchEmbedBackward(dImages: nil, dWeight: dTrunk.patchWeight, dBias: dTrunk.patchBias,
+                           dOut: dPatch, patches: patches, weight: trunk.patchWeight,
                            B: B, inChans: v.inChans, imgSize: v.imgSize, patch: v.patchSize, C: C,
                            precision: precision)
     }

@@ -82,6 +82,8 @@ public final class ViTActivations: @unchecked Sendable {
 public final class VisionTransformer: @unchecked Sendable {
     public let config: ViTConfig
     public let table: ParameterTable
+    /// The parameters outside the blocks, and their gradients, resolved once.
+    let trunk: TrunkTensors, dTrunk: TrunkTensors
     public let params: TensorStorage
     public let grads: TensorStorage
     public private(set) var blocks: [TransformerBlock]
@@ -126,6 +128,8 @@ public final class VisionTransformer: @unchecked Sendable {
               let g = TensorStorage(count: table.total, dtype: .float32) else { return nil }
         params = p; grads = g
         normName = config.globalPool == .avg ? "fc_norm" : "norm"
+        trunk = TrunkTensors(base: p.floats, table: table, norm: normName, head: "head", special: nil)
+        dTrunk = TrunkTensors(base: g.floats, table: table, norm: normName, head: "head", special: nil)
         let C = config.embedDim
         blocks = (0..<config.depth).map { i in
             TransformerBlock(C: C, H: config.numHeads, hidden: config.hidden,
@@ -141,8 +145,6 @@ public final class VisionTransformer: @unchecked Sendable {
                              initValues: config.initValues)
     }
 
-    private func ptr(_ name: String) -> UnsafeMutablePointer<Float> { params.floats + table.offset(name) }
-    private func grad(_ name: String) -> UnsafeMutablePointer<Float> { grads.floats + table.offset(name) }
     private func optionalPtr(_ name: String) -> UnsafeMutablePointer<Float>? { table[name].map { params.floats + $0.offset } }
     private func optionalGrad(_ name: String) -> UnsafeMutablePointer<Float>? { table[name].map { grads.floats + $0.offset } }
 
@@ -154,10 +156,10 @@ public final class VisionTransformer: @unchecked Sendable {
     private func embed(x: UnsafeMutablePointer<Float>, patches: UnsafeMutablePointer<Float>, patchOut: UnsafeMutablePointer<Float>,
                        images: UnsafePointer<Float>, B: Int) {
         let k = config, C = k.embedDim, n = k.numPatches, N = k.sequenceLength
-        patchEmbedForward(out: patchOut, patches: patches, images: images, weight: ptr("patch_embed.proj.weight"),
-                          bias: ptr("patch_embed.proj.bias"), B: B, inChans: k.inChans, imgSize: k.imgSize, patch: k.patchSize, C: C,
+        patchEmbedForward(out: patchOut, patches: patches, images: images, weight: trunk.patchWeight,
+                          bias: trunk.patchBias, B: B, inChans: k.inChans, imgSize: k.imgSize, patch: k.patchSize, C: C,
                           precision: precision)
-        nonisolated(unsafe) let x = x, patchOut = patchOut, cls = ptr("cls_token"), pos = ptr("pos_embed")
+        nonisolated(unsafe) let x = x, patchOut = patchOut, cls = trunk.clsToken, pos = trunk.posEmbed
         Parallel.forEach(B) { b in
             let xb = x + b * N * C
             for j in 0..<C { xb[j] = cls[j] + pos[j] }
@@ -178,7 +180,7 @@ public final class VisionTransformer: @unchecked Sendable {
         let k = config, rows = B * k.sequenceLength, C = k.embedDim
         if k.globalPool == .token {
             let mean = arena.take(rows), rstd = arena.take(rows)
-            layerNormForward(out: out, mean: mean, rstd: rstd, input: x, weight: ptr("norm.weight"), bias: ptr("norm.bias"), rows: rows, cols: C)
+            layerNormForward(out: out, mean: mean, rstd: rstd, input: x, weight: trunk.normWeight!, bias: trunk.normBias!, rows: rows, cols: C)
         } else {
             out.update(from: x, count: rows * C)
         }
@@ -222,9 +224,9 @@ public final class VisionTransformer: @unchecked Sendable {
         } else {
             tokenSelectForward(out: pooled, input: x, B: B, T: N, C: C, token: 0)
         }
-        layerNormForward(out: normOut, mean: mean, rstd: rstd, input: pooled, weight: ptr(normName + ".weight"),
-                         bias: ptr(normName + ".bias"), rows: B, cols: C)
-        linearForward(out: logits, input: normOut, weight: ptr("head.weight"), bias: ptr("head.bias"), rows: B, inFeatures: C, outFeatures: k.numClasses,
+        layerNormForward(out: normOut, mean: mean, rstd: rstd, input: pooled, weight: trunk.normWeight!,
+                         bias: trunk.normBias!, rows: B, cols: C)
+        linearForward(out: logits, input: normOut, weight: trunk.headWeight!, bias: trunk.headBias!, rows: B, inFeatures: C, outFeatures: k.numClasses,
                       precision: precision)
     }
 
@@ -271,12 +273,12 @@ public final class VisionTransformer: @unchecked Sendable {
         crossEntropyBackward(dLogits: a.dLogits, probs: a.probs, targets: a.targets, rows: B, K: K, smoothing: smoothing,
                              scale: 1 / Float(max(count, 1)))
         zero(a.dNormOut, B * C)
-        linearBackward(dInput: a.dNormOut, dWeight: grad("head.weight"), dBias: grad("head.bias"), dOut: a.dLogits,
-                       input: a.normOut, weight: ptr("head.weight"), rows: B, inFeatures: C, outFeatures: K,
+        linearBackward(dInput: a.dNormOut, dWeight: dTrunk.headWeight!, dBias: dTrunk.headBias!, dOut: a.dLogits,
+                       input: a.normOut, weight: trunk.headWeight!, rows: B, inFeatures: C, outFeatures: K,
                        precision: precision)
         zero(a.dPooled, B * C)
-        layerNormBackward(dInput: a.dPooled, dWeight: grad(normName + ".weight"), dBias: grad(normName + ".bias"),
-                          dOut: a.dNormOut, input: a.pooled, weight: ptr(normName + ".weight"),
+        layerNormBackward(dInput: a.dPooled, dWeight: dTrunk.normWeight!, dBias: dTrunk.normBias!,
+                          dOut: a.dNormOut, input: a.pooled, weight: trunk.normWeight!,
                           mean: a.normMean, rstd: a.normRstd, rows: B, cols: C)
         zero(a.dx, B * N * C)
         if k.globalPool == .avg {
@@ -291,7 +293,7 @@ public final class VisionTransformer: @unchecked Sendable {
                                keep1: rate > 0 ? keep1 : nil, keep2: rate > 0 ? keep2 : nil)
         }
         // Embedding: dx [B, N, C] → cls, pos, patch tokens.
-        let dCls = grad("cls_token"), dPos = grad("pos_embed")
+        let dCls = dTrunk.clsToken, dPos = dTrunk.posEmbed
         for b in 0..<B {
             let g = a.dx + b * N * C
             for j in 0..<C { dCls[j] += g[j] }
@@ -300,8 +302,8 @@ public final class VisionTransformer: @unchecked Sendable {
         let dPatch = a.scratch.dLn  // [B, n, C] fits in [B·N, C]
         nonisolated(unsafe) let dx = a.dx, dPatchS = dPatch
         Parallel.forEach(B) { b in (dPatchS + b * n * C).update(from: dx + (b * N + 1) * C, count: n * C) }
-        patchEmbedBackward(dImages: nil, dWeight: grad("patch_embed.proj.weight"), dBias: grad("patch_embed.proj.bias"),
-                           dOut: dPatch, patches: a.patches, weight: ptr("patch_embed.proj.weight"),
+        patchEmbedBackward(dImages: nil, dWeight: dTrunk.patchWeight, dBias: dTrunk.patchBias,
+                           dOut: dPatch, patches: a.patches, weight: trunk.patchWeight,
                            B: B, inChans: k.inChans, imgSize: k.imgSize, patch: k.patchSize, C: C,
                            precision: precision)
         return .success(loss)
