@@ -63,10 +63,10 @@ def vit_steps(batch, steps, ctx=None, kind="vit"):
 
 def kmeans_iters(x, k, iters, ctx=None):
     """Seconds per k-means iteration and seconds of all-reduce per iteration. One process uses
-    ``mapet.KMeans`` (all in Swift) when this build has it, else ``mapet.distributed.KMeans`` alone."""
+    ``mapet.KMeans`` (all in Swift), ranks ``mapet.distributed.KMeans``."""
     import mapet
     from mapet import distributed
-    if ctx is None and hasattr(mapet, "KMeans"):
+    if ctx is None:
         km = mapet.KMeans(k, n_iter=iters, seed=0, max_points_per_centroid=10 ** 9, bounds=False)
         km.fit(x)
         return statistics.median(h["seconds"] for h in km.history_[1:]), 0.0, 0.0

@@ -20,7 +20,7 @@ The reference (aimagelab/MaPeT, ``utils/models.py::attention_mask_full_mapet_1``
 
 Orders here are 0-based token indices with the class token (0) first; the reference uses 1-based values
 (1 = class token) in its permutation vector. ``reference_masks`` is written from that description, not
-copied; ``spec_masks_bruteforce`` is an independent per-pair transcription of SPEC §2. Run
+copied; ``spec_masks_bruteforce`` is an independent per-pair transcription of ALGORITHMS.md §2. Run
 
     python bench/torch_masks.py --check
 
@@ -107,7 +107,7 @@ def reference_masks(orders: torch.Tensor, least_number: int, upper_limit: int | 
 
 
 def spec_masks_bruteforce(order: np.ndarray, least_number: int, positional: bool = True):
-    """SPEC §2 may-attend rules, one pair at a time, for one sample. Returns boolean (content, query)."""
+    """ALGORITHMS.md §2 may-attend rules, one pair at a time, for one sample. Returns boolean (content, query)."""
     N = len(order)
     rank = np.empty(N, dtype=np.int64)
     rank[np.asarray(order)] = np.arange(N)
@@ -191,7 +191,7 @@ def check(trials: int = 6, seed: int = 0) -> int:
                         if rank[q] >= rank[p]:
                             assert not got_q[i, q]
                 checked += 1
-    print(f"reference masks == SPEC §2 brute force on {checked} (sample, variant) pairs "
+    print(f"reference masks == ALGORITHMS.md §2 brute force on {checked} (sample, variant) pairs "
           f"over {len(cases)} (N, least_number) cases, MaPeT and PIM")
     return 0
 

@@ -15,7 +15,7 @@ and the script checks:
    (cross-entropy on centroid ids + MSE on per-patch normalised pixels, 1:1) equals
    ``CCViT.train_step``. The reference engine builds its pixel labels with
    ``images.reshape(-1, h*h, 3*p*p)`` on [B, 3, H, W] images, which is not a patch layout (each row
-   is 3·p·p consecutive values of one channel's raster); mapet follows SPEC §4 (per-patch vectors
+   is 3·p·p consecutive values of one channel's raster); mapet follows ALGORITHMS.md §4 (per-patch vectors
    in (channel, row, col) order, the order the reference itself uses for its centroid ids). The
    script reports how far the two label layouts are apart.
 2. DTM (``DTM`` of models/modeling_dtm.py): predictions ``forward(x, bool_masked_pos,
@@ -137,7 +137,7 @@ def verify_ccvit(root, size):
     flat = (flat - flat.mean(-1, keepdim=True)) / (flat.var(-1, keepdim=True) + 1e-6) ** 0.5
     same = np.allclose(flat.numpy(), targets, atol=1e-5)
     print(f"  note: the engine's label2 reshape {'equals' if same else 'differs from'} the per-patch targets "
-          f"(max |diff| {np.abs(flat.numpy() - targets).max():.3g}); mapet uses per-patch targets (SPEC §4)")
+          f"(max |diff| {np.abs(flat.numpy() - targets).max():.3g}); mapet uses per-patch targets (ALGORITHMS.md §4)")
     sys.path.remove(root)
 
 

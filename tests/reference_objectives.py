@@ -1,4 +1,4 @@
-"""Independent float64 NumPy transcription of the CCViT and DTM pre-training models (SPEC §4, §5),
+"""Independent float64 NumPy transcription of the CCViT and DTM pre-training models (ALGORITHMS.md §4, §5),
 for tests. Built on the ViT pieces of ``reference_twostream`` (same names, same block math).
 
 Both models use the BEiT masked trunk: patch embeddings of masked patches are replaced by

@@ -1,4 +1,4 @@
-"""Independent float64 NumPy transcription of the pre-training forwards (SPEC §1–2), for tests.
+"""Independent float64 NumPy transcription of the pre-training forwards (ALGORITHMS.md §1–2), for tests.
 
 Three models over one ViT trunk (pre-norm blocks, split ``attn.q`` / ``attn.kv`` projections,
 exact GELU, LayerNorm eps 1e-6, optional layer scale), all taking weights keyed by the
@@ -14,7 +14,7 @@ PyTorch reference names (timm ViT + MaPeT / BEiT heads):
 * ``mapet_forward``: the two-stream model with auxiliary positional tokens. Content stream
   h = [x_0..x_{N-1} ; m_0..m_{P-1}], query stream g = [m_0..m_{P-1}], m_j = mask_positional_token
   + pos_embed[p_j]; both streams share every weight, K and V come from norm1(h) only; dense
-  boolean masks from the SPEC §2 sentences (``two_stream_masks``). Logits [B, P, V] for the
+  boolean masks from the ALGORITHMS.md §2 sentences (``two_stream_masks``). Logits [B, P, V] for the
   predicted positions in ascending order: decoder(norm(g)).
 * ``pim_forward``: the same without auxiliary positional tokens (h has N rows; content rows
   see the context, earlier tokens and themselves; query rows the context and earlier tokens).
@@ -29,7 +29,7 @@ PyTorch reference names (timm ViT + MaPeT / BEiT heads):
 Losses: mean cross-entropy over predicted (MaPeT/PIM, optionally restricted by a loss mask)
 or masked (MIM) positions against the visual token of that patch (``tokens`` [B, n]).
 
-Mixed precision (SPEC §7): inside ``with bf16_matmuls():`` every matrix product of these
+Mixed precision (ALGORITHMS.md §7): inside ``with bf16_matmuls():`` every matrix product of these
 references (patch embedding, linears, QKᵀ, PV — not the losses) first rounds both inputs to
 bfloat16 (``bf16_round``: float32, then round to nearest, ties to even, to the upper 16 bits)
 and multiplies in float64 — what an autocast engine computes up to its fp32 accumulation.
@@ -157,7 +157,7 @@ def _keep(drop_path: Optional[np.ndarray], i: int, branch: int, B: int) -> np.nd
     return np.asarray(drop_path, dtype=np.float64)[i, branch].reshape(B, 1, 1)
 
 
-# ------------------------------------------------------------------ masks (SPEC §2 sentences)
+# ------------------------------------------------------------------ masks (ALGORITHMS.md §2 sentences)
 
 def two_stream_masks(orders: np.ndarray, least_number: int,
                      positional_tokens: bool = True) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -295,7 +295,7 @@ def test_bad_inputs_and_weights_raise_and_leave_the_model_unchanged():
     np.testing.assert_array_equal(m.encode_image(x), before)
     with pytest.raises(TypeError, match="unknown option"):
         mapet.create_model("clip_rn50", depth=3)
-    with pytest.raises(ValueError, match="unknown CLIP ResNet"):
+    with pytest.raises(ValueError, match="unknown model .clip_rn42."):
         mapet.create_model("clip_rn42")
     with pytest.raises(ValueError, match="multiple of 32"):
         ModifiedResNet(image_size=100)

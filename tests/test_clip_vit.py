@@ -1,4 +1,4 @@
-"""The CLIP ViT image tower (SPEC §6): the engine against a NumPy float64 transcription of
+"""The CLIP ViT image tower (ALGORITHMS.md §6): the engine against a NumPy float64 transcription of
 OpenAI's ``VisionTransformer`` written here (conv1 without bias, class embedding, positional
 embedding, ln_pre, pre-LN blocks with the fused ``in_proj`` q/k/v layout, QuickGELU or exact GELU,
 ln_post on every token, ``proj``), on tiny random towers; checkpoint loading in the OpenAI /
@@ -230,7 +230,7 @@ def test_bad_inputs_raise_named_errors(images):
         CLIPVisionTransformer(**dict(TINY, heads=5))
     with pytest.raises(ValueError, match="img_size"):
         CLIPVisionTransformer(**dict(TINY, img_size=30))
-    with pytest.raises(ValueError, match="unknown CLIP tower"):
+    with pytest.raises(ValueError, match="unknown model .clip_vit_h99."):
         mapet.create_model("clip_vit_h99")
     with pytest.raises(TypeError, match="unknown option"):
         mapet.create_model("clip_vit_b16", embed_dim=3)

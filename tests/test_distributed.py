@@ -254,9 +254,8 @@ def test_distributed_kmeans_equals_single_process_on_concatenated_points(tmp_pat
     r0, r1 = np.load(tmp_path / "km0.npz"), np.load(tmp_path / "km1.npz")
     assert np.array_equal(r0["a"], r1["a"]) and np.array_equal(r0["b"], r1["b"])  # identical everywhere
     x, init = _blobs()
-    # the single-process k-means of this build on the concatenation (mapet.KMeans once merged)
-    Single = getattr(mapet, "KMeans", distributed.KMeans)
-    one = Single(12, n_iter=6, seed=11).fit(x, init_centroids=init)
+    # the single-process k-means on the concatenation
+    one = mapet.KMeans(12, n_iter=6, seed=11).fit(x, init_centroids=init)
     np.testing.assert_allclose(r0["a"], one.cluster_centers_, rtol=1e-6, atol=1e-5)
     assert list(r0["a_splits"]) == [h["splits"] for h in one.history_]
     # Labels: ranks score their own shard (other GEMM shapes) against centroids equal to atol:
@@ -265,7 +264,7 @@ def test_distributed_kmeans_equals_single_process_on_concatenated_points(tmp_pat
     assert sure.mean() > 0.95
     ranks_labels = np.concatenate([r0["labels"], r1["labels"]])
     assert np.array_equal(ranks_labels[sure], one.labels_[sure])
-    two = Single(12, n_iter=6, seed=11, n_redo=2).fit(x)
+    two = mapet.KMeans(12, n_iter=6, seed=11, n_redo=2).fit(x)
     np.testing.assert_allclose(r0["b"], two.cluster_centers_, rtol=1e-6, atol=1e-5)
     np.testing.assert_allclose(float(r0["b_in"]), two.inertia_, rtol=1e-6)
     # and an independent float64 transcription. The iteration with the splits (the 3 far
@@ -396,13 +395,14 @@ def test_tokenizing_across_ranks_writes_shards_with_one_manifest(tmp_path):
     assert np.array_equal(tok.centroids, PixelTokenizer.load(str(tmp_path / "tok-1.safetensors")).centroids)
     x = load_digits(16, "all")[0][:301]
     cache = TokenCache.open(str(tmp_path / "cache"), length=301, tokenizer=tok, n_patches=16, verify=True)
-    # Each rank encoded its 150/151 images in batches of 64: other GEMM shapes than encoding the
+    # Each rank encoded its 151/150 images in batches of 64: other GEMM shapes than encoding the
     # 301 at once, so tokens agree wherever float32 cannot move the nearest centroid.
     patches = tok.patchify(x).reshape(-1, tok.centroids.shape[1])
     sure = clear_of_ties(patches, tok.centroids)
     assert sure.mean() > 0.95
     assert np.array_equal(np.asarray(cache.tokens).reshape(-1)[sure], tok.encode(x).reshape(-1)[sure])
-    assert [s["stop"] - s["start"] for s in cache.manifest["shards"]] == [150, 151]
+    # the one contiguous rule of mapet.data.sharding (np.array_split): the first rank takes the extra row
+    assert [s["stop"] - s["start"] for s in cache.manifest["shards"]] == [151, 150]
 
 
 def test_cli_pretrain_runs_unchanged_under_mpiexec(tmp_path):

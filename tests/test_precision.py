@@ -1,4 +1,4 @@
-"""Mixed precision (SPEC §7, issue 14): ``precision="bf16"`` rounds the inputs of every matrix
+"""Mixed precision (ALGORITHMS.md §7, issue 14): ``precision="bf16"`` rounds the inputs of every matrix
 product to bfloat16 and accumulates in fp32; everything else stays fp32.
 
 References: the float64 NumPy transcriptions of the models (tests/test_vit.py ``reference_step``

@@ -433,7 +433,7 @@ def test_bad_inputs_raise_named_errors():
         m(x, mapet.PermutationSampler(9, 5, seed=0).sample(2))
     with pytest.raises(TypeError, match="tokens: expected an integer array"):
         m.train_step(x, tokens.astype(np.float32), batch)
-    with pytest.raises(ValueError, match=r"tokens: expected shape \(2, 16\)"):
+    with pytest.raises(ValueError, match=r"tokens: expected shape \[2, 16\]"):  # the engine's check
         m.train_step(x, tokens[:, :5], batch)
     with pytest.raises(ValueError, match=r"tokens: expected visual tokens in \[0, 11\), got 11"):
         m.train_step(x, np.where(np.arange(n) == 3, V, tokens), batch)
@@ -476,10 +476,22 @@ def test_engine_validates_even_without_the_facade():
         _core.twostream_forward(m._handle, x, None, np.empty((2, 12, V), np.float32))
     with pytest.raises(ValueError, match="mask: expected shape"):
         _core.mim_train_step(b._handle, x, tokens, np.zeros((2, 4), np.int32), None)
+    config = dict(kind="beit", img_size=16, patch_size=4, in_chans=3, embed_dim=24, depth=2, num_heads=3,
+                  mlp_ratio=4.0, num_tokens=11, output_dim=None, least_number=5, init_values=None,
+                  drop_path_rate=0.0, qkv_bias=True, seed=0, early_layers=1, head_layers=1)
+    _core.pretrain_create(config)  # the config crosses as one dict
     with pytest.raises(ValueError, match="kind: expected 'mapet', 'pim', 'beit', 'ccvit' or 'dtm'"):
-        _core.pretrain_create("vit", 16, 4, 3, 24, 2, 3, 4.0, 11, 5, None, 0.0, True, 0, 1, 1)
+        _core.pretrain_create(dict(config, kind="vit"))
     with pytest.raises(ValueError, match=r"early_layers must be in \[1, depth=2\], got 3"):
-        _core.pretrain_create("ccvit", 16, 4, 3, 24, 2, 3, 4.0, 11, 5, None, 0.0, True, 0, 3, 2)
+        _core.pretrain_create(dict(config, kind="ccvit", early_layers=3, head_layers=2))
+    with pytest.raises(KeyError, match="config: missing 'seed'"):
+        _core.pretrain_create({k: v for k, v in config.items() if k != "seed"})
+    with pytest.raises(KeyError, match="config: unknown keys"):
+        _core.pretrain_create(dict(config, depht=2))
+    with pytest.raises(TypeError, match="config: expected a dict, got list"):
+        _core.pretrain_create([1, 2])
+    with pytest.raises(TypeError, match="output_dim: expected an int, got float"):
+        _core.pretrain_create(dict(config, kind="dtm", output_dim=1.5))
     with pytest.raises(TypeError, match="model: expected a beit model, got a dtm model"):
         d = create_pretrain_model("dtm_tiny_patch16_224", img_size=IMG, patch_size=PATCH, embed_dim=24, depth=1,
                                   num_heads=3, output_dim=8)

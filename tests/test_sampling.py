@@ -1,6 +1,6 @@
 """MaPeT permutations, the two-stream may-attend rules and BEiT block masks.
 
-The masks are checked against a brute-force transcription of the SPEC §2 rules written here,
+The masks are checked against a brute-force transcription of the ALGORITHMS.md §2 rules written here,
 the generator against a pure-Python transcription of its documented algorithm (SplitMix64 →
 xoshiro256** streams, Lemire bounded integers, Fisher–Yates), and the block masks against a
 pure-Python transcription of BEiT's block-wise masking driven by that same generator.
@@ -97,10 +97,10 @@ def test_sampler_seed_above_2_63():
     assert b.orders.tolist() == [reference_order(seed, s, 16) for s in range(2)]
 
 
-# ------------------------------------------------------------------ brute-force SPEC §2 rules
+# ------------------------------------------------------------------ brute-force ALGORITHMS.md §2 rules
 
 def reference_masks(order, L, positional=True):
-    """Dense content and query masks straight from the SPEC §2 sentences."""
+    """Dense content and query masks straight from the ALGORITHMS.md §2 sentences."""
     N = len(order)
     rank = {t: k for k, t in enumerate(order)}
     C = {t for t in range(N) if rank[t] < L}
@@ -389,7 +389,7 @@ def test_sampler_argument_errors():
 # ------------------------------------------------------------------ block masks
 
 def reference_block_mask(seed, s, g, target, lo, hi, min_aspect, max_aspect, exact):
-    """BEiT block-wise masking (SPEC §2) transcribed, driven by stream s of the generator."""
+    """BEiT block-wise masking (ALGORITHMS.md §2) transcribed, driven by stream s of the generator."""
     rng = Xoshiro.stream(seed, s)
     mask = np.zeros((g, g), dtype=bool)
     log_lo, log_hi = math.log(min_aspect), math.log(max_aspect)

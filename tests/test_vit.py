@@ -60,7 +60,7 @@ def reference_step(P, images, labels, cfg, smoothing=0.0, bf16=False, targets=No
     """Loss, logits and every gradient of the timm ViT, float64, by reference names.
 
     ``bf16``: every matrix product, forward and backward (dX = dY·W, dW = dYᵀ·X, the attention
-    products), rounds its inputs to bfloat16 first (SPEC §7, autocast semantics)."""
+    products), rounds its inputs to bfloat16 first (ALGORITHMS.md §7, autocast semantics)."""
     mm = (lambda a, b: bf16_round(a) @ bf16_round(b)) if bf16 else np.matmul  # noqa: E731
     P = {k: np.asarray(v, np.float64) for k, v in P.items()}
     x_img = np.asarray(images, np.float64)

@@ -1,5 +1,5 @@
 """Figures: what each one draws is read back from the matplotlib objects and compared with the
-inputs and with masks rebuilt here from SPEC §2's rules; every figure has a title, axis labels,
+inputs and with masks rebuilt here from ALGORITHMS.md §2's rules; every figure has a title, axis labels,
 named legends and a caption; PNGs are written and decode to the figure's size."""
 import numpy as np
 import pytest
@@ -22,7 +22,7 @@ def _legend_labels(fig):
 
 
 def _rule_masks(ranks, least_number, predicted):
-    """SPEC §2's may-attend rules in plain NumPy (float64-free: booleans), patch order."""
+    """ALGORITHMS.md §2's may-attend rules in plain NumPy (float64-free: booleans), patch order."""
     N, P = len(ranks), len(predicted)
     ctx = ranks < least_number
     content = np.zeros((N + P, N + P), bool)

@@ -5,7 +5,7 @@ import CPythonBridge
 import MaPeTKernels
 
 let clipMethods: [Method] = [
-    Method(name: "clip_vit_create", function: { _, a, n in call(a, n, "clip_vit_create") { args in
+    Method("clip_vit_create", { args in
         // (img_size, patch_size, width, layers, heads, mlp_ratio, output_dim, activation, seed)
         try args.expect(9)
         var k = CLIPVisionConfig()
@@ -34,36 +34,36 @@ let clipMethods: [Method] = [
         }
         guard let h = makeHandle(model) else { throw PythonErrorSet() }
         return h
-    } }, doc: "clip_vit_create(img_size, patch_size, width, layers, heads, mlp_ratio, output_dim, activation, seed) -> handle"),
+    }, doc: "clip_vit_create(img_size, patch_size, width, layers, heads, mlp_ratio, output_dim, activation, seed) -> handle"),
 
-    Method(name: "clip_vit_table", function: { _, a, n in call(a, n, "clip_vit_table") { args in
+    Method("clip_vit_table", { args in
         try args.expect(1)
         let t = try args.handle(0, "model", CLIPVisionTransformer.self).table
         return try pyList(t.entries.map { e in
             try? pyTuple([pyString(e.name), pyTuple(e.shape.map { pyInt($0) }), pyInt(e.offset)])
         })
-    } }, doc: "clip_vit_table(model) -> [(name, shape, offset)] in reference order (names without 'visual.')."),
+    }, doc: "clip_vit_table(model) -> [(name, shape, offset)] in reference order (names without 'visual.')."),
 
-    Method(name: "clip_vit_params", function: { _, a, n in call(a, n, "clip_vit_params") { args in
+    Method("clip_vit_params", { args in
         try args.expect(1)
         let m = try args.handle(0, "model", CLIPVisionTransformer.self)
         return try makeTensor(m.params, dtype: .float32, shape: [m.table.total])
-    } }, doc: "clip_vit_params(model) -> 1-d zero-copy view of the parameter block."),
+    }, doc: "clip_vit_params(model) -> 1-d zero-copy view of the parameter block."),
 
-    Method(name: "clip_vit_set_precision", function: { _, a, n in call(a, n, "clip_vit_set_precision") { args in
+    Method("clip_vit_set_precision", { args in
         try args.expect(2)
         let m = try args.handle(0, "model", CLIPVisionTransformer.self)
         let precision = try args.precision(1, "precision")
         exclusive(m) { m.precision = precision }
         return none()
-    } }, doc: "clip_vit_set_precision(model, precision): 'fp32' or 'bf16' for every matrix product."),
+    }, doc: "clip_vit_set_precision(model, precision): 'fp32' or 'bf16' for every matrix product."),
 
-    Method(name: "clip_vit_precision", function: { _, a, n in call(a, n, "clip_vit_precision") { args in
+    Method("clip_vit_precision", { args in
         try args.expect(1)
         return pyString(try args.handle(0, "model", CLIPVisionTransformer.self).precision.rawValue)
-    } }, doc: "clip_vit_precision(model) -> 'fp32' or 'bf16'"),
+    }, doc: "clip_vit_precision(model) -> 'fp32' or 'bf16'"),
 
-    Method(name: "clip_vit_forward", function: { _, a, n in call(a, n, "clip_vit_forward") { args in
+    Method("clip_vit_forward", { args in
         // (model, images [B, 3, S, S], tokens [B, N, C]|None, projected [B, N, E]|None, embedding [B, E]|None)
         try args.expect(5)
         let m = try args.handle(0, "model", CLIPVisionTransformer.self)
@@ -77,13 +77,13 @@ let clipMethods: [Method] = [
         guard B >= 1 else { throw PyError.value("images: expected at least one image, got shape \(x.shape)") }
         let floats = try checkedProduct([m.arenaFloats(B: 1), B], "activations")
         try requireMemory(product([floats, 4]), "the activations of a batch of \(B) images", probe: false)
-        let tokens = args.isNone(2) ? nil : try arena.float32(args[2], "tokens", [B, k.numTokens, k.embedDim], writable: true)
-        let projected = args.isNone(3) ? nil : try arena.float32(args[3], "projected", [B, k.numTokens, E], writable: true)
+        let tokens = args.isNone(2) ? nil : try arena.float32(args[2], "tokens", [B, k.sequenceLength, k.embedDim], writable: true)
+        let projected = args.isNone(3) ? nil : try arena.float32(args[3], "projected", [B, k.sequenceLength, E], writable: true)
         let embedding = args.isNone(4) ? nil : try arena.float32(args[4], "embedding", [B, E], writable: true)
         nonisolated(unsafe) let (t, p, e) = (tokens?.pointer, projected?.pointer, embedding?.pointer)
         nonisolated(unsafe) let images = x.readOnly
         let ok = exclusive(m) { m.forward(tokens: t, projected: p, embedding: e, images: images, B: B) }
         guard ok else { throw PyError.memory("clip_vit_forward: could not allocate activations for batch \(B)") }
         return none()
-    } }, doc: "clip_vit_forward(model, images, tokens, projected, embedding): fills the outputs that are not None."),
+    }, doc: "clip_vit_forward(model, images, tokens, projected, embedding): fills the outputs that are not None."),
 ]

@@ -9,7 +9,7 @@ private func overlaps(_ a: UnsafePointer<Float>, _ n: Int, _ b: UnsafePointer<Fl
 }
 
 let convMethods: [Method] = [
-    Method(name: "conv2d_forward", function: { _, a, n in call(a, n, "conv2d_forward") { args in
+    Method("conv2d_forward", { args in
         // (out [B,Cout,Ho,Wo], x [B,Cin,H,W], weight [Cout,Cin,kH,kW], bias [Cout]|None,
         //  residual [B,Cout,Ho,Wo]|None, relu, stride, padding, precision)
         try args.expect(9)
@@ -45,9 +45,9 @@ let convMethods: [Method] = [
                           stride: s, padding: p, precision: precision)
         }
         return none()
-    } }, doc: "conv2d_forward(out, x, weight, bias, residual, relu, stride, padding, precision): out = relu?(conv(x, weight) + bias + residual), NCHW float32, groups 1 (bias/residual may be None)."),
+    }, doc: "conv2d_forward(out, x, weight, bias, residual, relu, stride, padding, precision): out = relu?(conv(x, weight) + bias + residual), NCHW float32, groups 1 (bias/residual may be None)."),
 
-    Method(name: "avg_pool2d_forward", function: { _, a, n in call(a, n, "avg_pool2d_forward") { args in
+    Method("avg_pool2d_forward", { args in
         // (out [B,C,H/s,W/s], x [B,C,H,W], stride)
         try args.expect(3)
         let arena = BufferArena(); defer { arena.release() }
@@ -62,5 +62,5 @@ let convMethods: [Method] = [
         nonisolated(unsafe) let (po, px) = (out.pointer, x.readOnly)
         withoutGIL { avgPool2dForward(out: po, input: px, B: B, C: C, H: H, W: W, stride: s) }
         return none()
-    } }, doc: "avg_pool2d_forward(out, x, stride): mean over stride×stride windows (kernel = stride, no padding, floor), NCHW float32."),
+    }, doc: "avg_pool2d_forward(out, x, stride): mean over stride×stride windows (kernel = stride, no padding, floor), NCHW float32."),
 ]

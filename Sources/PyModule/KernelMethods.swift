@@ -3,29 +3,29 @@ import CPythonBridge
 import MaPeTKernels
 
 let kernelMethods: [Method] = [
-    Method(name: "gemm", function: { _, a, n in call(a, n, "gemm") { args in
+    Method("gemm", { args in
         try gemmCall(args, "gemm", bf16: false)
-    } }, doc: "gemm(a, b, out, trans_a, trans_b, alpha, beta): out = alpha·op(a)·op(b) + beta·out (float32, row-major; rows may be strided)."),
+    }, doc: "gemm(a, b, out, trans_a, trans_b, alpha, beta): out = alpha·op(a)·op(b) + beta·out (float32, row-major; rows may be strided)."),
 
-    Method(name: "gemm_bf16", function: { _, a, n in call(a, n, "gemm_bf16") { args in
+    Method("gemm_bf16", { args in
         try gemmCall(args, "gemm_bf16", bf16: true)
-    } }, doc: "gemm_bf16(a, b, out, trans_a, trans_b, alpha, beta): as gemm with inputs rounded to bf16 and fp32 accumulation (fp32 when bf16_info() says inactive)."),
+    }, doc: "gemm_bf16(a, b, out, trans_a, trans_b, alpha, beta): as gemm with inputs rounded to bf16 and fp32 accumulation (fp32 when bf16_info() says inactive)."),
 
-    Method(name: "bf16_info", function: { _, a, n in call(a, n, "bf16_info") { args in
+    Method("bf16_info", { args in
         try args.expect(0)
         return try pyTuple([pyBool(BF16.isNative), pyBool(BF16.isActive), pyString(BF16.kernelName)])
-    } }, doc: "bf16_info() -> (native, active, kernel)"),
+    }, doc: "bf16_info() -> (native, active, kernel)"),
 
-    Method(name: "gelu_forward", function: { _, a, n in call(a, n, "gelu_forward") { args in
+    Method("gelu_forward", { args in
         try args.expect(2)
         let arena = BufferArena(); defer { arena.release() }
         let x = try arena.float32(args[0], "x", [nil])
         let out = try arena.float32(args[1], "out", [x.count], writable: true)
         withoutGIL { geluForward(out: out.pointer, input: x.readOnly, count: x.count) }
         return none()
-    } }, doc: "gelu_forward(x, out): out = x·Φ(x), 1-d float32."),
+    }, doc: "gelu_forward(x, out): out = x·Φ(x), 1-d float32."),
 
-    Method(name: "gelu_backward", function: { _, a, n in call(a, n, "gelu_backward") { args in
+    Method("gelu_backward", { args in
         try args.expect(3)
         let arena = BufferArena(); defer { arena.release() }
         let dout = try arena.float32(args[0], "dout", [nil])
@@ -33,7 +33,7 @@ let kernelMethods: [Method] = [
         let dx = try arena.float32(args[2], "dx", [dout.count], writable: true)
         withoutGIL { geluBackward(dInput: dx.pointer, dOut: dout.readOnly, input: x.readOnly, count: x.count) }
         return none()
-    } }, doc: "gelu_backward(dout, x, dx): dx += dout·gelu'(x), 1-d float32."),
+    }, doc: "gelu_backward(dout, x, dx): dx += dout·gelu'(x), 1-d float32."),
 ]
 
 /// gemm / gemm_bf16(a, b, out, trans_a, trans_b, alpha, beta): out = alpha·op(a)·op(b) + beta·out.

@@ -16,7 +16,7 @@ private func rate(_ args: Args, _ i: Int) throws -> Float {
 }
 
 let layerKernelMethods: [Method] = [
-    Method(name: "layer_norm_forward", function: { _, a, n in call(a, n, "layer_norm_forward") { args in
+    Method("layer_norm_forward", { args in
         // (out, mean, rstd, x, weight, bias)
         try args.expect(6)
         let arena = BufferArena(); defer { arena.release() }
@@ -29,9 +29,9 @@ let layerKernelMethods: [Method] = [
         withoutGIL { layerNormForward(out: out.pointer, mean: mean.pointer, rstd: rstd.pointer, input: x.readOnly,
                                       weight: w.readOnly, bias: b.readOnly, rows: R, cols: C) }
         return none()
-    } }, doc: "layer_norm_forward(out, mean, rstd, x, weight, bias): x [R, C]."),
+    }, doc: "layer_norm_forward(out, mean, rstd, x, weight, bias): x [R, C]."),
 
-    Method(name: "layer_norm_backward", function: { _, a, n in call(a, n, "layer_norm_backward") { args in
+    Method("layer_norm_backward", { args in
         // (dx, dweight, dbias, dout, x, weight, mean, rstd)
         try args.expect(8)
         let arena = BufferArena(); defer { arena.release() }
@@ -44,18 +44,18 @@ let layerKernelMethods: [Method] = [
         withoutGIL { layerNormBackward(dInput: dx.pointer, dWeight: dw.pointer, dBias: db.pointer, dOut: dout.readOnly, input: x.readOnly,
                                        weight: w.readOnly, mean: mean.readOnly, rstd: rstd.readOnly, rows: R, cols: C) }
         return none()
-    } }, doc: "layer_norm_backward(dx, dweight, dbias, dout, x, weight, mean, rstd): accumulates."),
+    }, doc: "layer_norm_backward(dx, dweight, dbias, dout, x, weight, mean, rstd): accumulates."),
 
-    Method(name: "softmax_forward", function: { _, a, n in call(a, n, "softmax_forward") { args in
+    Method("softmax_forward", { args in
         try args.expect(2)
         let arena = BufferArena(); defer { arena.release() }
         let x = try arena.float32(args[1], "x", [nil, nil])
         let out = try arena.float32(args[0], "out", [x.shape[0], x.shape[1]], writable: true)
         withoutGIL { softmaxForward(out: out.pointer, input: x.readOnly, rows: x.shape[0], cols: x.shape[1]) }
         return none()
-    } }, doc: "softmax_forward(out, x): row softmax of x [R, C]."),
+    }, doc: "softmax_forward(out, x): row softmax of x [R, C]."),
 
-    Method(name: "softmax_backward", function: { _, a, n in call(a, n, "softmax_backward") { args in
+    Method("softmax_backward", { args in
         try args.expect(3)
         let arena = BufferArena(); defer { arena.release() }
         let y = try arena.float32(args[2], "out", [nil, nil])
@@ -63,9 +63,9 @@ let layerKernelMethods: [Method] = [
         let dy = try arena.float32(args[1], "dout", [y.shape[0], y.shape[1]])
         withoutGIL { softmaxBackward(dInput: dx.pointer, dOut: dy.readOnly, out: y.readOnly, rows: y.shape[0], cols: y.shape[1]) }
         return none()
-    } }, doc: "softmax_backward(dx, dout, out): dx += out ⊙ (dout − rowsum(dout ⊙ out))."),
+    }, doc: "softmax_backward(dx, dout, out): dx += out ⊙ (dout − rowsum(dout ⊙ out))."),
 
-    Method(name: "linear_forward", function: { _, a, n in call(a, n, "linear_forward") { args in
+    Method("linear_forward", { args in
         // (out, x, weight, bias|None)
         try args.expect(4)
         let arena = BufferArena(); defer { arena.release() }
@@ -76,9 +76,9 @@ let layerKernelMethods: [Method] = [
         let out = try arena.float32(args[0], "out", [R, OC], writable: true)
         withoutGIL { linearForward(out: out.pointer, input: x.readOnly, weight: w.readOnly, bias: b?.readOnly, rows: R, inFeatures: IC, outFeatures: OC) }
         return none()
-    } }, doc: "linear_forward(out, x, weight, bias): out = x·weightᵀ + bias."),
+    }, doc: "linear_forward(out, x, weight, bias): out = x·weightᵀ + bias."),
 
-    Method(name: "linear_backward", function: { _, a, n in call(a, n, "linear_backward") { args in
+    Method("linear_backward", { args in
         // (dx|None, dweight|None, dbias|None, dout, x, weight)
         try args.expect(6)
         let arena = BufferArena(); defer { arena.release() }
@@ -92,9 +92,9 @@ let layerKernelMethods: [Method] = [
         withoutGIL { linearBackward(dInput: dx?.pointer, dWeight: dw?.pointer, dBias: db?.pointer, dOut: dout.readOnly, input: x.readOnly,
                                     weight: w.readOnly, rows: R, inFeatures: IC, outFeatures: OC) }
         return none()
-    } }, doc: "linear_backward(dx, dweight, dbias, dout, x, weight): accumulates (None skips)."),
+    }, doc: "linear_backward(dx, dweight, dbias, dout, x, weight): accumulates (None skips)."),
 
-    Method(name: "attention_forward", function: { _, a, n in call(a, n, "attention_forward") { args in
+    Method("attention_forward", { args in
         // (out [B,M,C], probs [B,H,M,Nk], q [B,M,C], k [B,Nk,C], v [B,Nk,C], heads, mask [B,M,Nk] int32 | None)
         try args.expect(7)
         let arena = BufferArena(); defer { arena.release() }
@@ -118,9 +118,9 @@ let layerKernelMethods: [Method] = [
                                           B: B, M: M, Nk: Nk, C: C, H: H, mask: mask) }
         }
         return none()
-    } }, doc: "attention_forward(out, probs, q, k, v, heads, mask): multi-head attention; mask [B,M,Nk] int32 (nonzero = may attend) or None."),
+    }, doc: "attention_forward(out, probs, q, k, v, heads, mask): multi-head attention; mask [B,M,Nk] int32 (nonzero = may attend) or None."),
 
-    Method(name: "attention_backward", function: { _, a, n in call(a, n, "attention_backward") { args in
+    Method("attention_backward", { args in
         // (dq, dk, dv, dout, probs, q, k, v, heads)
         try args.expect(9)
         let arena = BufferArena(); defer { arena.release() }
@@ -139,9 +139,9 @@ let layerKernelMethods: [Method] = [
         withoutGIL { attentionBackward(dQ: dq.pointer, dK: dk.pointer, dV: dv.pointer, dOut: dout.readOnly, ldOut: C, probs: probs.readOnly,
                                        q: q.readOnly, ldQ: C, k: k.readOnly, ldK: C, v: v.readOnly, ldV: C, B: B, M: M, Nk: Nk, C: C, H: H) }
         return none()
-    } }, doc: "attention_backward(dq, dk, dv, dout, probs, q, k, v, heads): accumulates."),
+    }, doc: "attention_backward(dq, dk, dv, dout, probs, q, k, v, heads): accumulates."),
 
-    Method(name: "residual_forward", function: { _, a, n in call(a, n, "residual_forward") { args in
+    Method("residual_forward", { args in
         // (out, x, branch, gamma|None, keep|None)  all [B, T, C]
         try args.expect(5)
         let arena = BufferArena(); defer { arena.release() }
@@ -152,9 +152,9 @@ let layerKernelMethods: [Method] = [
         let out = try arena.float32(args[0], "out", [B, T, C], writable: true)
         withoutGIL { residualForward(out: out.pointer, residual: x.readOnly, branch: y.readOnly, gamma: gamma?.readOnly, keep: keep?.readOnly, B: B, T: T, C: C) }
         return none()
-    } }, doc: "residual_forward(out, x, branch, gamma, keep): out = x + keep[b]·gamma⊙branch."),
+    }, doc: "residual_forward(out, x, branch, gamma, keep): out = x + keep[b]·gamma⊙branch."),
 
-    Method(name: "residual_backward", function: { _, a, n in call(a, n, "residual_backward") { args in
+    Method("residual_backward", { args in
         // (dx|None, dbranch, dgamma|None, dout, branch, gamma|None, keep|None)
         try args.expect(7)
         let arena = BufferArena(); defer { arena.release() }
@@ -168,9 +168,9 @@ let layerKernelMethods: [Method] = [
         withoutGIL { residualBackward(dResidual: dx?.pointer, dBranch: dy.pointer, dGamma: dg?.pointer, dOut: dout.readOnly, branch: y.readOnly,
                                       gamma: gamma?.readOnly, keep: keep?.readOnly, B: B, T: T, C: C) }
         return none()
-    } }, doc: "residual_backward(dx, dbranch, dgamma, dout, branch, gamma, keep): accumulates."),
+    }, doc: "residual_backward(dx, dbranch, dgamma, dout, branch, gamma, keep): accumulates."),
 
-    Method(name: "drop_path_keep", function: { _, a, n in call(a, n, "drop_path_keep") { args in
+    Method("drop_path_keep", { args in
         // (keep [B], rate, seed)
         try args.expect(3)
         let arena = BufferArena(); defer { arena.release() }
@@ -179,9 +179,9 @@ let layerKernelMethods: [Method] = [
         var rng = Xoshiro256StarStar(seed: UInt64(bitPattern: Int64(try args.int(2, "seed"))), stream: 0)
         dropPathKeep(keep: keep.pointer, B: keep.count, rate: r, rng: &rng)
         return none()
-    } }, doc: "drop_path_keep(keep, rate, seed): per-sample scales in {0, 1/(1-rate)}."),
+    }, doc: "drop_path_keep(keep, rate, seed): per-sample scales in {0, 1/(1-rate)}."),
 
-    Method(name: "dropout_mask", function: { _, a, n in call(a, n, "dropout_mask") { args in
+    Method("dropout_mask", { args in
         try args.expect(3)
         let arena = BufferArena(); defer { arena.release() }
         let mask = try arena.float32(args[0], "mask", [nil], writable: true)
@@ -190,9 +190,9 @@ let layerKernelMethods: [Method] = [
         nonisolated(unsafe) let p = mask.pointer
         withoutGIL { dropoutMask(mask: p, count: mask.count, rate: r, rng: &rng) }
         return none()
-    } }, doc: "dropout_mask(mask, rate, seed): element scales in {0, 1/(1-rate)}."),
+    }, doc: "dropout_mask(mask, rate, seed): element scales in {0, 1/(1-rate)}."),
 
-    Method(name: "scale_rows_forward", function: { _, a, n in call(a, n, "scale_rows_forward") { args in
+    Method("scale_rows_forward", { args in
         // (out [B, R], x [B, R], keep [B]) drop path;  with keep of x's size: dropout
         try args.expect(3)
         let arena = BufferArena(); defer { arena.release() }
@@ -207,9 +207,9 @@ let layerKernelMethods: [Method] = [
             throw PyError.value("keep: expected \(x.shape[0]) (per sample) or \(x.count) (per element) values, got \(keep.count)")
         }
         return none()
-    } }, doc: "scale_rows_forward(out, x, keep): drop path (keep [B]) or dropout (keep [B·R])."),
+    }, doc: "scale_rows_forward(out, x, keep): drop path (keep [B]) or dropout (keep [B·R])."),
 
-    Method(name: "scale_rows_backward", function: { _, a, n in call(a, n, "scale_rows_backward") { args in
+    Method("scale_rows_backward", { args in
         try args.expect(3)
         let arena = BufferArena(); defer { arena.release() }
         let dout = try arena.float32(args[1], "dout", [nil, nil])
@@ -223,9 +223,9 @@ let layerKernelMethods: [Method] = [
             throw PyError.value("keep: expected \(dout.shape[0]) (per sample) or \(dout.count) (per element) values, got \(keep.count)")
         }
         return none()
-    } }, doc: "scale_rows_backward(dx, dout, keep): dx += keep·dout (drop path or dropout)."),
+    }, doc: "scale_rows_backward(dx, dout, keep): dx += keep·dout (drop path or dropout)."),
 
-    Method(name: "patch_embed_forward", function: { _, a, n in call(a, n, "patch_embed_forward") { args in
+    Method("patch_embed_forward", { args in
         // (out [B,n,C], patches [B,n,Cin·p·p], images [B,Cin,S,S], weight [C,Cin,p,p], bias [C]|None)
         try args.expect(5)
         let arena = BufferArena(); defer { arena.release() }
@@ -243,9 +243,9 @@ let layerKernelMethods: [Method] = [
         withoutGIL { patchEmbedForward(out: out.pointer, patches: patches.pointer, images: img.readOnly, weight: w.readOnly, bias: b?.readOnly,
                                        B: B, inChans: Cin, imgSize: S, patch: p, C: C) }
         return none()
-    } }, doc: "patch_embed_forward(out, patches, images, weight, bias)."),
+    }, doc: "patch_embed_forward(out, patches, images, weight, bias)."),
 
-    Method(name: "patch_embed_backward", function: { _, a, n in call(a, n, "patch_embed_backward") { args in
+    Method("patch_embed_backward", { args in
         // (dimages|None, dweight, dbias|None, dout, patches, weight, img_size)
         try args.expect(7)
         let arena = BufferArena(); defer { arena.release() }
@@ -264,9 +264,9 @@ let layerKernelMethods: [Method] = [
         withoutGIL { patchEmbedBackward(dImages: di?.pointer, dWeight: dw.pointer, dBias: db?.pointer, dOut: dout.readOnly, patches: patches.readOnly,
                                         weight: w.readOnly, B: B, inChans: Cin, imgSize: S, patch: p, C: C) }
         return none()
-    } }, doc: "patch_embed_backward(dimages, dweight, dbias, dout, patches, weight, img_size): accumulates."),
+    }, doc: "patch_embed_backward(dimages, dweight, dbias, dout, patches, weight, img_size): accumulates."),
 
-    Method(name: "mean_pool_forward", function: { _, a, n in call(a, n, "mean_pool_forward") { args in
+    Method("mean_pool_forward", { args in
         try args.expect(3)
         let arena = BufferArena(); defer { arena.release() }
         let x = try arena.float32(args[1], "x", [nil, nil, nil])
@@ -275,9 +275,9 @@ let layerKernelMethods: [Method] = [
         let out = try arena.float32(args[0], "out", [B, C], writable: true)
         withoutGIL { meanPoolForward(out: out.pointer, input: x.readOnly, B: B, T: T, C: C, start: start) }
         return none()
-    } }, doc: "mean_pool_forward(out, x, start): mean over tokens start.. of x [B, T, C]."),
+    }, doc: "mean_pool_forward(out, x, start): mean over tokens start.. of x [B, T, C]."),
 
-    Method(name: "mean_pool_backward", function: { _, a, n in call(a, n, "mean_pool_backward") { args in
+    Method("mean_pool_backward", { args in
         try args.expect(3)
         let arena = BufferArena(); defer { arena.release() }
         let dx = try arena.float32(args[0], "dx", [nil, nil, nil], writable: true)
@@ -286,9 +286,9 @@ let layerKernelMethods: [Method] = [
         let start = try args.int(2, "start", min: 0, max: T - 1)
         withoutGIL { meanPoolBackward(dInput: dx.pointer, dOut: dout.readOnly, B: B, T: T, C: C, start: start) }
         return none()
-    } }, doc: "mean_pool_backward(dx, dout, start): accumulates."),
+    }, doc: "mean_pool_backward(dx, dout, start): accumulates."),
 
-    Method(name: "cross_entropy_forward", function: { _, a, n in call(a, n, "cross_entropy_forward") { args in
+    Method("cross_entropy_forward", { args in
         // (losses [R], probs [R,K], logits [R,K], targets int32 [R], smoothing) -> mean loss over kept rows
         try args.expect(5)
         let arena = BufferArena(); defer { arena.release() }
@@ -305,9 +305,9 @@ let layerKernelMethods: [Method] = [
         let r = withoutGIL { crossEntropyForward(losses: losses.pointer, probs: probs.pointer, logits: x.readOnly, targets: t.readOnly,
                                                  rows: R, K: K, smoothing: Float(eps)) }
         return pyFloat(r.count > 0 ? r.sum / Double(r.count) : 0)
-    } }, doc: "cross_entropy_forward(losses, probs, logits, targets, smoothing) -> mean loss over rows with target ≥ 0."),
+    }, doc: "cross_entropy_forward(losses, probs, logits, targets, smoothing) -> mean loss over rows with target ≥ 0."),
 
-    Method(name: "cross_entropy_backward", function: { _, a, n in call(a, n, "cross_entropy_backward") { args in
+    Method("cross_entropy_backward", { args in
         // (dlogits, probs, targets, smoothing, scale)
         try args.expect(5)
         let arena = BufferArena(); defer { arena.release() }
@@ -321,5 +321,5 @@ let layerKernelMethods: [Method] = [
         let eps = Float(try args.double(3, "smoothing")), scale = Float(try args.double(4, "scale"))
         withoutGIL { crossEntropyBackward(dLogits: d.pointer, probs: p.readOnly, targets: t.readOnly, rows: R, K: K, smoothing: eps, scale: scale) }
         return none()
-    } }, doc: "cross_entropy_backward(dlogits, probs, targets, smoothing, scale): dlogits += scale·(p − q)."),
+    }, doc: "cross_entropy_backward(dlogits, probs, targets, smoothing, scale): dlogits += scale·(p − q)."),
 ]

@@ -63,7 +63,7 @@ extension Args {
 }
 
 let modelMethods: [Method] = [
-    Method(name: "vit_create", function: { _, a, n in call(a, n, "vit_create") { args in
+    Method("vit_create", { args in
         // (img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, num_classes,
         //  global_pool, init_values|None, drop_path_rate, qkv_bias, seed)
         try args.expect(13)
@@ -93,37 +93,37 @@ let modelMethods: [Method] = [
         }
         guard let h = makeHandle(model) else { throw PythonErrorSet() }
         return h
-    } }, doc: "vit_create(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, num_classes, global_pool, init_values, drop_path_rate, qkv_bias, seed) -> handle"),
+    }, doc: "vit_create(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, num_classes, global_pool, init_values, drop_path_rate, qkv_bias, seed) -> handle"),
 
-    Method(name: "vit_table", function: { _, a, n in call(a, n, "vit_table") { args in
+    Method("vit_table", { args in
         try args.expect(1)
         return try parameterTable(try args.handle(0, "model", VisionTransformer.self).table)
-    } }, doc: "vit_table(model) -> [(name, shape, offset)] in reference order."),
+    }, doc: "vit_table(model) -> [(name, shape, offset)] in reference order."),
 
-    Method(name: "vit_blocks", function: { _, a, n in call(a, n, "vit_blocks") { args in
+    Method("vit_blocks", { args in
         try args.expect(1)
         let m = try args.handle(0, "model", VisionTransformer.self)
         return try pyTuple([makeTensor(m.params, dtype: .float32, shape: [m.table.total]),
                             makeTensor(m.grads, dtype: .float32, shape: [m.table.total])])
-    } }, doc: "vit_blocks(model) -> (params, grads): 1-d zero-copy views of the two contiguous blocks."),
+    }, doc: "vit_blocks(model) -> (params, grads): 1-d zero-copy views of the two contiguous blocks."),
 
-    Method(name: "vit_reseed", function: { _, a, n in call(a, n, "vit_reseed") { args in
+    Method("vit_reseed", { args in
         try args.expect(3)
         let m = try args.handle(0, "model", VisionTransformer.self)
         let seed = UInt64(bitPattern: Int64(try args.int(1, "seed")))
         let stream = UInt64(try args.int(2, "stream", min: 0))
         exclusive(m) { m.rng = Xoshiro256StarStar(seed: seed, stream: stream) }
         return none()
-    } }, doc: "vit_reseed(model, seed, stream): restart the drop-path generator on stream `stream` of `seed`."),
+    }, doc: "vit_reseed(model, seed, stream): restart the drop-path generator on stream `stream` of `seed`."),
 
-    Method(name: "vit_zero_grad", function: { _, a, n in call(a, n, "vit_zero_grad") { args in
+    Method("vit_zero_grad", { args in
         try args.expect(1)
         let m = try args.handle(0, "model", VisionTransformer.self)
         exclusive(m) { m.zeroGrad() }
         return none()
-    } }, doc: "vit_zero_grad(model)"),
+    }, doc: "vit_zero_grad(model)"),
 
-    Method(name: "vit_forward", function: { _, a, n in call(a, n, "vit_forward") { args in
+    Method("vit_forward", { args in
         // (model, images, out [B, classes], features: bool)
         try args.expect(4)
         let m = try args.handle(0, "model", VisionTransformer.self)
@@ -132,16 +132,16 @@ let modelMethods: [Method] = [
         let B = x.shape[0], k = m.config
         let features = try args.bool(3, "features")
         try requireBatchFits(m.config, B: B, outputs: 1)
-        let out = features ? try arena.float32(args[2], "out", [B, k.numTokens, k.embedDim], writable: true)
+        let out = features ? try arena.float32(args[2], "out", [B, k.sequenceLength, k.embedDim], writable: true)
                            : try arena.float32(args[2], "out", [B, k.numClasses], writable: true)
         let ok = exclusive(m) {
             features ? m.forwardFeatures(out: out.pointer, images: x.readOnly, B: B) : m.forward(logits: out.pointer, images: x.readOnly, B: B)
         }
         guard ok else { throw PyError.memory("forward: could not allocate activations for batch \(B)") }
         return none()
-    } }, doc: "vit_forward(model, images, out, features): logits [B, classes] or final tokens [B, N, C]."),
+    }, doc: "vit_forward(model, images, out, features): logits [B, classes] or final tokens [B, N, C]."),
 
-    Method(name: "vit_train_step", function: { _, a, n in call(a, n, "vit_train_step") { args in
+    Method("vit_train_step", { args in
         // (model, images, labels int32 [B], smoothing, logits_out|None) -> loss
         try args.expect(5)
         let m = try args.handle(0, "model", VisionTransformer.self)
@@ -164,9 +164,9 @@ let modelMethods: [Method] = [
         case .failure(.nonFiniteLoss(let v)):
             throw PyError.value("train_step: the loss is not finite (\(v)); gradients were not changed (check the images for NaN/inf and the learning rate)")
         }
-    } }, doc: "vit_train_step(model, images, labels, label_smoothing, logits_out) -> loss; adds gradients."),
+    }, doc: "vit_train_step(model, images, labels, label_smoothing, logits_out) -> loss; adds gradients."),
 
-    Method(name: "vit_train_step_soft", function: { _, a, n in call(a, n, "vit_train_step_soft") { args in
+    Method("vit_train_step_soft", { args in
         // (model, images, targets float32 [B, classes], logits_out|None) -> loss
         try args.expect(4)
         let m = try args.handle(0, "model", VisionTransformer.self)
@@ -197,29 +197,29 @@ let modelMethods: [Method] = [
         case .failure(.nonFiniteLoss(let v)):
             throw PyError.value("train_step: the loss is not finite (\(v)); gradients were not changed (check the images for NaN/inf and the learning rate)")
         }
-    } }, doc: "vit_train_step_soft(model, images, targets, logits_out) -> loss; soft-target cross-entropy (mixup/cutmix), adds gradients."),
+    }, doc: "vit_train_step_soft(model, images, targets, logits_out) -> loss; soft-target cross-entropy (mixup/cutmix), adds gradients."),
 
-    Method(name: "vit_set_precision", function: { _, a, n in call(a, n, "vit_set_precision") { args in
+    Method("vit_set_precision", { args in
         try args.expect(2)
         let m = try args.handle(0, "model", VisionTransformer.self)
         let precision = try args.precision(1, "precision")
         exclusive(m) { m.precision = precision }   // not in the middle of another thread's step
         return none()
-    } }, doc: "vit_set_precision(model, precision): 'fp32' or 'bf16' for every matrix product."),
+    }, doc: "vit_set_precision(model, precision): 'fp32' or 'bf16' for every matrix product."),
 
-    Method(name: "vit_precision", function: { _, a, n in call(a, n, "vit_precision") { args in
+    Method("vit_precision", { args in
         try args.expect(1)
         return pyString(try args.handle(0, "model", VisionTransformer.self).precision.rawValue)
-    } }, doc: "vit_precision(model) -> 'fp32' or 'bf16'"),
+    }, doc: "vit_precision(model) -> 'fp32' or 'bf16'"),
 
-    Method(name: "vit_release", function: { _, a, n in call(a, n, "vit_release") { args in
+    Method("vit_release", { args in
         try args.expect(1)
         let m = try args.handle(0, "model", VisionTransformer.self)
         exclusive(m) { m.releaseActivations() }
         return none()
-    } }, doc: "vit_release(model): frees the cached training activations."),
+    }, doc: "vit_release(model): frees the cached training activations."),
 
-    Method(name: "adamw_create", function: { _, a, n in call(a, n, "adamw_create") { args in
+    Method("adamw_create", { args in
         // (total, segments [(offset, count, decay, lr_scale)], lr, beta1, beta2, eps, weight_decay)
         try args.expect(7)
         let total = try args.int(0, "total", min: 0, max: 1 << 34)
@@ -245,9 +245,9 @@ let modelMethods: [Method] = [
         }
         guard let h = makeHandle(opt) else { throw PythonErrorSet() }
         return h
-    } }, doc: "adamw_create(total, segments, lr, beta1, beta2, eps, weight_decay) -> handle"),
+    }, doc: "adamw_create(total, segments, lr, beta1, beta2, eps, weight_decay) -> handle"),
 
-    Method(name: "adamw_configure", function: { _, a, n in call(a, n, "adamw_configure") { args in
+    Method("adamw_configure", { args in
         // (opt, lr, beta1, beta2, eps, weight_decay, step)
         try args.expect(7)
         let opt = try args.handle(0, "optimizer", AdamW.self)
@@ -258,16 +258,16 @@ let modelMethods: [Method] = [
             opt.weightDecay = h.weightDecay; opt.step = step
         }
         return none()
-    } }, doc: "adamw_configure(opt, lr, beta1, beta2, eps, weight_decay, step)"),
+    }, doc: "adamw_configure(opt, lr, beta1, beta2, eps, weight_decay, step)"),
 
-    Method(name: "adamw_moments", function: { _, a, n in call(a, n, "adamw_moments") { args in
+    Method("adamw_moments", { args in
         try args.expect(1)
         let opt = try args.handle(0, "optimizer", AdamW.self)
         return try pyTuple([makeTensor(opt.m, dtype: .float32, shape: [opt.total]), makeTensor(opt.v, dtype: .float32, shape: [opt.total]),
                             pyInt(opt.step)])
-    } }, doc: "adamw_moments(opt) -> (exp_avg, exp_avg_sq, step): zero-copy 1-d views."),
+    }, doc: "adamw_moments(opt) -> (exp_avg, exp_avg_sq, step): zero-copy 1-d views."),
 
-    Method(name: "adamw_step", function: { _, a, n in call(a, n, "adamw_step") { args in
+    Method("adamw_step", { args in
         // (opt, params [total], grads [total], clip|None) -> grad norm before clipping
         try args.expect(4)
         let opt = try args.handle(0, "optimizer", AdamW.self)
@@ -297,5 +297,5 @@ let modelMethods: [Method] = [
             throw PyError.value("AdamW.step: this update would make parameters or moments non-finite in float32 (lr=\(opt.lr), weight_decay=\(opt.weightDecay)); parameters were not changed")
         }
         return pyFloat(norm)
-    } }, doc: "adamw_step(opt, params, grads, clip_grad) -> gradient norm before clipping."),
+    }, doc: "adamw_step(opt, params, grads, clip_grad) -> gradient norm before clipping."),
 ]

@@ -26,12 +26,12 @@ private func seedArg(_ args: Args, _ i: Int) throws -> UInt64 {
 }
 
 let objectiveMethods: [Method] = [
-    Method(name: "dtm_schedule_new", function: { _, a, n in call(a, n, "dtm_schedule_new") { args in
+    Method("dtm_schedule_new", { args in
         try args.expect(1)
         return makeHandle(DTMSchedule(seed: try seedArg(args, 0)))
-    } }, doc: "dtm_schedule_new(seed) -> handle of a seeded DTM schedule stream."),
+    }, doc: "dtm_schedule_new(seed) -> handle of a seeded DTM schedule stream."),
 
-    Method(name: "dtm_schedule_draw", function: { _, a, n in call(a, n, "dtm_schedule_draw") { args in
+    Method("dtm_schedule_draw", { args in
         // dtm_schedule_draw(handle, max_budget, max_iterations, count) -> [(n̄, k, r), ...]
         try args.expect(4)
         let schedule = try args.handle(0, "schedule", DTMSchedule.self)
@@ -42,25 +42,25 @@ let objectiveMethods: [Method] = [
         return try pyList(entries.map { e in
             try? pyTuple([pyInt(e.tokenBudget), pyInt(e.iterations), pyInt(e.mergesPerIteration)])
         })
-    } }, doc: "dtm_schedule_draw(schedule, max_tokens, max_iterations, num_schedules) -> list of (num_tokens, iterations, r)."),
+    }, doc: "dtm_schedule_draw(schedule, max_tokens, max_iterations, num_schedules) -> list of (num_tokens, iterations, r)."),
 
-    Method(name: "dtm_merges_per_iteration", function: { _, a, n in call(a, n, "dtm_merges_per_iteration") { args in
+    Method("dtm_merges_per_iteration", { args in
         try args.expect(3)
         let budget = try args.int(0, "num_tokens", min: 0)
         let iterations = try args.int(1, "iterations", min: 1)
         let maxBudget = try args.int(2, "max_tokens", min: 0)
         return pyInt(dtmMergesPerIteration(tokenBudget: budget, iterations: iterations, maxBudget: maxBudget))
-    } }, doc: "dtm_merges_per_iteration(num_tokens, iterations, max_tokens) -> r (reference rounding)."),
+    }, doc: "dtm_merges_per_iteration(num_tokens, iterations, max_tokens) -> r (reference rounding)."),
 
-    Method(name: "token_morphing_group_count", function: { _, a, n in call(a, n, "token_morphing_group_count") { args in
+    Method("token_morphing_group_count", { args in
         try args.expect(4)
         let N = try args.int(0, "num_tokens", min: 0)
         let r = try args.int(1, "r", min: 0)
         let iterations = try args.int(2, "iterations", min: 0)
         return pyInt(tokenMorphingGroupCount(N: N, r: r, iterations: iterations, protectFirst: try args.bool(3, "protect_first")))
-    } }, doc: "token_morphing_group_count(n, r, iterations, protect_first) -> groups left."),
+    }, doc: "token_morphing_group_count(n, r, iterations, protect_first) -> groups left."),
 
-    Method(name: "token_morphing", function: { _, a, n in call(a, n, "token_morphing") { args in
+    Method("token_morphing", { args in
         // token_morphing(features, r, iterations, protect_first, membership, sizes, merged)
         try args.expect(7)
         let arena = BufferArena(); defer { arena.release() }
@@ -80,9 +80,9 @@ let objectiveMethods: [Method] = [
                           r: r, iterations: iterations, protectFirst: protectFirst)
         }
         return none()
-    } }, doc: "token_morphing(features[B,n,d], r, iterations, protect_first, membership[B,n] i32, sizes[B,G] i32, merged[B,G,d])."),
+    }, doc: "token_morphing(features[B,n,d], r, iterations, protect_first, membership[B,n] i32, sizes[B,G] i32, merged[B,G,d])."),
 
-    Method(name: "dtm_memberships", function: { _, a, n in call(a, n, "dtm_memberships") { args in
+    Method("dtm_memberships", { args in
         // dtm_memberships(features, rs, iterations, protect_first, out[L, B, n])
         try args.expect(5)
         let arena = BufferArena(); defer { arena.release() }
@@ -106,9 +106,9 @@ let objectiveMethods: [Method] = [
             }
         }
         return none()
-    } }, doc: "dtm_memberships(features[B,n,d], rs, iterations, protect_first, out[L,B,n] i32): one morphing per schedule."),
+    }, doc: "dtm_memberships(features[B,n,d], rs, iterations, protect_first, out[L,B,n] i32): one morphing per schedule."),
 
-    Method(name: "dtm_loss_forward", function: { _, a, n in call(a, n, "dtm_loss_forward") { args in
+    Method("dtm_loss_forward", { args in
         // dtm_loss_forward(pred, target, memberships, beta) -> float
         try args.expect(4)
         let arena = BufferArena(); defer { arena.release() }
@@ -123,9 +123,9 @@ let objectiveMethods: [Method] = [
         let L = m.shape[0]
         let loss = withoutGIL { dtmLossForward(pred: pp, target: pt, membership: pm, L: L, B: B, N: N, D: D, beta: beta) }
         return pyFloat(loss)
-    } }, doc: "dtm_loss_forward(pred[B,n,d], target[B,n,d], memberships[L,B,n] i32, beta) -> loss."),
+    }, doc: "dtm_loss_forward(pred[B,n,d], target[B,n,d], memberships[L,B,n] i32, beta) -> loss."),
 
-    Method(name: "dtm_loss_backward", function: { _, a, n in call(a, n, "dtm_loss_backward") { args in
+    Method("dtm_loss_backward", { args in
         // dtm_loss_backward(dloss, pred, target, memberships, beta, dpred): dpred += ∂loss/∂pred · dloss
         try args.expect(6)
         let arena = BufferArena(); defer { arena.release() }
@@ -144,9 +144,9 @@ let objectiveMethods: [Method] = [
             dtmLossBackward(dPred: pd, dLoss: dLoss, pred: pp, target: pt, membership: pm, L: L, B: B, N: N, D: D, beta: beta)
         }
         return none()
-    } }, doc: "dtm_loss_backward(dloss, pred, target, memberships, beta, dpred): dpred += dloss·∂loss/∂pred."),
+    }, doc: "dtm_loss_backward(dloss, pred, target, memberships, beta, dpred): dpred += dloss·∂loss/∂pred."),
 
-    Method(name: "ccvit_corrupt", function: { _, a, n in call(a, n, "ccvit_corrupt") { args in
+    Method("ccvit_corrupt", { args in
         // ccvit_corrupt(images, mask, centroid_ids, centroids, patch_size, num_replace, seed, replaced, first_sample)
         try args.expect(9)
         let arena = BufferArena(); defer { arena.release() }
@@ -171,9 +171,9 @@ let objectiveMethods: [Method] = [
                          B: B, C: C, H: H, W: W, P: P, numReplace: numReplace, seed: seed, firstStream: first)
         }
         return none()
-    } }, doc: "ccvit_corrupt(images[B,C,H,W] (in place), mask[B,n] i32, centroid_ids[B,n] i32, centroids[K,C·P·P], patch_size, num_replace, seed, replaced[B,n] i32, first_sample): image b draws from stream first_sample + b."),
+    }, doc: "ccvit_corrupt(images[B,C,H,W] (in place), mask[B,n] i32, centroid_ids[B,n] i32, centroids[K,C·P·P], patch_size, num_replace, seed, replaced[B,n] i32, first_sample): image b draws from stream first_sample + b."),
 
-    Method(name: "ccvit_pixel_targets", function: { _, a, n in call(a, n, "ccvit_pixel_targets") { args in
+    Method("ccvit_pixel_targets", { args in
         // ccvit_pixel_targets(images, patch_size, out)
         try args.expect(3)
         let arena = BufferArena(); defer { arena.release() }
@@ -187,9 +187,9 @@ let objectiveMethods: [Method] = [
         nonisolated(unsafe) let (pi, po) = (img.readOnly, out.pointer)
         withoutGIL { ccvitPixelTargets(out: po, images: pi, B: B, C: C, H: H, W: W, P: P) }
         return none()
-    } }, doc: "ccvit_pixel_targets(images[B,C,H,W], patch_size, out[B,n,C·P·P]): per-patch normalised pixels."),
+    }, doc: "ccvit_pixel_targets(images[B,C,H,W], patch_size, out[B,n,C·P·P]): per-patch normalised pixels."),
 
-    Method(name: "masked_mse_forward", function: { _, a, n in call(a, n, "masked_mse_forward") { args in
+    Method("masked_mse_forward", { args in
         // masked_mse_forward(pred[R,M], target[R,M], rows[R]) -> float
         try args.expect(3)
         let arena = BufferArena(); defer { arena.release() }
@@ -199,9 +199,9 @@ let objectiveMethods: [Method] = [
         let rows = try arena.int32(args[2], "mask", [R])
         nonisolated(unsafe) let (pp, pt, pr) = (p.readOnly, t.readOnly, rows.readOnly)
         return pyFloat(withoutGIL { maskedMSEForward(pred: pp, target: pt, rows: pr, R: R, M: M) })
-    } }, doc: "masked_mse_forward(pred[R,M], target[R,M], mask[R] i32) -> mean squared error over selected rows."),
+    }, doc: "masked_mse_forward(pred[R,M], target[R,M], mask[R] i32) -> mean squared error over selected rows."),
 
-    Method(name: "masked_mse_backward", function: { _, a, n in call(a, n, "masked_mse_backward") { args in
+    Method("masked_mse_backward", { args in
         // masked_mse_backward(dloss, pred, target, rows, dpred)
         try args.expect(5)
         let arena = BufferArena(); defer { arena.release() }
@@ -214,5 +214,5 @@ let objectiveMethods: [Method] = [
         nonisolated(unsafe) let (pp, pt, pr, pd) = (p.readOnly, t.readOnly, rows.readOnly, dp.pointer)
         withoutGIL { maskedMSEBackward(dPred: pd, dLoss: dLoss, pred: pp, target: pt, rows: pr, R: R, M: M) }
         return none()
-    } }, doc: "masked_mse_backward(dloss, pred, target, mask, dpred): dpred += dloss·∂mse/∂pred."),
+    }, doc: "masked_mse_backward(dloss, pred, target, mask, dpred): dpred += dloss·∂mse/∂pred."),
 ]

@@ -42,8 +42,8 @@ private func visualTokens(_ arena: BufferArena, _ obj: PyObj, B: Int, _ k: Pretr
 /// A permutation batch matching B images of `k`.
 private func permutationBatch(_ args: Args, _ i: Int, B: Int, _ k: PretrainConfig) throws -> PermutationBatch {
     let batch = try args.handle(i, "batch", PermutationBatch.self)
-    guard batch.tokens == k.vit.numTokens else {
-        throw PyError.value("batch: permutations over \(batch.tokens) tokens, the model has \(k.vit.numTokens) (\(k.vit.numPatches) patches + class token)")
+    guard batch.tokens == k.vit.sequenceLength else {
+        throw PyError.value("batch: permutations over \(batch.tokens) tokens, the model has \(k.vit.sequenceLength) (\(k.vit.numPatches) patches + class token)")
     }
     guard batch.batchSize == B else {
         throw PyError.value("batch: holds \(batch.batchSize) permutations for \(B) images")
@@ -83,11 +83,17 @@ private func word(_ args: Args, _ i: Int, _ name: String) throws -> UInt64 {
     UInt64(bitPattern: Int64(try args.int(i, name)))
 }
 
+/// The keys of `pretrain_create`'s config dict, in the order they are read: the model config's own
+/// names (num_tokens: the visual-token vocabulary; output_dim: DTM's teacher dimension, None otherwise).
+let pretrainConfigKeys = ["kind", "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
+                          "num_tokens", "output_dim", "least_number", "init_values", "drop_path_rate", "qkv_bias",
+                          "seed", "early_layers", "head_layers"]
+
 let pretrainModelMethods: [Method] = [
-    Method(name: "pretrain_create", function: { _, a, n in call(a, n, "pretrain_create") { args in
-        // (kind, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, num_tokens,
-        //  least_number, init_values|None, drop_path_rate, qkv_bias, seed, early_layers, head_layers)
-        try args.expect(16)
+    Method("pretrain_create", { outer in
+        // pretrain_create(config: dict) -> handle; config holds exactly pretrainConfigKeys
+        try outer.expect(1)
+        return try withConfig(outer[0], keys: pretrainConfigKeys, function: "pretrain_create") { args in
         var k = PretrainConfig()
         let kind = try args.string(0, "kind")
         guard let kd = PretrainKind(rawValue: kind) else {
@@ -104,14 +110,16 @@ let pretrainModelMethods: [Method] = [
         guard k.vit.mlpRatio > 0, Double(k.vit.embedDim) * k.vit.mlpRatio < 1e7 else {
             throw PyError.value("mlp_ratio: expected a positive ratio, got \(k.vit.mlpRatio)")
         }
-        k.vocabSize = try args.int(8, "num_tokens", min: 1, max: 1 << 24)
-        k.leastNumber = try args.int(9, "least_number", min: 1, max: 1 << 30)
-        k.vit.initValues = args.isNone(10) ? nil : Float(try args.finiteDouble(10, "init_values"))
-        k.vit.dropPathRate = Float(try args.double(11, "drop_path_rate"))
-        k.vit.qkvBias = try args.bool(12, "qkv_bias")
-        let seed = UInt64(bitPattern: Int64(try args.int(13, "seed")))
-        k.earlyLayers = try args.int(14, "early_layers", min: 1, max: 1024)
-        k.headLayers = try args.int(15, "head_layers", min: 1, max: 64)
+        // lm_head / decoder outputs: the vocabulary, or DTM's teacher dimension
+        let vocabulary = try args.int(8, "num_tokens", min: 1, max: 1 << 24)
+        k.vocabSize = kd == .dtm ? try args.int(9, "output_dim", min: 1, max: 1 << 24) : vocabulary
+        k.leastNumber = try args.int(10, "least_number", min: 1, max: 1 << 30)
+        k.vit.initValues = args.isNone(11) ? nil : Float(try args.finiteDouble(11, "init_values"))
+        k.vit.dropPathRate = Float(try args.double(12, "drop_path_rate"))
+        k.vit.qkvBias = try args.bool(13, "qkv_bias")
+        let seed = UInt64(bitPattern: Int64(try args.int(14, "seed")))
+        k.earlyLayers = try args.int(15, "early_layers", min: 1, max: 1024)
+        k.headLayers = try args.int(16, "head_layers", min: 1, max: 64)
         if let problem = k.problem { throw PyError.value(problem) }
         let total = PretrainModel.makeTable(k).total
         try requireModelFits(k.vit, total: total, outputs: k.vocabSize, streams: k.twoStream ? 2 : 1)
@@ -123,65 +131,66 @@ let pretrainModelMethods: [Method] = [
         guard let model else { throw PyError.memory("pretrain_create: could not allocate \(total) parameters") }
         guard let h = makeHandle(model) else { throw PythonErrorSet() }
         return h
-    } }, doc: "pretrain_create(kind, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, num_tokens, least_number, init_values, drop_path_rate, qkv_bias, seed, early_layers, head_layers) -> handle"),
+        }
+    }, doc: "pretrain_create(config: dict) -> handle; config keys: " + pretrainConfigKeys.joined(separator: ", ")),
 
-    Method(name: "pretrain_table", function: { _, a, n in call(a, n, "pretrain_table") { args in
+    Method("pretrain_table", { args in
         try args.expect(1)
         return try table(try args.handle(0, "model", PretrainModel.self).table)
-    } }, doc: "pretrain_table(model) -> [(name, shape, offset)] in reference order."),
+    }, doc: "pretrain_table(model) -> [(name, shape, offset)] in reference order."),
 
-    Method(name: "pretrain_blocks", function: { _, a, n in call(a, n, "pretrain_blocks") { args in
+    Method("pretrain_blocks", { args in
         try args.expect(1)
         let m = try args.handle(0, "model", PretrainModel.self)
         return try pyTuple([makeTensor(m.params, dtype: .float32, shape: [m.table.total]),
                             makeTensor(m.grads, dtype: .float32, shape: [m.table.total])])
-    } }, doc: "pretrain_blocks(model) -> (params, grads): 1-d zero-copy views of the two contiguous blocks."),
+    }, doc: "pretrain_blocks(model) -> (params, grads): 1-d zero-copy views of the two contiguous blocks."),
 
-    Method(name: "pretrain_zero_grad", function: { _, a, n in call(a, n, "pretrain_zero_grad") { args in
+    Method("pretrain_zero_grad", { args in
         try args.expect(1)
         let m = try args.handle(0, "model", PretrainModel.self)
         exclusive(m) { m.zeroGrad() }
         return none()
-    } }, doc: "pretrain_zero_grad(model)"),
+    }, doc: "pretrain_zero_grad(model)"),
 
-    Method(name: "pretrain_rng_state", function: { _, a, n in call(a, n, "pretrain_rng_state") { args in
+    Method("pretrain_rng_state", { args in
         try args.expect(1)
         let m = try args.handle(0, "model", PretrainModel.self)
         let s = exclusive(m) { m.rng.stateWords }
         return try pyTuple([s.0, s.1, s.2, s.3].map { pyInt(Int(Int64(bitPattern: $0))) })
-    } }, doc: "pretrain_rng_state(model) -> 4 signed 64-bit words of the drop-path xoshiro256** state"),
+    }, doc: "pretrain_rng_state(model) -> 4 signed 64-bit words of the drop-path xoshiro256** state"),
 
-    Method(name: "pretrain_set_rng_state", function: { _, a, n in call(a, n, "pretrain_set_rng_state") { args in
+    Method("pretrain_set_rng_state", { args in
         try args.expect(5)
         let m = try args.handle(0, "model", PretrainModel.self)
         let s = (try word(args, 1, "s0"), try word(args, 2, "s1"), try word(args, 3, "s2"), try word(args, 4, "s3"))
         guard s.0 | s.1 | s.2 | s.3 != 0 else { throw PyError.value("state: a xoshiro256** state must not be all zero") }
         exclusive(m) { m.rng = Xoshiro256StarStar(state: s) }
         return none()
-    } }, doc: "pretrain_set_rng_state(model, s0, s1, s2, s3)"),
+    }, doc: "pretrain_set_rng_state(model, s0, s1, s2, s3)"),
 
-    Method(name: "pretrain_set_seed", function: { _, a, n in call(a, n, "pretrain_set_seed") { args in
+    Method("pretrain_set_seed", { args in
         try args.expect(2)
         let m = try args.handle(0, "model", PretrainModel.self)
         let seed = try word(args, 1, "seed")
         exclusive(m) { m.rng = Xoshiro256StarStar(seed: seed, stream: 1) }
         return none()
-    } }, doc: "pretrain_set_seed(model, seed_bits): restarts the drop-path generator"),
+    }, doc: "pretrain_set_seed(model, seed_bits): restarts the drop-path generator"),
 
-    Method(name: "pretrain_set_precision", function: { _, a, n in call(a, n, "pretrain_set_precision") { args in
+    Method("pretrain_set_precision", { args in
         try args.expect(2)
         let m = try args.handle(0, "model", PretrainModel.self)
         let precision = try args.precision(1, "precision")
         exclusive(m) { m.precision = precision }   // not in the middle of another thread's step
         return none()
-    } }, doc: "pretrain_set_precision(model, precision): 'fp32' or 'bf16' for every matrix product."),
+    }, doc: "pretrain_set_precision(model, precision): 'fp32' or 'bf16' for every matrix product."),
 
-    Method(name: "pretrain_precision", function: { _, a, n in call(a, n, "pretrain_precision") { args in
+    Method("pretrain_precision", { args in
         try args.expect(1)
         return pyString(try args.handle(0, "model", PretrainModel.self).precision.rawValue)
-    } }, doc: "pretrain_precision(model) -> 'fp32' or 'bf16'"),
+    }, doc: "pretrain_precision(model) -> 'fp32' or 'bf16'"),
 
-    Method(name: "pretrain_release", function: { _, a, n in call(a, n, "pretrain_release") { args in
+    Method("pretrain_release", { args in
         try args.expect(1)
         let m = try args.handle(0, "model", PretrainModel.self)
         exclusive(m) {
@@ -189,9 +198,9 @@ let pretrainModelMethods: [Method] = [
             (m as? BEiTModel)?.releaseActivations()   // BEiT, DTM and CCViT
         }
         return none()
-    } }, doc: "pretrain_release(model): frees the cached activations."),
+    }, doc: "pretrain_release(model): frees the cached activations."),
 
-    Method(name: "twostream_forward", function: { _, a, n in call(a, n, "twostream_forward") { args in
+    Method("twostream_forward", { args in
         // (model, images, batch, out [B, P, V])
         try args.expect(4)
         let m = try args.handle(0, "model", MaPeTModel.self)
@@ -205,9 +214,9 @@ let pretrainModelMethods: [Method] = [
             throw PyError.memory("forward: could not allocate activations for batch \(B)")
         }
         return none()
-    } }, doc: "twostream_forward(model, images, batch, out): logits [B, P, num_tokens] at the predicted positions."),
+    }, doc: "twostream_forward(model, images, batch, out): logits [B, P, num_tokens] at the predicted positions."),
 
-    Method(name: "twostream_train_step", function: { _, a, n in call(a, n, "twostream_train_step") { args in
+    Method("twostream_train_step", { args in
         // (model, images, tokens int32 [B, n], batch, logits_out|None) -> loss
         try args.expect(5)
         let m = try args.handle(0, "model", MaPeTModel.self)
@@ -221,9 +230,9 @@ let pretrainModelMethods: [Method] = [
         nonisolated(unsafe) let lo = logits?.pointer
         let r = exclusive(m) { m.trainStep(images: x.readOnly, tokens: tokens.readOnly, batch: batch, logitsOut: lo) }
         return try stepResult(r, B: B)
-    } }, doc: "twostream_train_step(model, images, tokens, batch, logits_out) -> loss; adds gradients."),
+    }, doc: "twostream_train_step(model, images, tokens, batch, logits_out) -> loss; adds gradients."),
 
-    Method(name: "mim_forward", function: { _, a, n in call(a, n, "mim_forward") { args in
+    Method("mim_forward", { args in
         // (model, images, mask int32 [B, n], out [B, M, V]); every sample masks M patches
         try args.expect(4)
         let m = try maskedModel(args, .beit)
@@ -241,9 +250,9 @@ let pretrainModelMethods: [Method] = [
             throw PyError.memory("forward: could not allocate activations for batch \(B)")
         }
         return none()
-    } }, doc: "mim_forward(model, images, mask, out): logits [B, M, num_tokens] at the masked patches."),
+    }, doc: "mim_forward(model, images, mask, out): logits [B, M, num_tokens] at the masked patches."),
 
-    Method(name: "mim_train_step", function: { _, a, n in call(a, n, "mim_train_step") { args in
+    Method("mim_train_step", { args in
         // (model, images, tokens int32 [B, n], mask int32 [B, n], logits_out [M_total, V]|None) -> loss
         try args.expect(5)
         let m = try maskedModel(args, .beit)
@@ -257,8 +266,8 @@ let pretrainModelMethods: [Method] = [
         nonisolated(unsafe) let lo = logits?.pointer
         let r = exclusive(m) { m.trainStep(images: x.readOnly, tokens: tokens.readOnly, masked: mask.readOnly, B: B, logitsOut: lo) }
         return try stepResult(r, B: B)
-    } }, doc: "mim_train_step(model, images, tokens, mask, logits_out) -> loss; adds gradients."),
-    Method(name: "dtm_forward", function: { _, a, n in call(a, n, "dtm_forward") { args in
+    }, doc: "mim_train_step(model, images, tokens, mask, logits_out) -> loss; adds gradients."),
+    Method("dtm_forward", { args in
         // (model, images, mask int32 [B, n], out [B, n, D])
         try args.expect(4)
         let m = try maskedModel(args, .dtm)
@@ -272,9 +281,9 @@ let pretrainModelMethods: [Method] = [
             throw PyError.memory("forward: could not allocate activations for batch \(B)")
         }
         return none()
-    } }, doc: "dtm_forward(model, images, mask, out): predictions [B, n, output_dim] at every patch."),
+    }, doc: "dtm_forward(model, images, mask, out): predictions [B, n, output_dim] at every patch."),
 
-    Method(name: "dtm_train_step", function: { _, a, n in call(a, n, "dtm_train_step") { args in
+    Method("dtm_train_step", { args in
         // (model, images, mask int32 [B, n], target [B, n, D], memberships int32 [L, B, n], beta, pred_out|None) -> loss
         try args.expect(7)
         let m = try maskedModel(args, .dtm)
@@ -300,9 +309,9 @@ let pretrainModelMethods: [Method] = [
             m.dtmTrainStep(images: px, masked: pm, target: pt, membership: pmem, L: L, beta: beta, B: B, predOut: po)
         }
         return try stepResult(r, B: B)
-    } }, doc: "dtm_train_step(model, images, mask, target, memberships, beta, pred_out) -> loss; adds gradients."),
+    }, doc: "dtm_train_step(model, images, mask, target, memberships, beta, pred_out) -> loss; adds gradients."),
 
-    Method(name: "ccvit_forward", function: { _, a, n in call(a, n, "ccvit_forward") { args in
+    Method("ccvit_forward", { args in
         // (model, images, mask int32 [B, n], replaced int32 [B, n], logits_out [M, V], pixels_out [M, P])
         try args.expect(6)
         let m = try args.handle(0, "model", CCViTModel.self)
@@ -319,9 +328,9 @@ let pretrainModelMethods: [Method] = [
             throw PyError.memory("forward: could not allocate activations for batch \(B)")
         }
         return none()
-    } }, doc: "ccvit_forward(model, images, mask, replaced, logits_out[M,V], pixels_out[M,P]) at the corrupted patches."),
+    }, doc: "ccvit_forward(model, images, mask, replaced, logits_out[M,V], pixels_out[M,P]) at the corrupted patches."),
 
-    Method(name: "ccvit_train_step", function: { _, a, n in call(a, n, "ccvit_train_step") { args in
+    Method("ccvit_train_step", { args in
         // (model, images, tokens int32 [B, n], pixel_targets [B, n, P], mask, replaced, token_weight,
         //  pixel_weight, logits_out|None, pixels_out|None) -> (loss, token_loss, pixel_loss)
         try args.expect(10)
@@ -351,5 +360,5 @@ let pretrainModelMethods: [Method] = [
         case .success(let l): return try pyTuple([pyFloat(l.total), pyFloat(l.tokens), pyFloat(l.pixels)])
         case .failure(let e): return try stepResult(.failure(e), B: B)
         }
-    } }, doc: "ccvit_train_step(model, images, tokens, pixel_targets, mask, replaced, token_weight, pixel_weight, logits_out, pixels_out) -> (loss, token_loss, pixel_loss); adds gradients."),
+    }, doc: "ccvit_train_step(model, images, tokens, pixel_targets, mask, replaced, token_weight, pixel_weight, logits_out, pixels_out) -> (loss, token_loss, pixel_loss); adds gradients."),
 ]

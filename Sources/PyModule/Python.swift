@@ -38,7 +38,7 @@ struct PyError: Error {
 struct PythonErrorSet: Error {}
 
 /// Runs a method body, turning thrown errors into a raised Python exception (nil return).
-func call(_ args: UnsafePointer<PyObj?>?, _ nargs: Int, _ name: StaticString,
+func call(_ args: UnsafePointer<PyObj?>?, _ nargs: Int, _ name: String,
           _ body: (Args) throws -> PyObj?) -> PyObj? {
     let t0 = Profiler.begin(); defer { Profiler.end(.extensionCall, t0) }
     do {
@@ -55,6 +55,29 @@ func call(_ args: UnsafePointer<PyObj?>?, _ nargs: Int, _ name: StaticString,
 }
 
 func typeName(_ o: PyObj) -> String { String(cString: mapet_py_type_name(o)) }
+
+/// Runs `body` on the entries `keys` of the dict `obj` as if they were positional arguments
+/// (so one set of `Args` conversions and messages serves both): a config crosses the boundary as
+/// one dict. A missing or unknown key raises, naming it.
+func withConfig<T>(_ obj: PyObj, keys: [String], function: String, _ body: (Args) throws -> T) throws -> T {
+    let size = PyDict_Size(obj)
+    if size < 0 {
+        PyErr_Clear()
+        throw PyError.type("config: expected a dict, got \(typeName(obj))")
+    }
+    let values = UnsafeMutablePointer<PyObj?>.allocate(capacity: max(1, keys.count))
+    defer { values.deallocate() }
+    for (i, key) in keys.enumerated() {
+        guard let v = PyDict_GetItemString(obj, key) else {  // borrowed: the dict holds it
+            throw PyError.key("config: missing '\(key)' (expected the keys \(keys.joined(separator: ", ")))")
+        }
+        values[i] = v
+    }
+    guard size == keys.count else {
+        throw PyError.key("config: unknown keys besides \(keys.joined(separator: ", ")) (\(size) keys given)")
+    }
+    return try body(Args(base: UnsafePointer(values), count: keys.count, function: function))
+}
 
 /// Positional arguments of a METH_FASTCALL call.
 struct Args {

@@ -51,15 +51,15 @@ private func sampleIndex(_ args: Args, _ i: Int, _ batch: PermutationBatch) thro
 let samplingMethods: [Method] = [
     // MARK: permutations
 
-    Method(name: "perm_sampler_new", function: { _, a, n in call(a, n, "perm_sampler_new") { args in
+    Method("perm_sampler_new", { args in
         try args.expect(4)
         let N = try args.int(0, "num_patches", min: 1, max: 1 << 24) + 1
         let (L, upper) = try permutationSizes(args, tokens: N, 1, 2)
         let seed = try bits(args, 3, "seed")
         return makeHandle(PermutationSampler(tokens: N, leastNumber: L, upperLimit: upper, seed: seed))
-    } }, doc: "perm_sampler_new(num_patches, least_number, upper_limit|None, seed_bits) -> handle"),
+    }, doc: "perm_sampler_new(num_patches, least_number, upper_limit|None, seed_bits) -> handle"),
 
-    Method(name: "perm_sampler_sample", function: { _, a, n in call(a, n, "perm_sampler_sample") { args in
+    Method("perm_sampler_sample", { args in
         try args.expect(2)
         let sampler = try args.handle(0, "sampler", PermutationSampler.self)
         let B = try args.int(1, "batch_size", min: 1)
@@ -69,23 +69,23 @@ let samplingMethods: [Method] = [
             throw PyError.memory("sample: could not allocate a batch of \(B) permutations")
         }
         return makeHandle(batch)
-    } }, doc: "perm_sampler_sample(sampler, batch_size) -> batch handle"),
+    }, doc: "perm_sampler_sample(sampler, batch_size) -> batch handle"),
 
-    Method(name: "perm_sampler_state", function: { _, a, n in call(a, n, "perm_sampler_state") { args in
+    Method("perm_sampler_state", { args in
         try args.expect(1)
         let s = try args.handle(0, "sampler", PermutationSampler.self)
         return try pyTuple([pyBits(s.seed), pyBits(s.samplesDrawn)])
-    } }, doc: "perm_sampler_state(sampler) -> (seed_bits, samples_drawn_bits)"),
+    }, doc: "perm_sampler_state(sampler) -> (seed_bits, samples_drawn_bits)"),
 
-    Method(name: "perm_sampler_set_state", function: { _, a, n in call(a, n, "perm_sampler_set_state") { args in
+    Method("perm_sampler_set_state", { args in
         try args.expect(3)
         let s = try args.handle(0, "sampler", PermutationSampler.self)
         let (seed, drawn) = (try bits(args, 1, "seed"), try bits(args, 2, "samples_drawn"))
         exclusive(s) { s.setState(seed: seed, samplesDrawn: drawn) }   // not while a draw reads the seed
         return none()
-    } }, doc: "perm_sampler_set_state(sampler, seed_bits, samples_drawn_bits)"),
+    }, doc: "perm_sampler_set_state(sampler, seed_bits, samples_drawn_bits)"),
 
-    Method(name: "perm_batch_from_orders", function: { _, a, n in call(a, n, "perm_batch_from_orders") { args in
+    Method("perm_batch_from_orders", { args in
         try args.expect(3)
         let arena = BufferArena(); defer { arena.release() }
         let orders = try arena.int64(args[0], "orders", [nil, nil])
@@ -102,16 +102,16 @@ let samplingMethods: [Method] = [
         case .success(nil): throw PyError.memory("from_orders: could not allocate a batch of \(B) permutations")
         case .success(let batch?): return makeHandle(batch)
         }
-    } }, doc: "perm_batch_from_orders(orders int64 [B, N], least_number, upper_limit|None) -> batch handle"),
+    }, doc: "perm_batch_from_orders(orders int64 [B, N], least_number, upper_limit|None) -> batch handle"),
 
-    Method(name: "perm_batch_info", function: { _, a, n in call(a, n, "perm_batch_info") { args in
+    Method("perm_batch_info", { args in
         try args.expect(1)
         let b = try args.handle(0, "batch", PermutationBatch.self)
         return try pyTuple([pyInt(b.batchSize), pyInt(b.tokens), pyInt(b.leastNumber), pyInt(b.predictedCount),
                             b.upperLimit.map(pyInt) ?? none()])
-    } }, doc: "perm_batch_info(batch) -> (B, N, least_number, P, upper_limit|None)"),
+    }, doc: "perm_batch_info(batch) -> (B, N, least_number, P, upper_limit|None)"),
 
-    Method(name: "perm_batch_arrays", function: { _, a, n in call(a, n, "perm_batch_arrays") { args in
+    Method("perm_batch_arrays", { args in
         try args.expect(1)
         let b = try args.handle(0, "batch", PermutationBatch.self)
         let (B, N, P) = (b.batchSize, b.tokens, b.predictedCount)
@@ -122,9 +122,9 @@ let samplingMethods: [Method] = [
             makeTensor(b.predicted, dtype: .int64, shape: [B, P], readonly: true),
             makeTensor(b.predictedRanks, dtype: .int64, shape: [B, P], readonly: true),
         ])
-    } }, doc: "perm_batch_arrays(batch) -> (orders, ranks, predicted, predicted_ranks), read-only int64 Tensors"),
+    }, doc: "perm_batch_arrays(batch) -> (orders, ranks, predicted, predicted_ranks), read-only int64 Tensors"),
 
-    Method(name: "perm_batch_mask", function: { _, a, n in call(a, n, "perm_batch_mask") { args in
+    Method("perm_batch_mask", { args in
         // perm_batch_mask(batch, stream, i, positional_tokens, out int32 [rows, keys])
         try args.expect(5)
         let batch = try args.handle(0, "batch", PermutationBatch.self)
@@ -143,9 +143,9 @@ let samplingMethods: [Method] = [
             }
         }
         return none()
-    } }, doc: "perm_batch_mask(batch, 'content'|'query', i, positional_tokens, out int32 [rows, keys]): 1 = may attend"),
+    }, doc: "perm_batch_mask(batch, 'content'|'query', i, positional_tokens, out int32 [rows, keys]): 1 = may attend"),
 
-    Method(name: "perm_batch_mask_any", function: { _, a, n in call(a, n, "perm_batch_mask_any") { args in
+    Method("perm_batch_mask_any", { args in
         // perm_batch_mask_any(batch, stream, i, positional_tokens, q0, q1, k0, k1) -> bool
         try args.expect(8)
         let batch = try args.handle(0, "batch", PermutationBatch.self)
@@ -159,11 +159,11 @@ let samplingMethods: [Method] = [
             ? TwoStreamContentMask(batch, positionalTokens: positional).anyAllowed(batch: i, queries: q0..<q1, keys: k0..<k1)
             : TwoStreamQueryMask(batch, positionalTokens: positional).anyAllowed(batch: i, queries: q0..<q1, keys: k0..<k1)
         return pyBool(any)
-    } }, doc: "perm_batch_mask_any(batch, stream, i, positional_tokens, q0, q1, k0, k1) -> the rule's anyAllowed"),
+    }, doc: "perm_batch_mask_any(batch, stream, i, positional_tokens, q0, q1, k0, k1) -> the rule's anyAllowed"),
 
     // MARK: block masks
 
-    Method(name: "block_sampler_new", function: { _, a, n in call(a, n, "block_sampler_new") { args in
+    Method("block_sampler_new", { args in
         // block_sampler_new(height, width, target, min, max, min_aspect, max_aspect, exact, seed_bits)
         try args.expect(9)
         let h = try args.int(0, "height", min: 1, max: 1 << 12), w = try args.int(1, "width", min: 1, max: 1 << 12)
@@ -182,9 +182,9 @@ let samplingMethods: [Method] = [
         let g = BlockMaskGenerator(height: h, width: w, target: t, minNumPatches: lo, maxNumPatches: hi,
                                    minAspect: minAspect, maxAspect: maxAspect, exact: try args.bool(7, "exact"))
         return makeHandle(BlockMaskSampler(g, seed: try bits(args, 8, "seed")))
-    } }, doc: "block_sampler_new(height, width, target, min, max, min_aspect, max_aspect, exact, seed_bits) -> handle"),
+    }, doc: "block_sampler_new(height, width, target, min, max, min_aspect, max_aspect, exact, seed_bits) -> handle"),
 
-    Method(name: "block_sampler_sample", function: { _, a, n in call(a, n, "block_sampler_sample") { args in
+    Method("block_sampler_sample", { args in
         try args.expect(2)
         let s = try args.handle(0, "sampler", BlockMaskSampler.self)
         let arena = BufferArena(); defer { arena.release() }
@@ -195,9 +195,9 @@ let samplingMethods: [Method] = [
         nonisolated(unsafe) let p = out.pointer
         withoutGIL { g.generate(batchSize: B, seed: seed, firstStream: first, out: p) }
         return none()
-    } }, doc: "block_sampler_sample(sampler, out int32 [B, cells]): the next B masks"),
+    }, doc: "block_sampler_sample(sampler, out int32 [B, cells]): the next B masks"),
 
-    Method(name: "block_sampler_sample_blocks", function: { _, a, n in call(a, n, "block_sampler_sample_blocks") { args in
+    Method("block_sampler_sample_blocks", { args in
         try args.expect(2)
         let s = try args.handle(0, "sampler", BlockMaskSampler.self)
         let arena = BufferArena(); defer { arena.release() }
@@ -208,18 +208,18 @@ let samplingMethods: [Method] = [
         return try pyList(blocks.map { b in
             try? pyTuple([pyInt(b.top), pyInt(b.left), pyInt(b.height), pyInt(b.width), pyInt(b.budget)])
         })
-    } }, doc: "block_sampler_sample_blocks(sampler, out int32 [cells]) -> [(top, left, h, w, budget)]: the next mask and its blocks"),
+    }, doc: "block_sampler_sample_blocks(sampler, out int32 [cells]) -> [(top, left, h, w, budget)]: the next mask and its blocks"),
 
-    Method(name: "block_sampler_state", function: { _, a, n in call(a, n, "block_sampler_state") { args in
+    Method("block_sampler_state", { args in
         try args.expect(1)
         let s = try args.handle(0, "sampler", BlockMaskSampler.self)
         return try pyTuple([pyBits(s.seed), pyBits(s.samplesDrawn)])
-    } }, doc: "block_sampler_state(sampler) -> (seed_bits, samples_drawn_bits)"),
+    }, doc: "block_sampler_state(sampler) -> (seed_bits, samples_drawn_bits)"),
 
-    Method(name: "block_sampler_set_state", function: { _, a, n in call(a, n, "block_sampler_set_state") { args in
+    Method("block_sampler_set_state", { args in
         try args.expect(3)
         let s = try args.handle(0, "sampler", BlockMaskSampler.self)
         s.setState(seed: try bits(args, 1, "seed"), samplesDrawn: try bits(args, 2, "samples_drawn"))
         return none()
-    } }, doc: "block_sampler_set_state(sampler, seed_bits, samples_drawn_bits)"),
+    }, doc: "block_sampler_set_state(sampler, seed_bits, samples_drawn_bits)"),
 ]

@@ -71,7 +71,7 @@ func requireMemory(_ bytes: Int?, _ what: String, probe: Bool = true) throws {
 /// models' arenas take: per block the LayerNorm/attention/MLP caches and the attention
 /// probabilities H·N·N).
 func activationFloatsPerImage(_ k: ViTConfig, streams: Int = 1, outputs: Int) -> Int? {
-    let N = k.numTokens
+    let N = k.sequenceLength
     guard let attn = product([k.numHeads, N, N, 2]),
           let perRow = sum([product([12, k.embedDim]) ?? -1, product([3, k.hidden]) ?? -1, 16]),
           perRow > 0,
@@ -91,7 +91,7 @@ func requireModelFits(_ k: ViTConfig, total: Int, outputs: Int, streams: Int = 1
     guard let perImage = activationFloatsPerImage(k, streams: streams, outputs: outputs),
           let bytes = product([perImage, 4]), bytes <= physicalMemory else {
         let b = activationFloatsPerImage(k, streams: streams, outputs: outputs).flatMap { product([$0, 4]) }
-        throw PyError.memory("the model's activations for one image (\(k.numTokens) tokens, depth \(k.depth)) would need "
+        throw PyError.memory("the model's activations for one image (\(k.sequenceLength) tokens, depth \(k.depth)) would need "
             + (b.map(describeBytes) ?? "more than 2^63 bytes") + "; this machine has \(describeBytes(physicalMemory))")
     }
 }

@@ -20,7 +20,7 @@ func checkedCount(_ shape: [Int], _ name: String, itemSize: Int) throws -> Int {
 }
 
 let tensorMethods: [Method] = [
-    Method(name: "tensor_empty", function: { _, a, n in call(a, n, "tensor_empty") { args in
+    Method("tensor_empty", { args in
         try args.expect(2)
         let shape = try args.ints(0, "shape")
         guard shape.count <= 8 else { throw PyError.value("shape: at most 8 dimensions, got \(shape.count)") }
@@ -37,9 +37,9 @@ let tensorMethods: [Method] = [
             throw PyError.memory("tensor_empty: could not allocate \(count * dtype.size) bytes")
         }
         return try makeTensor(storage, dtype: dtype, shape: shape)
-    } }, doc: "tensor_empty(shape, dtype) -> Tensor: zero-filled Swift-owned storage."),
+    }, doc: "tensor_empty(shape, dtype) -> Tensor: zero-filled Swift-owned storage."),
 
-    Method(name: "fill_", function: { _, a, n in call(a, n, "fill_") { args in
+    Method("fill_", { args in
         try args.expect(2)
         let arena = BufferArena(); defer { arena.release() }
         let x = try arena.float32(args[0], "x", [nil], writable: true)
@@ -47,12 +47,12 @@ let tensorMethods: [Method] = [
         nonisolated(unsafe) let p = x.pointer
         withoutGIL { p.update(repeating: v, count: x.count) }
         return none()
-    } }, doc: "fill_(x, value): writes value into every element of the 1-d float32 buffer x, in place."),
+    }, doc: "fill_(x, value): writes value into every element of the 1-d float32 buffer x, in place."),
 
-    Method(name: "buffer_address", function: { _, a, n in call(a, n, "buffer_address") { args in
+    Method("buffer_address", { args in
         try args.expect(1)
         let arena = BufferArena(); defer { arena.release() }
         let x = try arena.float32(args[0], "x", [nil])
         return pyInt(Int(bitPattern: x.pointer))
-    } }, doc: "buffer_address(x) -> int: the address Swift sees for a 1-d float32 buffer (zero-copy checks)."),
+    }, doc: "buffer_address(x) -> int: the address Swift sees for a 1-d float32 buffer (zero-copy checks)."),
 ]

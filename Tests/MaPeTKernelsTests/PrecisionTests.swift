@@ -2,7 +2,7 @@ import XCTest
 import MaPeTKernels
 
 /// `gemm(precision, …)`: fp32 is the plain sgemm path; bf16 multiplies the bf16-rounded inputs
-/// with fp32 accumulation (SPEC §7).
+/// with fp32 accumulation (ALGORITHMS.md §7).
 final class PrecisionTests: XCTestCase {
     func values(_ n: Int, seed: UInt64) -> [Float] {
         var s = seed &* 0x9E3779B97F4A7C15 | 1

@@ -17,7 +17,7 @@ final class SamplingTests: XCTestCase {
         }
     }
 
-    /// The rules straight from SPEC §2 (sets of tokens), against the O(1) forms.
+    /// The rules straight from ALGORITHMS.md §2 (sets of tokens), against the O(1) forms.
     func testMasksMatchSpecSentences() {
         for (n, L) in [(1, 1), (8, 1), (8, 8), (20, 7)] {
             let N = n + 1

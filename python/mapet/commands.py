@@ -11,16 +11,21 @@ resumed run keeps the precision stored in its checkpoint.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List
 
 import numpy as np
 
 from . import distributed
+from ._command_setup import (_DATA, _LOGS, _MODEL, _MODEL_FROM_CHECKPOINT, OPTIONS, _datasets,  # noqa: F401
+                             _eval_view, _folder, _is_main, _model_keys, _out, _size, _transfer_model, _view_id,
+                             tokenize_dataset)
 from .cli import command
+from ._pretrain_base import _DEFAULTS as MODEL_DEFAULTS
+from .methods import CCVIT, PRETRAIN_RECIPE, Run
+from .registry import SUFFIX, get_method, method_names
 
 log = logging.getLogger(__name__)
 
@@ -29,228 +34,6 @@ def _emit(result: Any) -> None:
     """Print a command's JSON result (rank 0 only under mpiexec)."""
     if distributed.context().is_main:
         print(json.dumps(result))
-
-
-def _is_main() -> bool:
-    return distributed.context().is_main
-
-_MODEL = {"size": "tiny", "img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3}
-# transfer commands: unset (None) model keys come from the pre-trained checkpoint, else from _MODEL
-_MODEL_FROM_CHECKPOINT = {k: None for k in _MODEL}
-
-_DATA = {"data": "digits", "val_data": None, "val_split": 0.0, "split_seed": 0, "on_error": "raise", "workers": 2,
-         "progress": None}
-_LOGS = {"tensorboard": False}
-
-#: What each configuration key means (``--list-options``); dotted keys, or the last part of one.
-OPTIONS: Dict[str, str] = {
-    "data": "'digits' (built-in) or an ImageFolder root holding one folder per class (root/<class>/<image>)",
-    "val_data": "ImageFolder root of the held-out split (same class folders as data)",
-    "val_split": "share of data held out for validation when val_data is unset (stratified per class, 0: none)",
-    "split_seed": "seed of the held-out split (digits and val_split)",
-    "on_error": "unreadable images: 'raise' (stop, naming the file) or 'skip' (check every file first, drop bad ones)",
-    "workers": "threads decoding and augmenting images (results do not depend on it)",
-    "progress": "tqdm progress bars: null = where a person watches (a terminal or notebook; not under CI=true, only MPI rank 0), true = always, false = never",
-    "precision": "matrix products in 'fp32' or 'bf16' (null: fp32, or a resumed run's stored precision)",
-    "tensorboard": "also write TensorBoard event files (needs tensorboardX or torch); checkpoints/log.csv is always written",
-    "seed": "seed of initialisation, data order, masks and augmentation",
-    "method": "pre-training method: mapet, pim, mim (BEiT), ccvit or dtm",
-    "model.size": "ViT size: tiny, small or base (embed_dim/depth/num_heads defaults)",
-    "model.img_size": "image side in pixels",
-    "model.patch_size": "patch side in pixels",
-    "model.embed_dim": "token width",
-    "model.depth": "transformer blocks",
-    "model.num_heads": "attention heads",
-    "tokenizer.n_tokens": "k-means centroids = visual-token vocabulary",
-    "tokenizer.n_iter": "k-means iterations",
-    "tokenizer.path": "an existing PixelTokenizer file to use instead of fitting one",
-    "tokenizer.kind": "'pixel' (CCViT centroids of patch pixels) or 'kclip' (k-means on CLIP patch features; needs clip)",
-    "tokenizer.sample_fraction": "kclip: share of each batch's patch features kept for k-means",
-    "clip": "kclip: CLIP ViT weights with QuickGELU (.safetensors, OpenAI/open_clip layout); its patch grid must match the model's",
-    "tokenizer.fit_images": "images (a seeded sample of data) the tokenizer is fitted on",
-    "tokens": "a token cache directory (from 'tokenize'); unset: tokenize first",
-    "least_number": "MaPeT/PIM context tokens (class token included); unset: 50/196 of the patches",
-    "num_masking_patches": "MIM/CCViT/DTM block-masked patches per image; unset: 75/196 of the patches",
-    "epochs": "passes over the training data",
-    "batch_size": "images per step (per rank under mpiexec)",
-    "lr": "peak learning rate (AdamW; SGD for the linear probe)",
-    "weight_decay": "AdamW weight decay (not on norms, biases, tokens, pos_embed)",
-    "warmup_epochs": "linear warm-up from warmup_start_lr before the cosine decay",
-    "warmup_start_lr": "learning rate at the first step",
-    "min_lr": "learning rate at the end of the cosine decay",
-    "clip_grad": "global gradient-norm clip (null: off)",
-    "accum_steps": "micro-batches per optimizer step",
-    "checkpoint_every": "also checkpoint every N optimizer steps (0: at epoch ends only)",
-    "init_values": "LayerScale init (null: no LayerScale); transfer: unset takes the checkpoint's",
-    "drop_path_rate": "stochastic depth rate of the last block",
-    "ccvit.num_replace": "CCViT: visible patches replaced by their centroid (unset: 20/196 of the patches)",
-    "ccvit.token_weight": "CCViT: weight of the centroid-id loss",
-    "ccvit.pixel_weight": "CCViT: weight of the pixel loss",
-    "ccvit.early_layers": "CCViT: block whose patch tokens feed the pixel head (unset: 3/4 of depth)",
-    "ccvit.head_layers": "CCViT: blocks of the pixel head",
-    "dtm.teacher": "DTM: a model file whose trunk gives target features, a CLIP ViT .safetensors, or a .npy of precomputed features",
-    "pretrained": "a pre-trained model file; its architecture (LayerScale included) is used for unset model keys",
-    "layer_decay": "layer-wise learning-rate decay (1: off)",
-    "label_smoothing": "cross-entropy label smoothing",
-    "global_pool": "'avg' (mean of patch tokens, fc_norm) or 'token' (class token)",
-    "augment": "fine-tuning view of ImageFolder data: 'crop_flip' (RandomResizedCrop 0.08-1 + flip), 'randaugment' "
-               "(the same + RandAugment rand-m9-mstd0.5-inc1, the BEiT/MaPeT recipe) or 'none' (evaluation view)",
-    "mixup": "Mixup's Beta alpha per batch (0: off; the BEiT/MaPeT recipe: 0.8); mixed batches train on soft targets",
-    "cutmix": "CutMix's Beta alpha per batch (0: off; the BEiT/MaPeT recipe: 1.0)",
-    "mixup_prob": "probability that a batch is mixed (when mixup or cutmix is on)",
-    "mixup_switch_prob": "probability of CutMix rather than Mixup when both are on",
-    "mean": "per-channel mean of the input normalisation (x - mean) / std of pixels in [0, 1], e.g. "
-            "[0.485, 0.456, 0.406]; null: the checkpoint's (pixels in [0, 1] when it records none)",
-    "std": "per-channel std of the input normalisation, e.g. [0.229, 0.224, 0.225]; null: the checkpoint's",
-    "img_size": "image side the checkpoint expects; null: the checkpoint's (a different value is an error)",
-    "validate_every_epoch": "evaluate val after every epoch and keep the best weights as best.safetensors",
-    "pool": "linear probe features: 'avg' or 'token'",
-    "checkpoint": "the model file to evaluate (model.safetensors of a finetune run)",
-    "output_dir": "where outputs go (set with -o)",
-    "methods": "demo: pre-training methods to compare, in order",
-}
-
-
-def _folder(cfg: Dict[str, Any], root: str, size: int, mode: str, randaugment: Optional[str] = None):
-    from .data import ImageFolder
-    return ImageFolder(root, size, mode=mode, seed=int(cfg.get("seed", 0)), on_error=cfg.get("on_error", "raise"),
-                       randaugment=randaugment)
-
-
-def _eval_view(folder):
-    """The same files (skipped ones included) seen through the evaluation view."""
-    view = copy.copy(folder)
-    view.mode = "eval"
-    return view
-
-
-def _datasets(cfg: Dict[str, Any], size: int, mode: str = "eval", need_val: bool = True,
-              what: str = "this command", randaugment: Optional[str] = None) -> Tuple[Any, Any, List[str]]:
-    """(train dataset, held-out dataset or None, class names) of the configured data at ``size``
-    pixels; ImageFolder data is streamed (``mode`` is the training view: eval, pretrain, finetune)."""
-    from .data import ArrayDataset, check_same_classes, load_digits, split_dataset
-
-    if cfg.get("on_error", "raise") not in ("raise", "skip"):
-        raise ValueError(f"config: on_error must be 'raise' or 'skip', got {cfg['on_error']!r}")
-    source = cfg.get("data")
-    if source is None:
-        raise ValueError(f"config: {what} needs data: 'digits' or an ImageFolder root (--set data=PATH)")
-    if source == "digits":
-        if cfg.get("val_data"):
-            raise ValueError("config: val_data is for ImageFolder data; the digits come with their test split")
-        seed = int(cfg.get("split_seed", 0))
-        train = ArrayDataset(*load_digits(size, "train", seed=seed))
-        val = ArrayDataset(*load_digits(size, "test", seed=seed)) if need_val else None
-        return train, val, [str(c) for c in range(10)]
-    if not os.path.isdir(str(source)):
-        raise ValueError(f"config: data {source!r} is neither 'digits' nor a directory")
-    full = _folder(cfg, source, size, mode, randaugment)
-    classes = list(full.classes)
-    val = None
-    if cfg.get("val_data"):
-        val = _folder(cfg, cfg["val_data"], size, "eval")
-        check_same_classes(classes, val.classes, "val_data")
-        train = full
-    elif float(cfg.get("val_split") or 0) > 0:
-        train, _ = split_dataset(full, float(cfg["val_split"]), int(cfg.get("split_seed", 0)))
-        _, val = split_dataset(_eval_view(full), float(cfg["val_split"]), int(cfg.get("split_seed", 0)))
-    else:
-        train = full
-    if need_val and val is None:
-        raise ValueError(f"config: {what} needs held-out data: set val_data=ROOT (an ImageFolder with the same "
-                         "class folders) or val_split=0.1 (a stratified share of data)")
-    return train, val, classes
-
-
-def _out(cfg: Dict[str, Any], *parts: str) -> str:
-    base = cfg.get("output_dir") or "mapet-output"
-    path = os.path.join(base, *parts)
-    os.makedirs(os.path.dirname(path) if os.path.splitext(path)[1] else path, exist_ok=True)
-    return path
-
-
-def _model_keys(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """The configured model keys that are set (not None), without ``size``."""
-    return {k: v for k, v in cfg["model"].items() if k != "size" and v is not None}
-
-
-def _size(cfg: Dict[str, Any]) -> str:
-    return cfg["model"].get("size") or _MODEL["size"]
-
-
-def _transfer_model(cfg: Dict[str, Any]) -> Tuple[Dict[str, Any], int]:
-    """(model overrides, image size) for a transfer command: explicit keys, else the pre-trained
-    checkpoint's architecture (``create_model`` reads it), else the built-in defaults."""
-    keys = _model_keys(cfg)
-    if cfg.get("init_values", None) is not None:
-        keys["init_values"] = cfg["init_values"]
-    if cfg.get("pretrained"):
-        from .models import read_pretrained, trunk_config
-        if not os.path.exists(str(cfg["pretrained"])):
-            raise ValueError(f"config: pretrained {cfg['pretrained']!r} does not exist")
-        trunk = trunk_config(*read_pretrained(cfg["pretrained"]))
-        size = int(keys.get("img_size", trunk.get("img_size", _MODEL["img_size"])))
-        return keys, size
-    for k, v in _MODEL.items():
-        if k != "size":
-            keys.setdefault(k, v)
-    keys.setdefault("init_values", 0.1)
-    return keys, int(keys["img_size"])
-
-
-# ------------------------------------------------------------------ tokenize
-
-def _view_id(dataset) -> Optional[str]:
-    view = getattr(dataset, "view_id", None)
-    return f"{view}:n={len(dataset)}" if view else None
-
-
-def tokenize_dataset(cfg: Dict[str, Any]) -> str:
-    """Fit (or load) a PixelTokenizer on a seeded sample of the training images and stream the
-    tokens of every training image into a token cache; returns the cache dir."""
-    from .data import DataLoader, Subset, TokenCache
-    from .tokenizers import PixelTokenizer
-
-    if cfg["tokenizer"].get("kind", "pixel") == "kclip":  # k-CLIP through a CLIP tower (mapet.clip)
-        from .clip.kclip import tokenize_dataset_kclip
-        return tokenize_dataset_kclip(cfg)
-    size = int(cfg["model"]["img_size"])
-    train, _, _ = _datasets(cfg, size, "pretrain", need_val=False, what="tokenize")
-    workers = int(cfg.get("workers", 0))
-    tok_cfg = cfg["tokenizer"]
-    path = tok_cfg.get("path")
-    if path and os.path.exists(path):
-        tokenizer = PixelTokenizer.load(path)
-    else:
-        n, cap = len(train), int(tok_cfg.get("fit_images") or 4096)
-        rows = np.arange(n) if n <= cap else np.sort(np.random.default_rng(int(cfg.get("seed", 0))).choice(n, cap, replace=False))
-        sample = Subset(train, rows)
-        loader = DataLoader(sample, 256, shuffle=False, prefetch=1, workers=workers)
-        images = np.concatenate([np.asarray(b[0], np.float32) for b in loader])
-        loader.close()
-        tokenizer = PixelTokenizer(patch_size=int(cfg["model"]["patch_size"]), n_tokens=int(tok_cfg["n_tokens"]),
-                                   n_iter=int(tok_cfg.get("n_iter", 20)), seed=int(cfg.get("seed", 0)),
-                                   progress=cfg.get("progress"))
-        tokenizer.fit(images)
-        del images
-        if _is_main():
-            tokenizer.save(_out(cfg, "tokenizer.safetensors"))
-    cache = _out(cfg, "tokens")
-    grid = size // int(cfg["model"]["patch_size"])
-    if _is_main():  # every rank fitted the same tokenizer (same seed); one encodes and writes
-        writer = TokenCache.create(cache, len(train), grid * grid, tokenizer.n_tokens, tokenizer,
-                                   dataset=_view_id(train), grid=(grid, grid))
-        loader = DataLoader(train, 256, shuffle=False, prefetch=1, workers=workers)
-        start = 0
-        for batch in loader:
-            tokens = tokenizer.encode(np.asarray(batch[0], np.float32))
-            writer.write(start, tokens)
-            start += tokens.shape[0]
-        loader.close()
-        writer.close()
-    distributed.context().barrier()
-    log.info("tokenized %d images into %s", len(train), cache)
-    return cache
 
 
 TOKENIZE_DEFAULTS = dict(_DATA, seed=0, model=dict(_MODEL), clip=None,
@@ -273,11 +56,11 @@ PRETRAIN_DEFAULTS = dict(
     _DATA, **_LOGS, seed=0, method="mapet", model=dict(_MODEL),
     tokenizer={"kind": "pixel", "n_tokens": 256, "n_iter": 20, "path": None, "fit_images": 4096,
                "sample_fraction": 0.1}, clip=None, tokens=None,
-    least_number=None, num_masking_patches=None, epochs=10, batch_size=64, lr=1.5e-3, weight_decay=0.05,
-    warmup_epochs=1, warmup_start_lr=1e-6, min_lr=1e-5, clip_grad=3.0, accum_steps=1, checkpoint_every=0,
-    init_values=0.1, drop_path_rate=0.1,
-    ccvit={"num_replace": None, "token_weight": 1.0, "pixel_weight": 1.0, "early_layers": None, "head_layers": 2},
-    dtm={"teacher": None}, precision=None,
+    least_number=None, num_masking_patches=None, **PRETRAIN_RECIPE, checkpoint_every=0,
+    init_values=MODEL_DEFAULTS["init_values"], drop_path_rate=MODEL_DEFAULTS["drop_path_rate"],
+    # the method sections: each method's own options (the registry's), the CCViT model's pixel-head shape
+    ccvit=dict({k: v for k, v in CCVIT.options.items() if k != "tokenizer"}, early_layers=None, head_layers=2),
+    dtm={k: v for k, v in get_method("dtm").options.items()}, precision=None,
 )
 
 
@@ -291,70 +74,74 @@ def _tokenizer_file(cfg: Dict[str, Any], cache_dir: str) -> str:
     return path
 
 
-def _check_method_keys(cfg: Dict[str, Any], method: str) -> None:
+_SHARED_KEYS = {"least_number": "the masked methods use num_masking_patches",
+                "num_masking_patches": "MaPeT/PIM predict all but least_number tokens: set least_number"}
+
+
+def _check_method_keys(cfg: Dict[str, Any], method: Any) -> None:
     """Options another method reads are an error rather than silently unused."""
-    unused = []
-    if method in ("mapet", "pim") and cfg.get("num_masking_patches") is not None:
-        unused.append("num_masking_patches (MaPeT/PIM predict all but least_number tokens: set least_number)")
-    if method not in ("mapet", "pim") and cfg.get("least_number") is not None:
-        unused.append("least_number (MaPeT/PIM only; the masked methods use num_masking_patches)")
-    for section in ("ccvit", "dtm"):
-        if method != section and cfg.get(section) != PRETRAIN_DEFAULTS[section]:
-            unused.append(f"{section}.* (method {section} only)")
+    unused = [f"{key} ({why})" for key, why in _SHARED_KEYS.items()
+              if key not in method.reads and cfg.get(key) is not None]
+    for entry in map(get_method, method_names()):
+        section = entry.section
+        if section and section != method.section and cfg.get(section) != PRETRAIN_DEFAULTS[section]:
+            unused.append(f"{section}.* (method {entry.name} only)")
     if unused:
-        raise ValueError(f"config: method {method} does not use {'; '.join(unused)}")
+        raise ValueError(f"config: method {cfg['method']} does not use {'; '.join(unused)}")
+
+
+def _teacher(cfg: Dict[str, Any], train: Any) -> Any:
+    """DTM's ``dtm.teacher``: precomputed features (a .npy file, memory-mapped) or a model file."""
+    teacher = cfg.get("dtm", {}).get("teacher")
+    if not teacher:
+        raise ValueError("config: method dtm needs dtm.teacher, the path of a model file whose trunk gives "
+                         "the target features (e.g. a pre-trained mapet model.safetensors), or of a .npy "
+                         "file of precomputed features [images, patches (+1), d]")
+    if not os.path.exists(str(teacher)):
+        raise ValueError(f"config: dtm.teacher {teacher!r} does not exist")
+    if str(teacher).endswith(".npy"):
+        return np.load(teacher, mmap_mode="r")
+    from .methods import teacher_features
+    return teacher_features(teacher)
 
 
 def run_pretrain(cfg: Dict[str, Any]):
     """Pre-train per ``cfg``; returns (model, history). Writes checkpoints and ``model.safetensors``."""
     from .data import TokenCache
-    from .train import _first_images, _check_method, pretrain
+    from .models import create_model
+    from .train import pretrain
 
-    method = _check_method(str(cfg["method"]))
+    method = get_method(str(cfg["method"]))
     size = int(cfg["model"]["img_size"])
     train, _, _ = _datasets(cfg, size, "pretrain", need_val=False, what="pretrain")
-    kind = "beit" if method == "mim" else method
     _check_method_keys(cfg, method)
     overrides = dict(_model_keys(cfg), init_values=cfg["init_values"], drop_path_rate=cfg["drop_path_rate"])
-    extra: Dict[str, Any] = {}
+    extra: Dict[str, Any] = {key: cfg[key] for key in method.reads if cfg.get(key) is not None}
     data = train
-    if kind == "dtm":
-        teacher = cfg.get("dtm", {}).get("teacher")
-        if not teacher:
-            raise ValueError("config: method dtm needs dtm.teacher, the path of a model file whose trunk gives "
-                             "the target features (e.g. a pre-trained mapet model.safetensors), or of a .npy "
-                             "file of precomputed features [images, patches (+1), d]")
-        if not os.path.exists(str(teacher)):
-            raise ValueError(f"config: dtm.teacher {teacher!r} does not exist")
-        if str(teacher).endswith(".npy"):
-            extra["teacher"] = np.load(teacher, mmap_mode="r")
-            overrides["output_dim"] = int(extra["teacher"].shape[-1])
-        else:
-            from .train import teacher_features
-            extra["teacher"] = teacher_features(teacher)
-            overrides["output_dim"] = int(np.asarray(extra["teacher"](_first_images(train))).shape[-1])
+    if method.inputs == "teacher":
+        extra["teacher"] = _teacher(cfg, train)
     else:
         cache_dir = cfg.get("tokens") or tokenize_dataset(cfg)
         cache = TokenCache.open(cache_dir, length=len(train), dataset=_view_id(train))
         data = cache.attach(train)
         overrides["num_tokens"] = cache.n_tokens
-    if kind in ("mapet", "pim") and cfg.get("least_number") is not None:
-        overrides["least_number"] = int(cfg["least_number"])
-    if kind == "ccvit":
+    if "least_number" in extra:
+        overrides["least_number"] = int(extra.pop("least_number"))
+    if method.name == "ccvit":
         c = cfg.get("ccvit", {})
         extra.update(tokenizer=_tokenizer_file(cfg, cache_dir), num_replace=c.get("num_replace"),
                      token_weight=float(c.get("token_weight", 1.0)), pixel_weight=float(c.get("pixel_weight", 1.0)))
         if c.get("early_layers") is not None:
             overrides["early_layers"] = int(c["early_layers"])
         overrides["head_layers"] = int(c.get("head_layers", 2))
-    from .models import create_model
-    model = create_model(f"{kind}_{_size(cfg)}_patch16_224", seed=int(cfg["seed"]), **overrides)
-    model, history = pretrain(method, model=model, data=data, epochs=int(cfg["epochs"]),
+    if method.model_config is not None:  # e.g. DTM's output_dim, the teacher's feature dimension
+        overrides.update(method.model_config(Run(method, dict(extra), int(cfg["seed"])), train))
+    model = create_model(f"{method.family}_{_size(cfg)}_{SUFFIX}", seed=int(cfg["seed"]), **overrides)
+    model, history = pretrain(method.name, model=model, data=data, epochs=int(cfg["epochs"]),
                               batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
                               weight_decay=float(cfg["weight_decay"]), warmup_epochs=float(cfg["warmup_epochs"]),
                               min_lr=float(cfg["min_lr"]), warmup_start_lr=float(cfg.get("warmup_start_lr", 1e-6)),
                               clip_grad=cfg["clip_grad"], accum_steps=int(cfg["accum_steps"]), seed=int(cfg["seed"]),
-                              num_masking_patches=cfg.get("num_masking_patches"),
                               output_dir=_out(cfg, "checkpoints"), checkpoint_every=int(cfg["checkpoint_every"]),
                               progress=cfg.get("progress"), workers=int(cfg.get("workers", 0)),
                               tensorboard=bool(cfg.get("tensorboard", False)),

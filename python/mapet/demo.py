@@ -24,13 +24,14 @@ import numpy as np
 
 from .cli import command
 from .commands import _DATA, _MODEL, OPTIONS, _datasets, run_finetune, run_linprobe, run_pretrain, tokenize_dataset
+from .registry import get_method
 
 log = logging.getLogger(__name__)
 
 DEMO_DEFAULTS: Dict[str, Any] = {
     **_DATA, "seed": 0, "model": dict(_MODEL), "output_dir": "mapet-demo",
     "tokenizer": {"n_tokens": 256, "n_iter": 20, "path": None, "fit_images": 4096},
-    "methods": ["mapet", "mim", "ccvit", "dtm"],
+    "methods": ["mapet", "beit", "ccvit", "dtm"],
     "pretrain": {"epochs": 10, "batch_size": 64, "lr": 1.5e-3, "least_number": 16, "warmup_epochs": 1},
     "finetune": {"epochs": 10, "batch_size": 64, "lr": 1e-3, "layer_decay": 0.75},
     "linprobe": {"epochs": 100, "lr": 0.1},
@@ -89,8 +90,10 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
         for k, v in PRETRAIN_DEFAULTS.items():
             pcfg.setdefault(k, v)
         pcfg.update(cfg["pretrain"])
-        if method not in ("mapet", "pim"):
-            pcfg["least_number"] = None  # the demo's one budget: least_number is MaPeT/PIM's alone
+        entry = get_method(method)
+        for key in ("least_number", "num_masking_patches"):
+            if key not in entry.reads:
+                pcfg[key] = None  # the demo's one budget per option: each is read by its methods alone
         if method == "dtm" and not pcfg.get("dtm", {}).get("teacher"):
             if "mapet" not in cfg["methods"][:cfg["methods"].index("dtm")]:
                 raise ValueError("demo: dtm needs a teacher: set dtm.teacher or list mapet before dtm in methods")
@@ -115,9 +118,10 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
         timings[f"transfer {row}"] = time.perf_counter() - t
     total = time.perf_counter() - t_start
 
-    names = {"scratch": "from scratch (no pre-training)", "mapet": "MaPeT", "mim": "MIM (BEiT)", "pim": "PIM",
-             "ccvit": "CCViT", "dtm": "DTM (teacher: the MaPeT encoder)" if not cfg.get("dtm", {}).get("teacher")
-             else "DTM"}
+    names = {m: get_method(m).title for m in cfg["methods"]}
+    names["scratch"] = "from scratch (no pre-training)"
+    if "dtm" in names and not cfg.get("dtm", {}).get("teacher"):
+        names["dtm"] = "DTM (teacher: the MaPeT encoder)"
     lines = ["| method | linear probe top-1 | fine-tune top-1 |", "|---|---|---|"]
     for row, r in results.items():
         lines.append(f"| {names.get(row, row)} | {100 * r['linear_probe_top1']:.1f}% | {100 * r['finetune_top1']:.1f}% |")

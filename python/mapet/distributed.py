@@ -1,4 +1,7 @@
-"""Data-parallel training and distributed k-means on MPI (mpi4py), optional.
+"""Communication for data-parallel runs on MPI (mpi4py), optional: the process group, consistency
+checks, gradient averaging. Sharding rules live in :mod:`mapet.data.sharding`, the sharded token-cache
+writer in :meth:`mapet.data.TokenCache.write_sharded`, k-means over ranks in :mod:`mapet.distributed_kmeans`
+(``mapet.distributed.KMeans``).
 
 A single process never imports MPI. Under ``mpiexec -n N python -m mapet ...`` (or any script
 calling :func:`init`), rank and world size come from ``mpi4py``:
@@ -46,9 +49,11 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
+
+from .data.sharding import contiguous_part, shard_batches  # noqa: F401  (shard_batches: public name)
 
 log = logging.getLogger(__name__)
 
@@ -271,381 +276,25 @@ def average_gradients(ctx: Context, flat_grads: np.ndarray, local_count: int,
     return total
 
 
-def shard_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int,
-                  drop_last: bool = False) -> List[np.ndarray]:
-    """This rank's micro-batches of one epoch.
-
-    ``order`` (the epoch's permutation) is cut into global batches of ``world_size ×
-    batch_size``; global batch g goes to the ranks in contiguous near-equal parts (rank r
-    gets part r of ``np.array_split``). Every rank gets the same number of batches; some may
-    be empty in the last, short global batch.
-    """
-    g = batch_size * world_size
-    n = len(order)
-    count = n // g if drop_last else -(-n // g)
-    return [np.array_split(order[b * g:(b + 1) * g], world_size)[rank] for b in range(count)]
-
-
-def shard_indices(n: int, ctx: Context, epoch: int, seed: int = 0, shuffle: bool = True) -> np.ndarray:
-    """This rank's sample indices for ``epoch``: a seeded permutation of ``range(n)`` dealt
-    round-robin, so every sample is seen exactly once per epoch across ranks."""
-    order = np.arange(n)
-    if shuffle:
-        order = np.random.default_rng([seed, epoch]).permutation(n)
-    return order[ctx.rank::ctx.world_size]
-
-
 def contiguous_shard(n: int, ctx: Optional[Context] = None) -> slice:
     """Rows of ``range(n)`` this rank owns when n items are split contiguously (evaluation,
-    tokenizing): rank r gets part r of ``np.array_split``."""
+    tokenizing): :func:`mapet.data.sharding.contiguous_part` of this rank."""
     ctx = ctx or context()
-    base, extra = divmod(n, ctx.world_size)
-    lo = ctx.rank * base + min(ctx.rank, extra)
-    return slice(lo, lo + base + (1 if ctx.rank < extra else 0))
+    return contiguous_part(n, ctx.rank, ctx.world_size)
 
-
-# ------------------------------------------------------------------ k-means
-
-_MASK = (1 << 64) - 1
-_GAMMA = 0x9E3779B97F4A7C15
-
-
-class _Xoshiro:
-    """xoshiro256** seeded as mapet's Swift ``Xoshiro256StarStar(seed:stream:)`` (SplitMix64
-    outputs 4s..4s+3), with its documented derived draws; a handful of draws per iteration."""
-
-    def __init__(self, seed: int, stream: int):
-        state = (seed + ((stream * 4) & _MASK) * _GAMMA) & _MASK
-        words = []
-        for _ in range(4):
-            state = (state + _GAMMA) & _MASK
-            z = state
-            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
-            words.append(z ^ (z >> 31))
-        self.s = words
-
-    @staticmethod
-    def _rotl(x: int, k: int) -> int:
-        return ((x << k) | (x >> (64 - k))) & _MASK
-
-    def next(self) -> int:
-        s0, s1, s2, s3 = self.s
-        result = (self._rotl((s1 * 5) & _MASK, 7) * 9) & _MASK
-        t = (s1 << 17) & _MASK
-        s2 ^= s0
-        s3 ^= s1
-        s1 ^= s2
-        s0 ^= s3
-        s2 ^= t
-        s3 = self._rotl(s3, 45)
-        self.s = [s0, s1, s2, s3]
-        return result
-
-    def below(self, n: int) -> int:
-        m = self.next() * n
-        if (m & _MASK) < n:
-            threshold = ((1 << 64) - n) % n
-            while (m & _MASK) < threshold:
-                m = self.next() * n
-        return m >> 64
-
-    def uniform(self) -> float:
-        return (self.next() >> 11) * 2.0 ** -53
-
-
-def _seed_bits(seed: int) -> int:
-    return int(seed) & _MASK
-
-
-def _assign_local(x: np.ndarray, centroids: np.ndarray, chunk: int = 16384) -> Tuple[np.ndarray, np.ndarray]:
-    """(labels int32, squared distances float32) of the rows of x to their nearest centroid.
-
-    Uses the single-process k-means kernel ``_core.kmeans_assign`` (the same search as
-    ``mapet.KMeans``) when this build has it, otherwise a blocked GEMM through
-    :func:`mapet.ops.matmul`: ‖x‖² − 2x·c + ‖c‖², arg-min per row."""
-    from ._native import _core
-    n = x.shape[0]
-    labels = np.empty(n, dtype=np.int32)
-    dist = np.empty(n, dtype=np.float32)
-    if hasattr(_core, "kmeans_assign"):
-        for lo in range(0, n, chunk):
-            hi = min(n, lo + chunk)
-            _core.kmeans_assign(x[lo:hi], centroids, labels[lo:hi], dist[lo:hi])
-        return labels, dist
-    from .ops import matmul
-    cn = np.einsum("kd,kd->k", centroids, centroids)
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        xb = x[lo:hi]
-        d2 = matmul(xb, centroids, trans_b=True)
-        d2 *= -2
-        d2 += cn
-        lab = np.argmin(d2, axis=1)
-        labels[lo:hi] = lab
-        best = d2[np.arange(hi - lo), lab] + np.einsum("nd,nd->n", xb, xb)
-        dist[lo:hi] = np.maximum(best, 0)
-    return labels, dist
-
-
-def _normalize_rows(c: np.ndarray) -> None:
-    nrm = np.sqrt(np.einsum("kd,kd->k", c, c)).astype(np.float32)
-    ok = nrm > 0
-    c[ok] *= (np.float32(1) / nrm[ok])[:, None]
-
-
-def _split_empty(c: np.ndarray, sizes: np.ndarray, n: int, rng: _Xoshiro) -> int:
-    """faiss's empty-cluster rule, as the single-process k-means: for each empty cluster e in
-    index order walk j = 0, 1, … cyclically, take j when a uniform draw < (size_j − 1)/(n − k),
-    copy c_j into c_e and push the two apart by ε = 1/1024 (even coordinates c_e·(1+ε),
-    c_j·(1−ε), odd ones the reverse); size_e = size_j // 2, size_j −= size_e."""
-    k = c.shape[0]
-    eps = np.float32(1.0 / 1024)
-    up, down = np.float32(1) + eps, np.float32(1) - eps
-    denom = float(max(n - k, 1))
-    splits = 0
-    for e in range(k):
-        if sizes[e] != 0:
-            continue
-        j = 0
-        while True:
-            if rng.uniform() < (sizes[j] - 1) / denom:
-                break
-            j = (j + 1) % k
-        v = c[j].copy()
-        c[e, 0::2], c[j, 0::2] = v[0::2] * up, v[0::2] * down
-        c[e, 1::2], c[j, 1::2] = v[1::2] * down, v[1::2] * up
-        sizes[e] = sizes[j] // 2
-        sizes[j] -= sizes[e]
-        splits += 1
-    return splits
-
-
-class KMeans:
-    """k-means over points sharded across ranks, with the single-process semantics.
-
-    Each rank holds a shard of the points (the dataset is the concatenation of the shards in
-    rank order). Per Lloyd iteration every rank assigns its points to the current centroids,
-    accumulates per-cluster partial sums and counts in float64 and the partial objective; one
-    ``Allreduce`` of [sums, counts, objective] gives every rank the same totals, hence the
-    same new centroids. Empty clusters are split by faiss's rule with the same
-    xoshiro256** stream (seed, redo index) as ``mapet.KMeans``; ``init="random"`` draws the
-    same k global row indices as the single-process version and the owning ranks contribute
-    the rows; the ``max_points_per_centroid`` subsample draws the same global indices; with
-    ``n_redo`` the run with the lowest final objective wins. So with the same seed (and
-    initial centroids) the result equals single-process k-means on the concatenated data up
-    to float summation order. Alone (no MPI) it is plain Lloyd k-means.
-
-    Args:
-        n_clusters, n_iter, n_redo, spherical, max_points_per_centroid, seed, verbose: as
-            ``mapet.KMeans``.
-        init: ``"random"`` (k-means++ is sequential over all points; pass ``init_centroids``
-            computed on a sample instead).
-        ctx: the :class:`Context` (default: :func:`context`).
-
-    Attributes (after ``fit``):
-        cluster_centers_ / centroids: float32 [k, d], identical on every rank.
-        inertia_: global Σ‖x − nearest centroid‖² at the final centroids.
-        labels_: int32 labels of this rank's (training) points. history_, obj, n_iter_.
-
-    Example:
-        >>> # mpiexec -n 4 python script.py ; each rank loads its own shard
-        >>> km = mapet.distributed.KMeans(1024, n_iter=20, seed=0).fit(my_shard)
-        >>> tokens = km.predict(my_shard)
-    """
-
-    def __init__(self, n_clusters: int, n_iter: int = 20, n_redo: int = 1, spherical: bool = False,
-                 init: str = "random", max_points_per_centroid: int = 256, seed: int = 0,
-                 verbose: bool = False, ctx: Optional[Context] = None) -> None:
-        if isinstance(n_clusters, bool) or not isinstance(n_clusters, (int, np.integer)) or n_clusters < 1:
-            raise ValueError(f"n_clusters: expected an int ≥ 1, got {n_clusters!r}")
-        if int(n_iter) < 0 or int(n_redo) < 1 or int(max_points_per_centroid) < 1:
-            raise ValueError(f"n_iter ≥ 0, n_redo ≥ 1, max_points_per_centroid ≥ 1 expected, got "
-                             f"{n_iter}, {n_redo}, {max_points_per_centroid}")
-        if init != "random":
-            raise ValueError(f"init: distributed k-means supports 'random' or init_centroids, got {init!r}")
-        self.n_clusters, self.n_iter, self.n_redo = int(n_clusters), int(n_iter), int(n_redo)
-        self.spherical, self.init, self.seed = bool(spherical), init, int(seed)
-        self.max_points_per_centroid, self.verbose = int(max_points_per_centroid), bool(verbose)
-        self.ctx = ctx
-        self.cluster_centers_: Optional[np.ndarray] = None
-        self.inertia_: Optional[float] = None
-        self.labels_: Optional[np.ndarray] = None
-        self.n_iter_ = 0
-        self.history_: List[Dict[str, float]] = []
-        self.comm_seconds = 0.0  # time spent in collectives during the last fit
-
-    @property
-    def centroids(self) -> Optional[np.ndarray]:
-        """faiss alias of ``cluster_centers_``."""
-        return self.cluster_centers_
-
-    @property
-    def obj(self) -> List[float]:
-        """Objective at each iteration's assignment (faiss)."""
-        return [h["objective"] for h in self.history_]
-
-    def _allreduce(self, ctx: Context, buf: np.ndarray) -> np.ndarray:
-        t0 = time.perf_counter()
-        ctx.allreduce_(buf)
-        self.comm_seconds += time.perf_counter() - t0
-        return buf
-
-    def fit(self, x: Any, y: Any = None, init_centroids: Optional[np.ndarray] = None) -> "KMeans":
-        """Cluster the union of every rank's ``x`` (this rank's shard, float [n_r, d]).
-
-        Args:
-            x: this rank's points; shards may differ in size (even be empty) but not in d.
-            y: ignored.
-            init_centroids: optional float [k, d] starting centroids (rank 0's are used).
-
-        Returns:
-            self.
-        """
-        ctx = self.ctx or context()
-        x = np.asarray(x)
-        if x.ndim != 2 or x.dtype.kind != "f":
-            raise ValueError(f"x: expected a 2-D float array [n, d], got {x.dtype} shape {x.shape}")
-        k = self.n_clusters
-        self.comm_seconds = 0.0
-        shapes = ctx.allgather(tuple(x.shape))
-        dims = {s[1] for s in shapes}
-        if len(dims) != 1:
-            raise MismatchError(f"x: ranks hold points of different dimensions: {shapes}")
-        d = dims.pop()
-        sizes = [s[0] for s in shapes]
-        n = sum(sizes)
-        if n < k:
-            raise ValueError(f"x: k-means into {k} clusters needs at least {k} points over all ranks, got {n}")
-        offset = sum(sizes[:ctx.rank])
-        cap = self.max_points_per_centroid * k
-        if n > cap:  # the same global subsample as the single-process version
-            idx = np.sort(np.random.default_rng(self.seed).choice(n, size=cap, replace=False))
-            mine = idx[(idx >= offset) & (idx < offset + x.shape[0])] - offset
-            xt = np.ascontiguousarray(x[mine], dtype=np.float32)
-            sizes = [int(np.sum((idx >= sum(sizes[:r])) & (idx < sum(sizes[:r + 1])))) for r in range(len(sizes))]
-            n, offset = cap, sum(sizes[:ctx.rank])
-            log.info("KMeans: sampling %d points for training (max_points_per_centroid=%d × k=%d)",
-                     cap, self.max_points_per_centroid, k)
-        else:
-            xt = np.ascontiguousarray(x, dtype=np.float32)
-        if not np.all(np.isfinite(xt)):
-            raise ValueError(f"x: rank {ctx.rank} holds NaN or Inf values")
-        best = None
-        for redo in range(self.n_redo):
-            rng = _Xoshiro(_seed_bits(self.seed), redo)
-            c = np.zeros((k, d), dtype=np.float32)
-            if init_centroids is not None:
-                c[...] = np.asarray(init_centroids, dtype=np.float32).reshape(k, d)
-                ctx.broadcast_(c, root=0)
-            else:
-                # partial Fisher–Yates over the global indices, as the single-process init
-                perm: Dict[int, int] = {}
-                for i in range(k):
-                    j = i + rng.below(n - i)
-                    perm[i], perm[j] = perm.get(j, j), perm.get(i, i)
-                    g = perm[i] - offset
-                    if 0 <= g < xt.shape[0]:
-                        c[i] = xt[g]
-                self._allreduce(ctx, c)  # each row is non-zero on its owner only: the sum is exact
-            if self.spherical:
-                _normalize_rows(c)
-            history: List[Dict[str, float]] = []
-            buf = np.empty(k * d + k + 1, dtype=np.float64)
-            for _ in range(self.n_iter):
-                t0 = time.perf_counter()
-                labels, dist = _assign_local(xt, c)
-                counts = np.bincount(labels, minlength=k)
-                buf[:k * d] = 0
-                sums = buf[:k * d].reshape(k, d)
-                if xt.shape[0]:
-                    order = np.argsort(labels, kind="stable")
-                    present = np.flatnonzero(counts)
-                    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[present]
-                    sums[present] = np.add.reduceat(xt[order].astype(np.float64), starts, axis=0)
-                buf[k * d:k * d + k] = counts
-                buf[-1] = float(np.sum(dist, dtype=np.float64))
-                self._allreduce(ctx, buf)
-                total = np.rint(buf[k * d:k * d + k]).astype(np.int64)
-                present = np.flatnonzero(total)
-                c[present] = (sums[present] * (1.0 / total[present])[:, None]).astype(np.float32)
-                splits = _split_empty(c, total, n, rng)
-                if self.spherical:
-                    _normalize_rows(c)
-                history.append(dict(objective=float(buf[-1]), seconds=time.perf_counter() - t0,
-                                    splits=splits, searched=n))
-                if self.verbose and ctx.is_main:
-                    print(f"  redo {redo} iter {len(history) - 1:3d}  objective {buf[-1]:.6g}  splits {splits}",
-                          flush=True)
-            labels, dist = _assign_local(xt, c)
-            inertia = ctx.sum(float(np.sum(dist, dtype=np.float64)))
-            if best is None or inertia < best[0]:
-                best = (inertia, c, labels, history)
-        inertia, c, labels, history = best
-        self.cluster_centers_, self.inertia_, self.labels_ = c, float(inertia), labels
-        self.history_, self.n_iter_ = history, self.n_iter
-        return self
-
-    def train(self, x: Any, init_centroids: Optional[np.ndarray] = None) -> float:
-        """faiss alias: fit and return the final objective."""
-        return float(self.fit(x, init_centroids=init_centroids).inertia_)
-
-    def assign(self, x: Any) -> Tuple[np.ndarray, np.ndarray]:
-        """(squared distances float32 [n], labels int32 [n]) of this rank's rows (no communication)."""
-        if self.cluster_centers_ is None:
-            raise RuntimeError("KMeans: call fit before predict/assign")
-        labels, dist = _assign_local(np.ascontiguousarray(x, dtype=np.float32), self.cluster_centers_)
-        return dist, labels
-
-    def predict(self, x: Any) -> np.ndarray:
-        """int32 index of the nearest centroid of each of this rank's rows."""
-        return self.assign(x)[1]
-
-
-# ------------------------------------------------------------------ tokenizing across ranks
 
 def tokenize_to_cache(tokenizer: Any, images: np.ndarray, directory: str, ctx: Optional[Context] = None,
-                      batch_size: int = 256, dataset: Optional[str] = None,
-                      grid: Optional[Sequence[int]] = None):
-    """Tokenize a dataset spread over ranks into one token cache: every rank encodes its
-    contiguous share of the rows into its own shard file ``tokens-RRRRR-of-WWWWW.npy``, then
-    rank 0 writes the one manifest that lists the shards (written last, atomically).
+                      batch_size: int = 256, dataset: Optional[str] = None, grid: Optional[Sequence[int]] = None):
+    """Tokenize a dataset spread over ranks into one token cache: see
+    :meth:`mapet.data.TokenCache.write_sharded` (this name is kept for existing scripts)."""
+    from .data.token_cache import TokenCache
+    return TokenCache.write_sharded(tokenizer, images, directory, ctx=ctx or context(), batch_size=batch_size,
+                                    dataset=dataset, grid=grid)
 
-    Args:
-        tokenizer: a fitted tokenizer with ``encode`` and ``n_tokens`` (e.g. PixelTokenizer); every
-            rank must hold the same one (fit with the same seed, or load the same file).
-        images: the whole dataset as seen by every rank (an array or a memmap; each rank reads only
-            its rows).
-        directory: the cache directory (on a file system all ranks see).
-        batch_size: images encoded per call.
 
-    Returns:
-        The opened ``TokenCache`` (on every rank).
-    """
-    from .data.token_cache import MANIFEST, TokenCache, _FORMAT, _VERSION, _sha256_file, tokenizer_fingerprint
-    from .io import atomic_write
-
-    ctx = ctx or context()
-    n = len(images)
-    lo, hi = n * ctx.rank // ctx.world_size, n * (ctx.rank + 1) // ctx.world_size
-    dtype = np.dtype(np.int16 if tokenizer.n_tokens <= np.iinfo(np.int16).max else np.int32)
-    parts = [np.asarray(tokenizer.encode(images[i:min(i + batch_size, hi)])) for i in range(lo, hi, batch_size)]
-    n_patches = int(parts[0].shape[1]) if parts else 0
-    mine = np.concatenate(parts).astype(dtype) if parts else np.zeros((0, n_patches), dtype)
-    name = f"tokens-{ctx.rank:05d}-of-{ctx.world_size:05d}.npy"
-    os.makedirs(directory, exist_ok=True)
-    if ctx.is_main and os.path.exists(os.path.join(directory, MANIFEST)):
-        os.unlink(os.path.join(directory, MANIFEST))  # not a valid cache until the new manifest lands
-    atomic_write(os.path.join(directory, name), lambda f: np.save(f, mine, allow_pickle=False))
-    shards = ctx.allgather({"file": name, "start": lo, "stop": hi, "n_patches": int(mine.shape[1]),
-                            "sha256": _sha256_file(os.path.join(directory, name))})
-    if ctx.is_main:
-        n_patches = max(s.pop("n_patches") for s in shards)
-        manifest = {"format": _FORMAT, "version": _VERSION, "complete": True, "length": n,
-                    "n_patches": n_patches, "grid": list(grid) if grid is not None else None,
-                    "n_tokens": int(tokenizer.n_tokens), "dtype": dtype.name,
-                    "tokenizer": tokenizer_fingerprint(tokenizer), "dataset": dataset, "shards": shards}
-        blob = json.dumps(manifest, indent=2).encode()
-        atomic_write(os.path.join(directory, MANIFEST), lambda f: f.write(blob))
-    ctx.barrier()
-    return TokenCache.open(directory)
+def __getattr__(name: str) -> Any:
+    # distributed k-means lives in its own module (it needs the engine, this one only MPI)
+    if name == "KMeans":
+        from .distributed_kmeans import KMeans
+        return KMeans
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

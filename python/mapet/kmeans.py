@@ -1,6 +1,6 @@
 """k-means with scikit-learn's names and faiss's semantics, on mapet's Swift engine.
 
-Semantics (SPEC §3, as faiss ``Clustering``): Lloyd iterations with squared L2. Each iteration
+Semantics (ALGORITHMS.md §3, as faiss ``Clustering``): Lloyd iterations with squared L2. Each iteration
 assigns every point to its nearest centroid, records the objective Σ‖x − c‖², moves each
 centroid to the mean of its points, then re-seeds empty clusters by *splitting* a large one:
 for each empty cluster e (in index order) clusters j = 0, 1, … are visited cyclically and j is
@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ._convert import f32, seed_bits
 from ._native import _core
 from .progress import bar as progress_bar
 
@@ -38,13 +39,6 @@ logger = logging.getLogger(__name__)
 
 _INITS = {"random": 0, "k-means++": 1}
 _CHUNK = 65536  # rows per predict/assign call: memory stays O(chunk · d) for inputs of any n
-
-
-def _seed_bits(seed: int) -> int:
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
-    seed = int(seed) & ((1 << 64) - 1)
-    return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
 def _check_points(x: Any, name: str = "x", d: Optional[int] = None) -> Any:
@@ -59,10 +53,6 @@ def _check_points(x: Any, name: str = "x", d: Optional[int] = None) -> Any:
     if d is not None and x.shape[1] != d:
         raise ValueError(f"{name}: expected rows of dimension d = {d} (the fitted centroids'), got shape {tuple(x.shape)}")
     return x
-
-
-def _f32(x: Any) -> np.ndarray:
-    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 class KMeans:
@@ -114,7 +104,7 @@ class KMeans:
             raise ValueError(f"init: expected 'random' or 'k-means++', got {init!r}")
         if int(max_points_per_centroid) < 1:
             raise ValueError(f"max_points_per_centroid: expected ≥ 1, got {max_points_per_centroid}")
-        _seed_bits(seed)
+        seed_bits(seed)
         self.n_clusters = int(n_clusters)
         self.n_iter = int(n_iter)
         self.n_redo = int(n_redo)
@@ -163,13 +153,13 @@ class KMeans:
             if self.verbose:
                 print(f"KMeans: sampling {cap} of {n} points for training "
                       f"(max_points_per_centroid={self.max_points_per_centroid} × k={self.n_clusters})", flush=True)
-            return _f32(x[idx])
-        return _f32(x)
+            return f32(x[idx])
+        return f32(x)
 
     def _run(self, x: np.ndarray, centroids: np.ndarray, init: int, stream: int) -> Tuple[float, np.ndarray, list]:
         labels = np.empty(x.shape[0], dtype=np.int32)
         inertia, hist = _core.kmeans_fit(x, centroids, labels, self.n_iter, self.spherical, init,
-                                         _seed_bits(self.seed), stream, self.bounds)
+                                         seed_bits(self.seed), stream, self.bounds)
         return inertia, labels, hist
 
     def fit(self, x: Any, y: Any = None, init_centroids: Optional[np.ndarray] = None) -> "KMeans":
@@ -246,7 +236,7 @@ class KMeans:
         """
         x = _check_points(x, d=self.d)
         t0 = time.perf_counter()
-        xc = _f32(x)
+        xc = f32(x)
         with self._lock:  # the step updates the centroids and counts in place
             return self._partial_fit(xc, t0)
 
@@ -257,7 +247,7 @@ class KMeans:
                                  f"{self.n_clusters} rows to draw the initial centroids, got {xc.shape[0]}")
             c = np.empty((self.n_clusters, xc.shape[1]), dtype=np.float32)
             _core.kmeans_fit(xc, c, np.empty(xc.shape[0], np.int32), 0, self.spherical, _INITS[self.init],
-                             _seed_bits(self.seed), 0, False)
+                             seed_bits(self.seed), 0, False)
             self.cluster_centers_ = c
             self._counts = np.zeros(self.n_clusters, dtype=np.int64)
             self.history_ = []
@@ -301,7 +291,7 @@ class KMeans:
         for lo in range(0, n, chunk_size):
             hi = min(n, lo + chunk_size)
             try:
-                _core.kmeans_assign(_f32(x[lo:hi]), c, labels[lo:hi], dist[lo:hi])
+                _core.kmeans_assign(f32(x[lo:hi]), c, labels[lo:hi], dist[lo:hi])
             except ValueError as e:
                 raise ValueError(f"{e} (at row offset {lo})") from None
             if bar is not None:

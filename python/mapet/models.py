@@ -12,9 +12,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ._convert import images as _images
 from ._native import _core
 from ._params import ParameterBlock
 from .io import load_file, save_file
+from .registry import named_models, register_model_family, split_model_name
 
 log = logging.getLogger(__name__)
 
@@ -25,22 +27,6 @@ _DEFAULTS: Dict[str, Any] = dict(
     embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0, qkv_bias=True, init_values=None,
     drop_path_rate=0.0,
 )
-
-_ARCHS: Dict[str, Dict[str, Any]] = {
-    "vit_tiny_patch16_224": dict(embed_dim=192, depth=12, num_heads=3),
-    "vit_small_patch16_224": dict(embed_dim=384, depth=12, num_heads=6),
-    "vit_base_patch16_224": dict(embed_dim=768, depth=12, num_heads=12),
-}
-
-
-def _images(images: Any, name: str = "images") -> np.ndarray:
-    a = np.asarray(images)
-    if not np.issubdtype(a.dtype, np.floating):
-        raise TypeError(f"{name}: expected a floating-point array [B, C, H, W] (float32), got dtype {a.dtype}")
-    if a.ndim != 4:
-        raise ValueError(f"{name}: expected a 4-d array [B, C, H, W], got shape {a.shape}")
-    return np.ascontiguousarray(a, dtype=np.float32)
-
 
 def _labels(labels: Any, batch: int, num_classes: int) -> np.ndarray:
     a = np.asarray(labels)
@@ -55,7 +41,7 @@ def _labels(labels: Any, batch: int, num_classes: int) -> np.ndarray:
 
 
 class VisionTransformer(ParameterBlock):
-    """A ViT classifier (SPEC §1; timm ``VisionTransformer`` names).
+    """A ViT classifier (ALGORITHMS.md §1; timm ``VisionTransformer`` names).
 
     Args:
         img_size, patch_size, in_chans: input geometry (square images, side divisible by patch).
@@ -216,13 +202,18 @@ class VisionTransformer(ParameterBlock):
                 f"global_pool={c['global_pool']!r}, params={self.num_params})")
 
 
+register_model_family("vit", "ViT")(VisionTransformer)
+
+
 def create_model(name: str, seed: int = 0, pretrained: Any = None, precision: str = "fp32", **overrides: Any) -> Any:
     """Build a model by timm name with timm-named overrides.
 
     Args:
-        name: ``vit_{tiny,small,base}_patch16_224`` (classifier), or a pre-training model
-            ``mapet_*`` / ``pim_*`` / ``beit_*`` / ``ccvit_*`` / ``dtm_*`` (see ``mapet.pretrain_models``),
-            or a frozen CLIP tower ``clip_vit_b16`` / ``clip_vit_b32`` / ``clip_vit_l14`` (see ``mapet.clip``).
+        name: ``<family>_{tiny,small,base}_patch16_224`` of a family in :mod:`mapet.registry`:
+            ``vit`` (classifier), or a pre-training model ``mapet`` / ``pim`` / ``beit`` / ``ccvit`` /
+            ``dtm`` (see ``mapet.pretrain_models``); or a model registered by its full name, the
+            frozen CLIP towers ``clip_vit_b16`` / ``clip_vit_b32`` / ``clip_vit_l14`` and
+            ``clip_rn50`` / ``clip_rn101`` / ``clip_rn50x4`` / ``clip_rn50x16`` / ``clip_rn50x64`` (see ``mapet.clip``).
         seed: initialisation / drop-path seed.
         pretrained: a path to a safetensors file (``model.save`` output, or any reference
             checkpoint, including the BEiT / CCViT / DTM layout with fused ``attn.qkv``, see
@@ -246,26 +237,17 @@ def create_model(name: str, seed: int = 0, pretrained: Any = None, precision: st
         >>> mapet.create_model("vit_tiny_patch16_224", depth=2, precision="bf16").precision
         'bf16'
     """
-    if name.startswith("clip_rn"):  # CLIP ModifiedResNet towers (frozen)
-        from .clip.resnet import create_clip_resnet
-        return create_clip_resnet(name, seed=seed, pretrained=pretrained, precision=precision, **overrides)
-    if name.startswith("clip_vit"):  # CLIP ViT image towers (mapet.clip)
-        from .clip.vit import create_clip_vit
-        return create_clip_vit(name, pretrained=pretrained, seed=seed, precision=precision, **overrides)
+    named = named_models(name)
+    if named is not None:  # a model with its own name and loading (the CLIP towers)
+        return named.create(name, seed=seed, pretrained=pretrained, precision=precision, **overrides)
     source = None
     if pretrained is not None:
         tensors, recorded = read_pretrained(pretrained)
         source = tensors
         for key, value in trunk_config(tensors, recorded).items():
             overrides.setdefault(key, value)
-    if name.split("_")[0] in ("mapet", "pim", "beit", "ccvit", "dtm"):
-        from .pretrain_models import create_pretrain_model
-        model = create_pretrain_model(name, seed=seed, **overrides)
-    elif name in _ARCHS:
-        model = VisionTransformer(seed=seed, **dict(_ARCHS[name], **overrides))
-    else:
-        raise ValueError(f"create_model: unknown model {name!r}; available: {sorted(_ARCHS)} and "
-                         "mapet_/pim_/beit_/ccvit_/dtm_{tiny,small,base}_patch16_224")
+    family, size = split_model_name(name)
+    model = family.create(size, seed=seed, **overrides)
     model.precision = precision
     if source is not None:
         model.pretrained_report = load_pretrained(model, source)

@@ -17,6 +17,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._convert import f32 as _f32
 from ._native import _core
 
 logger = logging.getLogger(__name__)
@@ -25,12 +26,6 @@ __all__ = [
     "DTMSchedule", "DTMScheduleEntry", "MorphResult", "morph_tokens", "dtm_memberships",
     "dtm_loss", "ccvit_corrupt", "ccvit_pixel_targets", "masked_mse",
 ]
-
-
-def _f32(x, name: str) -> np.ndarray:
-    if x is None:
-        raise TypeError(f"{name}: expected an array, got None")
-    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _i32(x, name: str) -> np.ndarray:
@@ -42,7 +37,7 @@ def _i32(x, name: str) -> np.ndarray:
         return np.ascontiguousarray(a, dtype=np.int32)
     if not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"{name}: expected an integer or bool array, got dtype {a.dtype}")
-    if a.dtype != np.int32 and a.size and (a.min() < -2**31 or a.max() >= 2**31):
+    if not np.can_cast(a.dtype, np.int32) and a.size and (a.min() < -2**31 or a.max() >= 2**31):
         raise ValueError(f"{name}: values outside the int32 range (min {a.min()}, max {a.max()})")
     return np.ascontiguousarray(a, dtype=np.int32)
 
@@ -57,7 +52,7 @@ class DTMScheduleEntry(NamedTuple):
 
 
 class DTMSchedule:
-    """Seeded stream of DTM morphing schedules (SPEC §5), one :meth:`draw` per step.
+    """Seeded stream of DTM morphing schedules (ALGORITHMS.md §5), one :meth:`draw` per step.
 
     Each draw picks, for each of ``num_schedules`` (L) schedules, a token budget
     n̄ ~ U{0..n} and an iteration count k ~ U{1..max_iterations}, and derives the merges

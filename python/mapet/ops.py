@@ -9,16 +9,11 @@ from typing import Optional
 
 import numpy as np
 
+from ._convert import f32 as _f32
 from ._native import _core
 from .objectives import _i32
 from ._runtime import warn_if_bf16_inactive
 
-
-
-def _f32(x: np.ndarray, name: str) -> np.ndarray:
-    if x is None:
-        raise TypeError(f"{name}: expected an array, got None")
-    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _require_array(x, name: str) -> None:

@@ -94,7 +94,7 @@ def predict_files(checkpoint: str, source: Any, batch_size: int = 64, workers: i
     from .data import DataLoader
     from .data.data_config import normalized, resolve
     from .models import VisionTransformer, load
-    from .train import _running_at
+    from .evaluation import _running_at
 
     if not checkpoint or not os.path.exists(str(checkpoint)):
         raise ValueError(f"checkpoint: {checkpoint!r} does not exist (a model.safetensors of a finetune run)")

@@ -1,9 +1,9 @@
 """Pre-training models on the Swift engine: MaPeT, its PIM and BEiT (MIM) baselines, CCViT, DTM.
 
 ``create_pretrain_model("mapet_tiny_patch16_224")`` builds the two-stream MaPeT model with
-auxiliary positional tokens (SPEC §2), ``"pim_…"`` the same without them, ``"beit_…"`` the
-BEiT masked-image-modeling baseline, ``"ccvit_…"`` CCViT (SPEC §4: token head and pixel
-head) and ``"dtm_…"`` the DTM student (SPEC §5: a masked encoder regressing morphed teacher
+auxiliary positional tokens (ALGORITHMS.md §2), ``"pim_…"`` the same without them, ``"beit_…"`` the
+BEiT masked-image-modeling baseline, ``"ccvit_…"`` CCViT (ALGORITHMS.md §4: token head and pixel
+head) and ``"dtm_…"`` the DTM student (ALGORITHMS.md §5: a masked encoder regressing morphed teacher
 features). Parameters live in one contiguous Swift block under the PyTorch reference names
 (``mask_positional_token``, ``decoder`` / ``mask_token``, ``lm_head``, CCViT's
 ``cls_pt_layers`` / ``cls_pt_norm`` / ``cls_pt_lm_head`` and the timm ViT names), so
@@ -23,185 +23,29 @@ Example:
 """
 import json
 import logging
-import warnings
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ._native import _core
-from ._params import ParameterBlock
-from .io import load_file, save_file
+from ._convert import images as _images
+from ._pretrain_base import (FORMAT, LEAST_NUMBER_SHARE, _PretrainModel, _tokens,  # noqa: F401
+                             default_least_number)
+from .io import load_file
 from .objectives import _i32
+from .registry import model_family, register_model_family, split_model_name
 from .sampling import PermutationBatch, PermutationSampler
 
 __all__ = ["MaPeT", "BEiT", "CCViT", "DTM", "create_pretrain_model", "load_pretrain_model"]
 
 log = logging.getLogger(__name__)
 
-FORMAT = "mapet"
-_RNG = "xoshiro256**"
-_U64 = (1 << 64) - 1
-
-_DEFAULTS: Dict[str, Any] = dict(
-    img_size=224, patch_size=16, in_chans=3, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0,
-    qkv_bias=True, init_values=0.1, drop_path_rate=0.1, num_tokens=8192, least_number=None,
-)
-
-#: The paper's context share: least_number 50 of 196 patches (≈ 25 %).
-LEAST_NUMBER_SHARE = 50 / 196
-
-
-def default_least_number(num_patches: int) -> int:
-    """The paper's proportion of context tokens for ``num_patches`` patches: round(n·50/196), ≥ 1 (50 at 196)."""
-    return max(1, int(round(int(num_patches) * LEAST_NUMBER_SHARE)))
-
-
-_SIZES: Dict[str, Dict[str, Any]] = {
-    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "small": dict(embed_dim=384, depth=12, num_heads=6),
-    "base": dict(embed_dim=768, depth=12, num_heads=12),
-}
-
-
-def _signed(v: int) -> int:
-    return v - (1 << 64) if v >= (1 << 63) else v
-
-
-def _images(images: Any) -> np.ndarray:
-    a = np.asarray(images)
-    if not np.issubdtype(a.dtype, np.floating):
-        raise TypeError(f"images: expected a floating-point array [B, C, H, W] (float32), got dtype {a.dtype}")
-    if a.ndim != 4:
-        raise ValueError(f"images: expected a 4-d array [B, C, H, W], got shape {a.shape}")
-    return np.ascontiguousarray(a, dtype=np.float32)
-
-
-def _tokens(tokens: Any, batch: int, num_patches: int, num_tokens: int) -> np.ndarray:
-    a = np.asarray(tokens)
-    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
-        raise TypeError(f"tokens: expected an integer array [B, num_patches] of visual tokens, got dtype {a.dtype}")
-    if a.shape != (batch, num_patches):
-        raise ValueError(f"tokens: expected shape ({batch}, {num_patches}) (one visual token per patch), got {a.shape}")
-    if a.size and (a.min() < 0 or a.max() >= num_tokens):
-        bad = a[(a < 0) | (a >= num_tokens)].flat[0]
-        raise ValueError(f"tokens: expected visual tokens in [0, {num_tokens}), got {bad}")
-    return np.ascontiguousarray(a, dtype=np.int32)
-
-
-class _PretrainModel(ParameterBlock):
-    """Parameters, gradients, files and the drop-path generator (shared by every pre-training model)."""
-
-    _precision_ops = (_core.pretrain_precision, _core.pretrain_set_precision)
-
-    _kind = ""
-    #: Options of this kind beyond ``_DEFAULTS`` (name → default).
-    _extra: Dict[str, Any] = {}
-
-    def __init__(self, seed: int, config: Dict[str, Any]) -> None:
-        defaults = dict(_DEFAULTS, **self._extra)
-        unknown = sorted(set(config) - set(defaults))
-        if unknown:
-            raise TypeError(f"{type(self).__name__}: unknown option(s) {unknown}; known: {sorted(defaults)}")
-        cfg = dict(defaults, **config)
-        if cfg["least_number"] is None and all(isinstance(cfg[k], (int, np.integer)) for k in ("img_size", "patch_size")):
-            # capped at the engine's limit: models that large are refused for their memory anyway
-            cfg["least_number"] = min(default_least_number((int(cfg["img_size"]) // max(1, int(cfg["patch_size"]))) ** 2),
-                                      1 << 30)
-        for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "num_tokens",
-                    "least_number", *self._extra):
-            v = cfg[key]
-            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-                raise TypeError(f"{key}: expected an int, got {type(v).__name__}")
-            cfg[key] = int(v)
-        cfg["mlp_ratio"] = float(cfg["mlp_ratio"])
-        cfg["init_values"] = None if cfg["init_values"] is None else float(cfg["init_values"])
-        cfg["drop_path_rate"] = float(cfg["drop_path_rate"])
-        cfg["qkv_bias"] = bool(cfg["qkv_bias"])
-        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) <= _U64:
-            raise ValueError(f"seed: expected an int in [0, 2**64), got {seed!r}")
-        self._handle = _core.pretrain_create(
-            self._kind, cfg["img_size"], cfg["patch_size"], cfg["in_chans"], cfg["embed_dim"], cfg["depth"],
-            cfg["num_heads"], cfg["mlp_ratio"], self._head_size(cfg), cfg["least_number"], cfg["init_values"],
-            cfg["drop_path_rate"], cfg["qkv_bias"], _signed(int(seed)), cfg.get("early_layers", 1),
-            cfg.get("head_layers", 1))
-        self.config: Dict[str, Any] = cfg
-        self.seed = int(seed)
-        predicted = (cfg["img_size"] // cfg["patch_size"]) ** 2 + 1 - cfg["least_number"]
-        if self._kind in ("mapet", "pim") and predicted < 4:
-            warnings.warn(f"least_number={cfg['least_number']} leaves {predicted} predicted token(s) per image "
-                          f"({(cfg['img_size'] // cfg['patch_size']) ** 2} patches); the paper predicts ≈ 75 % "
-                          f"(least_number ≈ {default_least_number((cfg['img_size'] // cfg['patch_size']) ** 2)})",
-                          stacklevel=3)
-        self._bind(_core.pretrain_table(self._handle), *_core.pretrain_blocks(self._handle))
-
-    @staticmethod
-    def _head_size(cfg: Dict[str, Any]) -> int:
-        """Outputs of ``lm_head`` / ``decoder``."""
-        return cfg["num_tokens"]
-
-    @property
-    def num_patches(self) -> int:
-        return (self.config["img_size"] // self.config["patch_size"]) ** 2
-
-    def zero_grad(self) -> None:
-        """Clear the gradient block."""
-        _core.pretrain_zero_grad(self._handle)
-
-    # ------------------------------------------------------------------ drop-path generator
-
-    def set_seed(self, seed: int) -> None:
-        """Restart the drop-path generator from ``seed`` (as at creation with that seed)."""
-        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) <= _U64:
-            raise ValueError(f"seed: expected an int in [0, 2**64), got {seed!r}")
-        _core.pretrain_set_seed(self._handle, _signed(int(seed)))
-
-    def reseed(self, seed: int, stream: int = 0) -> None:
-        """Restart the drop-path generator on a stream derived from (``seed``, ``stream``);
-        training loops pass the micro-batch number so a resumed run draws the same masks."""
-        derived = int(np.random.SeedSequence([int(seed) & _U64, int(stream)]).generate_state(1, np.uint64)[0])
-        self.set_seed(derived)
-
-    def rng_state(self) -> Dict[str, Any]:
-        """The drop-path generator's state (JSON-able); ``set_rng_state`` resumes training bitwise."""
-        return {"generator": _RNG, "state": [w & _U64 for w in _core.pretrain_rng_state(self._handle)]}
-
-    def set_rng_state(self, state: Mapping[str, Any]) -> None:
-        """Restore a state from ``rng_state()``.
-
-        Raises:
-            ValueError: not a state of this generator, or words outside [0, 2**64) / all zero.
-        """
-        if not isinstance(state, Mapping) or state.get("generator") != _RNG or len(state.get("state", ())) != 4:
-            raise ValueError(f"state: expected {{'generator': {_RNG!r}, 'state': [4 ints]}} from rng_state(), got {state!r}")
-        words = []
-        for w in state["state"]:
-            if isinstance(w, (bool, np.bool_)) or not isinstance(w, (int, np.integer)) or not 0 <= int(w) <= _U64:
-                raise ValueError(f"state: expected words in [0, 2**64), got {w!r}")
-            words.append(_signed(int(w)))
-        _core.pretrain_set_rng_state(self._handle, *words)
-
-    def release_activations(self) -> None:
-        """Free the cached activations (re-allocated by the next call)."""
-        _core.pretrain_release(self._handle)
-
-    # ------------------------------------------------------------------ files
-
-    def save(self, path: str) -> None:
-        """Write a safetensors file: weights by reference name, metadata
-        ``{"format": "mapet", "model": kind, "config": json}``."""
-        from .data.data_config import metadata_entry
-        save_file(dict(self._params), path,
-                  {"format": FORMAT, "model": self._kind, "config": json.dumps(self.config), **metadata_entry(self)})
-
-    def __repr__(self) -> str:
-        c = self.config
-        return (f"{type(self).__name__}(kind={self._kind!r}, embed_dim={c['embed_dim']}, depth={c['depth']}, "
-                f"num_heads={c['num_heads']}, img_size={c['img_size']}, patch_size={c['patch_size']}, "
-                f"num_tokens={c['num_tokens']}, params={self.num_params})")
+# the model families of this module (``mapet.registry`` holds them with the ViT's)
+_PRETRAIN_FAMILIES = ("mapet", "pim", "beit", "ccvit", "dtm")
 
 
 class MaPeT(_PretrainModel):
-    """The MaPeT two-stream model (SPEC §2), or PIM with ``positional_tokens=False``.
+    """The MaPeT two-stream model (ALGORITHMS.md §2), or PIM with ``positional_tokens=False``.
 
     Args:
         positional_tokens: True for MaPeT (content stream carries the auxiliary positional tokens
@@ -225,13 +69,9 @@ class MaPeT(_PretrainModel):
         return PermutationSampler(self.num_patches, self.config["least_number"], upper_limit=upper_limit, seed=seed)
 
     def _batch(self, batch: Any, B: int) -> PermutationBatch:
+        # only the handle is taken here: the engine checks the batch against the model and the images
         if not isinstance(batch, PermutationBatch):
             raise TypeError(f"batch: expected a mapet.PermutationBatch, got {type(batch).__name__}")
-        if batch.num_tokens != self.num_patches + 1:
-            raise ValueError(f"batch: permutations over {batch.num_tokens} tokens, the model has "
-                             f"{self.num_patches + 1} ({self.num_patches} patches + class token)")
-        if batch.batch_size != B:
-            raise ValueError(f"batch: holds {batch.batch_size} permutations for {B} images")
         return batch
 
     def __call__(self, images: Any, batch: PermutationBatch) -> np.ndarray:
@@ -287,15 +127,7 @@ class BEiT(_PretrainModel):
         super().__init__(seed, config)
 
     def _mask(self, mask: Any, B: int) -> np.ndarray:
-        m = np.asarray(mask)
-        if not (m.dtype == np.bool_ or np.issubdtype(m.dtype, np.integer)):
-            raise TypeError(f"mask: expected a bool (or 0/1 integer) array [B, num_patches], got dtype {m.dtype}")
-        n = self.num_patches
-        if m.ndim == 3 and m.shape[1] * m.shape[2] == n:
-            m = m.reshape(m.shape[0], n)
-        if m.shape != (B, n):
-            raise ValueError(f"mask: expected shape ({B}, {n}) (or ({B}, grid, grid)), got {m.shape}")
-        return np.ascontiguousarray(m != 0, dtype=np.int32)
+        return _flags(mask, B, self.num_patches, "mask")
 
     def __call__(self, images: Any, mask: Any) -> np.ndarray:
         """Logits [B, M, num_tokens] at the masked patches (ascending per sample; every sample must
@@ -348,7 +180,7 @@ def _flags(flags: Any, B: int, n: int, name: str) -> np.ndarray:
 
 
 class CCViT(_PretrainModel):
-    """CCViT (SPEC §4): BEiT-style masked encoder with two heads on the corrupted patches.
+    """CCViT (ALGORITHMS.md §4): BEiT-style masked encoder with two heads on the corrupted patches.
 
     The images come in already corrupted (:func:`mapet.ccvit_corrupt`: a few visible patches
     replaced by their centroid's pixels); ``mask`` patches are swapped for ``mask_token``.
@@ -429,7 +261,7 @@ class CCViT(_PretrainModel):
 
 
 class DTM(_PretrainModel):
-    """The DTM student (SPEC §5): a BEiT-style masked encoder whose ``lm_head`` maps every
+    """The DTM student (ALGORITHMS.md §5): a BEiT-style masked encoder whose ``lm_head`` maps every
     patch token to the teacher's dimension ``output_dim``; trained with the group-mean
     smooth-L1 loss under dynamic token morphing of the teacher features
     (:func:`mapet.dtm_memberships`, :func:`mapet.ops.dtm_loss`).
@@ -443,10 +275,6 @@ class DTM(_PretrainModel):
 
     def __init__(self, seed: int = 0, **config: Any) -> None:
         super().__init__(seed, config)
-
-    @staticmethod
-    def _head_size(cfg: Dict[str, Any]) -> int:
-        return cfg["output_dim"]
 
     def __call__(self, images: Any, mask: Any = None) -> np.ndarray:
         """Predictions [B, num_patches, output_dim] at every patch (inference); ``mask`` (bool
@@ -501,17 +329,25 @@ class DTM(_PretrainModel):
         return (loss, pred) if return_pred else loss
 
 
-_KINDS = {"mapet": "MaPeT", "pim": "PIM", "beit": "BEiT (MIM)", "ccvit": "CCViT", "dtm": "DTM"}
+def _ccvit_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    if "early_layers" not in config:  # the pixel head reads the tokens after 3/4 of the blocks (9 of 12)
+        config["early_layers"] = max(1, (3 * int(config.get("depth", 12))) // 4)
+    return config
 
 
-def _build(kind: str, seed: int, config: Dict[str, Any]) -> "_PretrainModel":
-    if kind == "beit":
-        return BEiT(seed=seed, **config)
-    if kind == "ccvit":
-        return CCViT(seed=seed, **config)
-    if kind == "dtm":
-        return DTM(seed=seed, **config)
-    return MaPeT(positional_tokens=kind == "mapet", seed=seed, **config)
+@register_model_family("mapet", "MaPeT")
+def _mapet(seed: int = 0, **config: Any) -> "MaPeT":
+    return MaPeT(positional_tokens=True, seed=seed, **config)
+
+
+@register_model_family("pim", "PIM")
+def _pim(seed: int = 0, **config: Any) -> "MaPeT":
+    return MaPeT(positional_tokens=False, seed=seed, **config)
+
+
+register_model_family("beit", "BEiT (MIM)")(BEiT)
+register_model_family("ccvit", "CCViT", configure=_ccvit_config)(CCViT)
+register_model_family("dtm", "DTM")(DTM)
 
 
 def create_pretrain_model(name: str, seed: int = 0, **overrides: Any) -> "_PretrainModel":
@@ -519,7 +355,8 @@ def create_pretrain_model(name: str, seed: int = 0, **overrides: Any) -> "_Pretr
 
     Args:
         name: ``<kind>_{tiny,small,base}_patch16_224`` with kind ``mapet`` (MaPeT), ``pim`` (PIM),
-            ``beit`` (MIM), ``ccvit`` (CCViT) or ``dtm`` (DTM student).
+            ``beit`` (MIM), ``ccvit`` (CCViT) or ``dtm`` (DTM student): a model family of
+            :mod:`mapet.registry`.
         seed: initialisation / drop-path seed (fixed default: creation is reproducible).
         **overrides: ``img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
             qkv_bias, init_values, drop_path_rate, num_tokens, least_number``; CCViT also
@@ -535,29 +372,24 @@ def create_pretrain_model(name: str, seed: int = 0, **overrides: Any) -> "_Pretr
         >>> create_pretrain_model("ccvit_tiny_patch16_224", depth=4).config["early_layers"]
         3
     """
-    kind, _, rest = str(name).partition("_")
-    size, _, tail = rest.partition("_")
-    if kind not in _KINDS or size not in _SIZES or tail != "patch16_224":
-        names = [f"{k}_{s}_patch16_224" for k in _KINDS for s in _SIZES]
-        raise ValueError(f"create_pretrain_model: unknown model {name!r}; available: {names}")
-    config = dict(_SIZES[size], **overrides)
-    if kind == "ccvit" and "early_layers" not in config:
-        depth = int(config.get("depth", 12))
-        config["early_layers"] = max(1, (3 * depth) // 4)
-    return _build(kind, seed, config)
+    family, size = split_model_name(name)
+    if family.name not in _PRETRAIN_FAMILIES:
+        raise ValueError(f"create_pretrain_model: {name!r} is not a pre-training model; available: "
+                         f"{[n for f in _PRETRAIN_FAMILIES for n in model_family(f).names()]}")
+    return family.create(size, seed=seed, **overrides)
 
 
 def load_pretrain_model(path: str) -> "_PretrainModel":
     """Load a model written by ``save(path)`` (weights and config, strict names)."""
     tensors, metadata = load_file(path)
     kind = metadata.get("model")
-    if metadata.get("format") != FORMAT or "config" not in metadata or kind not in _KINDS:
+    if metadata.get("format") != FORMAT or "config" not in metadata or kind not in _PRETRAIN_FAMILIES:
         raise ValueError(f"{path}: not a mapet pre-training model file (format={metadata.get('format')!r}, model={kind!r})")
     try:
         config = json.loads(metadata["config"])
         if not isinstance(config, dict):
             raise TypeError(f"expected an object, got {type(config).__name__}")
-        model = _build(kind, 0, config)
+        model = model_family(kind).build(seed=0, **config)
     except (ValueError, TypeError, MemoryError) as e:
         raise type(e)(f"{path}: bad model config ({e})") from None
     model.load_state_dict(tensors)

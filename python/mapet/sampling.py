@@ -3,7 +3,7 @@
 ``PermutationSampler`` draws, for every image, a random order of the patches (the class token
 always first). The first ``least_number`` tokens of the order form the *context*; the others
 are *predicted*, each from the tokens that precede it in the order plus the auxiliary
-positional tokens of the ones that follow (SPEC §2). A ``PermutationBatch`` holds the orders,
+positional tokens of the ones that follow (ALGORITHMS.md §2). A ``PermutationBatch`` holds the orders,
 their ranks and the predicted positions; attention asks the Swift may-attend rules
 (``TwoStreamContentMask`` / ``TwoStreamQueryMask``) for every pair, in O(1) from the ranks,
 so training never builds dense masks. ``content_mask(i)`` / ``query_mask(i)`` evaluate the
@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
+from ._convert import seed_bits
 from ._native import _core
 
 __all__ = ["PermutationSampler", "PermutationBatch", "BlockMaskGenerator"]
@@ -33,12 +34,7 @@ def _seed_bits(seed: Optional[int], name: str = "seed") -> Tuple[int, int]:
     """(seed as given or drawn from the OS, its signed 64-bit pattern for the engine)."""
     if seed is None:
         seed = secrets.randbits(63)
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"{name}: expected None or an int in [0, 2**64), got {type(seed).__name__}")
-    seed = int(seed)
-    if not 0 <= seed <= _U64:
-        raise ValueError(f"{name}: expected None or an int in [0, 2**64), got {seed}")
-    return seed, seed - (1 << 64) if seed >= (1 << 63) else seed
+    return int(seed), seed_bits(seed, name)
 
 
 def _unsigned(bits: int) -> int:
@@ -60,6 +56,7 @@ class PermutationBatch:
     Sequence positions: 0 = class token, 1..n = patches, N = n + 1; P = N − least_number.
 
     Attributes:
+        batch_size, sequence_length (N), least_number, num_predicted (P), upper_limit: the sizes.
         orders: int64 [B, N], ``orders[b, k]`` = the token at permutation index k (``orders[:, 0] == 0``).
         ranks: int64 [B, N], the inverse: ``ranks[b, orders[b, k]] == k``.
         predicted: int64 [B, P], the predicted token positions of each sample, ascending.
@@ -76,7 +73,7 @@ class PermutationBatch:
     def __init__(self, handle: Any) -> None:
         self._handle = handle
         B, N, L, P, upper = _core.perm_batch_info(handle)
-        self.batch_size, self.num_tokens, self.least_number, self.num_predicted = B, N, L, P
+        self.batch_size, self.sequence_length, self.least_number, self.num_predicted = B, N, L, P
         self.upper_limit: Optional[int] = upper
         orders, ranks, predicted, predicted_ranks = _core.perm_batch_arrays(handle)
         self.orders = np.asarray(orders)
@@ -125,8 +122,13 @@ class PermutationBatch:
     def __len__(self) -> int:
         return self.batch_size
 
+    @property
+    def num_tokens(self) -> int:
+        """Deprecated name of ``sequence_length`` (``num_tokens`` is the vocabulary in model configs)."""
+        return self.sequence_length
+
     def __repr__(self) -> str:
-        return (f"PermutationBatch(batch_size={self.batch_size}, num_tokens={self.num_tokens}, "
+        return (f"PermutationBatch(batch_size={self.batch_size}, sequence_length={self.sequence_length}, "
                 f"least_number={self.least_number}, num_predicted={self.num_predicted}, "
                 f"upper_limit={self.upper_limit})")
 
@@ -149,7 +151,7 @@ class PermutationBatch:
         i = _int_arg(i, "i")
         if i < 0:
             i += self.batch_size
-        N, P = self.num_tokens, self.num_predicted
+        N, P = self.sequence_length, self.num_predicted
         keys = N + P if positional_tokens else N
         rows = keys if stream == "content" else P
         out = np.empty((rows, keys), dtype=np.int32)
@@ -215,12 +217,16 @@ class PermutationSampler:
         self._handle = _core.perm_sampler_new(self.num_patches, self.least_number, self.upper_limit, bits)
 
     @property
-    def num_tokens(self) -> int:
+    def sequence_length(self) -> int:
+        """Tokens per sequence: the patches and the class token."""
         return self.num_patches + 1
+
+    #: Deprecated name of :attr:`sequence_length` (``num_tokens`` is the vocabulary in model configs).
+    num_tokens = sequence_length
 
     @property
     def num_predicted(self) -> int:
-        return self.num_tokens - self.least_number
+        return self.sequence_length - self.least_number
 
     @property
     def samples_drawn(self) -> int:

@@ -1,4 +1,4 @@
-"""Visual tokenizers built on k-means (SPEC §3).
+"""Visual tokenizers built on k-means (ALGORITHMS.md §3).
 
 ``PixelTokenizer`` (CCViT): k-means on raw patch pixels in [0, 1], each patch flattened in
 (channel, row, col) order; a patch's token is its nearest centroid, and since centroids are

@@ -45,6 +45,15 @@ static inline PyMethodDef mapet_method_def(const char *name, mapet_fastcall_fn f
     return def;
 }
 
+/// A module function for `def` whose `self` is `self_obj` (a new reference; `self_obj` is not stolen).
+static inline PyObject *mapet_function_new(PyMethodDef *def, PyObject *self_obj, PyObject *module) {
+    PyObject *name = PyModule_GetNameObject(module);
+    if (name == NULL) return NULL;
+    PyObject *f = PyCFunction_NewEx(def, self_obj, name);
+    Py_DECREF(name);
+    return f;
+}
+
 /// The one module definition of `mapet._core`; methods must outlive the interpreter.
 static inline PyObject *mapet_module_create(const char *name, const char *doc, PyMethodDef *methods) {
     static PyModuleDef def = { PyModuleDef_HEAD_INIT };

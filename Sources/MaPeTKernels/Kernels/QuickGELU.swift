@@ -1,7 +1,7 @@
 // QuickGELU, the sigmoid approximation of GELU used by OpenAI's CLIP (Hendrycks & Gimpel 2016, §2):
 //   quickgelu(x) = x · σ(1.702 x) = x / (1 + e^(−1.702 x))
 //   quickgelu'(x) = σ + 1.702 · x · σ · (1 − σ),   σ = σ(1.702 x).
-// `Activation` names the MLP nonlinearity of a transformer block (SPEC §1 exact GELU, §6 QuickGELU).
+// `Activation` names the MLP nonlinearity of a transformer block (ALGORITHMS.md §1 exact GELU, §6 QuickGELU).
 
 /// The MLP activation of a transformer block.
 public enum Activation: String, Sendable {

@@ -1,5 +1,5 @@
-// The masked-encoder pre-training models: BEiT (the MIM baseline of SPEC §2), the DTM student
-// (SPEC §5) and, as a subclass, CCViT (SPEC §4). They share one trunk: the patch embeddings of
+// The masked-encoder pre-training models: BEiT (the MIM baseline of ALGORITHMS.md §2), the DTM student
+// (ALGORITHMS.md §5) and, as a subclass, CCViT (ALGORITHMS.md §4). They share one trunk: the patch embeddings of
 // masked patches are replaced by the learned `mask_token`, the class token is prepended and
 // pos_embed added, the ViT blocks run with full attention, and a head reads selected rows:
 //   head [M, V] = lm_head(norm(x_L[selected rows]))      (rows: sample-major, patch ascending)
@@ -23,7 +23,7 @@ final class MIMActivations: @unchecked Sendable {
     let targets, rows: UnsafeMutablePointer<Int32>   // rows: selected row index b·N + 1 + t
 
     init?(config k: PretrainConfig, B: Int, M: Int) {
-        let v = k.vit, C = v.embedDim, N = v.numTokens, n = v.numPatches, V = k.vocabSize, depth = v.depth
+        let v = k.vit, C = v.embedDim, N = v.sequenceLength, n = v.numPatches, V = k.vocabSize, depth = v.depth
         let R = B * N, attnProbs = B * v.numHeads * N * N, blocks = depth + k.pixelHeadDepth
         // Cross-entropy buffers (probs, per-row losses, targets) only for the token heads.
         let ce = k.kind == .dtm ? 0 : 1
@@ -79,12 +79,12 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
     /// a.logits [M, V]. The trunk's input rows of `masked` [B, n] patches hold the mask token.
     func runForward(_ a: MIMActivations, images: UnsafePointer<Float>, masked: UnsafePointer<Int32>,
                     select: UnsafePointer<Int32>?, training: Bool) {
-        let v = config.vit, C = v.embedDim, n = v.numPatches, N = v.numTokens, B = a.B, M = a.M
-        patchEmbedForward(out: a.patchOut, patches: a.patches, images: images, weight: ptr("patch_embed.proj.weight"),
-                          bias: ptr("patch_embed.proj.bias"), B: B, inChans: v.inChans, imgSize: v.imgSize,
+        let v = config.vit, C = v.embedDim, n = v.numPatches, N = v.sequenceLength, B = a.B, M = a.M
+        patchEmbedForward(out: a.patchOut, patches: a.patches, images: images, weight: trunk.patchWeight,
+                          bias: trunk.patchBias, B: B, inChans: v.inChans, imgSize: v.imgSize,
                           patch: v.patchSize, C: C, precision: precision)
-        nonisolated(unsafe) let x = a.xs[0], patchOut = a.patchOut, cls = ptr("cls_token"), pos = ptr("pos_embed"),
-                                mt = ptr("mask_token"), masked = masked
+        nonisolated(unsafe) let x = a.xs[0], patchOut = a.patchOut, cls = trunk.clsToken, pos = trunk.posEmbed,
+                                mt = trunk.special!, masked = masked
         Parallel.forEach(B) { b in
             let xb = x + b * N * C
             for j in 0..<C { xb[j] = cls[j] + pos[j] }
@@ -104,22 +104,22 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
             blk.forward(out: a.xs[l + 1], x: a.xs[l], cache: a.caches[l], B: B, T: N, mask: FullAttention(), keep1: keep1, keep2: keep2)
         }
         rowHeadForward(out: a.logits, sel: a.sel, normOut: a.normOut, mean: a.normMean, rstd: a.normRstd,
-                       x: a.xs[v.depth], rows: a.rows, M: M, norm: "norm", head: "lm_head", K: config.vocabSize)
+                       x: a.xs[v.depth], rows: a.rows, M: M, head: tokenHead, K: config.vocabSize)
     }
 
-    /// A head over selected rows: sel [M, C] = x[rows], out [M, K] = head(norm(sel)) (LayerNorm
-    /// `norm`, Linear `head`); sel, normOut, mean and rstd are kept for `rowHeadBackward`.
+    /// A head over selected rows: sel [M, C] = x[rows], out [M, K] = head(norm(sel)) (the LayerNorm
+    /// and Linear of `head`); sel, normOut, mean and rstd are kept for `rowHeadBackward`.
     func rowHeadForward(out: UnsafeMutablePointer<Float>, sel: UnsafeMutablePointer<Float>, normOut: UnsafeMutablePointer<Float>,
                         mean: UnsafeMutablePointer<Float>, rstd: UnsafeMutablePointer<Float>, x: UnsafePointer<Float>,
-                        rows: UnsafePointer<Int32>, M: Int, norm: String, head: String, K: Int) {
+                        rows: UnsafePointer<Int32>, M: Int, head: HeadTensors, K: Int) {
         let C = config.vit.embedDim
         nonisolated(unsafe) let sel = sel, x = x, rows = rows
         Parallel.forRanges(M, grain: 64) { rr in
             for i in rr { (sel + i * C).update(from: x + Int(rows[i]) * C, count: C) }
         }
-        layerNormForward(out: normOut, mean: mean, rstd: rstd, input: sel, weight: ptr(norm + ".weight"),
-                         bias: ptr(norm + ".bias"), rows: M, cols: C)
-        linearForward(out: out, input: normOut, weight: ptr(head + ".weight"), bias: ptr(head + ".bias"),
+        layerNormForward(out: normOut, mean: mean, rstd: rstd, input: sel, weight: head.normWeight,
+                         bias: head.normBias, rows: M, cols: C)
+        linearForward(out: out, input: normOut, weight: head.weight, bias: head.bias,
                       rows: M, inFeatures: C, outFeatures: K, precision: precision)
     }
 
@@ -129,15 +129,15 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
     func rowHeadBackward(dX: UnsafeMutablePointer<Float>, dXCount: Int, dSel: UnsafeMutablePointer<Float>,
                          dNormOut: UnsafeMutablePointer<Float>, dOut: UnsafePointer<Float>, sel: UnsafePointer<Float>,
                          normOut: UnsafePointer<Float>, mean: UnsafePointer<Float>, rstd: UnsafePointer<Float>,
-                         rows: UnsafePointer<Int32>, M: Int, norm: String, head: String, K: Int) {
+                         rows: UnsafePointer<Int32>, M: Int, head: HeadTensors, dHead: HeadTensors, K: Int) {
         let C = config.vit.embedDim
         zero(dNormOut, M * C)
-        linearBackward(dInput: dNormOut, dWeight: grad(head + ".weight"), dBias: grad(head + ".bias"), dOut: dOut,
-                       input: normOut, weight: ptr(head + ".weight"), rows: M, inFeatures: C, outFeatures: K,
+        linearBackward(dInput: dNormOut, dWeight: dHead.weight, dBias: dHead.bias, dOut: dOut,
+                       input: normOut, weight: head.weight, rows: M, inFeatures: C, outFeatures: K,
                        precision: precision)
         zero(dSel, M * C)
-        layerNormBackward(dInput: dSel, dWeight: grad(norm + ".weight"), dBias: grad(norm + ".bias"), dOut: dNormOut,
-                          input: sel, weight: ptr(norm + ".weight"), mean: mean, rstd: rstd, rows: M, cols: C)
+        layerNormBackward(dInput: dSel, dWeight: dHead.normWeight, dBias: dHead.normBias, dOut: dNormOut,
+                          input: sel, weight: head.normWeight, mean: mean, rstd: rstd, rows: M, cols: C)
         zero(dX, dXCount)
         for i in 0..<M { (dX + Int(rows[i]) * C).update(from: dSel + i * C, count: C) }
     }
@@ -147,17 +147,17 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
     /// so a second head reading x_level can add its gradient.
     func runBackward(_ a: MIMActivations, masked: UnsafePointer<Int32>,
                      inject: ((Int, UnsafeMutablePointer<Float>) -> Void)? = nil) {
-        let v = config.vit, C = v.embedDim, N = v.numTokens, n = v.numPatches, B = a.B
+        let v = config.vit, C = v.embedDim, N = v.sequenceLength, n = v.numPatches, B = a.B
         rowHeadBackward(dX: a.dx, dXCount: B * N * C, dSel: a.dSel, dNormOut: a.dNormOut, dOut: a.dLogits, sel: a.sel,
                         normOut: a.normOut, mean: a.normMean, rstd: a.normRstd, rows: a.rows, M: a.M,
-                        norm: "norm", head: "lm_head", K: config.vocabSize)
+                        head: tokenHead, dHead: dTokenHead, K: config.vocabSize)
         for l in stride(from: v.depth - 1, through: 0, by: -1) {
             inject?(l + 1, a.dx)
             let (keep1, keep2) = keepPointers(a.keeps, l: l, B: B, training: true)
             blocks[l].backward(dx: a.dx, x: a.xs[l], cache: a.caches[l], scratch: a.scratch, B: B, T: N, keep1: keep1, keep2: keep2)
         }
         embedTokensBackward(dRows: a.dx, stride: N, dPatch: a.scratch.dLn, patches: a.patches, B: B, masked: masked)
-        let dMt = grad("mask_token")
+        let dMt = dTrunk.special!
         for b in 0..<B {
             for t in 0..<n where masked[b * n + t] != 0 {
                 let row = a.dx + (b * N + 1 + t) * C
@@ -202,7 +202,7 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
     /// Cross-entropy of a.logits against the visual tokens [B, n] of the selected rows
     /// (fills a.targets, a.probs, a.losses): (sum, count).
     func tokenCrossEntropy(_ a: MIMActivations, tokens: UnsafePointer<Int32>) -> (Double, Int) {
-        let N = config.vit.numTokens, n = config.vit.numPatches
+        let N = config.vit.sequenceLength, n = config.vit.numPatches
         for i in 0..<a.M {
             let r = Int(a.rows[i]), b = r / N, t = r % N - 1
             a.targets[i] = tokens[b * n + t]

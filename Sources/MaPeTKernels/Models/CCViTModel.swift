@@ -1,4 +1,4 @@
-// CCViT (SPEC §4; Cakeyan/CCViT_Public modeling_pretrain.py, VisionTransformerForMaskedImageModelingCLS
+// CCViT (ALGORITHMS.md §4; Cakeyan/CCViT_Public modeling_pretrain.py, VisionTransformerForMaskedImageModelingCLS
 // with shared_lm_head=False, trained with its dual loss). The input images already carry the
 // corruption: block-masked patches (replaced by `mask_token` in the trunk) and centroid-replaced
 // patches (their pixels swapped for their centroid's before normalisation, see CCViT.swift).
@@ -20,7 +20,7 @@ final class CCViTPixelActivations: @unchecked Sendable {
     let dh, dSel, dNormOut, dPixels: UnsafeMutablePointer<Float>
 
     init?(config k: PretrainConfig, B: Int, M: Int) {
-        let v = k.vit, C = v.embedDim, N = v.numTokens, P = v.patchDim, H = k.pixelHeadDepth
+        let v = k.vit, C = v.embedDim, N = v.sequenceLength, P = v.patchDim, H = k.pixelHeadDepth
         let R = B * N, attnProbs = B * v.numHeads * N * N
         var sizes = Array(repeating: R * C, count: H + 1)
         for _ in 0..<H { sizes += BlockCache.floats(rows: R, C: C, hidden: v.hidden, probs: attnProbs, ownsKV: true) }
@@ -73,7 +73,7 @@ public final class CCViTModel: BEiTModel, @unchecked Sendable {
 
     /// Pixel branch forward after the trunk (`a` holds the trunk's activations): p.pixels [M, P].
     private func pixelForward(_ a: MIMActivations, _ p: CCViTPixelActivations, training: Bool) {
-        let v = config.vit, C = v.embedDim, N = v.numTokens, B = a.B, M = a.M
+        let v = config.vit, C = v.embedDim, N = v.sequenceLength, B = a.B, M = a.M
         nonisolated(unsafe) let h0 = p.hs[0], xL = a.xs[v.depth], xE = a.xs[config.earlyLayers]
         Parallel.forEach(B) { b in
             (h0 + b * N * C).update(from: xL + b * N * C, count: C)
@@ -84,16 +84,16 @@ public final class CCViTModel: BEiTModel, @unchecked Sendable {
             blk.forward(out: p.hs[i + 1], x: p.hs[i], cache: p.caches[i], B: B, T: N, mask: FullAttention(), keep1: keep1, keep2: keep2)
         }
         rowHeadForward(out: p.pixels, sel: p.sel, normOut: p.normOut, mean: p.normMean, rstd: p.normRstd,
-                       x: p.hs[headBlocks.count], rows: a.rows, M: M, norm: "cls_pt_norm", head: "cls_pt_lm_head",
+                       x: p.hs[headBlocks.count], rows: a.rows, M: M, head: pixelHead!,
                        K: v.patchDim)
     }
 
     /// Pixel branch backward from p.dPixels: leaves ∂L/∂h_0 in p.dh.
     private func pixelBackward(_ a: MIMActivations, _ p: CCViTPixelActivations) {
-        let v = config.vit, N = v.numTokens, B = a.B
+        let v = config.vit, N = v.sequenceLength, B = a.B
         rowHeadBackward(dX: p.dh, dXCount: B * N * v.embedDim, dSel: p.dSel, dNormOut: p.dNormOut, dOut: p.dPixels,
                         sel: p.sel, normOut: p.normOut, mean: p.normMean, rstd: p.normRstd, rows: a.rows, M: a.M,
-                        norm: "cls_pt_norm", head: "cls_pt_lm_head", K: v.patchDim)
+                        head: pixelHead!, dHead: dPixelHead!, K: v.patchDim)
         for i in stride(from: headBlocks.count - 1, through: 0, by: -1) {
             let (keep1, keep2) = keepPointers(a.keeps, l: v.depth + i, B: B, training: true)
             headBlocks[i].backward(dx: p.dh, x: p.hs[i], cache: p.caches[i], scratch: a.scratch, B: B, T: N,
@@ -103,7 +103,7 @@ public final class CCViTModel: BEiTModel, @unchecked Sendable {
 
     /// Adds the pixel branch's ∂L/∂h_0 into the trunk gradient at the levels it was read from.
     private func injectPixelGradient(_ p: CCViTPixelActivations, level: Int, dx: UnsafeMutablePointer<Float>, B: Int) {
-        let C = config.vit.embedDim, N = config.vit.numTokens
+        let C = config.vit.embedDim, N = config.vit.sequenceLength
         nonisolated(unsafe) let dh = p.dh, dx = dx
         let cls = level == config.vit.depth, early = level == config.earlyLayers
         guard cls || early else { return }
@@ -141,7 +141,7 @@ public final class CCViTModel: BEiTModel, @unchecked Sendable {
                           tokenWeight: Double = 1, pixelWeight: Double = 1,
                           logitsOut: UnsafeMutablePointer<Float>? = nil, pixelsOut: UnsafeMutablePointer<Float>? = nil)
         -> Result<CCViTLosses, StepError> {
-        let v = config.vit, n = v.numPatches, N = v.numTokens, V = config.vocabSize, P = v.patchDim
+        let v = config.vit, n = v.numPatches, N = v.sequenceLength, V = config.vocabSize, P = v.patchDim
         let corrupted = corruptedFlags(masked: masked, replaced: replaced, B: B)
         let M = corrupted.reduce(0) { $0 + Int($1) }
         guard let a = activations(B: B, M: M), let p = pixelActivations(B: B, M: M) else { return .failure(.outOfMemory) }

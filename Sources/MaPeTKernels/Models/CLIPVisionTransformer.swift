@@ -3,7 +3,7 @@ import Glibc
 #endif
 
 // The CLIP ViT image tower (Radford et al. 2021; OpenAI `VisionTransformer`, open_clip
-// `visual.*`; SPEC §6), frozen, on the ViT trunk's `TransformerBlock`:
+// `visual.*`; ALGORITHMS.md §6), frozen, on the ViT trunk's `TransformerBlock`:
 //   x0 = ln_pre([class_embedding ; conv1(images)] + positional_embedding)      conv1 has no bias
 //   x_{l+1} = block_l(x_l)          pre-LN; QuickGELU (OpenAI) or exact GELU; LayerNorm eps 1e-5
 //   tokens = ln_post(x_L) [B, N, C],  projected = tokens · proj [B, N, E],  embedding = projected[:, 0].
@@ -49,12 +49,27 @@ extension BlockTensors {
     }
 }
 
+/// The parameters of a CLIP tower outside its blocks, resolved once (as `TrunkTensors` for the ViT).
+struct CLIPTowerTensors: @unchecked Sendable {
+    let conv1, classEmbedding, positionalEmbedding, lnPreWeight, lnPreBias, lnPostWeight, lnPostBias, proj: UnsafeMutablePointer<Float>
+
+    init(base: UnsafeMutablePointer<Float>, table: ParameterTable) {
+        func at(_ name: String) -> UnsafeMutablePointer<Float> { base + table.offset(name) }
+        conv1 = at("conv1.weight"); classEmbedding = at("class_embedding"); positionalEmbedding = at("positional_embedding")
+        lnPreWeight = at("ln_pre.weight"); lnPreBias = at("ln_pre.bias")
+        lnPostWeight = at("ln_post.weight"); lnPostBias = at("ln_post.bias")
+        proj = at("proj")
+    }
+}
+
 public final class CLIPVisionTransformer: @unchecked Sendable {
     public let config: CLIPVisionConfig
     public let table: ParameterTable
     public let params: TensorStorage
     public private(set) var blocks: [TransformerBlock]
-    /// Precision of every matrix product (patch conv, blocks, proj; SPEC §7).
+    /// The parameters outside the blocks, resolved once.
+    let tower: CLIPTowerTensors
+    /// Precision of every matrix product (patch conv, blocks, proj; ALGORITHMS.md §7).
     public var precision: Precision = .fp32 {
         didSet { for i in blocks.indices { blocks[i].precision = precision } }
     }
@@ -67,7 +82,7 @@ public final class CLIPVisionTransformer: @unchecked Sendable {
         var t = ParameterTable()
         t.add("conv1.weight", [C, k.inChans, k.patchSize, k.patchSize])
         t.add("class_embedding", [C])
-        t.add("positional_embedding", [k.numTokens, C])
+        t.add("positional_embedding", [k.sequenceLength, C])
         t.add("ln_pre.weight", [C]); t.add("ln_pre.bias", [C])
         for i in 0..<k.depth {
             let p = "transformer.resblocks.\(i)."
@@ -94,6 +109,7 @@ public final class CLIPVisionTransformer: @unchecked Sendable {
         self.table = table
         guard let p = TensorStorage(count: table.total, dtype: .float32) else { return nil }
         params = p
+        tower = CLIPTowerTensors(base: p.floats, table: table)
         let k = config.trunk, C = k.embedDim
         blocks = (0..<k.depth).map { i in
             let w = BlockTensors(clip: p.floats, table: table, prefix: "transformer.resblocks.\(i).", C: C)
@@ -129,11 +145,10 @@ public final class CLIPVisionTransformer: @unchecked Sendable {
         }
     }
 
-    private func ptr(_ name: String) -> UnsafeMutablePointer<Float> { params.floats + table.offset(name) }
 
     /// Floats of the inference arena for a batch of B (what `forward` allocates).
     public func arenaFloats(B: Int) -> Int {
-        let k = config.trunk, N = k.numTokens, C = k.embedDim, rows = B * N
+        let k = config.trunk, N = k.sequenceLength, C = k.embedDim, rows = B * N
         var sizes = [B * k.numPatches * k.patchDim, B * k.numPatches * C, rows * C, rows * C, rows * C, rows, rows, B * C]
         sizes += BlockCache.floats(rows: rows, C: C, hidden: k.hidden, probs: B * k.numHeads * N * N, ownsKV: true)
         return Arena.size(sizes)
@@ -145,17 +160,17 @@ public final class CLIPVisionTransformer: @unchecked Sendable {
     /// Returns false when the activations cannot be allocated.
     public func forward(tokens: UnsafeMutablePointer<Float>?, projected: UnsafeMutablePointer<Float>?,
                         embedding: UnsafeMutablePointer<Float>?, images: UnsafePointer<Float>, B: Int) -> Bool {
-        let k = config.trunk, N = k.numTokens, C = k.embedDim, n = k.numPatches, rows = B * N, E = config.outputDim
+        let k = config.trunk, N = k.sequenceLength, C = k.embedDim, n = k.numPatches, rows = B * N, E = config.outputDim
         guard let arena = Arena(floats: arenaFloats(B: B)) else { return false }
         let patches = arena.take(B * n * k.patchDim), patchOut = arena.take(B * n * C)
         var x = arena.take(rows * C), y = arena.take(rows * C)
         let post = arena.take(rows * C), mean = arena.take(rows), rstd = arena.take(rows), cls = arena.take(B * C)
         let cache = BlockCache(arena: arena, rows: rows, C: C, hidden: k.hidden, probs: B * k.numHeads * N * N, ownsKV: true)
 
-        patchEmbedForward(out: patchOut, patches: patches, images: images, weight: ptr("conv1.weight"), bias: nil,
+        patchEmbedForward(out: patchOut, patches: patches, images: images, weight: tower.conv1, bias: nil,
                           B: B, inChans: k.inChans, imgSize: k.imgSize, patch: k.patchSize, C: C, precision: precision)
         nonisolated(unsafe) let y0 = y, patchOutS = UnsafePointer(patchOut)
-        nonisolated(unsafe) let classEmb = UnsafePointer(ptr("class_embedding")), pos = UnsafePointer(ptr("positional_embedding"))
+        nonisolated(unsafe) let classEmb = UnsafePointer(tower.classEmbedding), pos = UnsafePointer(tower.positionalEmbedding)
         Parallel.forEach(B) { b in
             let yb = y0 + b * N * C
             for j in 0..<C { yb[j] = classEmb[j] + pos[j] }
@@ -164,16 +179,16 @@ public final class CLIPVisionTransformer: @unchecked Sendable {
                 for j in 0..<C { dst[j] = src[j] + pe[j] }
             }
         }
-        layerNormForward(out: x, mean: mean, rstd: rstd, input: y, weight: ptr("ln_pre.weight"), bias: ptr("ln_pre.bias"),
+        layerNormForward(out: x, mean: mean, rstd: rstd, input: y, weight: tower.lnPreWeight, bias: tower.lnPreBias,
                          rows: rows, cols: C, eps: clipLayerNormEps)
         for blk in blocks {
             blk.forward(out: y, x: x, cache: cache, B: B, T: N, mask: FullAttention(), keep1: nil, keep2: nil)
             swap(&x, &y)
         }
         let out = tokens ?? post
-        layerNormForward(out: out, mean: mean, rstd: rstd, input: x, weight: ptr("ln_post.weight"), bias: ptr("ln_post.bias"),
+        layerNormForward(out: out, mean: mean, rstd: rstd, input: x, weight: tower.lnPostWeight, bias: tower.lnPostBias,
                          rows: rows, cols: C, eps: clipLayerNormEps)
-        let proj = UnsafePointer(ptr("proj"))
+        let proj = UnsafePointer(tower.proj)
         if let projected {
             gemm(precision, transA: false, transB: false, M: rows, N: E, K: C, alpha: 1, A: out, lda: C,
                  B: proj, ldb: E, beta: 0, C: projected, ldc: E)

@@ -1,4 +1,4 @@
-// MaPeT (Baraldi et al. 2023, SPEC §2): masked and permuted pre-training with two streams that
+// MaPeT (Baraldi et al. 2023, ALGORITHMS.md §2): masked and permuted pre-training with two streams that
 // share every weight. With N = n + 1 tokens, P predicted tokens p_0 < … < p_{P−1} and
 // m_j = mask_positional_token + pos_embed[p_j]:
 //   content h0 = [cls + pos_0 ; patch_embed + pos_{1..n} ; m_0..m_{P−1}]   (PIM: without the m_j)
@@ -29,7 +29,7 @@ final class TwoStreamActivations: @unchecked Sendable {
     let contentBias, queryBias: UnsafeMutablePointer<Float>
 
     init?(config k: PretrainConfig, B: Int, P: Int) {
-        let v = k.vit, C = v.embedDim, N = v.numTokens, n = v.numPatches, V = k.vocabSize, depth = v.depth
+        let v = k.vit, C = v.embedDim, N = v.sequenceLength, n = v.numPatches, V = k.vocabSize, depth = v.depth
         let T = k.kind == .mapet ? N + P : N
         let hRows = B * T, gRows = B * P
         let hProbs = B * v.numHeads * T * T, gProbs = B * v.numHeads * P * T
@@ -91,12 +91,12 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
 
     /// h0 and g0 from the images and the predicted positions.
     private func embed(_ a: TwoStreamActivations, images: UnsafePointer<Float>, batch: PermutationBatch) {
-        let v = config.vit, C = v.embedDim, n = v.numPatches, N = v.numTokens, B = a.B, P = a.P, T = a.T
-        patchEmbedForward(out: a.patchOut, patches: a.patches, images: images, weight: ptr("patch_embed.proj.weight"),
-                          bias: ptr("patch_embed.proj.bias"), B: B, inChans: v.inChans, imgSize: v.imgSize,
+        let v = config.vit, C = v.embedDim, n = v.numPatches, N = v.sequenceLength, B = a.B, P = a.P, T = a.T
+        patchEmbedForward(out: a.patchOut, patches: a.patches, images: images, weight: trunk.patchWeight,
+                          bias: trunk.patchBias, B: B, inChans: v.inChans, imgSize: v.imgSize,
                           patch: v.patchSize, C: C, precision: precision)
-        nonisolated(unsafe) let h = a.hs[0], g = a.gs[0], patchOut = a.patchOut, cls = ptr("cls_token"),
-                                pos = ptr("pos_embed"), mpt = ptr(config.specialToken), predicted = batch.predictedPointer
+        nonisolated(unsafe) let h = a.hs[0], g = a.gs[0], patchOut = a.patchOut, cls = trunk.clsToken,
+                                pos = trunk.posEmbed, mpt = trunk.special!, predicted = batch.predictedPointer
         let markers = positionalTokens
         Parallel.forEach(B) { b in
             let hb = h + b * T * C
@@ -144,9 +144,9 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
             }
             blk.forwardOutput(out: a.gs[l + 1], x: a.gs[l], cache: cg, B: B, T: P, keep1: keep1, keep2: keep2)
         }
-        layerNormForward(out: a.normOut, mean: a.normMean, rstd: a.normRstd, input: a.gs[depth], weight: ptr("norm.weight"),
-                         bias: ptr("norm.bias"), rows: B * P, cols: C)
-        linearForward(out: a.logits, input: a.normOut, weight: ptr("decoder.weight"), bias: ptr("decoder.bias"),
+        layerNormForward(out: a.normOut, mean: a.normMean, rstd: a.normRstd, input: a.gs[depth], weight: trunk.normWeight!,
+                         bias: trunk.normBias!, rows: B * P, cols: C)
+        linearForward(out: a.logits, input: a.normOut, weight: trunk.headWeight!, bias: trunk.headBias!,
                       rows: B * P, inFeatures: C, outFeatures: config.vocabSize, precision: precision)
     }
 
@@ -167,7 +167,7 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
     /// On a non-finite loss nothing is accumulated and the drop-path generator is rewound.
     public func trainStep(images: UnsafePointer<Float>, tokens: UnsafePointer<Int32>, batch: PermutationBatch,
                           logitsOut: UnsafeMutablePointer<Float>? = nil) -> Result<Double, StepError> {
-        let v = config.vit, C = v.embedDim, N = v.numTokens, n = v.numPatches, V = config.vocabSize, depth = v.depth
+        let v = config.vit, C = v.embedDim, N = v.sequenceLength, n = v.numPatches, V = config.vocabSize, depth = v.depth
         let B = batch.batchSize, P = batch.predictedCount
         guard let a = activations(B: B, P: P) else { return .failure(.outOfMemory) }
         let T = a.T
@@ -191,12 +191,12 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
         zero(a.dLogits, B * P * V)
         crossEntropyBackward(dLogits: a.dLogits, probs: a.probs, targets: a.targets, rows: B * P, K: V, scale: 1 / Float(count))
         zero(a.dNormOut, B * P * C)
-        linearBackward(dInput: a.dNormOut, dWeight: grad("decoder.weight"), dBias: grad("decoder.bias"), dOut: a.dLogits,
-                       input: a.normOut, weight: ptr("decoder.weight"), rows: B * P, inFeatures: C, outFeatures: V,
+        linearBackward(dInput: a.dNormOut, dWeight: dTrunk.headWeight!, dBias: dTrunk.headBias!, dOut: a.dLogits,
+                       input: a.normOut, weight: trunk.headWeight!, rows: B * P, inFeatures: C, outFeatures: V,
                        precision: precision)
         zero(a.dg, B * P * C)
-        layerNormBackward(dInput: a.dg, dWeight: grad("norm.weight"), dBias: grad("norm.bias"), dOut: a.dNormOut,
-                          input: a.gs[depth], weight: ptr("norm.weight"), mean: a.normMean, rstd: a.normRstd, rows: B * P, cols: C)
+        layerNormBackward(dInput: a.dg, dWeight: dTrunk.normWeight!, dBias: dTrunk.normBias!, dOut: a.dNormOut,
+                          input: a.gs[depth], weight: trunk.normWeight!, mean: a.normMean, rstd: a.normRstd, rows: B * P, cols: C)
         zero(a.dh, B * T * C)
 
         // Blocks, last to first.
@@ -225,7 +225,7 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
         // Embedding: token rows of h; the m_j rows of h and g feed mask_positional_token and pos_embed[p_j].
         let dPatch = sh.dBranch   // [B, n, C] fits in [B·T, C]
         embedTokensBackward(dRows: a.dh, stride: T, dPatch: dPatch, patches: a.patches, B: B)
-        nonisolated(unsafe) let dMpt = grad(config.specialToken), dPos = grad("pos_embed"), dh = a.dh, dg = a.dg,
+        nonisolated(unsafe) let dMpt = dTrunk.special!, dPos = dTrunk.posEmbed, dh = a.dh, dg = a.dg,
                                 order = predicted
         let markers = positionalTokens
         Parallel.forRanges(C, grain: 16) { r in

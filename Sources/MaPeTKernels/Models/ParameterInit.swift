@@ -2,7 +2,7 @@
 import Glibc
 #endif
 
-/// timm / reference initialisation of a parameter block, shared by every model (SPEC §1):
+/// timm / reference initialisation of a parameter block, shared by every model (ALGORITHMS.md §1):
 /// Linear weights trunc-normal(.02) with zero bias; pos_embed and the `truncNormal` extras
 /// (mask tokens) trunc-normal(.02); cls_token normal(1e-6); the patch conv PyTorch's default
 /// (uniform ±1/√fan_in, weight and bias); LayerNorm (1, 0); layer scale = `initValues`.

@@ -2,7 +2,7 @@
 import Glibc
 #endif
 
-// What the pre-training models share (SPEC §1–2): a ViT trunk without classifier, one
+// What the pre-training models share (ALGORITHMS.md §1–2): a ViT trunk without classifier, one
 // learned special token and a linear head over the visual-token vocabulary.
 //   MaPeT / PIM (two-stream): cls_token, pos_embed, mask_positional_token, patch_embed, blocks,
 //                             norm, decoder [V, C]
@@ -52,8 +52,8 @@ public struct PretrainConfig: Sendable, Equatable {
     public var problem: String? {
         if let p = vit.problem { return p }
         if vocabSize < 1 { return "num_tokens must be ≥ 1, got \(vocabSize)" }
-        if twoStream && !(leastNumber >= 1 && leastNumber < vit.numTokens) {
-            return "least_number must be in [1, \(vit.numTokens - 1)] for \(vit.numPatches) patches, got \(leastNumber)"
+        if twoStream && !(leastNumber >= 1 && leastNumber < vit.sequenceLength) {
+            return "least_number must be in [1, \(vit.sequenceLength - 1)] for \(vit.numPatches) patches, got \(leastNumber)"
         }
         if kind == .ccvit && !(earlyLayers >= 1 && earlyLayers <= vit.depth) {
             return "early_layers must be in [1, depth=\(vit.depth)], got \(earlyLayers)"
@@ -71,10 +71,14 @@ public class PretrainModel: @unchecked Sendable {
     public let table: ParameterTable
     public let params: TensorStorage
     public let grads: TensorStorage
+    /// The parameters outside the blocks, and their gradients, resolved once.
+    let trunk: TrunkTensors, dTrunk: TrunkTensors
+    /// `norm` + the token head (`decoder` / `lm_head`), and CCViT's pixel head (nil for the other kinds).
+    let tokenHead: HeadTensors, dTokenHead: HeadTensors, pixelHead: HeadTensors?, dPixelHead: HeadTensors?
     public private(set) var blocks: [TransformerBlock]
     /// CCViT's pixel-head blocks (`cls_pt_layers`); empty for the other kinds.
     public private(set) var headBlocks: [TransformerBlock]
-    /// Precision of every matrix product, forward and backward (SPEC §7); parameters,
+    /// Precision of every matrix product, forward and backward (ALGORITHMS.md §7); parameters,
     /// gradients and everything else stay fp32.
     public var precision: Precision = .fp32 {
         didSet {
@@ -95,7 +99,7 @@ public class PretrainModel: @unchecked Sendable {
         var t = ParameterTable()
         let v = k.vit, C = v.embedDim
         t.add("cls_token", [1, 1, C])
-        t.add("pos_embed", [1, v.numTokens, C])
+        t.add("pos_embed", [1, v.sequenceLength, C])
         t.add(k.specialToken, [1, 1, C])
         t.add("patch_embed.proj.weight", [C, v.inChans, v.patchSize, v.patchSize])
         t.add("patch_embed.proj.bias", [C])
@@ -116,7 +120,7 @@ public class PretrainModel: @unchecked Sendable {
         return t
     }
 
-    /// Allocates and initialises (SPEC §1); nil when memory runs out.
+    /// Allocates and initialises (ALGORITHMS.md §1); nil when memory runs out.
     init?(config: PretrainConfig, seed: UInt64) {
         precondition(config.problem == nil, config.problem ?? "")
         self.config = config
@@ -125,6 +129,13 @@ public class PretrainModel: @unchecked Sendable {
         guard let p = TensorStorage(count: table.total, dtype: .float32),
               let g = TensorStorage(count: table.total, dtype: .float32) else { return nil }
         params = p; grads = g
+        trunk = TrunkTensors(base: p.floats, table: table, norm: "norm", head: config.headName, special: config.specialToken)
+        dTrunk = TrunkTensors(base: g.floats, table: table, norm: "norm", head: config.headName, special: config.specialToken)
+        tokenHead = HeadTensors(base: p.floats, table: table, norm: "norm", head: config.headName)
+        dTokenHead = HeadTensors(base: g.floats, table: table, norm: "norm", head: config.headName)
+        let pixel = config.kind == .ccvit
+        pixelHead = pixel ? HeadTensors(base: p.floats, table: table, norm: "cls_pt_norm", head: "cls_pt_lm_head") : nil
+        dPixelHead = pixel ? HeadTensors(base: g.floats, table: table, norm: "cls_pt_norm", head: "cls_pt_lm_head") : nil
         zero(p.floats, table.total)
         zero(g.floats, table.total)
         let v = config.vit
@@ -149,8 +160,6 @@ public class PretrainModel: @unchecked Sendable {
 
     public var parameterCount: Int { table.entries.reduce(0) { $0 + $1.count } }
 
-    func ptr(_ name: String) -> UnsafeMutablePointer<Float> { params.floats + table.offset(name) }
-    func grad(_ name: String) -> UnsafeMutablePointer<Float> { grads.floats + table.offset(name) }
 
     public func zeroGrad() { zero(grads.floats, table.total) }
 
@@ -191,8 +200,8 @@ public class PretrainModel: @unchecked Sendable {
     /// Patches with `masked[b, t] != 0` were replaced by the mask token: no conv gradient.
     func embedTokensBackward(dRows: UnsafePointer<Float>, stride T: Int, dPatch: UnsafeMutablePointer<Float>,
                              patches: UnsafePointer<Float>, B: Int, masked: UnsafePointer<Int32>? = nil) {
-        let v = config.vit, C = v.embedDim, N = v.numTokens, n = v.numPatches
-        nonisolated(unsafe) let dCls = grad("cls_token"), dPos = grad("pos_embed"), dRows = dRows, dPatch = dPatch
+        let v = config.vit, C = v.embedDim, N = v.sequenceLength, n = v.numPatches
+        nonisolated(unsafe) let dCls = dTrunk.clsToken, dPos = dTrunk.posEmbed, dRows = dRows, dPatch = dPatch
         // cls and pos: sum over samples, samples in order (deterministic), split over columns.
         Parallel.forRanges(N * C, grain: 1024) { r in
             for b in 0..<B {
@@ -211,8 +220,8 @@ public class PretrainModel: @unchecked Sendable {
                 for t in 0..<n where masked[b * n + t] != 0 { (dPatch + (b * n + t) * C).update(repeating: 0, count: C) }
             }
         }
-        patchEmbedBackward(dImages: nil, dWeight: grad("patch_embed.proj.weight"), dBias: grad("patch_embed.proj.bias"),
-                           dOut: dPatch, patches: patches, weight: ptr("patch_embed.proj.weight"),
+        patchEmbedBackward(dImages: nil, dWeight: dTrunk.patchWeight, dBias: dTrunk.patchBias,
+                           dOut: dPatch, patches: patches, weight: trunk.patchWeight,
                            B: B, inChans: v.inChans, imgSize: v.imgSize, patch: v.patchSize, C: C,
                            precision: precision)
     }

@@ -2,7 +2,7 @@
 import Glibc
 #endif
 
-// The ViT classifier (Dosovitskiy et al. 2021; timm `VisionTransformer`, SPEC §1):
+// The ViT classifier (Dosovitskiy et al. 2021; timm `VisionTransformer`, ALGORITHMS.md §1):
 //   x0 = [cls ; patch_embed(images)] + pos_embed,   x_{l+1} = block_l(x_l),
 //   'token': logits = head(norm(x_L)[:, 0]);   'avg': logits = head(fc_norm(mean_{t≥1} x_L[:, t])).
 // Parameters, gradients live in one block each, cut by a `ParameterTable` under timm names.
@@ -25,7 +25,7 @@ public struct ViTConfig: Sendable, Equatable {
 
     public var grid: Int { imgSize / patchSize }
     public var numPatches: Int { grid * grid }
-    public var numTokens: Int { numPatches + 1 }
+    public var sequenceLength: Int { numPatches + 1 }
     public var hidden: Int { Int(Double(embedDim) * mlpRatio) }
     public var patchDim: Int { inChans * patchSize * patchSize }
 
@@ -58,7 +58,7 @@ public final class ViTActivations: @unchecked Sendable {
     let targets: UnsafeMutablePointer<Int32>
 
     init?(config k: ViTConfig, B: Int, blocks: Int) {
-        let N = k.numTokens, C = k.embedDim, n = k.numPatches, rows = B * N, K = k.numClasses
+        let N = k.sequenceLength, C = k.embedDim, n = k.numPatches, rows = B * N, K = k.numClasses
         let probsCount = B * k.numHeads * N * N
         var sizes = [B * n * k.patchDim, B * n * C] + Array(repeating: rows * C, count: blocks + 1)
         for _ in 0..<blocks { sizes += BlockCache.floats(rows: rows, C: C, hidden: k.hidden, probs: probsCount, ownsKV: true) }
@@ -82,10 +82,12 @@ public final class ViTActivations: @unchecked Sendable {
 public final class VisionTransformer: @unchecked Sendable {
     public let config: ViTConfig
     public let table: ParameterTable
+    /// The parameters outside the blocks, and their gradients, resolved once.
+    let trunk: TrunkTensors, dTrunk: TrunkTensors
     public let params: TensorStorage
     public let grads: TensorStorage
     public private(set) var blocks: [TransformerBlock]
-    /// Precision of every matrix product, forward and backward (SPEC §7); parameters,
+    /// Precision of every matrix product, forward and backward (ALGORITHMS.md §7); parameters,
     /// gradients and everything else stay fp32.
     public var precision: Precision = .fp32 {
         didSet { for i in blocks.indices { blocks[i].precision = precision } }
@@ -102,7 +104,7 @@ public final class VisionTransformer: @unchecked Sendable {
         var t = ParameterTable()
         let C = k.embedDim
         t.add("cls_token", [1, 1, C])
-        t.add("pos_embed", [1, k.numTokens, C])
+        t.add("pos_embed", [1, k.sequenceLength, C])
         t.add("patch_embed.proj.weight", [C, k.inChans, k.patchSize, k.patchSize])
         t.add("patch_embed.proj.bias", [C])
         for i in 0..<k.depth {
@@ -114,7 +116,7 @@ public final class VisionTransformer: @unchecked Sendable {
         return t
     }
 
-    /// A model initialised as SPEC §1 / timm: Linear trunc-normal(.02) with zero bias, pos_embed
+    /// A model initialised as ALGORITHMS.md §1 / timm: Linear trunc-normal(.02) with zero bias, pos_embed
     /// trunc-normal(.02), cls_token normal(1e-6), patch conv PyTorch default (uniform ±1/√fan_in),
     /// LayerNorm (1, 0), layer scale = init_values. Returns nil when memory runs out.
     public init?(config: ViTConfig, seed: UInt64) {
@@ -126,6 +128,8 @@ public final class VisionTransformer: @unchecked Sendable {
               let g = TensorStorage(count: table.total, dtype: .float32) else { return nil }
         params = p; grads = g
         normName = config.globalPool == .avg ? "fc_norm" : "norm"
+        trunk = TrunkTensors(base: p.floats, table: table, norm: normName, head: "head", special: nil)
+        dTrunk = TrunkTensors(base: g.floats, table: table, norm: normName, head: "head", special: nil)
         let C = config.embedDim
         blocks = (0..<config.depth).map { i in
             TransformerBlock(C: C, H: config.numHeads, hidden: config.hidden,
@@ -141,8 +145,6 @@ public final class VisionTransformer: @unchecked Sendable {
                              initValues: config.initValues)
     }
 
-    private func ptr(_ name: String) -> UnsafeMutablePointer<Float> { params.floats + table.offset(name) }
-    private func grad(_ name: String) -> UnsafeMutablePointer<Float> { grads.floats + table.offset(name) }
     private func optionalPtr(_ name: String) -> UnsafeMutablePointer<Float>? { table[name].map { params.floats + $0.offset } }
     private func optionalGrad(_ name: String) -> UnsafeMutablePointer<Float>? { table[name].map { grads.floats + $0.offset } }
 
@@ -153,11 +155,11 @@ public final class VisionTransformer: @unchecked Sendable {
     /// x [B, N, C] = [cls ; patch_embed(images)] + pos_embed. `patches`/`patchOut` are scratch.
     private func embed(x: UnsafeMutablePointer<Float>, patches: UnsafeMutablePointer<Float>, patchOut: UnsafeMutablePointer<Float>,
                        images: UnsafePointer<Float>, B: Int) {
-        let k = config, C = k.embedDim, n = k.numPatches, N = k.numTokens
-        patchEmbedForward(out: patchOut, patches: patches, images: images, weight: ptr("patch_embed.proj.weight"),
-                          bias: ptr("patch_embed.proj.bias"), B: B, inChans: k.inChans, imgSize: k.imgSize, patch: k.patchSize, C: C,
+        let k = config, C = k.embedDim, n = k.numPatches, N = k.sequenceLength
+        patchEmbedForward(out: patchOut, patches: patches, images: images, weight: trunk.patchWeight,
+                          bias: trunk.patchBias, B: B, inChans: k.inChans, imgSize: k.imgSize, patch: k.patchSize, C: C,
                           precision: precision)
-        nonisolated(unsafe) let x = x, patchOut = patchOut, cls = ptr("cls_token"), pos = ptr("pos_embed")
+        nonisolated(unsafe) let x = x, patchOut = patchOut, cls = trunk.clsToken, pos = trunk.posEmbed
         Parallel.forEach(B) { b in
             let xb = x + b * N * C
             for j in 0..<C { xb[j] = cls[j] + pos[j] }
@@ -175,10 +177,10 @@ public final class VisionTransformer: @unchecked Sendable {
     public func forwardFeatures(out: UnsafeMutablePointer<Float>, images: UnsafePointer<Float>, B: Int) -> Bool {
         guard let final = inferenceTokens(images: images, B: B) else { return false }
         let (x, arena) = final
-        let k = config, rows = B * k.numTokens, C = k.embedDim
+        let k = config, rows = B * k.sequenceLength, C = k.embedDim
         if k.globalPool == .token {
             let mean = arena.take(rows), rstd = arena.take(rows)
-            layerNormForward(out: out, mean: mean, rstd: rstd, input: x, weight: ptr("norm.weight"), bias: ptr("norm.bias"), rows: rows, cols: C)
+            layerNormForward(out: out, mean: mean, rstd: rstd, input: x, weight: trunk.normWeight!, bias: trunk.normBias!, rows: rows, cols: C)
         } else {
             out.update(from: x, count: rows * C)
         }
@@ -197,7 +199,7 @@ public final class VisionTransformer: @unchecked Sendable {
 
     /// Runs the blocks with one reused cache; returns the final tokens and the arena holding them.
     private func inferenceTokens(images: UnsafePointer<Float>, B: Int) -> (UnsafeMutablePointer<Float>, Arena)? {
-        let k = config, N = k.numTokens, C = k.embedDim, rows = B * N
+        let k = config, N = k.sequenceLength, C = k.embedDim, rows = B * N
         let probs = B * k.numHeads * N * N
         var sizes = [B * k.numPatches * k.patchDim, B * k.numPatches * C, rows * C, rows * C, B * C, B * C, B, B, rows, rows]
         sizes += BlockCache.floats(rows: rows, C: C, hidden: k.hidden, probs: probs, ownsKV: true)
@@ -216,15 +218,15 @@ public final class VisionTransformer: @unchecked Sendable {
     /// pool → norm → head on final tokens x [B, N, C].
     private func head(logits: UnsafeMutablePointer<Float>, pooled: UnsafeMutablePointer<Float>, normOut: UnsafeMutablePointer<Float>,
                       mean: UnsafeMutablePointer<Float>, rstd: UnsafeMutablePointer<Float>, x: UnsafePointer<Float>, B: Int) {
-        let k = config, N = k.numTokens, C = k.embedDim
+        let k = config, N = k.sequenceLength, C = k.embedDim
         if k.globalPool == .avg {
             meanPoolForward(out: pooled, input: x, B: B, T: N, C: C, start: 1)
         } else {
             tokenSelectForward(out: pooled, input: x, B: B, T: N, C: C, token: 0)
         }
-        layerNormForward(out: normOut, mean: mean, rstd: rstd, input: pooled, weight: ptr(normName + ".weight"),
-                         bias: ptr(normName + ".bias"), rows: B, cols: C)
-        linearForward(out: logits, input: normOut, weight: ptr("head.weight"), bias: ptr("head.bias"), rows: B, inFeatures: C, outFeatures: k.numClasses,
+        layerNormForward(out: normOut, mean: mean, rstd: rstd, input: pooled, weight: trunk.normWeight!,
+                         bias: trunk.normBias!, rows: B, cols: C)
+        linearForward(out: logits, input: normOut, weight: trunk.headWeight!, bias: trunk.headBias!, rows: B, inFeatures: C, outFeatures: k.numClasses,
                       precision: precision)
     }
 
@@ -254,7 +256,7 @@ public final class VisionTransformer: @unchecked Sendable {
     /// The step with hard labels or soft targets (mean soft-target cross-entropy over the batch).
     public func trainStep(images: UnsafePointer<Float>, targets: ClassTargets, B: Int,
                           logitsOut: UnsafeMutablePointer<Float>? = nil) -> Result<Double, StepError> {
-        let k = config, N = k.numTokens, C = k.embedDim, n = k.numPatches, K = k.numClasses
+        let k = config, N = k.sequenceLength, C = k.embedDim, n = k.numPatches, K = k.numClasses
         if train?.B != B {
             train = nil
             guard let a = ViTActivations(config: k, B: B, blocks: k.depth) else { return .failure(.outOfMemory) }
@@ -297,12 +299,12 @@ public final class VisionTransformer: @unchecked Sendable {
             softTargetCrossEntropyBackward(dLogits: a.dLogits, probs: a.probs, targets: q, rows: B, K: K, scale: 1 / Float(B))
         }
         zero(a.dNormOut, B * C)
-        linearBackward(dInput: a.dNormOut, dWeight: grad("head.weight"), dBias: grad("head.bias"), dOut: a.dLogits,
-                       input: a.normOut, weight: ptr("head.weight"), rows: B, inFeatures: C, outFeatures: K,
+        linearBackward(dInput: a.dNormOut, dWeight: dTrunk.headWeight!, dBias: dTrunk.headBias!, dOut: a.dLogits,
+                       input: a.normOut, weight: trunk.headWeight!, rows: B, inFeatures: C, outFeatures: K,
                        precision: precision)
         zero(a.dPooled, B * C)
-        layerNormBackward(dInput: a.dPooled, dWeight: grad(normName + ".weight"), dBias: grad(normName + ".bias"),
-                          dOut: a.dNormOut, input: a.pooled, weight: ptr(normName + ".weight"),
+        layerNormBackward(dInput: a.dPooled, dWeight: dTrunk.normWeight!, dBias: dTrunk.normBias!,
+                          dOut: a.dNormOut, input: a.pooled, weight: trunk.normWeight!,
                           mean: a.normMean, rstd: a.normRstd, rows: B, cols: C)
         zero(a.dx, B * N * C)
         if k.globalPool == .avg {
@@ -317,7 +319,7 @@ public final class VisionTransformer: @unchecked Sendable {
                                keep1: rate > 0 ? keep1 : nil, keep2: rate > 0 ? keep2 : nil)
         }
         // Embedding: dx [B, N, C] → cls, pos, patch tokens.
-        let dCls = grad("cls_token"), dPos = grad("pos_embed")
+        let dCls = dTrunk.clsToken, dPos = dTrunk.posEmbed
         for b in 0..<B {
             let g = a.dx + b * N * C
             for j in 0..<C { dCls[j] += g[j] }
@@ -326,8 +328,8 @@ public final class VisionTransformer: @unchecked Sendable {
         let dPatch = a.scratch.dLn  // [B, n, C] fits in [B·N, C]
         nonisolated(unsafe) let dx = a.dx, dPatchS = dPatch
         Parallel.forEach(B) { b in (dPatchS + b * n * C).update(from: dx + (b * N + 1) * C, count: n * C) }
-        patchEmbedBackward(dImages: nil, dWeight: grad("patch_embed.proj.weight"), dBias: grad("patch_embed.proj.bias"),
-                           dOut: dPatch, patches: a.patches, weight: ptr("patch_embed.proj.weight"),
+        patchEmbedBackward(dImages: nil, dWeight: dTrunk.patchWeight, dBias: dTrunk.patchBias,
+                           dOut: dPatch, patches: a.patches, weight: trunk.patchWeight,
                            B: B, inChans: k.inChans, imgSize: k.imgSize, patch: k.patchSize, C: C,
                            precision: precision)
         return .success(loss)

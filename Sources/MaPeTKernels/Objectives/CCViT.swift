@@ -1,5 +1,5 @@
 // The model-independent parts of the CCViT objective (Yan et al., "Centroid-centered Modeling
-// for Efficient Vision Transformer Pre-training", SPEC §4), after Cakeyan/CCViT_Public:
+// for Efficient Vision Transformer Pre-training", ALGORITHMS.md §4), after Cakeyan/CCViT_Public:
 //  - corruption: besides the block-masked patches (mask token in the model), `numReplace`
 //    further visible patches are picked uniformly without replacement and their pixels are
 //    replaced by the pixels of their own nearest centroid (datasets.py shuffles the visible

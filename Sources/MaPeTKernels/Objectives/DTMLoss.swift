@@ -1,4 +1,4 @@
-// The DTM loss (SPEC §5; naver-ai/dtm engines/engine_for_dtm.py): for each of L morphing
+// The DTM loss (ALGORITHMS.md §5; naver-ai/dtm engines/engine_for_dtm.py): for each of L morphing
 // schedules, both predictions and targets are replaced by their group means and compared at
 // every one of the N positions with smooth-L1, averaged; then the mean over schedules.
 //   pred, target [B, N, D];  membership [L, B, N] (group id of each token, any ids in 0..<N)

@@ -1,5 +1,5 @@
 // The random morphing schedule of Dynamic Token Morphing (Kim et al., "Morphing Tokens Draw
-// Strong Masked Image Models", SPEC §5), as the reference training loop draws it
+// Strong Masked Image Models", ALGORITHMS.md §5), as the reference training loop draws it
 // (naver-ai/dtm, engines/engine_for_dtm.py):
 //   for each of the L = 2 schedules, in this order: n̄₁ ~ U{0..n₁}, n̄₂ ~ U{0..n₂},
 //   then k₁ ~ U{1..k₁max}, k₂ ~ U{1..k₂max}   (Python random.randint, inclusive),

@@ -2,7 +2,7 @@
 import Glibc
 #endif
 
-// Dynamic Token Morphing, the target side of DTM (SPEC §5): bipartite soft matching (ToMe,
+// Dynamic Token Morphing, the target side of DTM (ALGORITHMS.md §5): bipartite soft matching (ToMe,
 // Bolya et al. 2023) repeated k times on frozen teacher tokens, tracking which original token
 // ends up in which group. Semantics matched to naver-ai/dtm (bm/merge.py, engine_for_dtm.py):
 //

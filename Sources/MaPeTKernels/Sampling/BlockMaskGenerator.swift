@@ -1,5 +1,5 @@
 // Block-wise masking for MIM (BEiT, Bao et al. 2022, §2.5; exact count as in BEiT v2's
-// masking generator), SPEC §2 "Block-wise masking".
+// masking generator), ALGORITHMS.md §2 "Block-wise masking".
 //
 // On a height × width grid, until `target` cells are masked:
 //   budget = min(target − masked, maxNumPatches)

@@ -1,5 +1,5 @@
 // One batch of MaPeT permutations and the tables every may-attend decision reads
-// (SPEC §2). Sequence positions: 0 = class token, 1..n = patches, N = n + 1 tokens.
+// (ALGORITHMS.md §2). Sequence positions: 0 = class token, 1..n = patches, N = n + 1 tokens.
 //
 //   orders          [B, N]  orders[b, k] = the token at permutation index k (orders[b, 0] = 0)
 //   ranks           [B, N]  ranks[b, t]  = k with orders[b, k] = t (the inverse permutation)

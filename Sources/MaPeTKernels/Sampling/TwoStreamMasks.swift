@@ -1,4 +1,4 @@
-// The MaPeT may-attend rules (SPEC §2) decided in O(1) per pair from the rank tables of a
+// The MaPeT may-attend rules (ALGORITHMS.md §2) decided in O(1) per pair from the rank tables of a
 // PermutationBatch; no dense per-sample masks exist on the training path.
 //
 // Index spaces (N tokens, P predicted, L = least_number, rank(·) from the batch):

@@ -40,6 +40,9 @@ public struct Xoshiro256StarStar: Sendable {
         precondition(s0 | s1 | s2 | s3 != 0, "xoshiro256** state must not be all zero")
     }
 
+    /// The four state words (to carry a generator across calls, e.g. from Python).
+    public var state: (UInt64, UInt64, UInt64, UInt64) { (s0, s1, s2, s3) }
+
     /// The generator of stream `stream` under `seed` (see the file comment). SplitMix64 is a
     /// bijection of its counter, so the four words are never all zero.
     @inlinable public init(seed: UInt64, stream: UInt64) {

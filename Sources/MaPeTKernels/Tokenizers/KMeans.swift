@@ -151,6 +151,29 @@ func splitEmptyClusters(_ c: UnsafeMutablePointer<Float>, sizes: UnsafeMutablePo
     return splits
 }
 
+/// The rows of the random initialisation: the first k entries of a uniform random permutation of
+/// 0..<n (partial Fisher–Yates), k ≤ n. Distributed k-means draws the same global rows.
+public func randomInitialRows(_ rows: UnsafeMutablePointer<Int>, n: Int, k: Int, rng: inout Xoshiro256StarStar) {
+    let perm = UnsafeMutablePointer<Int32>.allocate(capacity: n)
+    defer { perm.deallocate() }
+    for i in 0..<n { perm[i] = Int32(i) }
+    for i in 0..<k {
+        let j = i + rng.below(n - i)
+        let t = perm[i]; perm[i] = perm[j]; perm[j] = t
+        rows[i] = Int(perm[i])
+    }
+}
+
+/// The end of a Lloyd iteration once the new means are in `c` [k, d]: split the empty clusters
+/// (sizes [k], the global counts of the assignment, updated in place) and, spherical, normalise.
+/// Distributed k-means calls it on the all-reduced means. Returns the number of splits.
+public func finishLloydStep(_ c: UnsafeMutablePointer<Float>, sizes: UnsafeMutablePointer<Int>, n: Int, k: Int, d: Int,
+                            spherical: Bool, rng: inout Xoshiro256StarStar) -> Int {
+    let splits = splitEmptyClusters(c, sizes: sizes, n: n, k: k, d: d, rng: &rng)
+    if spherical { normalizeRows(c, rows: k, d: d) }
+    return splits
+}
+
 /// Initial centroids drawn from x with `rng` (random or k-means++).
 func initialCentroids(_ c: UnsafeMutablePointer<Float>, x: UnsafePointer<Float>, n: Int, d: Int, k: Int,
                       kind: KMeansInit, rng: inout Xoshiro256StarStar, shouldStop: () -> Bool = { false }) {
@@ -158,15 +181,10 @@ func initialCentroids(_ c: UnsafeMutablePointer<Float>, x: UnsafePointer<Float>,
     case .given:
         return
     case .random:
-        // Partial Fisher–Yates: the first k entries of a uniform random permutation of 0..<n.
-        let perm = UnsafeMutablePointer<Int32>.allocate(capacity: n)
-        defer { perm.deallocate() }
-        for i in 0..<n { perm[i] = Int32(i) }
-        for i in 0..<k {
-            let j = i + rng.below(n - i)
-            let t = perm[i]; perm[i] = perm[j]; perm[j] = t
-            (c + i * d).update(from: x + Int(perm[i]) * d, count: d)
-        }
+        let rows = UnsafeMutablePointer<Int>.allocate(capacity: k)
+        defer { rows.deallocate() }
+        randomInitialRows(rows, n: n, k: k, rng: &rng)
+        for i in 0..<k { (c + i * d).update(from: x + rows[i] * d, count: d) }
     case .plusPlus:
         let blocks = (n + KMeansBlocks.points - 1) / KMeansBlocks.points
         let minD = UnsafeMutablePointer<Float>.allocate(capacity: n)
@@ -359,8 +377,7 @@ public func kmeansFit(centroids: UnsafeMutablePointer<Float>, labels: UnsafeMuta
         if o.bounds { old.update(from: centroids, count: k * d) }
         groupByLabel(counts: counts, offsets: offsets, order: order, labels: labels, n: n, k: k)
         clusterMeans(centroids, weight: nil, x: x, d: d, counts: counts, offsets: offsets, order: order, k: k)
-        let splits = splitEmptyClusters(centroids, sizes: counts, n: n, k: k, d: d, rng: &rng)
-        if o.spherical { normalizeRows(centroids, rows: k, d: d) }
+        let splits = finishLloydStep(centroids, sizes: counts, n: n, k: k, d: d, spherical: o.spherical, rng: &rng)
         if let groups {
             // Drifts δ_j and per-group maxima Δ_g; u += δ_a, l_g −= Δ_g.
             nonisolated(unsafe) let (dr, gd, oldC) = (drift, groupDrift, UnsafePointer(old))

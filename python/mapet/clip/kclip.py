@@ -1,4 +1,4 @@
-"""k-CLIP: MaPeT's visual tokenizer (SPEC §3) end to end on a CLIP image tower.
+"""k-CLIP: MaPeT's visual tokenizer (ALGORITHMS.md §3) end to end on a CLIP image tower.
 
 ``FeatureTokenizer.from_clip(model, data, k=8192)`` streams the data through the frozen tower,
 keeps a random fraction of each batch's patch features (every token after ``ln_post`` except the
@@ -251,7 +251,7 @@ def from_clip(model: Any, data: Any, k: int = 8192, *, sample_fraction: float = 
 
 def clip_teacher(teacher: Any) -> Optional[Callable[[np.ndarray], np.ndarray]]:
     """DTM's CLIP teacher: images in [0, 1] → CLIP-preprocessed → ``forward_features(proj=True)``
-    [B, 1 + n, output_dim] (SPEC §5: final tokens after ln_post and proj). None when ``teacher`` is
+    [B, 1 + n, output_dim] (ALGORITHMS.md §5: final tokens after ln_post and proj). None when ``teacher`` is
     neither a ``CLIPVisionTransformer`` nor a CLIP checkpoint file."""
     if not isinstance(teacher, CLIPVisionTransformer):
         if not ((isinstance(teacher, (str, bytes)) or hasattr(teacher, "__fspath__")) and is_clip_checkpoint(teacher)):
@@ -270,7 +270,7 @@ def tokenize_dataset_kclip(cfg: dict) -> str:
     """The ``tokenize`` command with ``tokenizer=kclip``: fit k-CLIP on the training data through the
     CLIP tower of ``clip`` (a safetensors file) and write the token cache; returns its directory."""
     from .. import distributed
-    from ..commands import _datasets, _is_main, _out, _view_id
+    from .._command_setup import _datasets, _is_main, _out, _view_id
     from ..data import TokenCache
 
     path = cfg.get("clip")

@@ -1,4 +1,4 @@
-"""CLIP's image preprocessing (OpenAI ``clip._transform``; SPEC §6) for arrays and image folders.
+"""CLIP's image preprocessing (OpenAI ``clip._transform``; ALGORITHMS.md §6) for arrays and image folders.
 
 Resize the shorter side to ``size`` with Pillow's bicubic filter (the longer side becomes
 ``int(size · long / short)``, as torchvision's ``Resize``), centre-crop ``size × size`` (torchvision's

@@ -1,6 +1,6 @@
 """CLIP's ModifiedResNet image towers (RN50, RN101, RN50x4/x16/x64) on the Swift engine, frozen.
 
-Radford et al. 2021 (OpenAI ``clip/model.py``, open_clip ``modified_resnet.py``), SPEC §6: a stem
+Radford et al. 2021 (OpenAI ``clip/model.py``, open_clip ``modified_resnet.py``), ALGORITHMS.md §6: a stem
 of three 3×3 convolutions (the first with stride 2), each followed by BatchNorm and ReLU, then a
 2×2 average pool; four stages of bottlenecks (1×1, 3×3, 1×1 convolutions, expansion 4) that
 downsample by average pooling *before* the last 1×1 convolution (anti-aliasing; no strided
@@ -33,6 +33,7 @@ import numpy as np
 
 from .._native import _core
 from ..io import load_file
+from ..registry import register_named_models
 
 __all__ = ["ModifiedResNet", "create_clip_resnet", "fold_batchnorm", "ARCHS"]
 
@@ -367,6 +368,7 @@ def _read_weights(source: Any) -> Dict[str, np.ndarray]:
     return read_checkpoint(path, layout="clip")[0]
 
 
+@register_named_models("clip_rn", "CLIP ModifiedResNet image tower", tuple(ARCHS))
 def create_clip_resnet(name: str, seed: int = 0, pretrained: Any = None, precision: str = "fp32",
                        **overrides: Any) -> ModifiedResNet:
     """``mapet.create_model("clip_rn50" | "clip_rn101" | "clip_rn50x4" | "clip_rn50x16" | "clip_rn50x64")``.

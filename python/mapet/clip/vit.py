@@ -1,4 +1,4 @@
-"""The CLIP ViT image tower (OpenAI / open_clip ``visual.*``; SPEC §6) on the Swift engine.
+"""The CLIP ViT image tower (OpenAI / open_clip ``visual.*``; ALGORITHMS.md §6) on the Swift engine.
 
 ``mapet.create_model("clip_vit_b16", pretrained="ViT-B-16.safetensors")`` reads a full CLIP
 state dict (``visual.*`` keys; the text tower is ignored) or the visual part alone, and gives a
@@ -18,9 +18,11 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from .._convert import images as images_f32, seed_bits
 from .._native import _core
 from .._params import ParameterBlock
 from ..io import load_file
+from ..registry import register_named_models
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +34,6 @@ ARCHS: Dict[str, Dict[str, Any]] = {
 }
 
 _CONFIG_KEYS = ("img_size", "patch_size", "width", "layers", "heads", "mlp_ratio", "output_dim", "quick_gelu")
-
-
-def _images(images: Any) -> np.ndarray:
-    a = np.asarray(images)
-    if not np.issubdtype(a.dtype, np.floating):
-        raise TypeError(f"images: expected a floating-point array [B, 3, H, W] (CLIP-preprocessed float32), "
-                        f"got dtype {a.dtype}")
-    if a.ndim != 4:
-        raise ValueError(f"images: expected a 4-d array [B, 3, H, W], got shape {a.shape}")
-    return np.ascontiguousarray(a, dtype=np.float32)
 
 
 def read_clip_state_dict(source: Any) -> Dict[str, np.ndarray]:
@@ -97,7 +89,7 @@ def config_from_state_dict(tensors: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 class CLIPVisionTransformer(ParameterBlock):
-    """A frozen CLIP ViT image tower (SPEC §6; OpenAI ``VisionTransformer`` names, without ``visual.``).
+    """A frozen CLIP ViT image tower (ALGORITHMS.md §6; OpenAI ``VisionTransformer`` names, without ``visual.``).
 
     Args:
         img_size, patch_size: input geometry (square images, side divisible by the patch).
@@ -133,7 +125,7 @@ class CLIPVisionTransformer(ParameterBlock):
             cfg[key] = int(v)
         self._handle = _core.clip_vit_create(
             cfg["img_size"], cfg["patch_size"], cfg["width"], cfg["layers"], cfg["heads"], cfg["mlp_ratio"],
-            cfg["output_dim"], "quick_gelu" if cfg["quick_gelu"] else "gelu", int(seed))
+            cfg["output_dim"], "quick_gelu" if cfg["quick_gelu"] else "gelu", seed_bits(seed))
         self.config: Dict[str, Any] = cfg
         self.seed = int(seed)
         self._table = _core.clip_vit_table(self._handle)
@@ -149,9 +141,14 @@ class CLIPVisionTransformer(ParameterBlock):
     grads_flat = grads
 
     @property
-    def num_tokens(self) -> int:
-        """1 + the number of patches."""
+    def sequence_length(self) -> int:
+        """Tokens per sequence: the patches and the class token."""
         return (self.config["img_size"] // self.config["patch_size"]) ** 2 + 1
+
+    @property
+    def num_tokens(self) -> int:
+        """Former name of ``sequence_length`` (as ``PermutationBatch.num_tokens``)."""
+        return self.sequence_length
 
     @property
     def grid(self) -> int:
@@ -160,7 +157,7 @@ class CLIPVisionTransformer(ParameterBlock):
 
     def _run(self, images: Any, tokens: bool, projected: bool, embedding: bool,
              batch_size: Optional[int]) -> Tuple[Optional[np.ndarray], ...]:
-        x = _images(images)
+        x = images_f32(images)
         c = self.config
         if x.shape[1:] != (3, c["img_size"], c["img_size"]):
             raise ValueError(f"images: expected shape [B, 3, {c['img_size']}, {c['img_size']}] (CLIP-preprocessed, "
@@ -168,7 +165,7 @@ class CLIPVisionTransformer(ParameterBlock):
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                        or batch_size < 1):
             raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
-        B, N, C, E = x.shape[0], self.num_tokens, c["width"], c["output_dim"]
+        B, N, C, E = x.shape[0], self.sequence_length, c["width"], c["output_dim"]
         t = np.empty((B, N, C), np.float32) if tokens else None
         p = np.empty((B, N, E), np.float32) if projected else None
         e = np.empty((B, E), np.float32) if embedding else None
@@ -222,6 +219,7 @@ class CLIPVisionTransformer(ParameterBlock):
                 f"quick_gelu={c['quick_gelu']}, params={self.num_params})")
 
 
+@register_named_models("clip_vit", "CLIP ViT image tower", tuple(ARCHS))
 def create_clip_vit(name: str, pretrained: Any = None, quick_gelu: bool = True, seed: int = 0,
                     precision: str = "fp32", **overrides: Any) -> CLIPVisionTransformer:
     """A CLIP ViT tower by name (``clip_vit_b16``, ``clip_vit_b32``, ``clip_vit_l14``).

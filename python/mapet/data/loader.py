@@ -17,6 +17,8 @@ from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 
+from .sharding import shard_batches
+
 _DONE = object()
 
 
@@ -98,7 +100,7 @@ class DataLoader:
 
         The epoch's order is cut into global batches of ``world_size × batch_size`` samples,
         each dealt to the ranks in contiguous near-equal parts
-        (:func:`mapet.distributed.shard_batches`): every sample is seen once per epoch across
+        (:func:`mapet.data.sharding.shard_batches`): every sample is seen once per epoch across
         ranks, the ranks' parts together are exactly the single-process batch of size
         ``world_size × batch_size``, and all ranks yield ``len(self)`` items. A rank whose part
         of the last, short global batch is empty yields ``None`` there (a zero-sample
@@ -187,7 +189,6 @@ class DataLoader:
             self.dataset.set_epoch(epoch)
         order = self.order(epoch)
         if self.world_size > 1:
-            from ..distributed import shard_batches
             parts = shard_batches(order, self.batch_size, self.rank, self.world_size, self.drop_last)
             for b in range(start, len(self)):
                 yield self._batch(parts[b]) if len(parts[b]) else None

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..io import atomic_write
 from .datasets import DatasetView
+from .sharding import contiguous_part
 
 MANIFEST, TOKENS = "manifest.json", "tokens.npy"
 _FORMAT, _VERSION = "mapet-token-cache", 1
@@ -175,6 +176,54 @@ class TokenCache:
         return w.close()
 
     @staticmethod
+    def write_sharded(tokenizer: Any, images: Any, directory: str, ctx: Any = None, batch_size: int = 256,
+                      dataset: Optional[str] = None, grid: Optional[Sequence[int]] = None) -> "TokenCache":
+        """Tokenize a dataset spread over MPI ranks into one cache: every rank encodes its contiguous
+        share of the rows (:func:`mapet.data.sharding.contiguous_part`) into its own shard file
+        ``tokens-RRRRR-of-WWWWW.npy``, then rank 0 writes the one manifest that lists the shards
+        (written last, atomically).
+
+        Args:
+            tokenizer: a fitted tokenizer with ``encode`` and ``n_tokens`` (e.g. PixelTokenizer); every
+                rank must hold the same one (fit with the same seed, or load the same file).
+            images: the whole dataset as seen by every rank (an array or a memmap; each rank reads only
+                its rows).
+            directory: the cache directory (on a file system all ranks see).
+            ctx: the :class:`mapet.distributed.Context` (default: the current one).
+            batch_size: images encoded per call.
+
+        Returns:
+            The opened cache (on every rank).
+        """
+        if ctx is None:
+            from ..distributed import context
+            ctx = context()
+        n = len(images)
+        rows = contiguous_part(n, ctx.rank, ctx.world_size)
+        lo, hi = rows.start, rows.stop
+        dtype = np.dtype(np.int16 if tokenizer.n_tokens <= np.iinfo(np.int16).max else np.int32)
+        parts = [np.asarray(tokenizer.encode(images[i:min(i + batch_size, hi)])) for i in range(lo, hi, batch_size)]
+        n_patches = int(parts[0].shape[1]) if parts else 0
+        mine = np.concatenate(parts).astype(dtype) if parts else np.zeros((0, n_patches), dtype)
+        name = f"tokens-{ctx.rank:05d}-of-{ctx.world_size:05d}.npy"
+        os.makedirs(directory, exist_ok=True)
+        if ctx.is_main and os.path.exists(os.path.join(directory, MANIFEST)):
+            os.unlink(os.path.join(directory, MANIFEST))  # not a valid cache until the new manifest lands
+        atomic_write(os.path.join(directory, name), lambda f: np.save(f, mine, allow_pickle=False))
+        shards = ctx.allgather({"file": name, "start": lo, "stop": hi, "n_patches": int(mine.shape[1]),
+                                "sha256": _sha256_file(os.path.join(directory, name))})
+        if ctx.is_main:
+            n_patches = max(s.pop("n_patches") for s in shards)
+            manifest = {"format": _FORMAT, "version": _VERSION, "complete": True, "length": n,
+                        "n_patches": n_patches, "grid": list(grid) if grid is not None else None,
+                        "n_tokens": int(tokenizer.n_tokens), "dtype": dtype.name,
+                        "tokenizer": tokenizer_fingerprint(tokenizer), "dataset": dataset, "shards": shards}
+            blob = json.dumps(manifest, indent=2).encode()
+            atomic_write(os.path.join(directory, MANIFEST), lambda f: f.write(blob))
+        ctx.barrier()
+        return TokenCache.open(directory)
+
+    @staticmethod
     def open(directory: str, *, length: Optional[int] = None, tokenizer: Any = None,
              n_patches: Optional[int] = None, n_tokens: Optional[int] = None,
              dataset: Optional[str] = None, verify: bool = False, mmap: bool = True) -> "TokenCache":
@@ -205,7 +254,7 @@ class TokenCache:
             raise TokenCacheError(f"{mpath}: not a complete mapet token cache")
         _check_manifest(m, mpath)
         if m.get("shards"):
-            # Written by several ranks (mapet.distributed.tokenize_to_cache): one file per rank,
+            # Written by several ranks (TokenCache.write_sharded): one file per rank,
             # rows [start, stop) each, joined here in order.
             parts = []
             for shard in m["shards"]:

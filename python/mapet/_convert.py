@@ -1,0 +1,45 @@
+"""What Python does before handing arrays and numbers to the engine: convert, nothing else.
+
+The extension (``PyModule``) checks shapes, dtypes and ranges and words the errors; these helpers
+only give it what it reads (C-contiguous arrays of its dtype, 64-bit seed patterns), as faiss's
+Python layer does with ``np.ascontiguousarray``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+U64 = (1 << 64) - 1
+
+
+def f32(x: Any, name: str = "x") -> np.ndarray:
+    """``x`` as a C-contiguous float32 array (no copy when it already is one); None is refused
+    (NumPy would make it a NaN scalar)."""
+    if x is None:
+        raise TypeError(f"{name}: expected an array, got None")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def images(x: Any, name: str = "images") -> np.ndarray:
+    """Images [B, C, H, W] of any float dtype as C-contiguous float32. Integer images are refused
+    rather than converted (uint8 pixels in 0..255 are not the [0, 1] floats the models expect);
+    the engine checks the shape against the model."""
+    a = np.asarray(x)
+    if not np.issubdtype(a.dtype, np.floating):
+        raise TypeError(f"{name}: expected a floating-point array [B, C, H, W] (float32), got dtype {a.dtype}")
+    if a.ndim != 4:
+        raise ValueError(f"{name}: expected a 4-d array [B, C, H, W], got shape {a.shape}")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def seed_bits(seed: Any, name: str = "seed") -> int:
+    """An int seed in [0, 2**64) as the signed 64-bit pattern the engine's generators take (seeds
+    ≥ 2**63 become negative patterns; the generator sees the same 64 bits). The one seed rule of
+    the package: TypeError for a non-int (bool included), ValueError outside [0, 2**64)."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int in [0, 2**64), got {type(seed).__name__}")
+    v = int(seed)
+    if not 0 <= v <= U64:
+        raise ValueError(f"{name}: expected an int in [0, 2**64), got {v}")
+    return v - (1 << 64) if v >= (1 << 63) else v
