@@ -61,7 +61,7 @@ def test_from_clip_on_a_resnet_tower_clusters_its_layer4_grid(digits, tmp_path):
     tok = mapet.FeatureTokenizer.from_clip(rn, digits, k=6, sample_fraction=1.0, n_iter=6, batch_size=32)
     assert tok.skip_tokens == 0 and tok.centroids.shape == (6, 256) and tok.candidates_ == 96 * 4
     tokens = tok.encode_images(digits)
-    assert tokens.shape == (96, 4)
+    assert tokens.shape == (96, 4) and rn.grid == 2
     f = rn.forward_features(preprocess(digits, 64)).astype(np.float64)
     d = ((f[:, :, None, :] - tok.centroids.astype(np.float64)[None, None]) ** 2).sum(-1)
     agree = tokens == d.argmin(-1)
