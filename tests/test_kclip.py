@@ -54,6 +54,27 @@ def test_from_clip_fits_and_encodes_digits_as_brute_force(clip, digits):
     assert len(np.unique(tokens)) >= 8  # the digits use many of the 16 tokens
 
 
+def test_from_clip_on_a_resnet_tower_clusters_its_layer4_grid(digits, tmp_path):
+    # The reference's default tower is a ModifiedResNet (RN50x64): its layer-4 grid is the feature set,
+    # no class token to drop. A tiny random one at 64 px gives a 2×2 grid of 256-d features.
+    rn = mapet.create_model("clip_rn50", layers=(1, 1, 1, 1), width=8, output_dim=16, image_size=64, seed=1)
+    tok = mapet.FeatureTokenizer.from_clip(rn, digits, k=6, sample_fraction=1.0, n_iter=6, batch_size=32)
+    assert tok.skip_tokens == 0 and tok.centroids.shape == (6, 256) and tok.candidates_ == 96 * 4
+    tokens = tok.encode_images(digits)
+    assert tokens.shape == (96, 4) and rn.grid == 2
+    f = rn.forward_features(preprocess(digits, 64)).astype(np.float64)
+    d = ((f[:, :, None, :] - tok.centroids.astype(np.float64)[None, None]) ** 2).sum(-1)
+    agree = tokens == d.argmin(-1)
+    if not agree.all():  # only near-ties may differ (float32 distances in the engine)
+        srt = np.sort(d, -1)
+        assert np.all((srt[..., 1] - srt[..., 0])[~agree] <= 1e-4 * srt[..., 1][~agree])
+    # The same tower from its weights file: load_clip recognises a ResNet checkpoint.
+    path = str(tmp_path / "rn.safetensors")
+    save_file({"visual." + k: v for k, v in rn.state_dict().items()}, path)
+    again = mapet.FeatureTokenizer.from_clip(path, digits, k=6, sample_fraction=1.0, n_iter=6, batch_size=32)
+    assert np.array_equal(again.centroids, tok.centroids)
+
+
 def test_sample_is_capped_and_streamed(clip, digits):
     tok = mapet.FeatureTokenizer.from_clip(clip, digits, k=4, max_points_per_centroid=25, sample_fraction=1.0,
                                            n_iter=3, batch_size=16)

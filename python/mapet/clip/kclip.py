@@ -1,8 +1,9 @@
 """k-CLIP: MaPeT's visual tokenizer (ALGORITHMS.md §3) end to end on a CLIP image tower.
 
 ``FeatureTokenizer.from_clip(model, data, k=8192)`` streams the data through the frozen tower,
-keeps a random fraction of each batch's patch features (every token after ``ln_post`` except the
-class token, as the reference's ``intermediate_features``), caps the kept set at
+keeps a random fraction of each batch's patch features (for a ViT tower every token after ``ln_post``
+except the class token, for a ModifiedResNet tower — the reference's default RN50x64 — the layer-4
+grid, as the reference's ``intermediate_features``), caps the kept set at
 ``k · max_points_per_centroid`` rows with reservoir sampling (so memory is bounded by the cap plus
 one batch, and the sample stays uniform over everything seen), fits mapet's k-means on it, and
 returns a ``CLIPTokenizer`` whose ``encode_images`` maps images to token ids [B, n_patches].
@@ -19,6 +20,7 @@ import numpy as np
 
 from ..tokenizers import FeatureTokenizer, _progress
 from .preprocess import preprocess as _preprocess
+from .resnet import ModifiedResNet, _arch_from_state_dict, _read_weights
 from .vit import CLIPVisionTransformer, config_from_state_dict, read_clip_state_dict
 
 log = logging.getLogger(__name__)
@@ -40,11 +42,21 @@ def is_clip_checkpoint(path: Any) -> bool:
     return any({p + "conv1.weight", p + "class_embedding"} <= keys for p in ("visual.", ""))
 
 
-def load_clip(source: Any, quick_gelu: bool = True, precision: str = "fp32", **overrides: Any) -> CLIPVisionTransformer:
-    """A CLIP ViT tower from a model (returned as is), a safetensors path or a state dict; the
-    geometry is read off the shapes (``overrides`` as ``mapet.create_model``'s)."""
-    if isinstance(source, CLIPVisionTransformer):
+def load_clip(source: Any, quick_gelu: bool = True, precision: str = "fp32", **overrides: Any) -> Any:
+    """A CLIP tower from a model (a ``CLIPVisionTransformer`` or ``ModifiedResNet``, returned as is), a
+    safetensors path or a state dict; the geometry is read off the shapes (``overrides`` as
+    ``mapet.create_model``'s). A ViT checkpoint gives a ViT tower; one with ``layer1…layer4`` and
+    ``attnpool`` a ModifiedResNet."""
+    if isinstance(source, (CLIPVisionTransformer, ModifiedResNet)):
         return source
+    if not is_clip_checkpoint(source) and not (isinstance(source, dict) and any(
+            k.endswith("class_embedding") for k in source)):
+        weights = _read_weights(source)
+        if any(k.endswith("attnpool.c_proj.weight") for k in weights):
+            cfg = dict(_arch_from_state_dict(weights), **overrides)
+            model = ModifiedResNet(precision=precision, **cfg)
+            model.pretrained_report = model.load_state_dict(weights)
+            return model
     tensors = read_clip_state_dict(source)
     cfg = dict(config_from_state_dict(tensors), **overrides)
     if "heads" not in cfg:
@@ -104,24 +116,27 @@ class CLIPTokenizer(FeatureTokenizer):
         **kwargs: ``FeatureTokenizer``'s (n_tokens, n_iter, n_redo, max_points_per_centroid, ...).
     """
 
-    def __init__(self, model: Optional[CLIPVisionTransformer] = None, preprocess: Optional[bool] = None,
+    def __init__(self, model: Any = None, preprocess: Optional[bool] = None,
                  batch_size: int = 64, **kwargs: Any) -> None:
-        kwargs.setdefault("skip_tokens", 1)
+        # A ViT tower's token 0 is its class token; a ResNet grid has none.
+        kwargs.setdefault("skip_tokens", 0 if isinstance(model, ModifiedResNet) else 1)
         super().__init__(**kwargs)
         self.model = model
         self.preprocess = preprocess
         self.batch_size = int(batch_size)
 
-    def _tower(self) -> CLIPVisionTransformer:
+    def _tower(self) -> Any:
         if self.model is None:
             raise RuntimeError("CLIPTokenizer: no CLIP tower (give model=, or load(path, model))")
         return self.model
 
     def clip_features(self, images: Any, preprocess: Optional[bool] = None) -> np.ndarray:
-        """Tower tokens after ``ln_post`` [B, 1 + n, width] of one image batch."""
+        """Tower features of one image batch: ViT tokens after ``ln_post`` [B, 1 + n, width], or a
+        ResNet's layer-4 grid [B, n, C]."""
         m = self._tower()
         do = self.preprocess if preprocess is None else preprocess
-        x = _preprocess(images, m.config["img_size"]) if do or do is None else images
+        size = m.config["image_size"] if isinstance(m, ModifiedResNet) else m.config["img_size"]
+        x = _preprocess(images, size) if do or do is None else images
         return m.forward_features(x, batch_size=self.batch_size)
 
     def encode_images(self, data: Any, preprocess: Optional[bool] = None) -> np.ndarray:
@@ -236,7 +251,7 @@ def from_clip(model: Any, data: Any, k: int = 8192, *, sample_fraction: float = 
     do = _decide_preprocess(data, preprocess)
     for images in _progress(image_batches(data, batch_size), _total_batches(data, batch_size), tok.progress,
                             "k-CLIP: features"):
-        f = tok.clip_features(images, do)[:, 1:]
+        f = tok.clip_features(images, do)[:, tok.skip_tokens:]
         f = f.reshape(-1, f.shape[-1])
         reservoir.add(f[reservoir.rng.random(f.shape[0]) < sample_fraction])
     sample, seen, cap = reservoir.sample(), reservoir.seen, reservoir.cap

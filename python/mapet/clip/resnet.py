@@ -283,6 +283,11 @@ class ModifiedResNet:
         for i in range(0, x.shape[0], int(batch_size)):
             yield x[i:i + int(batch_size)]
 
+    @property
+    def grid(self) -> int:
+        """Side of the layer-4 grid at ``image_size`` (the tower downsamples 32×)."""
+        return self.config["image_size"] // 32
+
     def forward_features(self, images: Any, batch_size: int = 32) -> np.ndarray:
         """The layer-4 grid as tokens: [B, (H/32)·(W/32), 32·width], row-major grid order
         (k-CLIP's features; ``[B, C, h, w]`` read as ``[B, h·w, C]``).
