@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 #: ``bench/scratch_sweep.py`` on a validation split of the digits' training images at the demo's budget:
 #: layer decay is a transfer device (it shrinks the steps of layers that already know something) and
 #: must be off from scratch.
-SCRATCH_RECIPE: Dict[str, Any] = {"lr": 1e-3, "layer_decay": 1.0, "warmup_epochs": 1, "drop_path_rate": 0.1}
+SCRATCH_RECIPE: Dict[str, Any] = {"lr": 3e-3, "layer_decay": 1.0, "warmup_epochs": 1, "drop_path_rate": 0.1,
+                                  "global_pool": "token"}
 
 STUDY_DEFAULTS: Dict[str, Any] = {
     **_DATA, "model": dict(_MODEL), "output_dir": "mapet-study", "precision": None,
@@ -66,6 +67,7 @@ STUDY_OPTIONS: Dict[str, str] = {
     "scratch.layer_decay": "from-scratch row: layer-wise lr decay (1: off; random layers have nothing to preserve)",
     "scratch.warmup_epochs": "from-scratch row: linear warm-up epochs",
     "scratch.drop_path_rate": "from-scratch row: stochastic depth rate of the last block",
+    "scratch.global_pool": "from-scratch row: 'token' (class token, DeiT's from-scratch recipe) or 'avg'",
 }
 
 _PRETRAIN_METHODS = ("mapet", "pim", "mim", "ccvit")
@@ -170,7 +172,8 @@ def _transfer(cfg: Dict[str, Any], seed: int, pretrained: Optional[str], recipe:
 def _run_one(cfg: Dict[str, Any], out: str, method: str, tokenizer: Optional[str], seed: int) -> Dict[str, Any]:
     t = time.perf_counter()
     name = "scratch" if method == "scratch" else f"{method}-{tokenizer}"
-    directory = os.path.join(out, "work", f"{name}-seed{seed}")
+    # keyed by the recipe too: an interrupted run's checkpoint is resumed only by the same recipe
+    directory = os.path.join(out, "work", f"{name}-seed{seed}-{_fingerprint(cfg, method, tokenizer)[:8]}")
     if method == "scratch":
         scores = _transfer(cfg, seed, None, dict(cfg["finetune"], **cfg["scratch"]), os.path.join(directory, "finetune"))
     else:
@@ -310,14 +313,14 @@ def run_study(cfg: Dict[str, Any], stop_after: Optional[int] = None) -> Dict[str
 
     Args:
         cfg: the resolved study config.
-        stop_after: run at most this many not-yet-finished runs, then return without the report
-            (for tests and for spreading a study over sessions).
+        stop_after: run at most this many not-yet-finished runs, then write the report of the finished
+            ones, marked in progress (0: only report what is there).
     """
     _check(cfg)
     out = cfg.get("output_dir") or "mapet-study"
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     t0 = time.perf_counter()
-    records, done_now = [], 0
+    records, done_now, pending = [], 0, 0
     plan = _plan(cfg)
     for k, (method, tok, seed) in enumerate(plan):
         path = _record_path(out, method, tok, seed)
@@ -331,7 +334,8 @@ def run_study(cfg: Dict[str, Any], stop_after: Optional[int] = None) -> Dict[str
             records.append(rec)
             continue
         if stop_after is not None and done_now >= stop_after:
-            return {"complete": False, "records": records}
+            pending += 1
+            continue
         print(f"[{time.perf_counter() - t0:6.0f} s] run {k + 1}/{len(plan)}: {method}"
               f"{'' if tok is None else ' / ' + tok} seed {seed}", flush=True)
         rec = _run_one(cfg, out, method, tok, seed)
@@ -341,6 +345,8 @@ def run_study(cfg: Dict[str, Any], stop_after: Optional[int] = None) -> Dict[str
         done_now += 1
         if len(records) < len(plan):
             report(cfg, records, complete=False)  # the table so far, readable while the study runs
+    if pending:
+        return report(cfg, records, complete=False) if records else {"complete": False, "records": records}
     return report(cfg, records, complete=True)
 
 
