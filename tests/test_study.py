@@ -50,6 +50,12 @@ def test_study_resumes_after_an_interruption(tmp_path, monkeypatch):
     first = (runs / "mapet-pixel-seed0.json").read_text()
     assert calls == {"pretrain": 2, "finetune": 3}
 
+    # the report of what is finished, without running anything
+    partial = study.run_study(cfg, stop_after=0)
+    assert not partial["complete"] and len(partial["records"]) == 2
+    assert "in progress: 2 of 6 runs" in (tmp_path / "s" / "study.md").read_text()
+    assert calls == {"pretrain": 2, "finetune": 3}
+
     calls.update(pretrain=0, finetune=0)
     kill[0] = False
     result = study.run_study(cfg)
@@ -107,3 +113,20 @@ def test_study_config_is_checked(tmp_path, capsys):
         cfg.update(bad)
         with pytest.raises(ValueError, match=match):
             study.run_study(cfg)
+
+
+def test_scratch_recipe_at_the_demo_budget(tmp_path):
+    """The from-scratch row's own recipe (no layer decay, class-token head, lr 3e-3; bench/scratch_sweep.py) on
+    the digits at the demo's budget (10 epochs, batch 64, fp32 as the demo). The recipe it replaces (the
+    pre-trained rows' BEiT recipe: layer decay 0.75, mean-pooled fc_norm head, lr 1e-3) ends at 33-45% on
+    seeds 0-2 (issue 18). Measured here: 93.0% against the linear probe's 93.9% on the same random features —
+    level with the probe within a few images, not reliably above it (README, "Is pre-training worth it")."""
+    cfg = copy.deepcopy(study.STUDY_DEFAULTS)
+    cfg.update(output_dir=str(tmp_path), progress=False)
+    assert cfg["scratch"] == study.SCRATCH_RECIPE and cfg["scratch"]["layer_decay"] == 1.0
+    from mapet.demo import DEMO_DEFAULTS
+    assert DEMO_DEFAULTS["scratch"] == study.SCRATCH_RECIPE
+    assert {k: DEMO_DEFAULTS[k] for k in ("finetune", "linprobe")} == {k: cfg[k] for k in ("finetune", "linprobe")}
+    scores = study._transfer(cfg, 0, None, dict(cfg["finetune"], **cfg["scratch"]), str(tmp_path / "ft"))
+    assert scores["linear_probe_top1"] >= 0.90, scores       # random features of the digits: linearly separable
+    assert scores["finetune_top1"] >= 0.85, scores           # the old recipe: 0.33-0.45

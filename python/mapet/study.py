@@ -229,7 +229,9 @@ def summarize(records: List[Dict[str, Any]], baseline: str = "mim", confidence: 
     for r in records:
         for m in metrics:
             by_row.setdefault(r["row"], {}).setdefault(m, {})[int(r["seed"])] = float(r[m])
-    rows = {row: {m: stats.mean_std([v[m][s] for s in sorted(v[m])]) for m in metrics} for row, v in by_row.items()}
+    order = sorted(by_row, key=lambda r: r != "scratch")  # the reference row first, then as recorded
+    rows = {row: {m: stats.mean_std([by_row[row][m][s] for s in sorted(by_row[row][m])]) for m in metrics}
+            for row in order}
     diffs = []
     for row in by_row:
         if row == "scratch":
@@ -377,8 +379,8 @@ def report(cfg: Dict[str, Any], records: List[Dict[str, Any]], complete: bool = 
     seeds = max(v["finetune_top1"]["n"] for v in summary["rows"].values())
     plot(summary, os.path.join(out, "study.png"),
          caption=f"Mean top-1 over {seeds} seeds, error bars ±1 standard deviation across seeds; "
-                 "every pre-trained row uses one fine-tuning recipe, the from-scratch row its own (no layer "
-                 "decay). Paired differences with confidence intervals are in study.md."
+                 "every pre-trained row uses one fine-tuning recipe (finetune.*), the from-scratch row its own "
+                 "(scratch.*). Paired differences with confidence intervals are in study.md."
                  + ("" if complete else f" In progress: {len(records)} of {planned} runs."))
     if complete:
         print(text)
