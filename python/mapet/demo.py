@@ -4,7 +4,7 @@
 2. Pre-train a small ViT with MaPeT, the MIM (BEiT) baseline, CCViT and DTM, same budget. DTM
    needs a frozen teacher: here the MaPeT encoder pre-trained just before (the paper uses CLIP).
 3. Linear-probe and fine-tune each, and a ViT trained from scratch with the same number of fine-tuning
-   steps and its own recipe (``scratch.*``: no layer decay; see :mod:`mapet.study`).
+   steps and its own recipe (``scratch.*``: no layer decay, class-token head, lr 3e-3; see :mod:`mapet.study`).
 4. Print and save a table like the paper's (method × top-1) as Markdown and JSON, and captioned
    figures (matplotlib): results bars, loss curves, MaPeT's masks, tokens, CCViT and DTM pictures.
 
@@ -291,7 +291,8 @@ def dtm_picture(cfg: Dict[str, Any], out: str, count: int = 8) -> None:
 
 @command("demo", "end-to-end demo on the built-in digits: tokenize, pre-train MaPeT, MIM, CCViT and DTM, "
                  "linear-probe and fine-tune against training from scratch (data=ROOT: on your ImageFolder)",
-         defaults=DEMO_DEFAULTS, options=dict(OPTIONS, **{k: v for k, v in STUDY_OPTIONS.items() if k.startswith("scratch.")}))
+         defaults=DEMO_DEFAULTS,
+         options=dict(OPTIONS, **{k: v for k, v in STUDY_OPTIONS.items() if k.startswith("scratch.")}))
 def _demo(args, cfg) -> int:
     run_demo(cfg)
     return 0
