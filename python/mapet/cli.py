@@ -214,7 +214,7 @@ def _load_commands() -> None:
     """Import the modules that register commands (those present in this build)."""
     import importlib
 
-    for module in ("mapet.commands", "mapet.demo", "mapet.predict", "mapet.convert"):
+    for module in ("mapet.commands", "mapet.demo", "mapet.predict", "mapet.convert", "mapet.study"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:

@@ -3,7 +3,8 @@
 1. Fit the CCViT pixel tokenizer (k-means on 4×4 patches) and cache every image's tokens.
 2. Pre-train a small ViT with MaPeT, the MIM (BEiT) baseline, CCViT and DTM, same budget. DTM
    needs a frozen teacher: here the MaPeT encoder pre-trained just before (the paper uses CLIP).
-3. Linear-probe and fine-tune each, and a ViT trained from scratch with the same fine-tuning budget.
+3. Linear-probe and fine-tune each, and a ViT trained from scratch with the same number of fine-tuning
+   steps and its own recipe (``scratch.*``: no layer decay, class-token head, lr 3e-3; see :mod:`mapet.study`).
 4. Print and save a table like the paper's (method × top-1) as Markdown and JSON, and captioned
    figures (matplotlib): results bars, loss curves, MaPeT's masks, tokens, CCViT and DTM pictures.
 
@@ -25,6 +26,7 @@ import numpy as np
 from .cli import command
 from .commands import _DATA, _MODEL, OPTIONS, _datasets, run_finetune, run_linprobe, run_pretrain, tokenize_dataset
 from .registry import get_method
+from .study import SCRATCH_RECIPE, STUDY_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ DEMO_DEFAULTS: Dict[str, Any] = {
     "methods": ["mapet", "beit", "ccvit", "dtm"],
     "pretrain": {"epochs": 10, "batch_size": 64, "lr": 1.5e-3, "least_number": 16, "warmup_epochs": 1},
     "finetune": {"epochs": 10, "batch_size": 64, "lr": 1e-3, "layer_decay": 0.75},
+    "scratch": dict(SCRATCH_RECIPE),  # the from-scratch row's own fine-tuning recipe, same steps
     "linprobe": {"epochs": 100, "lr": 0.1},
     "dtm": {"teacher": None},
 }
@@ -65,7 +68,7 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
     os.makedirs(out, exist_ok=True)
     data_text = describe_data(cfg)  # also checks the data before any work
     print(f"data: {data_text}", flush=True)
-    base = {k: v for k, v in cfg.items() if k not in ("pretrain", "finetune", "linprobe", "methods", "dtm")}
+    base = {k: v for k, v in cfg.items() if k not in ("pretrain", "finetune", "linprobe", "methods", "dtm", "scratch")}
     timings: Dict[str, float] = {}
 
     def stage(text: str) -> None:
@@ -112,6 +115,8 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
         for k, v in FINETUNE_DEFAULTS.items():
             fcfg.setdefault(k, v)
         fcfg.update(cfg["finetune"], pretrained=pretrained, output_dir=os.path.join(out, f"finetune-{row}"))
+        if pretrained is None:
+            fcfg.update(cfg.get("scratch") or {})  # the from-scratch row's own recipe, same number of steps
         _, history, metrics = run_finetune(fcfg)
         tune_curves[row] = history["loss"]
         results[row] = {"linear_probe_top1": probe["val_top1"], "finetune_top1": metrics["top1"]}
@@ -290,7 +295,8 @@ def dtm_picture(cfg: Dict[str, Any], out: str, count: int = 8) -> None:
 
 @command("demo", "end-to-end demo on the built-in digits: tokenize, pre-train MaPeT, MIM, CCViT and DTM, "
                  "linear-probe and fine-tune against training from scratch (data=ROOT: on your ImageFolder)",
-         defaults=DEMO_DEFAULTS, options=OPTIONS)
+         defaults=DEMO_DEFAULTS,
+         options=dict(OPTIONS, **{k: v for k, v in STUDY_OPTIONS.items() if k.startswith("scratch.")}))
 def _demo(args, cfg) -> int:
     run_demo(cfg)
     return 0

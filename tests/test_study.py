@@ -1,0 +1,132 @@
+"""`python -m mapet study`: a 2-seed x 1-epoch study on a tiny model, interrupted and resumed."""
+import copy
+import json
+import os
+
+import pytest
+
+from mapet import cli, stats, study
+
+TINY = {"seeds": [0, 1], "progress": False,
+        "model": {"size": "tiny", "img_size": 16, "patch_size": 4, "embed_dim": 24, "depth": 1, "num_heads": 2},
+        "tokenizer": {"n_tokens": 16, "n_iter": 2, "fit_images": 256},
+        "pretrain": {"epochs": 1, "batch_size": 64, "lr": 1.5e-3, "least_number": 4, "warmup_epochs": 0},
+        "finetune": {"epochs": 1, "batch_size": 64, "lr": 1e-3, "layer_decay": 0.75},
+        "linprobe": {"epochs": 5, "lr": 0.1}}
+
+
+class Killed(Exception):
+    """Stands for the study process being killed mid-run."""
+
+
+def _cfg(out):
+    cfg = copy.deepcopy(study.STUDY_DEFAULTS)
+    cfg.update(copy.deepcopy(TINY), output_dir=str(out))
+    return cfg
+
+
+def test_study_resumes_after_an_interruption(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path / "s")
+    calls = {"pretrain": 0, "finetune": 0}
+    kill = [True]
+    real_pretrain, real_finetune = study.run_pretrain, study.run_finetune
+
+    def pretrain(c):
+        calls["pretrain"] += 1
+        return real_pretrain(c)
+
+    def finetune(c):
+        calls["finetune"] += 1
+        if kill[0] and calls["finetune"] == 3:   # MaPeT and MIM of seed 0 are done; scratch is cut short
+            raise Killed
+        return real_finetune(c)
+
+    monkeypatch.setattr(study, "run_pretrain", pretrain)
+    monkeypatch.setattr(study, "run_finetune", finetune)
+    with pytest.raises(Killed):
+        study.run_study(cfg)
+    runs = tmp_path / "s" / "runs"
+    assert sorted(os.listdir(runs)) == ["mapet-pixel-seed0.json", "mim-pixel-seed0.json"]
+    first = (runs / "mapet-pixel-seed0.json").read_text()
+    assert calls == {"pretrain": 2, "finetune": 3}
+
+    # the report of what is finished, without running anything
+    partial = study.run_study(cfg, stop_after=0)
+    assert not partial["complete"] and len(partial["records"]) == 2
+    assert "in progress: 2 of 6 runs" in (tmp_path / "s" / "study.md").read_text()
+    assert calls == {"pretrain": 2, "finetune": 3}
+
+    calls.update(pretrain=0, finetune=0)
+    kill[0] = False
+    result = study.run_study(cfg)
+    # nothing finished is redone: seed 0's scratch run and seed 1 are what remains
+    assert calls == {"pretrain": 2, "finetune": 4}
+    assert (runs / "mapet-pixel-seed0.json").read_text() == first
+    assert result["complete"] and len(result["records"]) == 6
+    for name in ("study.md", "study.json", "study.png"):
+        assert (tmp_path / "s" / name).stat().st_size > 0
+
+    # the summary is the statistics of the recorded runs
+    saved = json.loads((tmp_path / "s" / "study.json").read_text())
+    recs = {(r["row"], r["seed"]): r for r in saved["records"]}
+    assert set(recs) == {(row, s) for row in ("scratch", "mapet", "mim") for s in (0, 1)}
+    for row in ("scratch", "mapet", "mim"):
+        ft = [recs[(row, s)]["finetune_top1"] for s in (0, 1)]
+        assert saved["summary"]["rows"][row]["finetune_top1"]["mean"] == pytest.approx(sum(ft) / 2, abs=1e-12)
+        assert saved["summary"]["rows"][row]["finetune_top1"]["std"] == pytest.approx(abs(ft[0] - ft[1]) / 2 ** 0.5,
+                                                                                     abs=1e-12)
+    diff = [d for d in saved["summary"]["differences"]
+            if d["row"] == "mapet" and d["reference"] == "mim" and d["metric"] == "finetune_top1"]
+    assert len(diff) == 1
+    want = stats.paired_difference({s: recs[("mapet", s)]["finetune_top1"] for s in (0, 1)},
+                                   {s: recs[("mim", s)]["finetune_top1"] for s in (0, 1)})
+    assert diff[0]["mean"] == pytest.approx(want["mean"], abs=1e-12)
+    assert diff[0]["low"] == pytest.approx(want["low"], abs=1e-12)
+    assert {(d["row"], d["reference"]) for d in saved["summary"]["differences"]} == {
+        ("mapet", "mim"), ("mapet", "scratch"), ("mim", "scratch")}
+    md = (tmp_path / "s" / "study.md").read_text()
+    assert "MaPeT − MIM (BEiT)" in md and "95% CI" in md
+
+    # a finished study is read back, not recomputed; a changed recipe is refused, not mixed in
+    calls.update(pretrain=0, finetune=0)
+    assert study.run_study(cfg)["summary"] == saved["summary"]
+    assert calls == {"pretrain": 0, "finetune": 0}
+    changed = copy.deepcopy(cfg)
+    changed["finetune"]["lr"] = 2e-3
+    with pytest.raises(ValueError, match="another recipe"):
+        study.run_study(changed)
+
+
+def test_study_config_is_checked(tmp_path, capsys):
+    cli._load_commands()
+    assert cli.main(["study", "--list-options"]) == 0
+    listed = capsys.readouterr().out
+    for key in ("seeds = [0, 1, 2, 3, 4]", "tokenizers", "scratch.layer_decay = 1.0", "baseline"):
+        assert key in listed
+    with pytest.raises(SystemExit):
+        cli.main(["study", "--set", "seedz=[0]", "-o", str(tmp_path / "x")])
+    assert "seeds" in capsys.readouterr().err
+    for bad, match in ((dict(seeds=[0, 0]), "seeds"), (dict(methods=["mapet", "dino"]), "methods"),
+                       (dict(tokenizers=["clip-not-registered"]), "tokenizer 'clip-not-registered'"),
+                       (dict(baseline="ccvit"), "baseline"), (dict(scratch={"lrr": 1}), "scratch.lrr")):
+        cfg = _cfg(tmp_path / "y")
+        cfg.update(bad)
+        with pytest.raises(ValueError, match=match):
+            study.run_study(cfg)
+
+
+def test_scratch_recipe_at_the_demo_budget(tmp_path):
+    """The from-scratch row's own recipe (no layer decay, class-token head, lr 3e-3; bench/scratch_sweep.py) on
+    the digits at the demo's budget (10 epochs, batch 64, fp32 as the demo). The recipe it replaces (the
+    pre-trained rows' BEiT recipe: layer decay 0.75, mean-pooled fc_norm head, lr 1e-3) ends at 33-45% on
+    seeds 0-2 (issue 18). Measured here: 93.0% against the linear probe's 93.9% on the same random features —
+    level with the probe within a few images, not reliably above it (README, "Is pre-training worth it")."""
+    cfg = copy.deepcopy(study.STUDY_DEFAULTS)
+    cfg.update(output_dir=str(tmp_path), progress=False)
+    assert cfg["scratch"] == study.SCRATCH_RECIPE and cfg["scratch"]["layer_decay"] == 1.0
+    from mapet.demo import DEMO_DEFAULTS
+    assert DEMO_DEFAULTS["scratch"] == study.SCRATCH_RECIPE
+    assert {k: DEMO_DEFAULTS[k] for k in ("finetune", "linprobe")} == {k: cfg[k] for k in ("finetune", "linprobe")}
+    scores = study._transfer(cfg, 0, None, dict(cfg["finetune"], **cfg["scratch"]), str(tmp_path / "ft"))
+    assert scores["linear_probe_top1"] >= 0.90, scores       # random features of the digits: linearly separable
+    assert scores["finetune_top1"] >= 0.85, scores           # the old recipe: 0.33-0.45
