@@ -33,6 +33,7 @@ from .cli import command
 from .commands import (_DATA, _MODEL, FINETUNE_DEFAULTS, OPTIONS, PRETRAIN_DEFAULTS, run_finetune, run_linprobe,
                        run_pretrain, tokenize_dataset)
 from .io import atomic_write
+from .registry import get_method, method_names
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ STUDY_DEFAULTS: Dict[str, Any] = {
 
 STUDY_OPTIONS: Dict[str, str] = {
     "seeds": "study: the seeds; every row runs once per seed and rows are compared paired by seed",
-    "methods": "study: pre-training methods (mapet, pim, mim, ccvit), each run with every tokenizer and seed",
+    "methods": "study: pre-training methods (mapet, pim, beit or its alias mim, ccvit), each run with every tokenizer and seed",
     "tokenizers": "study: visual tokenizers the methods predict ('pixel': CCViT pixel k-means; others when registered)",
     "baseline": "study: the method every other row is compared with (besides scratch)",
     "confidence": "study: coverage of the paired Student-t intervals",
@@ -70,7 +71,15 @@ STUDY_OPTIONS: Dict[str, str] = {
     "scratch.global_pool": "from-scratch row: 'token' (class token, DeiT's from-scratch recipe) or 'avg'",
 }
 
-_PRETRAIN_METHODS = ("mapet", "pim", "mim", "ccvit")
+
+
+def _token_method(name: Any) -> bool:
+    """A registered pre-training method (or alias, e.g. ``mim``) that learns from visual tokens: the
+    methods a study's tokenizers feed (DTM, which needs a teacher, is not one)."""
+    try:
+        return get_method(name).inputs == "tokens"
+    except ValueError:
+        return False
 
 # name -> (cfg, seed, directory) -> token cache directory
 _TOKENIZERS: Dict[str, Callable[[Dict[str, Any], int, str], str]] = {}
@@ -115,10 +124,11 @@ def _check(cfg: Dict[str, Any]) -> None:
                                                               for s in seeds) or len(set(seeds)) != len(seeds)):
         raise ValueError(f"config: seeds must be a non-empty list of distinct integers, got {seeds!r}")
     methods = cfg["methods"]
-    if not isinstance(methods, list) or not all(m in _PRETRAIN_METHODS for m in methods) or \
-            len(set(methods)) != len(methods):
-        raise ValueError(f"config: methods must be a list of distinct names among {', '.join(_PRETRAIN_METHODS)}, "
-                         f"got {methods!r}")
+    if not isinstance(methods, list) or not all(isinstance(m, str) and _token_method(m) for m in methods) or \
+            len({get_method(m).name for m in methods}) != len(methods):
+        known = [m for m in method_names() if _token_method(m)]
+        raise ValueError(f"config: methods must be a list of distinct names among {', '.join(known)} "
+                         f"(mim: beit), got {methods!r}")
     toks = cfg["tokenizers"]
     if not isinstance(toks, list) or not toks or len(set(toks)) != len(toks):
         raise ValueError(f"config: tokenizers must be a non-empty list of distinct names, got {toks!r}")
@@ -185,8 +195,9 @@ def _run_one(cfg: Dict[str, Any], out: str, method: str, tokenizer: Optional[str
                                    path=os.path.join(os.path.dirname(cache), "tokenizer.safetensors")),
                     output_dir=os.path.join(directory, "pretrain"))
         pcfg.update(cfg["pretrain"])
-        if method not in ("mapet", "pim"):
-            pcfg["least_number"] = None  # one budget for all: least_number is MaPeT/PIM's alone
+        for key in ("least_number", "num_masking_patches"):
+            if key not in get_method(method).reads:
+                pcfg[key] = None  # one budget for all: each option is read by its methods alone
         model_file = os.path.join(directory, "pretrain", "model.safetensors")
         if not os.path.exists(os.path.join(directory, "pretrain.done")):
             run_pretrain(pcfg)
@@ -248,12 +259,10 @@ def summarize(records: List[Dict[str, Any]], baseline: str = "mim", confidence: 
     return {"rows": rows, "differences": diffs, "finetune_below_probe": below, "confidence": confidence}
 
 
-_NAMES = {"scratch": "from scratch", "mapet": "MaPeT", "mim": "MIM (BEiT)", "pim": "PIM", "ccvit": "CCViT"}
-
-
 def _name(row: str) -> str:
     method, _, tok = row.partition("/")
-    return _NAMES.get(method, method) + (f" ({tok} tokens)" if tok else "")
+    title = "from scratch" if method == "scratch" else get_method(method).title if _token_method(method) else method
+    return title + (f" ({tok} tokens)" if tok else "")
 
 
 def _pct(x: float) -> str:
