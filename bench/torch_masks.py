@@ -198,7 +198,7 @@ def check(trials: int = 6, seed: int = 0) -> int:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="compare against the SPEC brute force")
+    ap.add_argument("--check", action="store_true", help="compare against the brute force of the rules")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.check:

@@ -1,7 +1,7 @@
 """Checks of the float64 reference forwards the model tests compare against (reference_twostream.py).
 
 Its dense masks must equal the engine's rules, and its forwards must have the information
-flow the SPEC demands: a prediction never depends on the pixels of its own patch or of any
+flow the rules demand: a prediction never depends on the pixels of its own patch or of any
 patch ranked after it (MaPeT, PIM), and MIM predictions never see masked pixels.
 """
 import numpy as np

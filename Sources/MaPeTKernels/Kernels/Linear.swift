@@ -1,7 +1,7 @@
 // Linear layer in PyTorch layout:  out [rows, OC] = input [rows, IC] · weightᵀ + bias,
 // weight [OC, IC], bias [OC] (optional). GEMMs through `gemm(precision, …)`: `sgemmParallel`
 // (row blocks over workers, single-threaded BLAS each) in fp32, bf16 inputs with fp32
-// accumulation in bf16 (SPEC §7); the bias and the accumulation into gradients stay fp32.
+// accumulation in bf16 (ALGORITHMS.md §7); the bias and the accumulation into gradients stay fp32.
 // Backward:  dInput += dOut · weight,  dWeight += dOutᵀ · input,  dBias += Σ_rows dOut.
 
 public func linearForward(

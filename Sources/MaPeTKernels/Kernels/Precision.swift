@@ -1,4 +1,4 @@
-// Numeric precision of a model's matrix products (SPEC §7, autocast semantics):
+// Numeric precision of a model's matrix products (ALGORITHMS.md §7, autocast semantics):
 //   .fp32  every GEMM in fp32 (OpenBLAS sgemm);
 //   .bf16  GEMM inputs rounded to bf16, fp32 accumulation, fp32 outputs — when the bf16
 //          kernel is active (`BF16.isActive`); otherwise the fp32 path runs.
