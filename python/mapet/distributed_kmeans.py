@@ -17,6 +17,7 @@ import numpy as np
 from ._convert import seed_bits
 from ._native import _core
 from .distributed import Context, MismatchError, context
+from .kmeans import FaissAliases
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def _assign_local(x: np.ndarray, centroids: np.ndarray, chunk: int = 16384) -> T
     return labels, dist
 
 
-class KMeans:
+class KMeans(FaissAliases):
     """k-means over points sharded across ranks, with the single-process semantics.
 
     Each rank holds a shard of the points (the dataset is the concatenation of the shards in
@@ -86,16 +87,6 @@ class KMeans:
         self.n_iter_ = 0
         self.history_: List[Dict[str, float]] = []
         self.comm_seconds = 0.0  # time spent in collectives during the last fit
-
-    @property
-    def centroids(self) -> Optional[np.ndarray]:
-        """faiss alias of ``cluster_centers_``."""
-        return self.cluster_centers_
-
-    @property
-    def obj(self) -> List[float]:
-        """Objective at each iteration's assignment (faiss)."""
-        return [h["objective"] for h in self.history_]
 
     def _allreduce(self, ctx: Context, buf: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()

@@ -55,7 +55,24 @@ def _check_points(x: Any, name: str = "x", d: Optional[int] = None) -> Any:
     return x
 
 
-class KMeans:
+class FaissAliases:
+    """faiss's names for a fitted k-means (``cluster_centers_`` and ``history_`` set by ``fit``)."""
+
+    cluster_centers_: Optional[np.ndarray]
+    history_: List[Dict[str, float]]
+
+    @property
+    def centroids(self) -> Optional[np.ndarray]:
+        """faiss alias of ``cluster_centers_``."""
+        return self.cluster_centers_
+
+    @property
+    def obj(self) -> List[float]:
+        """faiss: objective at each iteration's assignment."""
+        return [h["objective"] for h in self.history_]
+
+
+class KMeans(FaissAliases):
     """k-means clustering (Lloyd, squared L2), faiss semantics, scikit-learn and faiss names.
 
     Args:
@@ -131,16 +148,6 @@ class KMeans:
     @property
     def d(self) -> Optional[int]:
         return None if self.cluster_centers_ is None else int(self.cluster_centers_.shape[1])
-
-    @property
-    def centroids(self) -> Optional[np.ndarray]:
-        """faiss alias of ``cluster_centers_``."""
-        return self.cluster_centers_
-
-    @property
-    def obj(self) -> List[float]:
-        """faiss: objective at each iteration's assignment."""
-        return [h["objective"] for h in self.history_]
 
     # ----- fitting -----
     def _training_set(self, x: Any) -> np.ndarray:

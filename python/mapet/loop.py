@@ -204,68 +204,66 @@ class _Loop:
         t0, done0 = time.perf_counter(), self.step
         t_step, seen_step = t0, 0
         seen = 0
-        pending, losses, local = 0, [], 0  # micro-batches, their losses and samples since the last step
-        self.optimizer.zero_grad()
-        while self.step < self.total_steps:
-            epoch = self.loader.epoch
-            for batch in self.loader:
-                # Drop path draws from a stream fixed by (seed, micro-batch number): a resumed
-                # run continues the same random sequence without storing generator state.
-                # rank r of W draws stream micro·W + r: one process (W = 1) keeps stream = micro
-                self.model.reseed(self.seed, self.micro * self.ctx.world_size + self.ctx.rank)
-                self.micro += 1
-                pending += 1
-                streams = self._align_streams() if self.ctx.distributed else None
-                if batch is not None:  # None: this rank's part of the last global batch is empty
-                    loss, n = self.step_fn(batch)  # a non-finite loss raises in the engine, grads untouched
-                    losses.append(loss)
-                    local += n
-                    seen += n * self.ctx.world_size
-                if streams is not None:
-                    for state, end in streams:
-                        state.load_state_dict(dict(state.state_dict(), samples_drawn=end))
-                end_of_epoch = self.loader.position >= len(self.loader)
-                if pending < self.accum and not end_of_epoch:
-                    continue
-                self._optimizer_step(losses, local)
-                pending, losses, local = 0, [], 0
-                if metrics is not None:
-                    now = time.perf_counter()
-                    metrics.write(self.step, epoch, self.history["loss"][-1], self.history["lr"][-1],
-                                  (seen - seen_step) / max(now - t_step, 1e-9))
-                    t_step, seen_step = now, seen
-                if bar is not None:
-                    bar.set_postfix(loss=f"{self.history['loss'][-1]:.4f}",
-                                    img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
-                    bar.update(1)
-                if self.step % self.log_every == 0 or self.step == self.total_steps:
-                    elapsed = time.perf_counter() - t0
-                    rate = seen / max(elapsed, 1e-9)
-                    eta = elapsed / max(self.step - done0, 1) * (self.total_steps - self.step)
-                    log.info("%s step %d/%d epoch %d loss %.4f lr %.3g %.1f img/s ETA %.0fs", self.desc,
-                             self.step, self.total_steps, epoch, self.history["loss"][-1],
-                             self.history["lr"][-1], rate, eta)
-                if self.checkpoint_every and self.step % self.checkpoint_every == 0:
-                    self._save()
-                if stop_after is not None and self.step >= stop_after:
-                    self._save()
-                    if bar is not None:
-                        bar.close()
+        try:
+            pending, losses, local = 0, [], 0  # micro-batches, their losses and samples since the last step
+            self.optimizer.zero_grad()
+            while self.step < self.total_steps:
+                epoch = self.loader.epoch
+                for batch in self.loader:
+                    # Drop path draws from a stream fixed by (seed, micro-batch number): a resumed
+                    # run continues the same random sequence without storing generator state.
+                    # rank r of W draws stream micro·W + r: one process (W = 1) keeps stream = micro
+                    self.model.reseed(self.seed, self.micro * self.ctx.world_size + self.ctx.rank)
+                    self.micro += 1
+                    pending += 1
+                    streams = self._align_streams() if self.ctx.distributed else None
+                    if batch is not None:  # None: this rank's part of the last global batch is empty
+                        loss, n = self.step_fn(batch)  # a non-finite loss raises in the engine, grads untouched
+                        losses.append(loss)
+                        local += n
+                        seen += n * self.ctx.world_size
+                    if streams is not None:
+                        for state, end in streams:
+                            state.load_state_dict(dict(state.state_dict(), samples_drawn=end))
+                    end_of_epoch = self.loader.position >= len(self.loader)
+                    if pending < self.accum and not end_of_epoch:
+                        continue
+                    self._optimizer_step(losses, local)
+                    pending, losses, local = 0, [], 0
                     if metrics is not None:
-                        metrics.close()
-                    return self.history
-                if self.step >= self.total_steps:
-                    break
-            finished = ((self.loader.epoch, self.loader.position) == (epoch + 1, 0)
-                        or (self.loader.epoch == epoch and self.loader.position >= len(self.loader)))
-            if self.epoch_end is not None and finished:
-                self.epoch_end(epoch)
-            self._save()
-        if bar is not None:
-            bar.close()
-        if metrics is not None:
-            metrics.close()
-        return self.history
+                        now = time.perf_counter()
+                        metrics.write(self.step, epoch, self.history["loss"][-1], self.history["lr"][-1],
+                                      (seen - seen_step) / max(now - t_step, 1e-9))
+                        t_step, seen_step = now, seen
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{self.history['loss'][-1]:.4f}",
+                                        img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
+                        bar.update(1)
+                    if self.step % self.log_every == 0 or self.step == self.total_steps:
+                        elapsed = time.perf_counter() - t0
+                        rate = seen / max(elapsed, 1e-9)
+                        eta = elapsed / max(self.step - done0, 1) * (self.total_steps - self.step)
+                        log.info("%s step %d/%d epoch %d loss %.4f lr %.3g %.1f img/s ETA %.0fs", self.desc,
+                                 self.step, self.total_steps, epoch, self.history["loss"][-1],
+                                 self.history["lr"][-1], rate, eta)
+                    if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                        self._save()
+                    if stop_after is not None and self.step >= stop_after:
+                        self._save()
+                        return self.history
+                    if self.step >= self.total_steps:
+                        break
+                finished = ((self.loader.epoch, self.loader.position) == (epoch + 1, 0)
+                            or (self.loader.epoch == epoch and self.loader.position >= len(self.loader)))
+                if self.epoch_end is not None and finished:
+                    self.epoch_end(epoch)
+                self._save()
+            return self.history
+        finally:
+            if bar is not None:
+                bar.close()
+            if metrics is not None:
+                metrics.close()
 
     def _optimizer_step(self, losses: List[float], local: int) -> None:
         """Average the accumulated micro-batch gradients (over ranks too), step, record.

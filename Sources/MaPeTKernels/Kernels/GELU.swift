@@ -51,18 +51,14 @@ public func geluForwardKeepingDerivative(out: UnsafeMutablePointer<Float>, input
     let t0 = Profiler.begin(); defer { Profiler.end(.elementwise, t0) }
     nonisolated(unsafe) let out = out, x = x
     Parallel.forRanges(count, grain: 1 << 14) { r in
-        @inline(__always) func both(_ v: FloatVector) -> (FloatVector, FloatVector) {
-            let (erf, gauss) = verfAndGauss(v * 0.70710678118654752)
-            return (0.5 * v * (1 + erf), 0.5 * (1 + erf) + v * gauss * 0.39894228040143268)
-        }
         var i = r.lowerBound
         while i + 8 <= r.upperBound {
-            let (y, d) = both(loadV(x + i))
+            let (y, d) = geluAndGrad(loadV(x + i))
             storeV(y, out + i); storeV(d, x + i)
             i += 8
         }
         while i < r.upperBound {
-            let (y, d) = both(FloatVector(repeating: x[i]))
+            let (y, d) = geluAndGrad(FloatVector(repeating: x[i]))
             out[i] = y[0]; x[i] = d[0]
             i += 1
         }
@@ -82,10 +78,15 @@ public func geluBackwardFromDerivative(dInput: UnsafeMutablePointer<Float>, dOut
     }
 }
 
-/// gelu'(x) = Φ(x) + x · φ(x) on 8 lanes; erf(x/√2) is built from e^(−x²/2) = √(2π)·φ(x), so
-/// one exp serves both terms.
+/// gelu'(x) = Φ(x) + x · φ(x) on 8 lanes.
 @inline(__always)
-private func grad(_ x: FloatVector) -> FloatVector {
+private func grad(_ x: FloatVector) -> FloatVector { geluAndGrad(x).grad }
+
+/// gelu(x) = ½x(1 + erf(x/√2)) and gelu'(x) = Φ(x) + x · φ(x) on 8 lanes; erf(x/√2) is built from
+/// e^(−x²/2) = √(2π)·φ(x), so one exp serves both terms. `geluForward` computes the same value
+/// through `verf` (the same erf), so both forwards give the same bits.
+@inline(__always)
+private func geluAndGrad(_ x: FloatVector) -> (value: FloatVector, grad: FloatVector) {
     let (erf, gauss) = verfAndGauss(x * 0.70710678118654752)
-    return 0.5 * (1 + erf) + x * gauss * 0.39894228040143268
+    return (0.5 * x * (1 + erf), 0.5 * (1 + erf) + x * gauss * 0.39894228040143268)
 }
