@@ -13,7 +13,7 @@ step at the same batch size, the two together, and peak memory over a whole 50k-
    precision="bf16")``, fp32 when the CPU has no AVX512-BF16); and the two together: the streaming
    loader (RandAugment view, prefetching) feeding that step, as a fine-tuning run does.
 
-    python bench/data_stream.py --root /tmp/mapet-stream-50k
+    python bench/data_stream.py --root stream-50k    # the folder is generated there (kept for reruns)
 """
 import argparse
 import os
