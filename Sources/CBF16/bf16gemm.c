@@ -10,31 +10,7 @@
 // Every element of C is one accumulator lane summed over its k-pairs in increasing order,
 // one KC block after the other, so its value does not depend on the tiling or the threads.
 #include "mapet_bf16.h"
-
-#include <string.h>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
-#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma,avx2")))
-
-// Blocking, overridable at build time for tuning (-DMAPET_BF16_KCP=…). Measured on Zen 5:
-// KCP 64–192 and MC 48–192 are within noise of each other; 6×64 and 8×48 micro-kernels tie,
-// 12×32 and 14×32 are slower; what is lost against the bare instruction is memory traffic
-// (A packing on narrow N, C and B panels out of L1), not the micro-kernel.
-#ifndef MAPET_BF16_KCP
-#define MAPET_BF16_KCP 128
-#endif
-#ifndef MAPET_BF16_MC
-#define MAPET_BF16_MC 96
-#endif
-enum {
-    MR = 6,          // rows of the micro-kernel
-    NV = 4,          // zmm vectors per row: NR = 16·NV columns
-    NR = 16 * NV,
-    KCP = MAPET_BF16_KCP,   // k-pairs per K block: a 6 × KCP slice of A and a KCP × NR panel of B
-    MC = MAPET_BF16_MC,     // rows of op(A) packed at once (a multiple of MR and of 16)
-};
+#include "bf16_kernel.h"
 
 int mapet_bf16_cpu_supported(void) {
 #if defined(__x86_64__)
@@ -73,29 +49,7 @@ long mapet_bf16_next(long *counter) { return __atomic_fetch_add(counter, 1, __AT
 
 #if defined(__x86_64__)
 
-// ---------------------------------------------------------------- conversion helpers
-
-static inline __mmask16 AVX512BF16 mask_first(long n) {
-    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
-}
-
-/// 32 consecutive fp32 (masked: the missing ones are 0) → 16 words of consecutive pairs.
-static inline __m512i AVX512BF16 cvt_consecutive(const float *x, long n) {
-    __m512 lo = _mm512_maskz_loadu_ps(mask_first(n), x);
-    __m512 hi = _mm512_maskz_loadu_ps(mask_first(n - 16), x + 16);
-    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-}
-
-/// Rows k and k+1, 16 columns each → 16 words (row k in the low half of word j).
-static inline __m512i AVX512BF16 cvt_interleave(const float *r0, const float *r1, long n) {
-    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    __mmask16 m = mask_first(n);
-    __m512 a = _mm512_maskz_loadu_ps(m, r0);
-    __m512 b = r1 ? _mm512_maskz_loadu_ps(m, r1) : _mm512_setzero_ps();
-    __m512i both = (__m512i)_mm512_cvtne2ps_pbh(b, a);   // words 0..15: row k, 16..31: row k+1
-    return _mm512_permutexvar_epi16(idx, both);
-}
+// ---------------------------------------------------------------- packing B
 
 /// In-register transpose of a 16 × 16 matrix of 32-bit words.
 static inline void AVX512BF16 transpose16(__m512i r[16]) {
@@ -122,8 +76,6 @@ static inline void AVX512BF16 transpose16(__m512i r[16]) {
         r[12 + c] = _mm512_shuffle_i32x4(s2, s3, 0xDD);
     }
 }
-
-// ---------------------------------------------------------------- packing B
 
 AVX512BF16
 void mapet_bf16_pack_b(int transB, long K, long N, const float *B, long ldb,
@@ -169,7 +121,7 @@ void mapet_bf16_pack_b(int transB, long K, long N, const float *B, long ldb,
 /// A [M, K] (each row converts straight from memory), pairs of rows for A [K, M].
 AVX512BF16
 static void pack_a(int transA, long K, const float *A, long lda, long ib, long mb, long kp0, long kpn,
-                   uint32_t *abuf, long *rs, long *ks) {
+                   uint32_t *abuf, long *rs, long *ks, float *rowsums) {
     long mbr = (mb + MR - 1) / MR * MR;   // the micro-kernel reads whole MR-row panels
     if (!transA) {
         long k0 = 2 * kp0, nk = K - k0 < 2 * kpn ? K - k0 : 2 * kpn;
@@ -192,73 +144,16 @@ static void pack_a(int transA, long K, const float *A, long lda, long ib, long m
             for (long i = 0; i < mbv; i += 16) {
                 __m512i w = cvt_interleave(r0 + i, r1 ? r1 + i : NULL, mb - i);
                 _mm512_storeu_si512(abuf + q * MC + i, w);
+                if (rowsums) {
+                    // Σ_k op(A)[i, k] from the fp32 values, k in increasing order.
+                    __mmask16 m = mask_first(mb - i);
+                    __m512 sum = _mm512_add_ps(_mm512_maskz_loadu_ps(m, rowsums + i), _mm512_maskz_loadu_ps(m, r0 + i));
+                    if (r1) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(m, r1 + i));
+                    _mm512_mask_storeu_ps(rowsums + i, m, sum);
+                }
             }
         }
         *rs = 1; *ks = MC;
-    }
-}
-
-// ---------------------------------------------------------------- micro-kernel
-
-/// C[0:mr, 0:nr] (+)= alpha · Σ_k a·b over kpn k-pairs. a: row r, pair q at a[r·rs + q·ks];
-/// b: [q][NR]. first: C = alpha·acc + beta·C (beta == 0: C not read); else C += alpha·acc.
-/// `nvu` (1…NV, a constant after inlining) vectors of each B row are used: the last panel of
-/// an N that is not a multiple of NR (197 = 3·64 + 5) computes only the columns it has.
-static inline __attribute__((always_inline)) AVX512BF16
-void kernel_body(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *b,
-                 float *c, long ldc, float alpha, float beta, const float *bias, int first, long mr, long nr,
-                 const int nvu) {
-    __m512 acc[MR][NV];
-#pragma clang loop unroll(full)
-    for (int r = 0; r < MR; r++)
-#pragma clang loop unroll(full)
-        for (int v = 0; v < nvu; v++) acc[r][v] = _mm512_setzero_ps();
-    // Bring the C tile in while the k loop runs: it is read and written only at the end, and
-    // a large C is far out of cache (its rows are pages apart).
-    for (long r = 0; r < mr; r++)
-        for (long v = 0; v < nr; v += 16) _mm_prefetch((const char *)(c + r * ldc + v), _MM_HINT_T0);
-    const uint32_t *a0 = a, *a1 = a + rs, *a2 = a + 2 * rs, *a3 = a + 3 * rs, *a4 = a + 4 * rs, *a5 = a + 5 * rs;
-    long off = 0;
-    for (long q = 0; q < kpn; q++, off += ks, b += NR) {
-        __m512bh bv[NV];
-#pragma clang loop unroll(full)
-        for (int v = 0; v < nvu; v++) bv[v] = (__m512bh)_mm512_loadu_si512(b + 16 * v);
-        const uint32_t *rows[MR] = {a0, a1, a2, a3, a4, a5};
-#pragma clang loop unroll(full)
-        for (int r = 0; r < MR; r++) {
-            __m512bh ar = (__m512bh)_mm512_set1_epi32((int)rows[r][off]);
-#pragma clang loop unroll(full)
-            for (int v = 0; v < nvu; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], ar, bv[v]);
-        }
-    }
-    __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
-    for (long r = 0; r < mr; r++) {
-        float *cr = c + r * ldc;
-#pragma clang loop unroll(full)
-        for (int v = 0; v < nvu; v++) {
-            __mmask16 m = mask_first(nr - 16 * v);
-            if (!m) break;
-            __m512 x;
-            if (first) {
-                x = _mm512_mul_ps(va, acc[r][v]);
-                if (beta != 0.0f) x = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m, cr + 16 * v), x);
-                if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, bias + 16 * v));
-            } else {
-                x = _mm512_fmadd_ps(va, acc[r][v], _mm512_maskz_loadu_ps(m, cr + 16 * v));
-            }
-            _mm512_mask_storeu_ps(cr + 16 * v, m, x);
-        }
-    }
-}
-
-AVX512BF16
-static void kernel_6x64(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *b,
-                        float *c, long ldc, float alpha, float beta, const float *bias, int first, long mr, long nr) {
-    switch ((nr + 15) / 16) {
-    case 1: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, first, mr, nr, 1); break;
-    case 2: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, first, mr, nr, 2); break;
-    case 3: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, first, mr, nr, 3); break;
-    default: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, first, mr, nr, NV); break;
     }
 }
 
@@ -267,7 +162,7 @@ static void kernel_6x64(long kpn, const uint32_t *a, long rs, long ks, const uin
 AVX512BF16
 void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const float *A, long lda,
                      const uint32_t *packedB, float beta, const float *bias, float *C, long ldc,
-                     long i0, long i1, long j0, long j1, uint32_t *abuf) {
+                     long i0, long i1, long j0, long j1, uint32_t *abuf, float *rowsums) {
     (void)M;
     if (j1 > N) j1 = N;
     long kpT = (K + 1) / 2;
@@ -277,7 +172,7 @@ void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const floa
         for (long ib = i0; ib < i1; ib += MC) {
             long mb = i1 - ib < MC ? i1 - ib : MC;
             long rs, ks;
-            pack_a(transA, K, A, lda, ib, mb, kp0, kpn, abuf, &rs, &ks);
+            pack_a(transA, K, A, lda, ib, mb, kp0, kpn, abuf, &rs, &ks, transA && rowsums ? rowsums + ib : NULL);
             for (long j = j0; j < j1; j += NR) {
                 long nr = j1 - j < NR ? j1 - j : NR;
                 const uint32_t *bp = packedB + (size_t)(j / NR) * kpT * NR + (size_t)kp0 * NR;
@@ -300,8 +195,8 @@ void mapet_bf16_pack_b(int transB, long K, long N, const float *B, long ldb,
 
 void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const float *A, long lda,
                      const uint32_t *packedB, float beta, const float *bias, float *C, long ldc,
-                     long i0, long i1, long j0, long j1, uint32_t *abuf) {
-    (void)transA; (void)M; (void)N; (void)K; (void)alpha; (void)A; (void)lda; (void)packedB;
+                     long i0, long i1, long j0, long j1, uint32_t *abuf, float *rowsums) {
+    (void)transA; (void)rowsums; (void)M; (void)N; (void)K; (void)alpha; (void)A; (void)lda; (void)packedB;
     (void)beta; (void)bias; (void)C; (void)ldc; (void)i0; (void)i1; (void)j0; (void)j1; (void)abuf;
 }
 

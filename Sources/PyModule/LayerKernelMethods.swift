@@ -95,8 +95,10 @@ let layerKernelMethods: [Method] = [
     }, doc: "linear_backward(dx, dweight, dbias, dout, x, weight): accumulates (None skips)."),
 
     Method("attention_forward", { args in
-        // (out [B,M,C], probs [B,H,M,Nk], q [B,M,C], k [B,Nk,C], v [B,Nk,C], heads, mask [B,M,Nk] int32 | None)
-        try args.expect(7)
+        // (out [B,M,C], probs [B,H,M,Nk], q [B,M,C], k [B,Nk,C], v [B,Nk,C], heads, mask [B,M,Nk] int32 | None
+        //  [, precision])
+        if args.count != 8 { try args.expect(7) }
+        let precision = args.count == 8 ? try args.precision(7, "precision") : .fp32
         let arena = BufferArena(); defer { arena.release() }
         let q = try arena.float32(args[2], "q", [nil, nil, nil])
         let (B, M, C) = (q.shape[0], q.shape[1], q.shape[2])
@@ -110,19 +112,20 @@ let layerKernelMethods: [Method] = [
         nonisolated(unsafe) let (po, pp, pq, pk, pv) = (out.pointer, probs.pointer, q.readOnly, k.readOnly, v.readOnly)
         if args.isNone(6) {
             withoutGIL { attentionForward(out: po, ldOut: C, probs: pp, q: pq, ldQ: C, k: pk, ldK: C, v: pv, ldV: C,
-                                          B: B, M: M, Nk: Nk, C: C, H: H, mask: FullAttention()) }
+                                          B: B, M: M, Nk: Nk, C: C, H: H, mask: FullAttention(), precision: precision) }
         } else {
             let m = try arena.int32(args[6], "mask", [B, M, Nk])
             let mask = DenseAttentionMask(allowed: m.readOnly, M: M, Nk: Nk)
             withoutGIL { attentionForward(out: po, ldOut: C, probs: pp, q: pq, ldQ: C, k: pk, ldK: C, v: pv, ldV: C,
-                                          B: B, M: M, Nk: Nk, C: C, H: H, mask: mask) }
+                                          B: B, M: M, Nk: Nk, C: C, H: H, mask: mask, precision: precision) }
         }
         return none()
-    }, doc: "attention_forward(out, probs, q, k, v, heads, mask): multi-head attention; mask [B,M,Nk] int32 (nonzero = may attend) or None."),
+    }, doc: "attention_forward(out, probs, q, k, v, heads, mask[, precision]): multi-head attention; mask [B,M,Nk] int32 (nonzero = may attend) or None; precision 'fp32' (default) or 'bf16'."),
 
     Method("attention_backward", { args in
-        // (dq, dk, dv, dout, probs, q, k, v, heads)
-        try args.expect(9)
+        // (dq, dk, dv, dout, probs, q, k, v, heads[, precision])
+        if args.count != 10 { try args.expect(9) }
+        let precision = args.count == 10 ? try args.precision(9, "precision") : .fp32
         let arena = BufferArena(); defer { arena.release() }
         let q = try arena.float32(args[5], "q", [nil, nil, nil])
         let (B, M, C) = (q.shape[0], q.shape[1], q.shape[2])
@@ -137,9 +140,10 @@ let layerKernelMethods: [Method] = [
         let dout = try arena.float32(args[3], "dout", [B, M, C])
         let probs = try arena.float32(args[4], "probs", [B, H, M, Nk])
         withoutGIL { attentionBackward(dQ: dq.pointer, dK: dk.pointer, dV: dv.pointer, dOut: dout.readOnly, ldOut: C, probs: probs.readOnly,
-                                       q: q.readOnly, ldQ: C, k: k.readOnly, ldK: C, v: v.readOnly, ldV: C, B: B, M: M, Nk: Nk, C: C, H: H) }
+                                       q: q.readOnly, ldQ: C, k: k.readOnly, ldK: C, v: v.readOnly, ldV: C, B: B, M: M, Nk: Nk, C: C, H: H,
+                                       precision: precision) }
         return none()
-    }, doc: "attention_backward(dq, dk, dv, dout, probs, q, k, v, heads): accumulates."),
+    }, doc: "attention_backward(dq, dk, dv, dout, probs, q, k, v, heads[, precision]): accumulates."),
 
     Method("residual_forward", { args in
         // (out, x, branch, gamma|None, keep|None)  all [B, T, C]

@@ -181,8 +181,12 @@ def linear_backward(dout, x, weight, dx=None, dweight=None, dbias=None):
     return dx, dweight, dbias
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, mask: Optional[np.ndarray] = None):
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, mask: Optional[np.ndarray] = None,
+              precision: str = "fp32"):
     """Multi-head attention, q [B, M, C], k/v [B, Nk, C]; mask [B, M, Nk] bool (True = may attend).
+
+    ``precision="bf16"`` rounds the inputs of QKᵀ and PV to bf16 and accumulates in fp32 (as the
+    models do); softmax stays fp32.
 
     Returns (out [B, M, C], probs [B, heads, M, Nk]).
     """
@@ -193,15 +197,15 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, mask: Opt
     out = np.empty_like(q)
     probs = np.empty((q.shape[0], int(heads), q.shape[1], k.shape[1]), np.float32)
     m = None if mask is None else _i32(mask, "mask")
-    _core.attention_forward(out, probs, q, k, v, int(heads), m)
+    _core.attention_forward(out, probs, q, k, v, int(heads), m, precision)
     return out, probs
 
 
-def attention_backward(dout, probs, q, k, v, heads, dq=None, dk=None, dv=None):
-    """Accumulate attention gradients; returns (dq, dk, dv)."""
+def attention_backward(dout, probs, q, k, v, heads, dq=None, dk=None, dv=None, precision: str = "fp32"):
+    """Accumulate attention gradients; returns (dq, dk, dv). ``precision`` as in `attention`."""
     q, k, v, dout, probs = (_f32(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v"), (dout, "dout"), (probs, "probs")))
     dq, dk, dv = _zeros_or(dq, q.shape, "dq"), _zeros_or(dk, k.shape, "dk"), _zeros_or(dv, v.shape, "dv")
-    _core.attention_backward(dq, dk, dv, dout, probs, q, k, v, int(heads))
+    _core.attention_backward(dq, dk, dv, dout, probs, q, k, v, int(heads), precision)
     return dq, dk, dv
 
 

@@ -48,10 +48,40 @@ void mapet_bf16_tile_shape(long M, long N, long K, long *tileRows, long *tileCol
 /// C[i0:i1, j0:j1] = alpha·op(A)[i0:i1, :]·op(B)[:, j0:j1] + beta·C[i0:i1, j0:j1] (+ bias[j0:j1]
 /// on every row, when bias is not NULL) with op(B) packed by mapet_bf16_pack_b (all panels
 /// covering j0..j1; j0 a multiple of NR). beta == 0 does not read C. `abuf` holds
-/// mapet_bf16_a_buffer_words() words.
+/// mapet_bf16_a_buffer_words() words. With transA and `rowsums` not NULL, also adds
+/// Σ_k op(A)[i, k] (the fp32 values, k in increasing order) to rowsums[i] for i in [i0, i1)
+/// (a linear layer's bias gradient from the dW product's pass over dOut); give it to one tile
+/// per row range only.
 void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const float *A, long lda,
                      const uint32_t *packedB, float beta, const float *bias, float *C, long ldc,
-                     long i0, long i1, long j0, long j1, uint32_t *abuf);
+                     long i0, long i1, long j0, long j1, uint32_t *abuf, float *rowsums);
+
+/// Words of the `work` buffer the attention functions below need for one head of these sizes.
+size_t mapet_bf16_attention_work_words(long M, long Nk, long D);
+
+/// One head of attention, fused: probs[M, Nk] (row stride Nk) = softmax(scale · Q Kᵀ + bias)
+/// and out[M, D] (row stride ldo) = probs · V, every product's inputs rounded to bf16 and
+/// summed in fp32. q [M, D], k and v [Nk, D] with their row strides; bias NULL or [M, Nk]
+/// with row stride ldbias, entries 0 (may attend) or −∞; a row with no key allowed gives zero
+/// probabilities and output.
+void mapet_bf16_attention_forward(long M, long Nk, long D, float scale,
+                                  const float *q, long ldq, const float *k, long ldk, const float *v, long ldv,
+                                  const float *bias, long ldbias, float *probs, float *out, long ldo,
+                                  uint32_t *work);
+
+/// Its backward from the probabilities: dQ = dS·K + betaQ·dQ, dK = dSᵀ·Q + betaKV·dK,
+/// dV = Pᵀ·dO + betaKV·dV with dS = P ⊙ (dO·Vᵀ − rowsum) · scale written to ds [M, Nk]
+/// (row stride Nk); bf16 inputs, fp32 sums, beta 0 does not read the output.
+void mapet_bf16_attention_backward(long M, long Nk, long D, float scale,
+                                   const float *q, long ldq, const float *k, long ldk, const float *v, long ldv,
+                                   const float *probs, const float *dout, long lddo,
+                                   float *dq, long lddq, float betaQ, float *dk, long lddk, float *dv, long lddv,
+                                   float betaKV, float *ds, uint32_t *work);
+
+/// GELU (exact erf form) over `count` floats, 16 lanes: out = gelu(x), and with
+/// `keep_derivative` x is overwritten by gelu′(x). The same bits as the Swift 8-lane code.
+void mapet_avx512_gelu(float *out, const float *x, long count);
+void mapet_avx512_gelu_keep_derivative(float *out, float *x, long count);
 
 /// Atomically adds 1 to *counter and returns the previous value (tile dispatch).
 long mapet_bf16_next(long *counter);

@@ -1,3 +1,4 @@
+import CBF16
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -16,6 +17,9 @@ import Glibc
 // single-threaded GEMMs; tasks write disjoint elements, so results are thread-count independent.
 // `precision` applies to all six products (QKᵀ, PV; dP, dV, dQ, dK): in bf16 their inputs —
 // P and dS included — are rounded to bf16 and accumulate in fp32; softmax and dS stay fp32.
+// With the bf16 kernel active, each head runs fused in C (CBF16/attention.c: one strip of six
+// query rows goes through QKᵀ, softmax and PV while in L1) for masks that are full or given
+// as score biases; other masks and fp32 take the GEMM-per-product path below.
 
 public func attentionForward<Mask: AttentionMask>(
     out: UnsafeMutablePointer<Float>, ldOut: Int,
@@ -30,6 +34,23 @@ public func attentionForward<Mask: AttentionMask>(
     let D = C / H
     let scale = 1 / Float(D).squareRoot()
     nonisolated(unsafe) let out = out, probs = probs, q = q, k = k, v = v
+    if precision.usesBF16 && BF16.isActive && M > 0 && Nk > 0
+        && (mask.isFull || mask.scoreBias(batch: 0, query: 0) != nil) {
+        let words = mapet_bf16_attention_work_words(M, Nk, D)
+        Parallel.forRanges(B * H) { tasks in
+            let work = UnsafeMutableRawPointer.allocate(byteCount: words * 4, alignment: 64)
+                .assumingMemoryBound(to: UInt32.self)
+            defer { work.deallocate() }
+            for task in tasks {
+                let b = task / H, h = task % H
+                let bias = mask.isFull ? nil : mask.scoreBias(batch: b, query: 0)
+                mapet_bf16_attention_forward(M, Nk, D, scale, q + b * M * ldQ + h * D, ldQ,
+                                             k + b * Nk * ldK + h * D, ldK, v + b * Nk * ldV + h * D, ldV,
+                                             bias, Nk, probs + task * M * Nk, out + b * M * ldOut + h * D, ldOut, work)
+            }
+        }
+        return
+    }
     Parallel.forEach(B * H) { task in
         let b = task / H, h = task % H
         let qh = q + b * M * ldQ + h * D, kh = k + b * Nk * ldK + h * D, vh = v + b * Nk * ldV + h * D
@@ -73,10 +94,25 @@ public func attentionBackward(
     let scale = 1 / Float(D).squareRoot()
     let betaQ: Float = accumulateQ ? 1 : 0, betaKV: Float = accumulateKV ? 1 : 0
     nonisolated(unsafe) let dQ = dQ, dK = dK, dV = dV, dOut = dOut, probs = probs, q = q, k = k, v = v
+    let fused = precision.usesBF16 && BF16.isActive && M > 0 && Nk > 0
+    let words = fused ? mapet_bf16_attention_work_words(M, Nk, D) : 0
     // One dS scratch per worker range (not per task): no allocator traffic inside the loop.
     Parallel.forRanges(B * H) { tasks in
       let dS = UnsafeMutablePointer<Float>.allocate(capacity: max(M * Nk, 1))
       defer { dS.deallocate() }
+      if fused {
+        let work = UnsafeMutableRawPointer.allocate(byteCount: words * 4, alignment: 64)
+            .assumingMemoryBound(to: UInt32.self)
+        defer { work.deallocate() }
+        for task in tasks {
+            let b = task / H, h = task % H
+            let qo = b * M * ldQ + h * D, ko = b * Nk * ldK + h * D, vo = b * Nk * ldV + h * D
+            mapet_bf16_attention_backward(M, Nk, D, scale, q + qo, ldQ, k + ko, ldK, v + vo, ldV,
+                                          probs + task * M * Nk, dOut + b * M * ldOut + h * D, ldOut,
+                                          dQ + qo, ldQ, betaQ, dK + ko, ldK, dV + vo, ldV, betaKV, dS, work)
+        }
+        return
+      }
       for task in tasks {
         let b = task / H, h = task % H
         let qo = b * M * ldQ + h * D, ko = b * Nk * ldK + h * D, vo = b * Nk * ldV + h * D

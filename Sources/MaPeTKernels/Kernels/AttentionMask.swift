@@ -15,7 +15,9 @@ public protocol AttentionMask: Sendable {
     var isFull: Bool { get }
 
     /// Optional precomputed form: the row of additive score biases (0 = may attend, −∞ = may
-    /// not) of `query` in sample `batch`, `Nk` floats. nil (the default): attention asks `allows`.
+    /// not) of `query` in sample `batch`, `Nk` floats; the rows of one sample follow each other
+    /// `Nk` floats apart (the fused bf16 attention reads them from the first). nil (the
+    /// default): attention asks `allows`.
     func scoreBias(batch: Int, query: Int) -> UnsafePointer<Float>?
 }
 

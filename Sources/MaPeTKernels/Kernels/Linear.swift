@@ -40,6 +40,12 @@ public func linearBackward(
         gemm(precision, transA: false, transB: false, M: rows, N: IC, K: OC, alpha: 1, A: dOut, lda: OC,
                       B: weight, ldb: IC, beta: accumulateInput ? 1 : 0, C: dInput, ldc: IC)
     }
+    if let dWeight, precision.usesBF16 {
+        // dBias from the same pass over dOut that packs it for dWeight (the same bits).
+        bf16GemmParallel(transA: true, transB: false, M: OC, N: IC, K: rows, alpha: 1, A: dOut, lda: OC,
+                         B: input, ldb: IC, beta: 1, C: dWeight, ldc: IC, rowSums: dBias)
+        return
+    }
     if let dWeight {
         gemm(precision, transA: true, transB: false, M: OC, N: IC, K: rows, alpha: 1, A: dOut, lda: OC,
                       B: input, ldb: IC, beta: 1, C: dWeight, ldc: IC)
