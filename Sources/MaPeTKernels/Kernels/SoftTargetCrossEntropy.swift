@@ -25,13 +25,12 @@ public func softTargetCrossEntropyForward(
             // log-sum-exp in Double from the logits, as the hard-label path.
             var mx = -Float.infinity
             for j in 0..<K { mx = max(mx, x[j]) }
-            var se: Double = 0, sq: Double = 0, sqx: Double = 0
+            var sq: Double = 0, sqx: Double = 0
             for j in 0..<K {
-                se += exp(Double(x[j] - mx))
                 sq += Double(q[j])
                 sqx += Double(q[j]) * Double(x[j])
             }
-            losses[i] = Float(sq * (Double(mx) + log(se)) - sqx)
+            losses[i] = Float(sq * (Double(mx) + log(sumOfExp(x, count: K, minus: mx))) - sqx)
         }
     }
     var sum: Double = 0
