@@ -25,12 +25,12 @@ public func crossEntropyForward(
             var mx = -Float.infinity
             for j in 0..<K { mx = max(mx, x[j]) }
             p.update(from: x, count: K)
-            softmaxRowInPlace(p, count: K)
+            // log p_k = x_k − mx − log Σ exp(x − mx), from the logits (not from p, whose small
+            // entries underflow): the softmax's exps (~2·10⁻⁷ relative, `vexp`) summed in Double.
+            let se = softmaxRowInPlace(p, count: K, sumInDouble: true)
             let t = Int(targets[i])
             guard t >= 0 else { losses[i] = 0; continue }
-            // log p_k = x_k − mx − log Σ exp(x − mx), from the logits (not from p, whose small
-            // entries underflow): each exp to ~2·10⁻⁷ relative (`vexp`), the sum in Double.
-            let lse = Double(mx) + log(sumOfExp(x, count: K, minus: mx))
+            let lse = Double(mx) + log(se)
             var loss = (1 - Double(smoothing)) * (lse - Double(x[t]))
             if smoothing != 0 {
                 var sx: Double = 0
@@ -43,18 +43,6 @@ public func crossEntropyForward(
     var sum: Double = 0, count = 0
     for i in 0..<rows where targets[i] >= 0 { sum += Double(losses[i]); count += 1 }
     return (sum, count)
-}
-
-/// Σ_j exp(x[j] − shift), each term by `vexp`, summed in Double.
-@inlinable
-func sumOfExp(_ x: UnsafePointer<Float>, count: Int, minus shift: Float) -> Double {
-    let m = FloatVector(repeating: shift)
-    var acc = SIMD8<Double>()
-    var j = 0
-    while j + 8 <= count { acc += SIMD8<Double>(vexp(loadV(x + j) - m)); j += 8 }
-    var total = acc.sum()
-    while j < count { total += Double(sexp(x[j] - shift)); j += 1 }
-    return total
 }
 
 public func crossEntropyBackward(

@@ -50,11 +50,22 @@ public func layerNormBackward(
         for i in r {
             let x = input + i * cols, dy = dOut + i * cols, dx = dInput + i * cols
             let mu = mean[i], rs = rstd[i]
-            var sg: Float = 0, sgx: Float = 0
-            for j in 0..<cols {
+            // Σ g and Σ g·x̂ with 8-lane accumulators (a scalar sum cannot be vectorised).
+            var ag = FloatVector(), agx = FloatVector()
+            let m = FloatVector(repeating: mu), s = FloatVector(repeating: rs)
+            var j = 0
+            while j + 8 <= cols {
+                let g = loadV(dy + j) * loadV(weight + j)
+                ag += g
+                agx += g * (loadV(x + j) - m) * s
+                j += 8
+            }
+            var sg = ag.sum(), sgx = agx.sum()
+            while j < cols {
                 let g = dy[j] * weight[j]
                 sg += g
                 sgx += g * (x[j] - mu) * rs
+                j += 1
             }
             sg /= Float(cols); sgx /= Float(cols)
             for j in 0..<cols {

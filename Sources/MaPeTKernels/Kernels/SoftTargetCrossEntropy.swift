@@ -21,7 +21,7 @@ public func softTargetCrossEntropyForward(
         for i in r {
             let x = logits + i * K, p = probs + i * K, q = targets + i * K
             p.update(from: x, count: K)
-            softmaxRowInPlace(p, count: K)
+            let se = softmaxRowInPlace(p, count: K, sumInDouble: true)
             // log-sum-exp in Double from the logits, as the hard-label path.
             var mx = -Float.infinity
             for j in 0..<K { mx = max(mx, x[j]) }
@@ -30,7 +30,7 @@ public func softTargetCrossEntropyForward(
                 sq += Double(q[j])
                 sqx += Double(q[j]) * Double(x[j])
             }
-            losses[i] = Float(sq * (Double(mx) + log(sumOfExp(x, count: K, minus: mx))) - sqx)
+            losses[i] = Float(sq * (Double(mx) + log(se)) - sqx)
         }
     }
     var sum: Double = 0

@@ -5,9 +5,12 @@ import Glibc
 // Row softmax:  out[r, j] = exp(x[r, j] − max_j x[r, ·]) / Σ_j exp(x[r, j] − max).
 // Backward:     dx[r, j] += out[r, j] · (dout[r, j] − Σ_k dout[r, k] · out[r, k]).
 
-/// One row in place: `row[j] = softmax(scale · row)[j]` over `count` entries.
-@inlinable
-public func softmaxRowInPlace(_ row: UnsafeMutablePointer<Float>, count: Int, scale: Float = 1) {
+/// One row in place: `row[j] = softmax(scale · row)[j]` over `count` entries. With `sumInDouble`
+/// it also returns Σ_j exp(scale·row[j] − max) of the same exp values summed in Double (a
+/// log-sum-exp for cross-entropy without a second pass of exps); otherwise 0.
+@inlinable @discardableResult
+public func softmaxRowInPlace(_ row: UnsafeMutablePointer<Float>, count: Int, scale: Float = 1,
+                              sumInDouble: Bool = false) -> Double {
     var mv = FloatVector(repeating: -.infinity)
     var j = 0
     while j + 8 <= count { mv = pointwiseMax(mv, loadV(row + j)); j += 8 }
@@ -15,18 +18,24 @@ public func softmaxRowInPlace(_ row: UnsafeMutablePointer<Float>, count: Int, sc
     while j < count { mx = max(mx, row[j]); j += 1 }
     mx *= scale
     let s = FloatVector(repeating: scale), m = FloatVector(repeating: mx)
-    var acc = FloatVector()
+    var acc = FloatVector(), wide = SIMD8<Double>()
     j = 0
     while j + 8 <= count {
         let e = vexp(loadV(row + j) * s - m)
         storeV(e, row + j)
         acc += e
+        if sumInDouble { wide += SIMD8<Double>(e) }
         j += 8
     }
-    var total = acc.sum()
-    while j < count { let e = sexp(row[j] * scale - mx); row[j] = e; total += e; j += 1 }
+    var total = acc.sum(), wideTotal = wide.sum()
+    while j < count {
+        let e = sexp(row[j] * scale - mx); row[j] = e; total += e
+        if sumInDouble { wideTotal += Double(e) }
+        j += 1
+    }
     let inv = 1 / total
     for j in 0..<count { row[j] *= inv }
+    return sumInDouble ? wideTotal : 0
 }
 
 /// One row in place with additive biases (0 or −∞): `row[j] = softmax(scale · row + bias)[j]`;
