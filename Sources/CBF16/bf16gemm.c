@@ -77,16 +77,22 @@ static inline void AVX512BF16 transpose16(__m512i r[16]) {
     }
 }
 
-AVX512BF16
 void mapet_bf16_pack_b(int transB, long K, long N, const float *B, long ldb,
                        long panel0, long panel1, uint32_t *packed) {
+    mapet_bf16_pack_b_pairs(transB, K, N, B, ldb, panel0, panel1, 0, (K + 1) / 2, packed);
+}
+
+AVX512BF16
+void mapet_bf16_pack_b_pairs(int transB, long K, long N, const float *B, long ldb,
+                             long panel0, long panel1, long kp0, long kp1, uint32_t *packed) {
     long kpT = (K + 1) / 2;
+    if (kp1 > kpT) kp1 = kpT;
     for (long p = panel0; p < panel1; p++) {
         uint32_t *dst = packed + (size_t)p * kpT * NR;
         long j0 = p * NR;
         if (!transB) {
             // op(B) = B [K, N]: pair rows k, k+1 column by column.
-            for (long kp = 0; kp < kpT; kp++) {
+            for (long kp = kp0; kp < kp1; kp++) {
                 const float *r0 = B + 2 * kp * ldb + j0;
                 const float *r1 = 2 * kp + 1 < K ? r0 + ldb : NULL;
                 for (int v = 0; v < NV; v++) {
@@ -99,14 +105,14 @@ void mapet_bf16_pack_b(int transB, long K, long N, const float *B, long ldb,
             // convert 16 rows × 16 pairs and transpose to [pair][column].
             for (int v = 0; v < NV; v++) {
                 long jv = j0 + 16 * v;
-                for (long kp = 0; kp < kpT; kp += 16) {
+                for (long kp = kp0; kp < kp1; kp += 16) {
                     __m512i r[16];
                     for (int jj = 0; jj < 16; jj++) {
                         if (jv + jj < N) r[jj] = cvt_consecutive(B + (jv + jj) * ldb + 2 * kp, K - 2 * kp);
                         else r[jj] = _mm512_setzero_si512();
                     }
                     transpose16(r);
-                    long nq = kpT - kp < 16 ? kpT - kp : 16;
+                    long nq = kp1 - kp < 16 ? kp1 - kp : 16;
                     for (long q = 0; q < nq; q++) _mm512_storeu_si512(dst + (kp + q) * NR + 16 * v, r[q]);
                 }
             }
@@ -191,6 +197,12 @@ void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const floa
 void mapet_bf16_pack_b(int transB, long K, long N, const float *B, long ldb,
                        long panel0, long panel1, uint32_t *packed) {
     (void)transB; (void)K; (void)N; (void)B; (void)ldb; (void)panel0; (void)panel1; (void)packed;
+}
+
+void mapet_bf16_pack_b_pairs(int transB, long K, long N, const float *B, long ldb,
+                             long panel0, long panel1, long kp0, long kp1, uint32_t *packed) {
+    (void)transB; (void)K; (void)N; (void)B; (void)ldb; (void)panel0; (void)panel1; (void)kp0; (void)kp1;
+    (void)packed;
 }
 
 void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const float *A, long lda,

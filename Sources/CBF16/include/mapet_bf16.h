@@ -38,6 +38,11 @@ size_t mapet_bf16_packed_b_words(long K, long N);
 void mapet_bf16_pack_b(int transB, long K, long N, const float *B, long ldb,
                        long panel0, long panel1, uint32_t *packed);
 
+/// The same for k-pairs [kp0, kp1) only (kp0 a multiple of 16): lets several workers share
+/// the packing of few, tall panels.
+void mapet_bf16_pack_b_pairs(int transB, long K, long N, const float *B, long ldb,
+                             long panel0, long panel1, long kp0, long kp1, uint32_t *packed);
+
 /// Number of 32-bit words a worker's A buffer needs.
 size_t mapet_bf16_a_buffer_words(void);
 

@@ -140,9 +140,18 @@ private func bf16GemmDriver(transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
         for t in 0..<tiles { runTile(t, abuf) }
         return
     }
-    DispatchQueue.concurrentPerform(iterations: min(workers, panels)) { w in
-        let parts = min(workers, panels)
-        mapet_bf16_pack_b(tB, K, N, B, ldb, panels * w / parts, panels * (w + 1) / parts, packedB)
+    // Packing B is shared out in pieces of (panel, run of 16·chunk k-pairs), as evenly as the
+    // pieces allow: three tall panels (N = 192) would otherwise keep one of two workers idle
+    // for a third of the packing.
+    let pairs = (K + 1) / 2, runs = (pairs + 15) / 16
+    let chunksPerPanel = min(runs, max(1, (4 * workers + panels - 1) / panels))
+    let pieces = panels * chunksPerPanel
+    DispatchQueue.concurrentPerform(iterations: workers) { w in
+        for piece in stride(from: w, to: pieces, by: workers) {
+            let p = piece / chunksPerPanel, c = piece % chunksPerPanel
+            let kp0 = 16 * (runs * c / chunksPerPanel), kp1 = 16 * (runs * (c + 1) / chunksPerPanel)
+            mapet_bf16_pack_b_pairs(tB, K, N, B, ldb, p, p + 1, kp0, kp1, packedB)
+        }
     }
     // Tiles are handed out first come, first served: which worker computes a tile never
     // changes its value.
