@@ -115,9 +115,20 @@ let layerKernelMethods: [Method] = [
                                           B: B, M: M, Nk: Nk, C: C, H: H, mask: FullAttention(), precision: precision) }
         } else {
             let m = try arena.int32(args[6], "mask", [B, M, Nk])
-            let mask = DenseAttentionMask(allowed: m.readOnly, M: M, Nk: Nk)
-            withoutGIL { attentionForward(out: po, ldOut: C, probs: pp, q: pq, ldQ: C, k: pk, ldK: C, v: pv, ldV: C,
-                                          B: B, M: M, Nk: Nk, C: C, H: H, mask: mask, precision: precision) }
+            // The rule as additive score biases (0 / −∞), evaluated once for all heads: the form
+            // the fused kernels read. B·M·Nk fits: probs [B, H, M, Nk] exists.
+            let bytes = B * M * Nk * MemoryLayout<Float>.stride
+            guard let raw = malloc(max(bytes, 64)) else {
+                throw PyError.memory("mask: could not allocate \(bytes) bytes for the score biases")
+            }
+            defer { free(raw) }
+            nonisolated(unsafe) let bias = raw.assumingMemoryBound(to: Float.self), allowed = m.readOnly
+            withoutGIL {
+                fillScoreBias(DenseAttentionMask(allowed: allowed, M: M, Nk: Nk), B: B, M: M, Nk: Nk, bias: bias)
+                attentionForward(out: po, ldOut: C, probs: pp, q: pq, ldQ: C, k: pk, ldK: C, v: pv, ldV: C,
+                                 B: B, M: M, Nk: Nk, C: C, H: H, mask: ScoreBiasMask(bias: bias, M: M, Nk: Nk),
+                                 precision: precision)
+            }
         }
         return none()
     }, doc: "attention_forward(out, probs, q, k, v, heads, mask[, precision]): multi-head attention; mask [B,M,Nk] int32 (nonzero = may attend) or None; precision 'fp32' (default) or 'bf16'."),
