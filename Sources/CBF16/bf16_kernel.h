@@ -60,12 +60,13 @@ static inline __m512i AVX512BF16 cvt_interleave(const float *r0, const float *r1
 
 /// C[0:mr, 0:nr] (+)= alpha · Σ_k a·b over kpn k-pairs. a: row r, pair q at a[r·rs + q·ks];
 /// b: [q][NR]. first: C = alpha·acc + beta·C (beta == 0: C not read); else C += alpha·acc.
+/// With `emul` (laid out as C, row stride ldc), the value stored is that result ⊙ emul.
 /// `nvu` (1…NV, a constant after inlining) vectors of each B row are used: the last panel of
 /// an N that is not a multiple of NR (197 = 3·64 + 5) computes only the columns it has.
 static inline __attribute__((always_inline)) AVX512BF16
 void kernel_body(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *b,
-                 float *c, long ldc, float alpha, float beta, const float *bias, int first, long mr, long nr,
-                 const int nvu) {
+                 float *c, long ldc, float alpha, float beta, const float *bias, const float *emul, int first,
+                 long mr, long nr, const int nvu) {
     __m512 acc[MR][NV];
 #pragma clang loop unroll(full)
     for (int r = 0; r < MR; r++)
@@ -104,6 +105,7 @@ void kernel_body(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *
             } else {
                 x = _mm512_fmadd_ps(va, acc[r][v], _mm512_maskz_loadu_ps(m, cr + 16 * v));
             }
+            if (emul) x = _mm512_mul_ps(x, _mm512_maskz_loadu_ps(m, emul + r * ldc + 16 * v));
             _mm512_mask_storeu_ps(cr + 16 * v, m, x);
         }
     }
@@ -111,12 +113,13 @@ void kernel_body(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *
 
 static inline AVX512BF16
 void kernel_6x64(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *b,
-                        float *c, long ldc, float alpha, float beta, const float *bias, int first, long mr, long nr) {
+                 float *c, long ldc, float alpha, float beta, const float *bias, const float *emul, int first,
+                 long mr, long nr) {
     switch ((nr + 15) / 16) {
-    case 1: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, first, mr, nr, 1); break;
-    case 2: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, first, mr, nr, 2); break;
-    case 3: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, first, mr, nr, 3); break;
-    default: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, first, mr, nr, NV); break;
+    case 1: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, emul, first, mr, nr, 1); break;
+    case 2: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, emul, first, mr, nr, 2); break;
+    case 3: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, emul, first, mr, nr, 3); break;
+    default: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, emul, first, mr, nr, NV); break;
     }
 }
 

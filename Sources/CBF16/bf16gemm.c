@@ -168,13 +168,13 @@ static void pack_a(int transA, long K, const float *A, long lda, long ib, long m
 AVX512BF16
 void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const float *A, long lda,
                      const uint32_t *packedB, float beta, const float *bias, float *C, long ldc,
-                     long i0, long i1, long j0, long j1, uint32_t *abuf, float *rowsums) {
+                     long i0, long i1, long j0, long j1, uint32_t *abuf, float *rowsums, const float *emul) {
     (void)M;
     if (j1 > N) j1 = N;
     long kpT = (K + 1) / 2;
     for (long kp0 = 0; kp0 < kpT; kp0 += KCP) {
         long kpn = kpT - kp0 < KCP ? kpT - kp0 : KCP;
-        int first = kp0 == 0;
+        int first = kp0 == 0, last = kp0 + kpn == kpT;
         for (long ib = i0; ib < i1; ib += MC) {
             long mb = i1 - ib < MC ? i1 - ib : MC;
             long rs, ks;
@@ -185,7 +185,8 @@ void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const floa
                 for (long ir = 0; ir < mb; ir += MR) {
                     long mr = mb - ir < MR ? mb - ir : MR;
                     kernel_6x64(kpn, abuf + ir * rs, rs, ks, bp, C + (ib + ir) * ldc + j, ldc,
-                                alpha, beta, bias ? bias + j : NULL, first, mr, nr);
+                                alpha, beta, bias ? bias + j : NULL, last && emul ? emul + (ib + ir) * ldc + j : NULL,
+                                first, mr, nr);
                 }
             }
         }
@@ -207,8 +208,8 @@ void mapet_bf16_pack_b_pairs(int transB, long K, long N, const float *B, long ld
 
 void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const float *A, long lda,
                      const uint32_t *packedB, float beta, const float *bias, float *C, long ldc,
-                     long i0, long i1, long j0, long j1, uint32_t *abuf, float *rowsums) {
-    (void)transA; (void)rowsums; (void)M; (void)N; (void)K; (void)alpha; (void)A; (void)lda; (void)packedB;
+                     long i0, long i1, long j0, long j1, uint32_t *abuf, float *rowsums, const float *emul) {
+    (void)transA; (void)rowsums; (void)emul; (void)M; (void)N; (void)K; (void)alpha; (void)A; (void)lda; (void)packedB;
     (void)beta; (void)bias; (void)C; (void)ldc; (void)i0; (void)i1; (void)j0; (void)j1; (void)abuf;
 }
 

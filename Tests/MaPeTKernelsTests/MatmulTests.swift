@@ -44,17 +44,34 @@ final class MatmulTests: XCTestCase {
         }
     }
 
-    /// The forward that keeps gelu' gives the same bits as `geluForward` and, through the one-product
-    /// backward, as `geluBackward` accumulating into zeros.
+    /// The forward that keeps gelu' gives the same bits as `geluForward` and, through one product
+    /// per element, as `geluBackward` accumulating into zeros.
     func testGeluKeepingDerivativeEqualsSeparateForwardAndBackward() {
         let x = values(1003, seed: 5).map { $0 * 6 }, dOut = values(1003, seed: 6)
         var y0 = [Float](repeating: 0, count: x.count), dx0 = y0
         geluForward(out: &y0, input: x, count: x.count)
         geluBackward(dInput: &dx0, dOut: dOut, input: x, count: x.count)
-        var kept = x, y1 = [Float](repeating: 0, count: x.count), dx1 = y1
+        var kept = x, y1 = [Float](repeating: 0, count: x.count)
         geluForwardKeepingDerivative(out: &y1, inputThenDerivative: &kept, count: x.count)
-        geluBackwardFromDerivative(dInput: &dx1, dOut: dOut, derivative: kept, count: x.count)
         XCTAssertEqual(y0, y1)
-        XCTAssertEqual(dx0, dx1)
+        XCTAssertEqual(dx0, zip(dOut, kept).map { $0 * $1 })
+    }
+
+    /// linearBackward with `dInputScale` writes (dOut · W) ⊙ scale: the bits of the product
+    /// followed by the multiplying pass, in both precisions (in bf16 the multiply is in the
+    /// GEMM's store; odd sizes cover the tile edges, 300 rows several row tiles).
+    func testLinearBackwardWithInputScaleEqualsProductThenMultiply() {
+        let rows = 300, IC = 77, OC = 45
+        let dOut = values(rows * OC, seed: 7), x = values(rows * IC, seed: 8), w = values(OC * IC, seed: 9)
+        let scale = values(rows * IC, seed: 10)
+        for precision in [Precision.fp32, .bf16] {
+            var plain = [Float](repeating: 0, count: rows * IC), fused = plain
+            linearBackward(dInput: &plain, dWeight: nil, dBias: nil, dOut: dOut, input: x, weight: w,
+                           rows: rows, inFeatures: IC, outFeatures: OC, precision: precision, accumulateInput: false)
+            linearBackward(dInput: &fused, dWeight: nil, dBias: nil, dOut: dOut, input: x, weight: w,
+                           rows: rows, inFeatures: IC, outFeatures: OC, precision: precision, accumulateInput: false,
+                           dInputScale: scale)
+            XCTAssertEqual(fused, zip(plain, scale).map { $0 * $1 }, "\(precision)")
+        }
     }
 }

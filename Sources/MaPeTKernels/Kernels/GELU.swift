@@ -48,7 +48,8 @@ public func geluBackward(
 }
 
 /// out[n] = gelu(x[n]) and x[n] replaced by gelu'(x[n]): what the backward needs, so that it is
-/// one product (`geluBackwardFromDerivative`) and the pre-activation need not be kept. Values
+/// one product per element (taken in the next linear layer's backward GEMM, `linearBackward`'s
+/// `dInputScale`) and the pre-activation need not be kept. Values
 /// are those of `geluForward` and of the derivative `geluBackward` uses.
 public func geluForwardKeepingDerivative(out: UnsafeMutablePointer<Float>, inputThenDerivative x: UnsafeMutablePointer<Float>,
                                          count: Int) {
@@ -67,19 +68,6 @@ public func geluForwardKeepingDerivative(out: UnsafeMutablePointer<Float>, input
             out[i] = y[0]; x[i] = d[0]
             i += 1
         }
-    }
-}
-
-/// dInput[n] = dOut[n] · derivative[n] (written, not accumulated), the derivative from
-/// `geluForwardKeepingDerivative`.
-public func geluBackwardFromDerivative(dInput: UnsafeMutablePointer<Float>, dOut: UnsafePointer<Float>,
-                                       derivative: UnsafePointer<Float>, count: Int) {
-    let t0 = Profiler.begin(); defer { Profiler.end(.elementwise, t0) }
-    nonisolated(unsafe) let dInput = dInput, dOut = dOut, derivative = derivative
-    Parallel.forRanges(count, grain: 1 << 15) { r in
-        var i = r.lowerBound
-        while i + 8 <= r.upperBound { storeV(loadV(dOut + i) * loadV(derivative + i), dInput + i); i += 8 }
-        while i < r.upperBound { dInput[i] = dOut[i] * derivative[i]; i += 1 }
     }
 }
 

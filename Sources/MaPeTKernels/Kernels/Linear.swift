@@ -30,15 +30,29 @@ public func linearForward(
 
 /// Any of dInput, dWeight, dBias may be nil (not needed / frozen). `accumulateInput: false`
 /// writes dInput instead of adding to it (the same values as adding to zeros, one pass less).
+/// `dInputScale` [rows, IC] (with `accumulateInput: false`) writes dInput = (dOut · weight) ⊙
+/// dInputScale — the backward of an elementwise activation whose derivative is kept (GELU's)
+/// taken in the same pass; in bf16 the multiply rides in the GEMM's store.
 public func linearBackward(
     dInput: UnsafeMutablePointer<Float>?, dWeight: UnsafeMutablePointer<Float>?, dBias: UnsafeMutablePointer<Float>?,
     dOut: UnsafePointer<Float>, input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
-    rows: Int, inFeatures IC: Int, outFeatures OC: Int, precision: Precision = .fp32, accumulateInput: Bool = true
+    rows: Int, inFeatures IC: Int, outFeatures OC: Int, precision: Precision = .fp32, accumulateInput: Bool = true,
+    dInputScale: UnsafePointer<Float>? = nil
 ) {
     let t0 = Profiler.begin(); defer { Profiler.end(.gemm, t0) }
-    if let dInput {
+    precondition(dInputScale == nil || !accumulateInput, "linearBackward: dInputScale writes dInput")
+    if let dInput, let dInputScale, precision.usesBF16 {
+        bf16GemmParallel(transA: false, transB: false, M: rows, N: IC, K: OC, alpha: 1, A: dOut, lda: OC,
+                         B: weight, ldb: IC, beta: 0, C: dInput, ldc: IC, multiplyBy: dInputScale)
+    } else if let dInput {
         gemm(precision, transA: false, transB: false, M: rows, N: IC, K: OC, alpha: 1, A: dOut, lda: OC,
                       B: weight, ldb: IC, beta: accumulateInput ? 1 : 0, C: dInput, ldc: IC)
+        if let dInputScale {
+            nonisolated(unsafe) let dInput = dInput
+            Parallel.forRanges(rows * IC, grain: 1 << 15) { r in
+                for i in r { dInput[i] *= dInputScale[i] }
+            }
+        }
     }
     if let dWeight, precision.usesBF16 {
         // dBias from the same pass over dOut that packs it for dWeight (the same bits).

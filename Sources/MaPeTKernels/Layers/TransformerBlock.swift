@@ -174,11 +174,14 @@ public struct TransformerBlock: @unchecked Sendable {
         let rows = B * T
         zero(s.dBranch, rows * C)
         residualBackward(dResidual: nil, dBranch: s.dBranch, dGamma: g.ls2, dOut: dx, branch: c.fc2, gamma: w.ls2, keep: keep2, B: B, T: T, C: C)
-        linearBackward(dInput: s.dAct, dWeight: g.fc2W, dBias: g.fc2B, dOut: s.dBranch, input: c.act, weight: w.fc2W,
-                       rows: rows, inFeatures: hidden, outFeatures: C, precision: precision, accumulateInput: false)
         if activation == .gelu {
-            geluBackwardFromDerivative(dInput: s.dFc1, dOut: s.dAct, derivative: c.fc1, count: rows * hidden)
+            // dFc1 = (dBranch · fc2W) ⊙ gelu′ (kept in c.fc1 by the forward) in one pass.
+            linearBackward(dInput: s.dFc1, dWeight: g.fc2W, dBias: g.fc2B, dOut: s.dBranch, input: c.act, weight: w.fc2W,
+                           rows: rows, inFeatures: hidden, outFeatures: C, precision: precision, accumulateInput: false,
+                           dInputScale: c.fc1)
         } else {
+            linearBackward(dInput: s.dAct, dWeight: g.fc2W, dBias: g.fc2B, dOut: s.dBranch, input: c.act, weight: w.fc2W,
+                           rows: rows, inFeatures: hidden, outFeatures: C, precision: precision, accumulateInput: false)
             zero(s.dFc1, rows * hidden)
             activationBackward(activation, dInput: s.dFc1, dOut: s.dAct, input: c.fc1, count: rows * hidden)
         }
