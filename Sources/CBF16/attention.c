@@ -79,7 +79,7 @@ static void AVX512BF16 strip_times_panels(long kp, const uint32_t *a, const uint
                                           float *c, long ldc, float beta, long mr) {
     for (long p = 0; p * NR < N; p++) {
         long nr = N - p * NR < NR ? N - p * NR : NR;
-        kernel_6x64(kp, a, kp, 1, packed + (size_t)p * kp * NR, c + p * NR, ldc, 1.0f, beta, NULL, NULL, 1, mr, nr);
+        kernel_6x64(kp, a, kp, 1, packed + (size_t)p * kp * NR, c + p * NR, ldc, 1.0f, beta, NULL, NULL, NULL, 1, mr, nr);
     }
 }
 
@@ -147,9 +147,9 @@ void mapet_bf16_attention_backward(long M, long Nk, long D, float scale,
     }
     long panelsD = (D + NR - 1) / NR;
     mapet_bf16_pack_b(0, M, D, dout, lddo, 0, panelsD, mb);
-    mapet_bf16_tile(1, Nk, D, M, 1.0f, probs, Nk, mb, betaKV, NULL, dv, lddv, 0, Nk, 0, D, abuf, NULL, NULL);   // dV
+    mapet_bf16_tile(1, Nk, D, M, 1.0f, probs, Nk, mb, betaKV, NULL, dv, lddv, 0, Nk, 0, D, abuf, NULL, NULL, NULL);   // dV
     mapet_bf16_pack_b(0, M, D, q, ldq, 0, panelsD, mb);
-    mapet_bf16_tile(1, Nk, D, M, 1.0f, ds, Nk, mb, betaKV, NULL, dk, lddk, 0, Nk, 0, D, abuf, NULL, NULL);      // dK
+    mapet_bf16_tile(1, Nk, D, M, 1.0f, ds, Nk, mb, betaKV, NULL, dk, lddk, 0, Nk, 0, D, abuf, NULL, NULL, NULL);      // dK
 }
 
 #else   // not x86-64: mapet_bf16_cpu_supported() is 0 and nothing below is ever called

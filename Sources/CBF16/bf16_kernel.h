@@ -56,17 +56,73 @@ static inline __m512i AVX512BF16 cvt_interleave(const float *r0, const float *r1
     return _mm512_permutexvar_epi16(idx, both);
 }
 
+// ---------------------------------------------------------------- exp
+
+/// exp of 16 lanes: the polynomial and operation order of Swift's `vexp` (FastMath.swift), so
+/// each lane's value equals the 8-lane Swift one. Below −87.33654 (−∞ included) gives 0.
+static inline __m512 AVX512BF16 exp16(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.33654f), hi = _mm512_set1_ps(88.37626f);
+    const __m512 magic = _mm512_set1_ps(12582912.0f);
+    __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);
+    x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+    __m512 shifted = _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), magic);
+    __m512 n = _mm512_sub_ps(shifted, magic);
+    x = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
+    x = _mm512_add_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(2.12194440e-4f)));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_add_ps(_mm512_mul_ps(p, x), _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, x), _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, x), _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, x), _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, x), _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(x, x)), x), _mm512_set1_ps(1.0f));
+    __m512i bits = _mm512_slli_epi32(
+        _mm512_add_epi32(_mm512_sub_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(0x4B400000)),
+                         _mm512_set1_epi32(127)), 23);
+    return _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(bits));
+}
+
+// ---------------------------------------------------------------- GELU
+
+/// −v exactly (the sign bit flipped), as Swift's prefix minus.
+static inline __m512 AVX512BF16 negate(__m512 v) {
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32((int)0x80000000u)));
+}
+
+/// gelu(x) = ½x(1 + erf(x/√2)) and gelu′(x) = Φ(x) + x·φ(x); erf by Abramowitz & Stegun
+/// 7.1.26, whose e^(−x²/2) also gives φ.
+static inline void AVX512BF16 gelu_and_grad(__m512 x, __m512 *value, __m512 *grad) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
+    __mmask16 negative = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
+    __m512 a = _mm512_mask_mov_ps(z, negative, negate(z));
+    __m512 t = _mm512_div_ps(one, _mm512_add_ps(one, _mm512_mul_ps(_mm512_set1_ps(0.3275911f), a)));
+    __m512 p = _mm512_set1_ps(1.061405429f);
+    p = _mm512_sub_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(1.453152027f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(1.421413741f));
+    p = _mm512_sub_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(0.284496736f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(0.254829592f));
+    __m512 gauss = exp16(negate(_mm512_mul_ps(a, a)));
+    __m512 y = _mm512_sub_ps(one, _mm512_mul_ps(_mm512_mul_ps(p, t), gauss));
+    __m512 erf = _mm512_mask_mov_ps(y, negative, negate(y));
+    __m512 onePlusErf = _mm512_add_ps(one, erf);
+    *value = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), onePlusErf);
+    *grad = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), onePlusErf),
+                          _mm512_mul_ps(_mm512_mul_ps(x, gauss), _mm512_set1_ps(0.39894228040143268f)));
+}
+
 // ---------------------------------------------------------------- micro-kernel
 
 /// C[0:mr, 0:nr] (+)= alpha · Σ_k a·b over kpn k-pairs. a: row r, pair q at a[r·rs + q·ks];
 /// b: [q][NR]. first: C = alpha·acc + beta·C (beta == 0: C not read); else C += alpha·acc.
-/// With `emul` (laid out as C, row stride ldc), the value stored is that result ⊙ emul.
+/// With `emul` (laid out as C, row stride ldc), the value stored is that result ⊙ emul; with
+/// `gderiv` (laid out as C), C gets gelu(result) and gderiv gelu′(result).
 /// `nvu` (1…NV, a constant after inlining) vectors of each B row are used: the last panel of
 /// an N that is not a multiple of NR (197 = 3·64 + 5) computes only the columns it has.
 static inline __attribute__((always_inline)) AVX512BF16
 void kernel_body(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *b,
-                 float *c, long ldc, float alpha, float beta, const float *bias, const float *emul, int first,
-                 long mr, long nr, const int nvu) {
+                 float *c, long ldc, float alpha, float beta, const float *bias, const float *emul,
+                 float *gderiv, int first, long mr, long nr, const int nvu) {
     __m512 acc[MR][NV];
 #pragma clang loop unroll(full)
     for (int r = 0; r < MR; r++)
@@ -106,6 +162,11 @@ void kernel_body(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *
                 x = _mm512_fmadd_ps(va, acc[r][v], _mm512_maskz_loadu_ps(m, cr + 16 * v));
             }
             if (emul) x = _mm512_mul_ps(x, _mm512_maskz_loadu_ps(m, emul + r * ldc + 16 * v));
+            if (gderiv) {
+                __m512 grad;
+                gelu_and_grad(x, &x, &grad);
+                _mm512_mask_storeu_ps(gderiv + r * ldc + 16 * v, m, grad);
+            }
             _mm512_mask_storeu_ps(cr + 16 * v, m, x);
         }
     }
@@ -113,40 +174,14 @@ void kernel_body(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *
 
 static inline AVX512BF16
 void kernel_6x64(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *b,
-                 float *c, long ldc, float alpha, float beta, const float *bias, const float *emul, int first,
-                 long mr, long nr) {
+                 float *c, long ldc, float alpha, float beta, const float *bias, const float *emul,
+                 float *gderiv, int first, long mr, long nr) {
     switch ((nr + 15) / 16) {
-    case 1: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, emul, first, mr, nr, 1); break;
-    case 2: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, emul, first, mr, nr, 2); break;
-    case 3: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, emul, first, mr, nr, 3); break;
-    default: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, emul, first, mr, nr, NV); break;
+    case 1: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, emul, gderiv, first, mr, nr, 1); break;
+    case 2: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, emul, gderiv, first, mr, nr, 2); break;
+    case 3: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, emul, gderiv, first, mr, nr, 3); break;
+    default: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, emul, gderiv, first, mr, nr, NV); break;
     }
-}
-
-// ---------------------------------------------------------------- exp
-
-/// exp of 16 lanes: the polynomial and operation order of Swift's `vexp` (FastMath.swift), so
-/// each lane's value equals the 8-lane Swift one. Below −87.33654 (−∞ included) gives 0.
-static inline __m512 AVX512BF16 exp16(__m512 x) {
-    const __m512 lo = _mm512_set1_ps(-87.33654f), hi = _mm512_set1_ps(88.37626f);
-    const __m512 magic = _mm512_set1_ps(12582912.0f);
-    __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);
-    x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
-    __m512 shifted = _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), magic);
-    __m512 n = _mm512_sub_ps(shifted, magic);
-    x = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
-    x = _mm512_add_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(2.12194440e-4f)));
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_add_ps(_mm512_mul_ps(p, x), _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, x), _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, x), _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, x), _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, x), _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(x, x)), x), _mm512_set1_ps(1.0f));
-    __m512i bits = _mm512_slli_epi32(
-        _mm512_add_epi32(_mm512_sub_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(0x4B400000)),
-                         _mm512_set1_epi32(127)), 23);
-    return _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(bits));
 }
 
 #endif   // __x86_64__

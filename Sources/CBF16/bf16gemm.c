@@ -168,7 +168,8 @@ static void pack_a(int transA, long K, const float *A, long lda, long ib, long m
 AVX512BF16
 void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const float *A, long lda,
                      const uint32_t *packedB, float beta, const float *bias, float *C, long ldc,
-                     long i0, long i1, long j0, long j1, uint32_t *abuf, float *rowsums, const float *emul) {
+                     long i0, long i1, long j0, long j1, uint32_t *abuf, float *rowsums, const float *emul,
+                     float *gderiv) {
     (void)M;
     if (j1 > N) j1 = N;
     long kpT = (K + 1) / 2;
@@ -186,7 +187,7 @@ void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const floa
                     long mr = mb - ir < MR ? mb - ir : MR;
                     kernel_6x64(kpn, abuf + ir * rs, rs, ks, bp, C + (ib + ir) * ldc + j, ldc,
                                 alpha, beta, bias ? bias + j : NULL, last && emul ? emul + (ib + ir) * ldc + j : NULL,
-                                first, mr, nr);
+                                last && gderiv ? gderiv + (ib + ir) * ldc + j : NULL, first, mr, nr);
                 }
             }
         }
@@ -208,8 +209,9 @@ void mapet_bf16_pack_b_pairs(int transB, long K, long N, const float *B, long ld
 
 void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const float *A, long lda,
                      const uint32_t *packedB, float beta, const float *bias, float *C, long ldc,
-                     long i0, long i1, long j0, long j1, uint32_t *abuf, float *rowsums, const float *emul) {
-    (void)transA; (void)rowsums; (void)emul; (void)M; (void)N; (void)K; (void)alpha; (void)A; (void)lda; (void)packedB;
+                     long i0, long i1, long j0, long j1, uint32_t *abuf, float *rowsums, const float *emul,
+                     float *gderiv) {
+    (void)transA; (void)rowsums; (void)emul; (void)gderiv; (void)M; (void)N; (void)K; (void)alpha; (void)A; (void)lda; (void)packedB;
     (void)beta; (void)bias; (void)C; (void)ldc; (void)i0; (void)i1; (void)j0; (void)j1; (void)abuf;
 }
 

@@ -57,6 +57,23 @@ final class MatmulTests: XCTestCase {
         XCTAssertEqual(dx0, zip(dOut, kept).map { $0 * $1 })
     }
 
+    /// linearForward with `geluDerivative` gives the bits of the product followed by
+    /// `geluForwardKeepingDerivative`, in both precisions (in bf16 GELU runs in the GEMM's store).
+    func testLinearForwardWithGELUEqualsProductThenGELU() {
+        let rows = 300, IC = 77, OC = 45
+        let x = values(rows * IC, seed: 11).map { $0 * 3 }, w = values(OC * IC, seed: 12), b = values(OC, seed: 13)
+        for precision in [Precision.fp32, .bf16] {
+            var pre = [Float](repeating: 0, count: rows * OC), act = pre, fusedAct = pre, fusedDeriv = pre
+            linearForward(out: &pre, input: x, weight: w, bias: b, rows: rows, inFeatures: IC, outFeatures: OC,
+                          precision: precision)
+            geluForwardKeepingDerivative(out: &act, inputThenDerivative: &pre, count: pre.count)
+            linearForward(out: &fusedAct, input: x, weight: w, bias: b, rows: rows, inFeatures: IC, outFeatures: OC,
+                          precision: precision, geluDerivative: &fusedDeriv)
+            XCTAssertEqual(fusedAct, act, "\(precision)")
+            XCTAssertEqual(fusedDeriv, pre, "\(precision)")
+        }
+    }
+
     /// linearBackward with `dInputScale` writes (dOut · W) ⊙ scale: the bits of the product
     /// followed by the multiplying pass, in both precisions (in bf16 the multiply is in the
     /// GEMM's store; odd sizes cover the tile edges, 300 rows several row tiles).

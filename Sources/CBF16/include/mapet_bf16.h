@@ -58,10 +58,13 @@ void mapet_bf16_tile_shape(long M, long N, long K, long *tileRows, long *tileCol
 /// (a linear layer's bias gradient from the dW product's pass over dOut); give it to one tile
 /// per row range only. With `emul` [M, N] (row stride ldc) not NULL, the final values of C are
 /// multiplied elementwise by it as they are stored (e.g. dOut·W ⊙ gelu′: an activation's
-/// backward in the product's store instead of a pass of its own).
+/// backward in the product's store instead of a pass of its own). With `gderiv` [M, N] (row
+/// stride ldc) not NULL, C receives gelu of its final values and gderiv their gelu′ (GELU's
+/// forward, keeping what its backward needs, in the store of the product feeding it).
 void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const float *A, long lda,
                      const uint32_t *packedB, float beta, const float *bias, float *C, long ldc,
-                     long i0, long i1, long j0, long j1, uint32_t *abuf, float *rowsums, const float *emul);
+                     long i0, long i1, long j0, long j1, uint32_t *abuf, float *rowsums, const float *emul,
+                     float *gderiv);
 
 /// Words of the `work` buffer the attention functions below need for one head of these sizes.
 size_t mapet_bf16_attention_work_words(long M, long Nk, long D);

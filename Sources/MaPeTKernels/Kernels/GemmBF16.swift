@@ -42,7 +42,7 @@ public func bf16Gemm(transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
 {
     bf16GemmDriver(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
                    B: B, ldb: ldb, beta: beta, C: C, ldc: ldc, bias: nil, rowSums: nil, multiplyBy: nil,
-                   parallel: false)
+                   geluDerivative: nil, parallel: false)
 }
 
 /// The same over Parallel.threadCount workers. Work is split in tiles whose boundaries depend
@@ -54,15 +54,18 @@ public func bf16Gemm(transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
 /// With `transA` and `rowSums` [M], also rowSums[i] += Σ_k op(A)[i, k] in fp32, k in increasing
 /// order — the bits of `columnSumAccumulate` over the stored A — taken while A is packed.
 /// With `multiplyBy` [M, N] (row stride ldc), C's final values are multiplied by it elementwise
-/// as they are stored (the bits of the product followed by a multiplying pass).
+/// as they are stored (the bits of the product followed by a multiplying pass). With
+/// `geluDerivative` [M, N] (row stride ldc), C receives gelu of its final values and
+/// geluDerivative their gelu′ (the bits of the product followed by `geluForwardKeepingDerivative`).
 public func bf16GemmParallel(transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
     alpha: Float, A: UnsafePointer<Float>, lda: Int, B: UnsafePointer<Float>, ldb: Int,
     beta: Float, C: UnsafeMutablePointer<Float>, ldc: Int, bias: UnsafePointer<Float>? = nil,
-    rowSums: UnsafeMutablePointer<Float>? = nil, multiplyBy: UnsafePointer<Float>? = nil)
+    rowSums: UnsafeMutablePointer<Float>? = nil, multiplyBy: UnsafePointer<Float>? = nil,
+    geluDerivative: UnsafeMutablePointer<Float>? = nil)
 {
     bf16GemmDriver(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
                    B: B, ldb: ldb, beta: beta, C: C, ldc: ldc, bias: bias, rowSums: rowSums,
-                   multiplyBy: multiplyBy, parallel: true)
+                   multiplyBy: multiplyBy, geluDerivative: geluDerivative, parallel: true)
 }
 
 /// Rounds to bf16 with round-to-nearest-even and back to fp32 (NaN stays NaN): the reference
@@ -77,14 +80,24 @@ public func bf16Round(_ x: Float) -> Float {
 private func bf16GemmDriver(transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
     alpha: Float, A: UnsafePointer<Float>, lda: Int, B: UnsafePointer<Float>, ldb: Int,
     beta: Float, C: UnsafeMutablePointer<Float>, ldc: Int, bias: UnsafePointer<Float>?,
-    rowSums: UnsafeMutablePointer<Float>?, multiplyBy: UnsafePointer<Float>?, parallel: Bool)
+    rowSums: UnsafeMutablePointer<Float>?, multiplyBy: UnsafePointer<Float>?,
+    geluDerivative: UnsafeMutablePointer<Float>?, parallel: Bool)
 {
     if M <= 0 || N <= 0 { return }
-    if let multiplyBy, !(BF16.isActive && K > 0) {
-        // The fallback and the empty product: the product, then a multiplying pass.
+    if multiplyBy != nil || geluDerivative != nil, !(BF16.isActive && K > 0) {
+        // The fallback and the empty product: the product, then the elementwise pass.
         bf16GemmDriver(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda, B: B, ldb: ldb,
-                       beta: beta, C: C, ldc: ldc, bias: bias, rowSums: rowSums, multiplyBy: nil, parallel: parallel)
-        for i in 0..<M { for j in 0..<N { C[i * ldc + j] *= multiplyBy[i * ldc + j] } }
+                       beta: beta, C: C, ldc: ldc, bias: bias, rowSums: rowSums, multiplyBy: nil, geluDerivative: nil,
+                       parallel: parallel)
+        for i in 0..<M {
+            let row = C + i * ldc
+            if let multiplyBy { for j in 0..<N { row[j] *= multiplyBy[i * ldc + j] } }
+            if let geluDerivative {
+                let d = geluDerivative + i * ldc
+                d.update(from: row, count: N)
+                geluForwardKeepingDerivative(out: row, inputThenDerivative: d, count: N)
+            }
+        }
         return
     }
     if let rowSums, !(BF16.isActive && transA && K > 0) {
@@ -135,12 +148,13 @@ private func bf16GemmDriver(transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
     let tA: Int32 = transA ? 1 : 0, tB: Int32 = transB ? 1 : 0
 
     let kernelBias = folded ? nil : bias
-    nonisolated(unsafe) let A = A, B = B, C = C, packedB = packed, bias = kernelBias, rowSums = kernelRowSums, emul = multiplyBy
+    nonisolated(unsafe) let A = A, B = B, C = C, packedB = packed, bias = kernelBias, rowSums = kernelRowSums, emul = multiplyBy,
+                            gderiv = geluDerivative
     let runTile = { @Sendable (t: Int, abuf: UnsafeMutablePointer<UInt32>) in
         let i0 = (t / colTiles) * tileRows, j0 = (t % colTiles) * tileCols
         // Row sums come from the first column tile of each row range: every row exactly once.
         mapet_bf16_tile(tA, M, N, K, alpha, A, lda, packedB, beta, bias, C, ldc,
-                        i0, min(i0 + tileRows, M), j0, min(j0 + tileCols, N), abuf, j0 == 0 ? rowSums : nil, emul)
+                        i0, min(i0 + tileRows, M), j0, min(j0 + tileCols, N), abuf, j0 == 0 ? rowSums : nil, emul, gderiv)
     }
     let abufBytes = mapet_bf16_a_buffer_words() * 4
     if workers == 1 {

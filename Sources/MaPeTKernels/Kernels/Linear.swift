@@ -4,16 +4,26 @@
 // accumulation in bf16 (ALGORITHMS.md §7); the bias and the accumulation into gradients stay fp32.
 // Backward:  dInput += dOut · weight,  dWeight += dOutᵀ · input,  dBias += Σ_rows dOut.
 
+/// With `geluDerivative` [rows, OC], out = gelu(input · weightᵀ + bias) and geluDerivative its
+/// gelu′ (the values of the product followed by `geluForwardKeepingDerivative`); in bf16 GELU
+/// runs in the GEMM's store, no pass of its own.
 public func linearForward(
     out: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
     weight: UnsafePointer<Float>, bias: UnsafePointer<Float>?,
-    rows: Int, inFeatures IC: Int, outFeatures OC: Int, precision: Precision = .fp32
+    rows: Int, inFeatures IC: Int, outFeatures OC: Int, precision: Precision = .fp32,
+    geluDerivative: UnsafeMutablePointer<Float>? = nil
 ) {
     let t0 = Profiler.begin(); defer { Profiler.end(.gemm, t0) }
     if precision.usesBF16 {
         // The bias enters in the kernel's store of C: no separate pass over the output.
         bf16GemmParallel(transA: false, transB: true, M: rows, N: OC, K: IC, alpha: 1, A: input, lda: IC,
-                         B: weight, ldb: IC, beta: 0, C: out, ldc: OC, bias: bias)
+                         B: weight, ldb: IC, beta: 0, C: out, ldc: OC, bias: bias, geluDerivative: geluDerivative)
+        return
+    }
+    if let geluDerivative {
+        linearForward(out: geluDerivative, input: input, weight: weight, bias: bias, rows: rows, inFeatures: IC,
+                      outFeatures: OC, precision: precision)
+        geluForwardKeepingDerivative(out: out, inputThenDerivative: geluDerivative, count: rows * OC)
         return
     }
     var beta: Float = 0
@@ -48,7 +58,7 @@ public func linearBackward(
         gemm(precision, transA: false, transB: false, M: rows, N: IC, K: OC, alpha: 1, A: dOut, lda: OC,
                       B: weight, ldb: IC, beta: accumulateInput ? 1 : 0, C: dInput, ldc: IC)
         if let dInputScale {
-            nonisolated(unsafe) let dInput = dInput
+            nonisolated(unsafe) let dInput = dInput, dInputScale = dInputScale
             Parallel.forRanges(rows * IC, grain: 1 << 15) { r in
                 for i in r { dInput[i] *= dInputScale[i] }
             }

@@ -148,10 +148,12 @@ public struct TransformerBlock: @unchecked Sendable {
         linearForward(out: c.proj, input: c.attn, weight: w.projW, bias: w.projB, rows: rows, inFeatures: C, outFeatures: C, precision: precision)
         residualForward(out: c.xMid, residual: x, branch: c.proj, gamma: w.ls1, keep: keep1, B: B, T: T, C: C)
         layerNormForward(out: c.ln2, mean: c.ln2Mean, rstd: c.ln2Rstd, input: c.xMid, weight: w.norm2W, bias: w.norm2B, rows: rows, cols: C, eps: normEps)
-        linearForward(out: c.fc1, input: c.ln2, weight: w.fc1W, bias: w.fc1B, rows: rows, inFeatures: C, outFeatures: hidden, precision: precision)
         if activation == .gelu {
-            geluForwardKeepingDerivative(out: c.act, inputThenDerivative: c.fc1, count: rows * hidden)
+            // act = gelu(fc1(ln2)), c.fc1 = gelu′ for the backward (in bf16, in the GEMM's store).
+            linearForward(out: c.act, input: c.ln2, weight: w.fc1W, bias: w.fc1B, rows: rows, inFeatures: C,
+                          outFeatures: hidden, precision: precision, geluDerivative: c.fc1)
         } else {
+            linearForward(out: c.fc1, input: c.ln2, weight: w.fc1W, bias: w.fc1B, rows: rows, inFeatures: C, outFeatures: hidden, precision: precision)
             activationForward(activation, out: c.act, input: c.fc1, count: rows * hidden)
         }
         linearForward(out: c.fc2, input: c.act, weight: w.fc2W, bias: w.fc2B, rows: rows, inFeatures: hidden, outFeatures: C, precision: precision)
