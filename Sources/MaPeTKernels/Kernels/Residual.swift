@@ -25,10 +25,12 @@ public func residualForward(
 }
 
 /// dResidual is usually nil: the residual gradient is dOut itself, which callers keep flowing.
+/// `accumulateBranch: false` writes dBranch instead of adding to it (the bits of adding to
+/// zeros — a zero is still added, so −0 becomes +0 as it did — without zeroing it first).
 public func residualBackward(
     dResidual: UnsafeMutablePointer<Float>?, dBranch: UnsafeMutablePointer<Float>, dGamma: UnsafeMutablePointer<Float>?,
     dOut: UnsafePointer<Float>, branch: UnsafePointer<Float>,
-    gamma: UnsafePointer<Float>?, keep: UnsafePointer<Float>?, B: Int, T: Int, C: Int
+    gamma: UnsafePointer<Float>?, keep: UnsafePointer<Float>?, B: Int, T: Int, C: Int, accumulateBranch: Bool = true
 ) {
     let t0 = Profiler.begin(); defer { Profiler.end(.elementwise, t0) }
     nonisolated(unsafe) let dResidual = dResidual, dBranch = dBranch, dOut = dOut, branch = branch, gamma = gamma, keep = keep
@@ -37,10 +39,13 @@ public func residualBackward(
             let s = keep?[row / T] ?? 1
             let dy = dOut + row * C, db = dBranch + row * C
             if let dResidual { let dr = dResidual + row * C; for j in 0..<C { dr[j] += dy[j] } }
+            let base: UnsafePointer<Float>? = accumulateBranch ? UnsafePointer(db) : nil
             if let gamma {
-                for j in 0..<C { db[j] += s * gamma[j] * dy[j] }
+                if let base { for j in 0..<C { db[j] = base[j] + s * gamma[j] * dy[j] } }
+                else { for j in 0..<C { db[j] = 0 + s * gamma[j] * dy[j] } }
             } else {
-                for j in 0..<C { db[j] += s * dy[j] }
+                if let base { for j in 0..<C { db[j] = base[j] + s * dy[j] } }
+                else { for j in 0..<C { db[j] = 0 + s * dy[j] } }
             }
         }
     }

@@ -174,8 +174,8 @@ public struct TransformerBlock: @unchecked Sendable {
     public func backwardOutput(dx: UnsafeMutablePointer<Float>, cache c: BlockCache, scratch s: BlockScratch,
                                B: Int, T: Int, keep1: UnsafePointer<Float>?, keep2: UnsafePointer<Float>?) {
         let rows = B * T
-        zero(s.dBranch, rows * C)
-        residualBackward(dResidual: nil, dBranch: s.dBranch, dGamma: g.ls2, dOut: dx, branch: c.fc2, gamma: w.ls2, keep: keep2, B: B, T: T, C: C)
+        residualBackward(dResidual: nil, dBranch: s.dBranch, dGamma: g.ls2, dOut: dx, branch: c.fc2, gamma: w.ls2, keep: keep2,
+                         B: B, T: T, C: C, accumulateBranch: false)
         if activation == .gelu {
             // dFc1 = (dBranch · fc2W) ⊙ gelu′ (kept in c.fc1 by the forward) in one pass.
             linearBackward(dInput: s.dFc1, dWeight: g.fc2W, dBias: g.fc2B, dOut: s.dBranch, input: c.act, weight: w.fc2W,
@@ -191,8 +191,8 @@ public struct TransformerBlock: @unchecked Sendable {
                        rows: rows, inFeatures: C, outFeatures: hidden, precision: precision, accumulateInput: false)
         layerNormBackward(dInput: dx, dWeight: g.norm2W, dBias: g.norm2B, dOut: s.dLn, input: c.xMid, weight: w.norm2W,
                           mean: c.ln2Mean, rstd: c.ln2Rstd, rows: rows, cols: C)
-        zero(s.dBranch, rows * C)
-        residualBackward(dResidual: nil, dBranch: s.dBranch, dGamma: g.ls1, dOut: dx, branch: c.proj, gamma: w.ls1, keep: keep1, B: B, T: T, C: C)
+        residualBackward(dResidual: nil, dBranch: s.dBranch, dGamma: g.ls1, dOut: dx, branch: c.proj, gamma: w.ls1, keep: keep1,
+                         B: B, T: T, C: C, accumulateBranch: false)
         linearBackward(dInput: s.dAttn, dWeight: g.projW, dBias: g.projB, dOut: s.dBranch, input: c.attn, weight: w.projW,
                        rows: rows, inFeatures: C, outFeatures: C, precision: precision, accumulateInput: false)
     }
