@@ -79,30 +79,14 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
     /// a.logits [M, V]. The trunk's input rows of `masked` [B, n] patches hold the mask token.
     func runForward(_ a: MIMActivations, images: UnsafePointer<Float>, masked: UnsafePointer<Int32>,
                     select: UnsafePointer<Int32>?, training: Bool) {
-        let v = config.vit, C = v.embedDim, n = v.numPatches, N = v.sequenceLength, B = a.B, M = a.M
-        patchEmbedForward(out: a.patchOut, patches: a.patches, images: images, weight: trunk.patchWeight,
-                          bias: trunk.patchBias, B: B, inChans: v.inChans, imgSize: v.imgSize,
-                          patch: v.patchSize, C: C, precision: precision)
-        nonisolated(unsafe) let x = a.xs[0], patchOut = a.patchOut, cls = trunk.clsToken, pos = trunk.posEmbed,
-                                mt = trunk.special!, masked = masked
-        Parallel.forEach(B) { b in
-            let xb = x + b * N * C
-            for j in 0..<C { xb[j] = cls[j] + pos[j] }
-            for t in 0..<n {
-                let src = masked[b * n + t] != 0 ? UnsafePointer(mt) : UnsafePointer(patchOut + (b * n + t) * C)
-                let dst = xb + (t + 1) * C, pe = pos + (t + 1) * C
-                for j in 0..<C { dst[j] = src[j] + pe[j] }
-            }
-        }
+        let v = config.vit, n = v.numPatches, N = v.sequenceLength, B = a.B, M = a.M
+        trunk.embed(x: a.xs[0], stride: N, patches: a.patches, patchOut: a.patchOut, images: images, B: B, masked: masked)
         var r = 0
         for b in 0..<B {
             for t in 0..<n where select.map({ $0[b * n + t] != 0 }) ?? true { a.rows[r] = Int32(b * N + 1 + t); r += 1 }
         }
         precondition(r == M, "BEiTModel: selected row count changed")
-        for (l, blk) in blocks.enumerated() {
-            let (keep1, keep2) = keepPointers(a.keeps, l: l, B: B, training: training)
-            blk.forward(out: a.xs[l + 1], x: a.xs[l], cache: a.caches[l], B: B, T: N, mask: FullAttention(), keep1: keep1, keep2: keep2)
-        }
+        trunk.forwardBlocks(xs: a.xs, caches: a.caches, keeps: a.keeps, B: B, training: training)
         rowHeadForward(out: a.logits, sel: a.sel, normOut: a.normOut, mean: a.normMean, rstd: a.normRstd,
                        x: a.xs[v.depth], rows: a.rows, M: M, head: tokenHead, K: config.vocabSize)
     }
@@ -147,23 +131,12 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
     /// so a second head reading x_level can add its gradient.
     func runBackward(_ a: MIMActivations, masked: UnsafePointer<Int32>,
                      inject: ((Int, UnsafeMutablePointer<Float>) -> Void)? = nil) {
-        let v = config.vit, C = v.embedDim, N = v.sequenceLength, n = v.numPatches, B = a.B
+        let v = config.vit, C = v.embedDim, N = v.sequenceLength, B = a.B
         rowHeadBackward(dX: a.dx, dXCount: B * N * C, dSel: a.dSel, dNormOut: a.dNormOut, dOut: a.dLogits, sel: a.sel,
                         normOut: a.normOut, mean: a.normMean, rstd: a.normRstd, rows: a.rows, M: a.M,
                         head: tokenHead, dHead: dTokenHead, K: config.vocabSize)
-        for l in stride(from: v.depth - 1, through: 0, by: -1) {
-            inject?(l + 1, a.dx)
-            let (keep1, keep2) = keepPointers(a.keeps, l: l, B: B, training: true)
-            blocks[l].backward(dx: a.dx, x: a.xs[l], cache: a.caches[l], scratch: a.scratch, B: B, T: N, keep1: keep1, keep2: keep2)
-        }
-        embedTokensBackward(dRows: a.dx, stride: N, dPatch: a.scratch.dLn, patches: a.patches, B: B, masked: masked)
-        let dMt = dTrunk.special!
-        for b in 0..<B {
-            for t in 0..<n where masked[b * n + t] != 0 {
-                let row = a.dx + (b * N + 1 + t) * C
-                for j in 0..<C { dMt[j] += row[j] }
-            }
-        }
+        trunk.backwardBlocks(dx: a.dx, xs: a.xs, caches: a.caches, scratch: a.scratch, keeps: a.keeps, B: B, inject: inject)
+        trunk.embedBackward(dRows: a.dx, stride: N, dPatch: a.scratch.dLn, patches: a.patches, B: B, masked: masked)
     }
 
     /// Inference head outputs [M, V] at the rows flagged in `select` (every patch when nil;
@@ -186,7 +159,7 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
         let M = maskedCount(masked, B: B)
         guard let a = activations(B: B, M: M) else { return .failure(.outOfMemory) }
         let savedRNG = rng
-        drawKeeps(a.keeps, B: B)
+        trunk.drawKeeps(a.keeps, B: B)
         runForward(a, images: images, masked: masked, select: masked, training: true)
         let (sum, count) = tokenCrossEntropy(a, tokens: tokens)
         let loss = count > 0 ? sum / Double(count) : 0
@@ -221,7 +194,7 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
         let n = config.vit.numPatches, D = config.vocabSize, M = B * n
         guard let a = activations(B: B, M: M) else { return .failure(.outOfMemory) }
         let savedRNG = rng
-        drawKeeps(a.keeps, B: B)
+        trunk.drawKeeps(a.keeps, B: B)
         runForward(a, images: images, masked: masked, select: nil, training: true)
         if let predOut { predOut.update(from: a.logits, count: M * D) }
         let loss = dtmLossForward(pred: a.logits, target: target, membership: membership, L: L, B: B, N: n, D: D, beta: beta)

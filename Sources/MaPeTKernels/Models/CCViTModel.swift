@@ -80,7 +80,7 @@ public final class CCViTModel: BEiTModel, @unchecked Sendable {
             (h0 + (b * N + 1) * C).update(from: xE + (b * N + 1) * C, count: (N - 1) * C)
         }
         for (i, blk) in headBlocks.enumerated() {
-            let (keep1, keep2) = keepPointers(a.keeps, l: v.depth + i, B: B, training: training)
+            let (keep1, keep2) = trunk.keepPointers(a.keeps, l: v.depth + i, B: B, training: training)
             blk.forward(out: p.hs[i + 1], x: p.hs[i], cache: p.caches[i], B: B, T: N, mask: FullAttention(), keep1: keep1, keep2: keep2)
         }
         rowHeadForward(out: p.pixels, sel: p.sel, normOut: p.normOut, mean: p.normMean, rstd: p.normRstd,
@@ -95,7 +95,7 @@ public final class CCViTModel: BEiTModel, @unchecked Sendable {
                         sel: p.sel, normOut: p.normOut, mean: p.normMean, rstd: p.normRstd, rows: a.rows, M: a.M,
                         head: pixelHead!, dHead: dPixelHead!, K: v.patchDim)
         for i in stride(from: headBlocks.count - 1, through: 0, by: -1) {
-            let (keep1, keep2) = keepPointers(a.keeps, l: v.depth + i, B: B, training: true)
+            let (keep1, keep2) = trunk.keepPointers(a.keeps, l: v.depth + i, B: B, training: true)
             headBlocks[i].backward(dx: p.dh, x: p.hs[i], cache: p.caches[i], scratch: a.scratch, B: B, T: N,
                                    keep1: keep1, keep2: keep2)
         }
@@ -146,7 +146,7 @@ public final class CCViTModel: BEiTModel, @unchecked Sendable {
         let M = corrupted.reduce(0) { $0 + Int($1) }
         guard let a = activations(B: B, M: M), let p = pixelActivations(B: B, M: M) else { return .failure(.outOfMemory) }
         let savedRNG = rng
-        drawKeeps(a.keeps, B: B)
+        trunk.drawKeeps(a.keeps, B: B)
         corrupted.withUnsafeBufferPointer { runForward(a, images: images, masked: masked, select: $0.baseAddress!, training: true) }
         pixelForward(a, p, training: true)
         let (ceSum, count) = tokenCrossEntropy(a, tokens: tokens)
