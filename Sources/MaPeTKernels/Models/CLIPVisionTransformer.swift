@@ -169,22 +169,11 @@ public final class CLIPVisionTransformer: @unchecked Sendable {
 
         patchEmbedForward(out: patchOut, patches: patches, images: images, weight: tower.conv1, bias: nil,
                           B: B, inChans: k.inChans, imgSize: k.imgSize, patch: k.patchSize, C: C, precision: precision)
-        nonisolated(unsafe) let y0 = y, patchOutS = UnsafePointer(patchOut)
-        nonisolated(unsafe) let classEmb = UnsafePointer(tower.classEmbedding), pos = UnsafePointer(tower.positionalEmbedding)
-        Parallel.forEach(B) { b in
-            let yb = y0 + b * N * C
-            for j in 0..<C { yb[j] = classEmb[j] + pos[j] }
-            for t in 0..<n {
-                let src = patchOutS + (b * n + t) * C, dst = yb + (t + 1) * C, pe = pos + (t + 1) * C
-                for j in 0..<C { dst[j] = src[j] + pe[j] }
-            }
-        }
+        embedTokensForward(x: y, stride: N, patchOut: patchOut, cls: tower.classEmbedding, pos: tower.positionalEmbedding,
+                           special: nil, masked: nil, B: B, n: n, C: C)
         layerNormForward(out: x, mean: mean, rstd: rstd, input: y, weight: tower.lnPreWeight, bias: tower.lnPreBias,
                          rows: rows, cols: C, eps: clipLayerNormEps)
-        for blk in blocks {
-            blk.forward(out: y, x: x, cache: cache, B: B, T: N, mask: FullAttention(), keep1: nil, keep2: nil)
-            swap(&x, &y)
-        }
+        forwardBlocksInference(blocks, x: &x, y: &y, cache: cache, B: B, T: N)
         let out = tokens ?? post
         layerNormForward(out: out, mean: mean, rstd: rstd, input: x, weight: tower.lnPostWeight, bias: tower.lnPostBias,
                          rows: rows, cols: C, eps: clipLayerNormEps)
