@@ -62,38 +62,53 @@ extension Args {
     }
 }
 
-let modelMethods: [Method] = [
-    Method("vit_create", { args in
-        // (img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, num_classes,
-        //  global_pool, init_values|None, drop_path_rate, qkv_bias, seed)
-        try args.expect(13)
-        var k = ViTConfig()
-        k.imgSize = try args.int(0, "img_size", min: 1, max: 1 << 16)
-        k.patchSize = try args.int(1, "patch_size", min: 1, max: 1 << 16)
-        k.inChans = try args.int(2, "in_chans", min: 1, max: 1 << 12)
-        k.embedDim = try args.int(3, "embed_dim", min: 1, max: 1 << 16)
-        k.depth = try args.int(4, "depth", min: 0, max: 1024)
-        k.numHeads = try args.int(5, "num_heads", min: 1, max: 1 << 12)
-        k.mlpRatio = try args.finiteDouble(6, "mlp_ratio")
-        k.numClasses = try args.int(7, "num_classes", min: 1, max: 1 << 24)
-        let pool = try args.string(8, "global_pool")
-        guard let gp = GlobalPool(rawValue: pool) else { throw PyError.value("global_pool: expected 'token' or 'avg', got '\(pool)'") }
-        k.globalPool = gp
-        k.initValues = args.isNone(9) ? nil : Float(try args.finiteDouble(9, "init_values"))
-        k.dropPathRate = Float(try args.double(10, "drop_path_rate"))
-        k.qkvBias = try args.bool(11, "qkv_bias")
-        let seed = UInt64(bitPattern: Int64(try args.int(12, "seed")))
-        if let problem = k.problem { throw PyError.value(problem) }
-        guard k.mlpRatio > 0, Double(k.hidden) < 1e7 else { throw PyError.value("mlp_ratio: expected a positive ratio, got \(k.mlpRatio)") }
-        let total = VisionTransformer.makeTable(k).total
-        try requireModelFits(k, total: total, outputs: 1)
-        guard total < (1 << 34) else { throw PyError.value("model too large: \(total) parameters") }
-        guard let model = withoutGIL({ VisionTransformer(config: k, seed: seed) }) else {
-            throw PyError.memory("vit_create: could not allocate \(total) parameters")
+/// The keys every model config dict starts with, in the order `trunkConfig` reads them (args 0..<10).
+let trunkConfigKeys = ["img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
+                       "init_values", "drop_path_rate", "qkv_bias"]
+
+/// The keys of `vit_create`'s config dict, in the order they are read (timm's names).
+let vitConfigKeys = trunkConfigKeys + ["num_classes", "global_pool", "seed"]
+
+extension Args {
+    /// The trunk of a model config (args 0..<10, `trunkConfigKeys`), checked: each value's type and
+    /// range, then the fields together (`ViTConfig.problem`).
+    func trunkConfig(numClasses: Int, globalPool: GlobalPool) throws -> ViTConfig {
+        let embedDim = try int(3, "embed_dim", min: 1, max: 1 << 16)
+        let mlpRatio = try finiteDouble(6, "mlp_ratio")
+        guard mlpRatio > 0, Double(embedDim) * mlpRatio < 1e7 else {
+            throw PyError.value("mlp_ratio: expected a positive ratio, got \(mlpRatio)")
         }
-        guard let h = makeHandle(model) else { throw PythonErrorSet() }
-        return h
-    }, doc: "vit_create(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, num_classes, global_pool, init_values, drop_path_rate, qkv_bias, seed) -> handle"),
+        let k = ViTConfig(imgSize: try int(0, "img_size", min: 1, max: 1 << 16),
+                          patchSize: try int(1, "patch_size", min: 1, max: 1 << 16),
+                          inChans: try int(2, "in_chans", min: 1, max: 1 << 12), embedDim: embedDim,
+                          depth: try int(4, "depth", min: 0, max: 1024), numHeads: try int(5, "num_heads", min: 1, max: 1 << 12),
+                          mlpRatio: mlpRatio, numClasses: numClasses, globalPool: globalPool,
+                          initValues: isNone(7) ? nil : Float(try finiteDouble(7, "init_values")),
+                          dropPathRate: Float(try double(8, "drop_path_rate")), qkvBias: try bool(9, "qkv_bias"))
+        if let problem = k.problem { throw PyError.value(problem) }
+        return k
+    }
+}
+
+let modelMethods: [Method] = [
+    Method("vit_create", { outer in
+        // vit_create(config: dict) -> handle; config holds exactly vitConfigKeys
+        try outer.expect(1)
+        return try withConfig(outer[0], keys: vitConfigKeys, function: "vit_create") { args in
+            let pool = try args.string(11, "global_pool")
+            guard let gp = GlobalPool(rawValue: pool) else { throw PyError.value("global_pool: expected 'token' or 'avg', got '\(pool)'") }
+            let k = try args.trunkConfig(numClasses: try args.int(10, "num_classes", min: 1, max: 1 << 24), globalPool: gp)
+            let seed = UInt64(bitPattern: Int64(try args.int(12, "seed")))
+            let total = VisionTransformer.makeTable(k).total
+            try requireModelFits(k, total: total, outputs: 1)
+            guard total < (1 << 34) else { throw PyError.value("model too large: \(total) parameters") }
+            guard let model = withoutGIL({ VisionTransformer(config: k, seed: seed) }) else {
+                throw PyError.memory("vit_create: could not allocate \(total) parameters")
+            }
+            guard let h = makeHandle(model) else { throw PythonErrorSet() }
+            return h
+        }
+    }, doc: "vit_create(config: dict) -> handle; config keys: " + vitConfigKeys.joined(separator: ", ")),
 
     Method("vit_table", { args in
         try args.expect(1)

@@ -83,43 +83,32 @@ private func word(_ args: Args, _ i: Int, _ name: String) throws -> UInt64 {
     UInt64(bitPattern: Int64(try args.int(i, name)))
 }
 
-/// The keys of `pretrain_create`'s config dict, in the order they are read: the model config's own
-/// names (num_tokens: the visual-token vocabulary; output_dim: DTM's teacher dimension, None otherwise).
-let pretrainConfigKeys = ["kind", "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
-                          "num_tokens", "output_dim", "least_number", "init_values", "drop_path_rate", "qkv_bias",
-                          "seed", "early_layers", "head_layers"]
+/// The keys of `pretrain_create`'s config dict, in the order they are read: the trunk's, then the model
+/// config's own names (num_tokens: the visual-token vocabulary; output_dim: DTM's teacher dimension,
+/// None otherwise; early_layers, head_layers: CCViT's, None otherwise).
+let pretrainConfigKeys = trunkConfigKeys + ["seed", "kind", "num_tokens", "output_dim", "least_number",
+                                            "early_layers", "head_layers"]
 
 let pretrainModelMethods: [Method] = [
     Method("pretrain_create", { outer in
         // pretrain_create(config: dict) -> handle; config holds exactly pretrainConfigKeys
         try outer.expect(1)
         return try withConfig(outer[0], keys: pretrainConfigKeys, function: "pretrain_create") { args in
-        var k = PretrainConfig()
-        let kind = try args.string(0, "kind")
+        let kind = try args.string(11, "kind")
         guard let kd = PretrainKind(rawValue: kind) else {
             throw PyError.value("kind: expected 'mapet', 'pim', 'beit', 'ccvit' or 'dtm', got '\(kind)'")
         }
-        k.kind = kd
-        k.vit.imgSize = try args.int(1, "img_size", min: 1, max: 1 << 16)
-        k.vit.patchSize = try args.int(2, "patch_size", min: 1, max: 1 << 16)
-        k.vit.inChans = try args.int(3, "in_chans", min: 1, max: 1 << 12)
-        k.vit.embedDim = try args.int(4, "embed_dim", min: 1, max: 1 << 16)
-        k.vit.depth = try args.int(5, "depth", min: 0, max: 1024)
-        k.vit.numHeads = try args.int(6, "num_heads", min: 1, max: 1 << 12)
-        k.vit.mlpRatio = try args.finiteDouble(7, "mlp_ratio")
-        guard k.vit.mlpRatio > 0, Double(k.vit.embedDim) * k.vit.mlpRatio < 1e7 else {
-            throw PyError.value("mlp_ratio: expected a positive ratio, got \(k.vit.mlpRatio)")
-        }
+        // the classifier fields are unused by the pre-training trunks
+        let vit = try args.trunkConfig(numClasses: 1, globalPool: .token)
+        let seed = UInt64(bitPattern: Int64(try args.int(10, "seed")))
         // lm_head / decoder outputs: the vocabulary, or DTM's teacher dimension
-        let vocabulary = try args.int(8, "num_tokens", min: 1, max: 1 << 24)
-        k.vocabSize = kd == .dtm ? try args.int(9, "output_dim", min: 1, max: 1 << 24) : vocabulary
-        k.leastNumber = try args.int(10, "least_number", min: 1, max: 1 << 30)
-        k.vit.initValues = args.isNone(11) ? nil : Float(try args.finiteDouble(11, "init_values"))
-        k.vit.dropPathRate = Float(try args.double(12, "drop_path_rate"))
-        k.vit.qkvBias = try args.bool(13, "qkv_bias")
-        let seed = UInt64(bitPattern: Int64(try args.int(14, "seed")))
-        k.earlyLayers = try args.int(15, "early_layers", min: 1, max: 1024)
-        k.headLayers = try args.int(16, "head_layers", min: 1, max: 64)
+        let vocabulary = try args.int(12, "num_tokens", min: 1, max: 1 << 24)
+        let outputs = kd == .dtm ? try args.int(13, "output_dim", min: 1, max: 1 << 24) : vocabulary
+        let pixelHead = kd == .ccvit
+        let k = PretrainConfig(vit: vit, kind: kd, vocabSize: outputs,
+                               leastNumber: try args.int(14, "least_number", min: 1, max: 1 << 30),
+                               earlyLayers: pixelHead ? try args.int(15, "early_layers", min: 1, max: 1024) : 0,
+                               headLayers: pixelHead ? try args.int(16, "head_layers", min: 1, max: 64) : 0)
         if let problem = k.problem { throw PyError.value(problem) }
         let total = PretrainModel.makeTable(k).total
         try requireModelFits(k.vit, total: total, outputs: k.vocabSize, streams: k.twoStream ? 2 : 1)

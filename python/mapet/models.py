@@ -16,17 +16,14 @@ from ._convert import images as _images
 from ._native import _core
 from ._params import ParameterBlock
 from .io import load_file, save_file
-from .registry import named_models, register_model_family, split_model_name
+from .registry import TRUNK_DEFAULTS, named_models, register_model_family, split_model_name
 
 log = logging.getLogger(__name__)
 
 FORMAT = "mapet"
 
-_DEFAULTS: Dict[str, Any] = dict(
-    img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
-    embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0, qkv_bias=True, init_values=None,
-    drop_path_rate=0.0,
-)
+_DEFAULTS: Dict[str, Any] = dict(TRUNK_DEFAULTS, num_classes=1000, global_pool="token", init_values=None,
+                                 drop_path_rate=0.0)
 
 def _labels(labels: Any, batch: int, num_classes: int) -> np.ndarray:
     a = np.asarray(labels)
@@ -70,16 +67,12 @@ class VisionTransformer(ParameterBlock):
         if unknown:
             raise TypeError(f"VisionTransformer: unknown option(s) {unknown}; known: {sorted(_DEFAULTS)}")
         cfg = dict(_DEFAULTS, **config)
-        if cfg["global_pool"] not in ("token", "avg"):
-            raise ValueError(f"global_pool: expected 'token' or 'avg', got {cfg['global_pool']!r}")
         cfg["init_values"] = None if cfg["init_values"] is None else float(cfg["init_values"])
         cfg["mlp_ratio"] = float(cfg["mlp_ratio"])
         cfg["drop_path_rate"] = float(cfg["drop_path_rate"])
         cfg["qkv_bias"] = bool(cfg["qkv_bias"])
-        self._handle = _core.vit_create(
-            cfg["img_size"], cfg["patch_size"], cfg["in_chans"], cfg["embed_dim"], cfg["depth"],
-            cfg["num_heads"], cfg["mlp_ratio"], cfg["num_classes"], cfg["global_pool"],
-            cfg["init_values"], cfg["drop_path_rate"], cfg["qkv_bias"], int(seed))
+        # the engine checks every value (types, ranges, the model's size); the config crosses as one dict
+        self._handle = _core.vit_create(dict(cfg, seed=int(seed)))
         self.config: Dict[str, Any] = cfg
         self.seed = int(seed)
         self._bind(_core.vit_table(self._handle), *_core.vit_blocks(self._handle))

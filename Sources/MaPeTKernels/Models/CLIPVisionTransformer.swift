@@ -14,12 +14,15 @@ import Glibc
 public struct CLIPVisionConfig: Sendable, Equatable {
     /// Geometry and size: imgSize, patchSize, inChans, embedDim (= width), depth (= layers),
     /// numHeads (= width / 64 in the published towers), mlpRatio.
-    public var trunk = ViTConfig()
+    public var trunk: ViTConfig
     /// Width of `proj`'s output (the joint embedding).
-    public var outputDim = 512
-    public var activation: Activation = .quickGELU
+    public var outputDim: Int
+    public var activation: Activation
 
-    public init() {}
+    /// Every field is given: the defaults live in Python only (README, developer section).
+    public init(trunk: ViTConfig, outputDim: Int, activation: Activation) {
+        (self.trunk, self.outputDim, self.activation) = (trunk, outputDim, activation)
+    }
 
     /// A description of the first invalid field, or nil.
     public var problem: String? {

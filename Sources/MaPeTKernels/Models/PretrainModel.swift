@@ -25,18 +25,23 @@ public enum PretrainKind: String, Sendable {
 
 public struct PretrainConfig: Sendable, Equatable {
     /// The trunk (`numClasses` and `globalPool` are unused).
-    public var vit = ViTConfig()
-    public var kind: PretrainKind = .mapet
-    /// V: visual-token vocabulary (`num_tokens` in Python; outputs of decoder / lm_head).
-    public var vocabSize = 8192
+    public var vit: ViTConfig
+    public var kind: PretrainKind
+    /// V: visual-token vocabulary (`num_tokens` in Python; outputs of decoder / lm_head), or DTM's
+    /// teacher dimension (`output_dim`).
+    public var vocabSize: Int
     /// Default context size L of the two-stream models (`least_number`); batches carry their own.
-    public var leastNumber = 50
-    /// CCViT: the pixel head reads the patch tokens after this many blocks (9 of 12).
-    public var earlyLayers = 9
-    /// CCViT: transformer blocks of the pixel head.
-    public var headLayers = 2
+    public var leastNumber: Int
+    /// CCViT: the pixel head reads the patch tokens after this many blocks (9 of 12; unused by the other kinds).
+    public var earlyLayers: Int
+    /// CCViT: transformer blocks of the pixel head (unused by the other kinds).
+    public var headLayers: Int
 
-    public init() {}
+    /// Every field is given: the defaults live in Python only (README, developer section).
+    public init(vit: ViTConfig, kind: PretrainKind, vocabSize: Int, leastNumber: Int, earlyLayers: Int, headLayers: Int) {
+        (self.vit, self.kind, self.vocabSize, self.leastNumber) = (vit, kind, vocabSize, leastNumber)
+        (self.earlyLayers, self.headLayers) = (earlyLayers, headLayers)
+    }
 
     public var twoStream: Bool { kind == .mapet || kind == .pim }
     /// The number of pixel-head blocks (0 unless CCViT).

@@ -11,17 +11,24 @@ import Glibc
 public enum GlobalPool: String, Sendable { case token, avg }
 
 public struct ViTConfig: Sendable, Equatable {
-    public var imgSize = 224, patchSize = 16, inChans = 3
-    public var embedDim = 192, depth = 12, numHeads = 3
-    public var mlpRatio: Double = 4
-    public var numClasses = 1000
-    public var globalPool: GlobalPool = .token
+    public var imgSize, patchSize, inChans: Int
+    public var embedDim, depth, numHeads: Int
+    public var mlpRatio: Double
+    public var numClasses: Int
+    public var globalPool: GlobalPool
     /// Layer-scale init value; nil = no layer scale.
-    public var initValues: Float? = nil
-    public var dropPathRate: Float = 0
-    public var qkvBias = true
+    public var initValues: Float?
+    public var dropPathRate: Float
+    public var qkvBias: Bool
 
-    public init() {}
+    /// Every field is given: the defaults live in Python only (README, developer section).
+    public init(imgSize: Int, patchSize: Int, inChans: Int, embedDim: Int, depth: Int, numHeads: Int, mlpRatio: Double,
+                numClasses: Int, globalPool: GlobalPool, initValues: Float?, dropPathRate: Float, qkvBias: Bool) {
+        (self.imgSize, self.patchSize, self.inChans) = (imgSize, patchSize, inChans)
+        (self.embedDim, self.depth, self.numHeads, self.mlpRatio) = (embedDim, depth, numHeads, mlpRatio)
+        (self.numClasses, self.globalPool) = (numClasses, globalPool)
+        (self.initValues, self.dropPathRate, self.qkvBias) = (initValues, dropPathRate, qkvBias)
+    }
 
     public var grid: Int { imgSize / patchSize }
     public var numPatches: Int { grid * grid }
