@@ -57,7 +57,7 @@ let convMethods: [Method] = [
                           B: B, inChans: Cin, H: H, W: W, outChans: Cout, kernelH: kH, kernelW: kW,
                           stride: s, padding: p, precision: precision)
         }
-        return try fresh ?? none()
+        return fresh ?? none()
     }, doc: "conv2d_forward(out, x, weight, bias, residual, relu, stride, padding, precision) -> the new output when out is None: out = relu?(conv(x, weight) + bias + residual), NCHW float32, groups 1 (bias/residual may be None)."),
 
     Method("avg_pool2d_forward", { args in
@@ -74,6 +74,6 @@ let convMethods: [Method] = [
         }
         nonisolated(unsafe) let (po, px) = (out.pointer, x.readOnly)
         withoutGIL { avgPool2dForward(out: po, input: px, B: B, C: C, H: H, W: W, stride: s) }
-        return try fresh ?? none()
+        return fresh ?? none()
     }, doc: "avg_pool2d_forward(out, x, stride) -> the new output when out is None: mean over stride×stride windows (kernel = stride, no padding, floor), NCHW float32."),
 ]

@@ -182,13 +182,12 @@ public final class Trunk: @unchecked Sendable {
 
     // MARK: Blocks
 
-    /// The blocks with full attention over N = sequenceLength rows: xs[l + 1] = block_l(xs[l]);
+    /// The blocks with full attention over N = sequenceLength rows: t.xs[l + 1] = block_l(t.xs[l]);
     /// `training` applies the keep masks drawn by `drawKeeps`.
-    func forwardBlocks(xs: [UnsafeMutablePointer<Float>], caches: [BlockCache], keeps: UnsafeMutablePointer<Float>,
-                       B: Int, training: Bool) {
+    func forwardBlocks(_ t: TrunkActivations, B: Int, training: Bool) {
         for (l, blk) in blocks.enumerated() {
-            let (keep1, keep2) = keepPointers(keeps, l: l, B: B, training: training)
-            blk.forward(out: xs[l + 1], x: xs[l], cache: caches[l], B: B, T: config.sequenceLength, mask: FullAttention(),
+            let (keep1, keep2) = keepPointers(t.keeps, l: l, B: B, training: training)
+            blk.forward(out: t.xs[l + 1], x: t.xs[l], cache: t.caches[l], B: B, T: config.sequenceLength, mask: FullAttention(),
                         keep1: keep1, keep2: keep2)
         }
     }
@@ -196,13 +195,12 @@ public final class Trunk: @unchecked Sendable {
     /// Backward of `forwardBlocks` (training) with dx = ∂L/∂x_depth in, ∂L/∂x_0 out. `inject(level, dx)`
     /// is called with dx = ∂L/∂x_level just before block level−1 runs backward (level = depth … 1),
     /// so a second head reading x_level can add its gradient.
-    func backwardBlocks(dx: UnsafeMutablePointer<Float>, xs: [UnsafeMutablePointer<Float>], caches: [BlockCache],
-                        scratch: BlockScratch, keeps: UnsafeMutablePointer<Float>, B: Int,
+    func backwardBlocks(dx: UnsafeMutablePointer<Float>, _ t: TrunkActivations, B: Int,
                         inject: ((Int, UnsafeMutablePointer<Float>) -> Void)? = nil) {
         for l in stride(from: config.depth - 1, through: 0, by: -1) {
             inject?(l + 1, dx)
-            let (keep1, keep2) = keepPointers(keeps, l: l, B: B, training: true)
-            blocks[l].backward(dx: dx, x: xs[l], cache: caches[l], scratch: scratch, B: B, T: config.sequenceLength,
+            let (keep1, keep2) = keepPointers(t.keeps, l: l, B: B, training: true)
+            blocks[l].backward(dx: dx, x: t.xs[l], cache: t.caches[l], scratch: t.scratch, B: B, T: config.sequenceLength,
                                keep1: keep1, keep2: keep2)
         }
     }
@@ -221,6 +219,36 @@ public final class Trunk: @unchecked Sendable {
         embed(x: x, stride: N, patches: patches, patchOut: patchOut, images: images, B: B)
         forwardBlocksInference(blocks, x: &x, y: &y, cache: cache, B: B, T: N)
         return (x, arena)
+    }
+}
+
+/// What a training pass over the trunk keeps for its backward (full attention, B samples of N rows): the
+/// patch cache, every block's input and cache, one gradient scratch, and the keep masks of `keepBlocks`
+/// blocks (the trunk's and any a model appends). Carved from the model's activation arena first.
+final class TrunkActivations: @unchecked Sendable {
+    let patches, patchOut: UnsafeMutablePointer<Float>
+    /// xs[l] is the input of block l; xs[depth] the final tokens. [B, N, C] each.
+    let xs: [UnsafeMutablePointer<Float>]
+    let caches: [BlockCache]
+    let scratch: BlockScratch
+    let keeps: UnsafeMutablePointer<Float>         // [keepBlocks, 2, B]
+
+    /// The arena sizes `init` takes, in order.
+    static func floats(_ k: ViTConfig, B: Int, keepBlocks: Int) -> [Int] {
+        let N = k.sequenceLength, C = k.embedDim, n = k.numPatches, rows = B * N, probs = B * k.numHeads * N * N
+        var sizes = [B * n * k.patchDim, B * n * C] + Array(repeating: rows * C, count: k.depth + 1)
+        for _ in 0..<k.depth { sizes += BlockCache.floats(rows: rows, C: C, hidden: k.hidden, probs: probs, ownsKV: true) }
+        sizes += BlockScratch.floats(rows: rows, C: C, hidden: k.hidden, ownsKV: true)
+        return sizes + [keepBlocks * 2 * B]
+    }
+
+    init(arena: Arena, _ k: ViTConfig, B: Int, keepBlocks: Int) {
+        let N = k.sequenceLength, C = k.embedDim, n = k.numPatches, rows = B * N, probs = B * k.numHeads * N * N
+        patches = arena.take(B * n * k.patchDim); patchOut = arena.take(B * n * C)
+        xs = (0...k.depth).map { _ in arena.take(rows * C) }
+        caches = (0..<k.depth).map { _ in BlockCache(arena: arena, rows: rows, C: C, hidden: k.hidden, probs: probs, ownsKV: true) }
+        scratch = BlockScratch(arena: arena, rows: rows, C: C, hidden: k.hidden, ownsKV: true)
+        keeps = arena.take(keepBlocks * 2 * B)
     }
 }
 

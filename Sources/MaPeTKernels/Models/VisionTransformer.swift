@@ -54,31 +54,20 @@ public struct ViTConfig: Sendable, Equatable {
 public final class ViTActivations: @unchecked Sendable {
     public let B: Int
     let arena: Arena
-    let patches, patchOut: UnsafeMutablePointer<Float>
-    /// xs[l] is the input of block l; xs[depth] the final tokens. [B, N, C] each.
-    let xs: [UnsafeMutablePointer<Float>]
-    let caches: [BlockCache]
-    let scratch: BlockScratch
-    let keeps: UnsafeMutablePointer<Float>         // [depth, 2, B]
+    /// The trunk's: patches, block inputs and caches, scratch, keep masks.
+    let t: TrunkActivations
     let pooled, normOut, normMean, normRstd, logits, probs, losses: UnsafeMutablePointer<Float>
     let dx, dPooled, dNormOut, dLogits: UnsafeMutablePointer<Float>
     let targets: UnsafeMutablePointer<Int32>
 
-    init?(config k: ViTConfig, B: Int, blocks: Int) {
-        let N = k.sequenceLength, C = k.embedDim, n = k.numPatches, rows = B * N, K = k.numClasses
-        let probsCount = B * k.numHeads * N * N
-        var sizes = [B * n * k.patchDim, B * n * C] + Array(repeating: rows * C, count: blocks + 1)
-        for _ in 0..<blocks { sizes += BlockCache.floats(rows: rows, C: C, hidden: k.hidden, probs: probsCount, ownsKV: true) }
-        sizes += BlockScratch.floats(rows: rows, C: C, hidden: k.hidden, ownsKV: true)
-        sizes += [blocks * 2 * B, B * C, B * C, B, B, B * K, B * K, B, rows * C, B * C, B * C, B * K, B]
+    init?(config k: ViTConfig, B: Int) {
+        let C = k.embedDim, rows = B * k.sequenceLength, K = k.numClasses
+        let sizes = TrunkActivations.floats(k, B: B, keepBlocks: k.depth)
+            + [B * C, B * C, B, B, B * K, B * K, B, rows * C, B * C, B * C, B * K, B]
         guard let arena = Arena(floats: Arena.size(sizes)) else { return nil }
         self.B = B
         self.arena = arena
-        patches = arena.take(B * n * k.patchDim); patchOut = arena.take(B * n * C)
-        xs = (0...blocks).map { _ in arena.take(rows * C) }
-        caches = (0..<blocks).map { _ in BlockCache(arena: arena, rows: rows, C: C, hidden: k.hidden, probs: probsCount, ownsKV: true) }
-        scratch = BlockScratch(arena: arena, rows: rows, C: C, hidden: k.hidden, ownsKV: true)
-        keeps = arena.take(blocks * 2 * B)
+        t = TrunkActivations(arena: arena, k, B: B, keepBlocks: k.depth)
         pooled = arena.take(B * C); normOut = arena.take(B * C); normMean = arena.take(B); normRstd = arena.take(B)
         logits = arena.take(B * K); probs = arena.take(B * K); losses = arena.take(B)
         dx = arena.take(rows * C); dPooled = arena.take(B * C); dNormOut = arena.take(B * C); dLogits = arena.take(B * K)
@@ -208,16 +197,16 @@ public final class VisionTransformer: @unchecked Sendable {
         let k = config, N = k.sequenceLength, C = k.embedDim, K = k.numClasses
         if train?.B != B {
             train = nil
-            guard let a = ViTActivations(config: k, B: B, blocks: k.depth) else { return .failure(.outOfMemory) }
+            guard let a = ViTActivations(config: k, B: B) else { return .failure(.outOfMemory) }
             train = a
         }
         let a = train!
         let savedRNG = trunk.rng
         // Forward.
-        trunk.drawKeeps(a.keeps, B: B)
-        trunk.embed(x: a.xs[0], stride: N, patches: a.patches, patchOut: a.patchOut, images: images, B: B)
-        trunk.forwardBlocks(xs: a.xs, caches: a.caches, keeps: a.keeps, B: B, training: true)
-        head(logits: a.logits, pooled: a.pooled, normOut: a.normOut, mean: a.normMean, rstd: a.normRstd, x: a.xs[k.depth], B: B)
+        trunk.drawKeeps(a.t.keeps, B: B)
+        trunk.embed(x: a.t.xs[0], stride: N, patches: a.t.patches, patchOut: a.t.patchOut, images: images, B: B)
+        trunk.forwardBlocks(a.t, B: B, training: true)
+        head(logits: a.logits, pooled: a.pooled, normOut: a.normOut, mean: a.normMean, rstd: a.normRstd, x: a.t.xs[k.depth], B: B)
         let (sum, count): (Double, Int)
         switch targets {
         case .labels(let labels, let smoothing):
@@ -255,8 +244,8 @@ public final class VisionTransformer: @unchecked Sendable {
         } else {
             tokenSelectBackward(dInput: a.dx, dOut: a.dPooled, B: B, T: N, C: C, token: 0)
         }
-        trunk.backwardBlocks(dx: a.dx, xs: a.xs, caches: a.caches, scratch: a.scratch, keeps: a.keeps, B: B)
-        trunk.embedBackward(dRows: a.dx, stride: N, dPatch: a.scratch.dLn, patches: a.patches, B: B)
+        trunk.backwardBlocks(dx: a.dx, a.t, B: B)
+        trunk.embedBackward(dRows: a.dx, stride: N, dPatch: a.t.scratch.dLn, patches: a.t.patches, B: B)
         return .success(loss)
     }
 
