@@ -7,9 +7,8 @@ from typing import Any, Dict, Mapping
 
 import numpy as np
 
-from ._convert import seed_bits
+from ._convert import indices, seed_bits
 from ._native import _core
-from .objectives import _i32
 from ._params import ParameterBlock
 from .io import save_file
 from .registry import TRUNK_DEFAULTS
@@ -36,14 +35,9 @@ def _signed(v: int) -> int:
     return v - (1 << 64) if v >= (1 << 63) else v
 
 
-def _tokens(tokens: Any, batch: int, num_patches: int, num_tokens: int) -> np.ndarray:
-    """Visual tokens as int32 for the engine, which checks their shape and range against the model
-    (``batch``, ``num_patches``, ``num_tokens``: kept for the callers' signature). Only what the
-    conversion would lose is refused here: floats or bools (truncated) and values beyond int32."""
-    a = np.asarray(tokens)
-    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
-        raise TypeError(f"tokens: expected an integer array [B, num_patches] of visual tokens, got dtype {a.dtype}")
-    return _i32(a, "tokens")
+def _tokens(tokens: Any) -> np.ndarray:
+    """Visual tokens as int32 for the engine, which checks their shape and range against the model."""
+    return indices(tokens, "tokens", "visual tokens [B, num_patches]")
 
 
 class _PretrainModel(ParameterBlock):

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ._convert import images as _images
+from ._convert import images as _images, indices
 from ._native import _core
 from ._params import ParameterBlock
 from .io import load_file, save_file
@@ -24,18 +24,6 @@ FORMAT = "mapet"
 
 _DEFAULTS: Dict[str, Any] = dict(TRUNK_DEFAULTS, num_classes=1000, global_pool="token", init_values=None,
                                  drop_path_rate=0.0)
-
-def _labels(labels: Any, batch: int, num_classes: int) -> np.ndarray:
-    a = np.asarray(labels)
-    if not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_) or a.dtype == np.bool_:
-        raise TypeError(f"labels: expected an integer array of class indices, got dtype {a.dtype}")
-    if a.shape != (batch,):
-        raise ValueError(f"labels: expected shape ({batch},) to match the images, got {a.shape}")
-    if batch and (a.min() < 0 or a.max() >= num_classes):
-        bad = a[(a < 0) | (a >= num_classes)][0]
-        raise ValueError(f"labels: expected class indices in [0, {num_classes}), got {bad}")
-    return np.ascontiguousarray(a, dtype=np.int32)
-
 
 class VisionTransformer(ParameterBlock):
     """A ViT classifier (ALGORITHMS.md §1; timm ``VisionTransformer`` names).
@@ -162,7 +150,7 @@ class VisionTransformer(ParameterBlock):
                                  f"got {label_smoothing}")
             loss = _core.vit_train_step_soft(self._handle, x, np.ascontiguousarray(soft, np.float32), logits)
             return (loss, logits) if return_logits else loss
-        y = _labels(labels, x.shape[0], self.config["num_classes"])
+        y = indices(labels, "labels", "class indices")  # the engine checks the shape [B] and the range
         loss = _core.vit_train_step(self._handle, x, y, float(label_smoothing), logits)
         return (loss, logits) if return_logits else loss
 

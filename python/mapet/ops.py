@@ -9,7 +9,7 @@ from typing import Optional
 
 import numpy as np
 
-from ._convert import f32 as _f32
+from ._convert import f32 as _f32, indices
 from ._native import _core
 from .objectives import _i32
 from ._runtime import warn_if_bf16_inactive
@@ -322,10 +322,7 @@ def cross_entropy(logits: np.ndarray, targets: np.ndarray, smoothing: float = 0.
     Returns (mean loss, per-row losses [R], probs [R, K]).
     """
     logits = _f32(logits, "logits")
-    t = np.asarray(targets)
-    if t.dtype == np.bool_ or not np.issubdtype(t.dtype, np.integer):
-        raise TypeError(f"targets: expected integer class indices, got dtype {t.dtype}")
-    t = _i32(t, "targets")
+    t = indices(targets, "targets", "class indices")
     losses = np.empty(logits.shape[0], np.float32)
     probs = np.empty_like(logits)
     loss = _core.cross_entropy_forward(losses, probs, logits, t, float(smoothing))

@@ -32,7 +32,7 @@ from ._convert import images as _images
 from ._pretrain_base import (FORMAT, LEAST_NUMBER_SHARE, _PretrainModel, _tokens,  # noqa: F401
                              default_least_number)
 from .io import load_file
-from .objectives import _i32
+from ._convert import i32 as _i32
 from .registry import model_family, register_model_family, split_model_name
 from .sampling import PermutationBatch, PermutationSampler
 
@@ -108,7 +108,7 @@ class MaPeT(_PretrainModel):
         x = _images(images)
         B = x.shape[0]
         b = self._batch(batch, B)
-        t = _tokens(tokens, B, self.num_patches, self.config["num_tokens"])
+        t = _tokens(tokens)
         logits = np.empty((B, b.num_predicted, self.config["num_tokens"]), np.float32) if return_logits else None
         loss = _core.twostream_train_step(self._handle, x, t, b._handle, logits)
         return (loss, logits) if return_logits else loss
@@ -161,7 +161,7 @@ class BEiT(_PretrainModel):
         x = _images(images)
         B = x.shape[0]
         m = self._mask(mask, B)
-        t = _tokens(tokens, B, self.num_patches, self.config["num_tokens"])
+        t = _tokens(tokens)
         logits = np.empty((int(m.sum()), self.config["num_tokens"]), np.float32) if return_logits else None
         loss = _core.mim_train_step(self._handle, x, t, m, logits)
         return (loss, logits) if return_logits else loss
@@ -243,7 +243,7 @@ class CCViT(_PretrainModel):
         x = _images(images)
         B = x.shape[0]
         m, r = self._flags(mask, replaced, B)
-        t = _tokens(tokens, B, self.num_patches, self.config["num_tokens"])
+        t = _tokens(tokens)
         tg = np.asarray(pixel_targets)
         if not np.issubdtype(tg.dtype, np.floating):
             raise TypeError(f"pixel_targets: expected a float array [B, num_patches, {self.pixel_dim}], got dtype {tg.dtype}")
