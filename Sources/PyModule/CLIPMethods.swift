@@ -44,10 +44,7 @@ let clipMethods: [Method] = [
 
     Method("clip_vit_table", { args in
         try args.expect(1)
-        let t = try args.handle(0, "model", CLIPVisionTransformer.self).table
-        return try pyList(t.entries.map { e in
-            try? pyTuple([pyString(e.name), pyTuple(e.shape.map { pyInt($0) }), pyInt(e.offset)])
-        })
+        return try parameterTable(try args.handle(0, "model", CLIPVisionTransformer.self).table)
     }, doc: "clip_vit_table(model) -> [(name, shape, offset)] in reference order (names without 'visual.')."),
 
     Method("clip_vit_params", { args in

@@ -3,22 +3,26 @@
 import CPythonBridge
 import MaPeTKernels
 
-private func parameterTable(_ t: ParameterTable) throws -> PyObj {
+/// A model's parameter table as [(name, shape, offset)] (every model's `*_table`).
+func parameterTable(_ t: ParameterTable) throws -> PyObj {
     try pyList(t.entries.map { e in
         try? pyTuple([pyString(e.name), pyTuple(e.shape.map { pyInt($0) }), pyInt(e.offset)])
     })
 }
 
-/// Validates images [B, inChans, S, S] for `config`, naming what differs.
-private func images(_ arena: BufferArena, _ obj: PyObj, _ k: ViTConfig) throws -> ArrayView<Float> {
+/// Validates images [B, inChans, S, S] for a model of trunk `k` (ViT or pre-training), naming what
+/// differs, and that the batch's activations fit in memory.
+func modelImages(_ arena: BufferArena, _ obj: PyObj, _ k: ViTConfig) throws -> ArrayView<Float> {
+    let want = "[B, \(k.inChans), \(k.imgSize), \(k.imgSize)]"
     let x = try arena.float32(obj, "images", [nil, nil, nil, nil])
     guard x.shape[1] == k.inChans else {
-        throw PyError.value("images: expected \(k.inChans) channels (shape [B, \(k.inChans), \(k.imgSize), \(k.imgSize)]), got shape \(x.shape)")
+        throw PyError.value("images: expected \(k.inChans) channels (shape \(want)), got shape \(x.shape)")
     }
     guard x.shape[2] == k.imgSize, x.shape[3] == k.imgSize else {
-        throw PyError.value("images: expected \(k.imgSize)×\(k.imgSize) images (shape [B, \(k.inChans), \(k.imgSize), \(k.imgSize)]), got shape \(x.shape)")
+        throw PyError.value("images: expected \(k.imgSize)×\(k.imgSize) images (shape \(want)), got shape \(x.shape)")
     }
     guard x.shape[0] >= 1 else { throw PyError.value("images: expected at least one image, got shape \(x.shape)") }
+    try requireBatchFits(k, B: x.shape[0], outputs: 1)
     return x
 }
 
@@ -143,10 +147,9 @@ let modelMethods: [Method] = [
         try args.expect(4)
         let m = try args.handle(0, "model", VisionTransformer.self)
         let arena = BufferArena(); defer { arena.release() }
-        let x = try images(arena, args[1], m.config)
+        let x = try modelImages(arena, args[1], m.config)
         let B = x.shape[0], k = m.config
         let features = try args.bool(3, "features")
-        try requireBatchFits(m.config, B: B, outputs: 1)
         let out = features ? try arena.float32(args[2], "out", [B, k.sequenceLength, k.embedDim], writable: true)
                            : try arena.float32(args[2], "out", [B, k.numClasses], writable: true)
         let ok = exclusive(m) {
@@ -161,9 +164,8 @@ let modelMethods: [Method] = [
         try args.expect(5)
         let m = try args.handle(0, "model", VisionTransformer.self)
         let arena = BufferArena(); defer { arena.release() }
-        let x = try images(arena, args[1], m.config)
+        let x = try modelImages(arena, args[1], m.config)
         let B = x.shape[0], K = m.config.numClasses
-        try requireBatchFits(m.config, B: B, outputs: 1)
         let labels = try arena.int32(args[2], "labels", [B])
         for i in 0..<B where labels.pointer[i] < 0 || labels.pointer[i] >= K {
             throw PyError.value("labels: expected class indices in [0, \(K)), got \(labels.pointer[i]) at position \(i)")
@@ -186,9 +188,8 @@ let modelMethods: [Method] = [
         try args.expect(4)
         let m = try args.handle(0, "model", VisionTransformer.self)
         let arena = BufferArena(); defer { arena.release() }
-        let x = try images(arena, args[1], m.config)
+        let x = try modelImages(arena, args[1], m.config)
         let B = x.shape[0], K = m.config.numClasses
-        try requireBatchFits(m.config, B: B, outputs: 1)
         let q = try arena.float32(args[2], "targets", [B, K])
         for i in 0..<B {
             var sum: Double = 0

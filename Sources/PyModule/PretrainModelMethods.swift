@@ -5,27 +5,6 @@
 import CPythonBridge
 import MaPeTKernels
 
-private func table(_ t: ParameterTable) throws -> PyObj {
-    try pyList(t.entries.map { e in
-        try? pyTuple([pyString(e.name), pyTuple(e.shape.map { pyInt($0) }), pyInt(e.offset)])
-    })
-}
-
-/// images [B, inChans, S, S] float32 for `k`, B ≥ 1.
-private func pretrainImages(_ arena: BufferArena, _ obj: PyObj, _ k: ViTConfig) throws -> ArrayView<Float> {
-    let want = "[B, \(k.inChans), \(k.imgSize), \(k.imgSize)]"
-    let x = try arena.float32(obj, "images", [nil, nil, nil, nil])
-    guard x.shape[1] == k.inChans else {
-        throw PyError.value("images: expected \(k.inChans) channels (shape \(want)), got shape \(x.shape)")
-    }
-    guard x.shape[2] == k.imgSize, x.shape[3] == k.imgSize else {
-        throw PyError.value("images: expected \(k.imgSize)×\(k.imgSize) images (shape \(want)), got shape \(x.shape)")
-    }
-    guard x.shape[0] >= 1 else { throw PyError.value("images: expected at least one image, got shape \(x.shape)") }
-    try requireBatchFits(k, B: x.shape[0], outputs: 1)
-    return x
-}
-
 /// tokens int32 [B, n] with every value in 0..<V.
 private func visualTokens(_ arena: BufferArena, _ obj: PyObj, B: Int, _ k: PretrainConfig) throws -> ArrayView<Int32> {
     let n = k.vit.numPatches, V = k.vocabSize
@@ -125,7 +104,7 @@ let pretrainModelMethods: [Method] = [
 
     Method("pretrain_table", { args in
         try args.expect(1)
-        return try table(try args.handle(0, "model", PretrainModel.self).table)
+        return try parameterTable(try args.handle(0, "model", PretrainModel.self).table)
     }, doc: "pretrain_table(model) -> [(name, shape, offset)] in reference order."),
 
     Method("pretrain_blocks", { args in
@@ -194,7 +173,7 @@ let pretrainModelMethods: [Method] = [
         try args.expect(4)
         let m = try args.handle(0, "model", MaPeTModel.self)
         let arena = BufferArena(); defer { arena.release() }
-        let x = try pretrainImages(arena, args[1], m.config.vit)
+        let x = try modelImages(arena, args[1], m.config.vit)
         let B = x.shape[0]
         let batch = try permutationBatch(args, 2, B: B, m.config)
         let out = try arena.float32(args[3], "out", [B, batch.predictedCount, m.config.vocabSize], writable: true)
@@ -210,7 +189,7 @@ let pretrainModelMethods: [Method] = [
         try args.expect(5)
         let m = try args.handle(0, "model", MaPeTModel.self)
         let arena = BufferArena(); defer { arena.release() }
-        let x = try pretrainImages(arena, args[1], m.config.vit)
+        let x = try modelImages(arena, args[1], m.config.vit)
         let B = x.shape[0]
         let tokens = try visualTokens(arena, args[2], B: B, m.config)
         let batch = try permutationBatch(args, 3, B: B, m.config)
@@ -226,7 +205,7 @@ let pretrainModelMethods: [Method] = [
         try args.expect(4)
         let m = try maskedModel(args, .beit)
         let arena = BufferArena(); defer { arena.release() }
-        let x = try pretrainImages(arena, args[1], m.config.vit)
+        let x = try modelImages(arena, args[1], m.config.vit)
         let B = x.shape[0], np = m.config.vit.numPatches
         let mask = try patchFlags(arena, args[2], "mask", B: B, m.config)
         let counts = (0..<B).map { b in (0..<np).reduce(0) { $0 + (mask.pointer[b * np + $1] != 0 ? 1 : 0) } }
@@ -246,7 +225,7 @@ let pretrainModelMethods: [Method] = [
         try args.expect(5)
         let m = try maskedModel(args, .beit)
         let arena = BufferArena(); defer { arena.release() }
-        let x = try pretrainImages(arena, args[1], m.config.vit)
+        let x = try modelImages(arena, args[1], m.config.vit)
         let B = x.shape[0]
         let tokens = try visualTokens(arena, args[2], B: B, m.config)
         let mask = try patchFlags(arena, args[3], "mask", B: B, m.config)
@@ -261,7 +240,7 @@ let pretrainModelMethods: [Method] = [
         try args.expect(4)
         let m = try maskedModel(args, .dtm)
         let arena = BufferArena(); defer { arena.release() }
-        let x = try pretrainImages(arena, args[1], m.config.vit)
+        let x = try modelImages(arena, args[1], m.config.vit)
         let B = x.shape[0]
         let mask = try patchFlags(arena, args[2], "mask", B: B, m.config)
         let out = try arena.float32(args[3], "out", [B, m.config.vit.numPatches, m.config.vocabSize], writable: true)
@@ -277,7 +256,7 @@ let pretrainModelMethods: [Method] = [
         try args.expect(7)
         let m = try maskedModel(args, .dtm)
         let arena = BufferArena(); defer { arena.release() }
-        let x = try pretrainImages(arena, args[1], m.config.vit)
+        let x = try modelImages(arena, args[1], m.config.vit)
         let B = x.shape[0], np = m.config.vit.numPatches, D = m.config.vocabSize
         let mask = try patchFlags(arena, args[2], "mask", B: B, m.config)
         let target = try arena.float32(args[3], "target", [nil, nil, nil])
@@ -305,7 +284,7 @@ let pretrainModelMethods: [Method] = [
         try args.expect(6)
         let m = try args.handle(0, "model", CCViTModel.self)
         let arena = BufferArena(); defer { arena.release() }
-        let x = try pretrainImages(arena, args[1], m.config.vit)
+        let x = try modelImages(arena, args[1], m.config.vit)
         let B = x.shape[0]
         let mask = try patchFlags(arena, args[2], "mask", B: B, m.config)
         let replaced = try patchFlags(arena, args[3], "replaced", B: B, m.config)
@@ -325,7 +304,7 @@ let pretrainModelMethods: [Method] = [
         try args.expect(10)
         let m = try args.handle(0, "model", CCViTModel.self)
         let arena = BufferArena(); defer { arena.release() }
-        let x = try pretrainImages(arena, args[1], m.config.vit)
+        let x = try modelImages(arena, args[1], m.config.vit)
         let B = x.shape[0], np = m.config.vit.numPatches, P = m.config.vit.patchDim
         let tokens = try visualTokens(arena, args[2], B: B, m.config)
         let targets = try arena.float32(args[3], "pixel_targets", [nil, nil, nil])
