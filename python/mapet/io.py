@@ -9,7 +9,7 @@ temporary file that is fsynced and renamed over the destination.
 import json
 import os
 import tempfile
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import safetensors
@@ -139,3 +139,21 @@ def load_file(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
         what = "truncated, or bytes no tensor covers" if "not fully covered" in str(e) else "not a valid safetensors file"
         raise ValueError(f"{path}: {what} ({e})") from None
     return out, dict(metadata)
+
+
+def model_from_file(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str],
+                    build: Callable[..., Any]) -> Any:
+    """The model of a mapet model file: ``build(**config)`` from the JSON config in its metadata (a bad
+    config raises naming the file), its weights (``load_state_dict``, strict names) and its input
+    normalisation (``data_config``)."""
+    try:
+        config = json.loads(metadata["config"])
+        if not isinstance(config, dict):
+            raise TypeError(f"expected an object, got {type(config).__name__}")
+        model = build(**config)
+    except (ValueError, TypeError, MemoryError) as e:
+        raise type(e)(f"{path}: bad model config ({e})") from None
+    model.load_state_dict(tensors)
+    from .data.data_config import from_metadata
+    model.data_config = from_metadata(metadata)
+    return model

@@ -15,7 +15,7 @@ import numpy as np
 from ._convert import images as _images, indices
 from ._native import _core
 from ._params import ParameterBlock
-from .io import load_file, save_file
+from .io import load_file, model_from_file, save_file
 from .registry import TRUNK_DEFAULTS, named_models, register_model_family, split_model_name
 
 log = logging.getLogger(__name__)
@@ -352,14 +352,5 @@ def load(path: str) -> VisionTransformer:
     if kind != "vit":
         from .pretrain_models import load_pretrain_model
         return load_pretrain_model(path)
-    try:
-        config = json.loads(metadata["config"])
-        if not isinstance(config, dict):
-            raise TypeError(f"expected an object, got {type(config).__name__}")
-        model = VisionTransformer(**config)
-    except (ValueError, TypeError, MemoryError) as e:
-        raise type(e)(f"{path}: bad model config ({e})") from None
-    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optimizer.")})
-    from .data.data_config import from_metadata
-    model.data_config = from_metadata(metadata)
-    return model
+    return model_from_file(path, {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}, metadata,
+                           VisionTransformer)

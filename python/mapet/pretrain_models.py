@@ -21,7 +21,6 @@ Example:
     (2, 12, 16)
     >>> loss = m.train_step(images, np.zeros((2, 16), np.int64), batch)
 """
-import json
 import logging
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -31,7 +30,7 @@ from ._native import _core
 from ._convert import images as _images
 from ._pretrain_base import (FORMAT, LEAST_NUMBER_SHARE, _PretrainModel, _tokens,  # noqa: F401
                              default_least_number)
-from .io import load_file
+from .io import load_file, model_from_file
 from ._convert import i32 as _i32
 from .registry import model_family, register_model_family, split_model_name
 from .sampling import PermutationBatch, PermutationSampler
@@ -385,14 +384,4 @@ def load_pretrain_model(path: str) -> "_PretrainModel":
     kind = metadata.get("model")
     if metadata.get("format") != FORMAT or "config" not in metadata or kind not in _PRETRAIN_FAMILIES:
         raise ValueError(f"{path}: not a mapet pre-training model file (format={metadata.get('format')!r}, model={kind!r})")
-    try:
-        config = json.loads(metadata["config"])
-        if not isinstance(config, dict):
-            raise TypeError(f"expected an object, got {type(config).__name__}")
-        model = model_family(kind).build(seed=0, **config)
-    except (ValueError, TypeError, MemoryError) as e:
-        raise type(e)(f"{path}: bad model config ({e})") from None
-    model.load_state_dict(tensors)
-    from .data.data_config import from_metadata
-    model.data_config = from_metadata(metadata)
-    return model
+    return model_from_file(path, tensors, metadata, lambda **config: model_family(kind).build(seed=0, **config))
