@@ -124,6 +124,17 @@ def test_conv2d_boundary_checks():
         _core.conv2d_forward(out, x, w, np.zeros(4, np.float64), None, False, 1, 1, "fp32")
     with pytest.raises(ValueError, match="pooling window"):
         ops.avg_pool2d(_f32(1, 1, 2, 2), 3)
+    # the ops only convert: the engine checks and words every error, and sizes the output
+    with pytest.raises(ValueError, match=r"x: expected a float32 array of shape \[\*, \*, \*, \*\], got 3-d array"):
+        ops.conv2d(_f32(3, 8, 8), w)
+    with pytest.raises(TypeError, match="stride: expected an int, got float"):
+        ops.conv2d(x, w, stride=1.5)
+    with pytest.raises(ValueError, match="padding: expected an int ≥ 0, got -1"):
+        ops.conv2d(x, w, padding=-1)
+    with pytest.raises(ValueError, match="stride: expected an int ≥ 1, got 0"):
+        ops.avg_pool2d(x, 0)
+    assert ops.conv2d(x, w, stride=2, padding=1).shape == (1, 4, 4, 4)
+    assert ops.avg_pool2d(x, 3).shape == (1, 3, 2, 2)
 
 
 # ---------------------------------------------------------------- the tower, in float64

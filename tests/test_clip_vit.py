@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference_twostream as ref  # noqa: E402  (bf16_round / bf16_matmuls / mm)
 
 import mapet  # noqa: E402
+from mapet._native import _core  # noqa: E402
 from mapet.clip import CLIP_MEAN, CLIP_STD, CLIPVisionTransformer, preprocess  # noqa: E402
 from mapet.io import save_file  # noqa: E402
 
@@ -230,6 +231,10 @@ def test_bad_inputs_raise_named_errors(images):
         CLIPVisionTransformer(**dict(TINY, heads=5))
     with pytest.raises(ValueError, match="img_size"):
         CLIPVisionTransformer(**dict(TINY, img_size=30))
+    with pytest.raises(TypeError, match="width: expected an int, got float"):
+        CLIPVisionTransformer(**dict(TINY, width=64.0))
+    with pytest.raises(ValueError, match="config: missing 'seed'"):  # the engine has no defaults
+        _core.clip_vit_create(dict(TINY, mlp_ratio=4.0, activation="gelu"))
     with pytest.raises(ValueError, match="unknown model .clip_vit_h99."):
         mapet.create_model("clip_vit_h99")
     with pytest.raises(TypeError, match="unknown option"):

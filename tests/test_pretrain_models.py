@@ -478,15 +478,17 @@ def test_engine_validates_even_without_the_facade():
         _core.mim_train_step(b._handle, x, tokens, np.zeros((2, 4), np.int32), None)
     config = dict(kind="beit", img_size=16, patch_size=4, in_chans=3, embed_dim=24, depth=2, num_heads=3,
                   mlp_ratio=4.0, num_tokens=11, output_dim=None, least_number=5, init_values=None,
-                  drop_path_rate=0.0, qkv_bias=True, seed=0, early_layers=1, head_layers=1)
+                  drop_path_rate=0.0, qkv_bias=True, seed=0, early_layers=None, head_layers=None)
     _core.pretrain_create(config)  # the config crosses as one dict
     with pytest.raises(ValueError, match="kind: expected 'mapet', 'pim', 'beit', 'ccvit' or 'dtm'"):
         _core.pretrain_create(dict(config, kind="vit"))
     with pytest.raises(ValueError, match=r"early_layers must be in \[1, depth=2\], got 3"):
         _core.pretrain_create(dict(config, kind="ccvit", early_layers=3, head_layers=2))
-    with pytest.raises(KeyError, match="config: missing 'seed'"):
+    with pytest.raises(TypeError, match="early_layers: expected an int, got NoneType"):
+        _core.pretrain_create(dict(config, kind="ccvit"))  # CCViT's own keys have no default in the engine
+    with pytest.raises(ValueError, match="config: missing 'seed'"):
         _core.pretrain_create({k: v for k, v in config.items() if k != "seed"})
-    with pytest.raises(KeyError, match="config: unknown keys"):
+    with pytest.raises(ValueError, match="config: unknown keys"):
         _core.pretrain_create(dict(config, depht=2))
     with pytest.raises(TypeError, match="config: expected a dict, got list"):
         _core.pretrain_create([1, 2])

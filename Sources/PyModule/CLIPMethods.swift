@@ -4,23 +4,28 @@
 import CPythonBridge
 import MaPeTKernels
 
+/// The keys of `clip_vit_create`'s config dict, in the order they are read (OpenAI's names).
+let clipConfigKeys = ["img_size", "patch_size", "width", "layers", "heads", "mlp_ratio", "output_dim", "activation", "seed"]
+
 let clipMethods: [Method] = [
-    Method("clip_vit_create", { args in
-        // (img_size, patch_size, width, layers, heads, mlp_ratio, output_dim, activation, seed)
-        try args.expect(9)
-        var k = CLIPVisionConfig()
-        k.trunk.imgSize = try args.int(0, "img_size", min: 1, max: 1 << 16)
-        k.trunk.patchSize = try args.int(1, "patch_size", min: 1, max: 1 << 16)
-        k.trunk.embedDim = try args.int(2, "width", min: 1, max: 1 << 16)
-        k.trunk.depth = try args.int(3, "layers", min: 0, max: 1024)
-        k.trunk.numHeads = try args.int(4, "heads", min: 1, max: 1 << 12)
-        k.trunk.mlpRatio = try args.finiteDouble(5, "mlp_ratio")
-        k.outputDim = try args.int(6, "output_dim", min: 1, max: 1 << 16)
+    Method("clip_vit_create", { outer in
+        // clip_vit_create(config: dict) -> handle; config holds exactly clipConfigKeys
+        try outer.expect(1)
+        return try withConfig(outer[0], keys: clipConfigKeys, function: "clip_vit_create") { args in
         let act = try args.string(7, "activation")
         guard let activation = Activation(rawValue: act) else {
             throw PyError.value("activation: expected 'gelu' or 'quick_gelu', got '\(act)'")
         }
-        k.activation = activation
+        // The published towers: RGB input, no classifier, layer scale or drop path; in_proj has biases.
+        let trunk = ViTConfig(imgSize: try args.int(0, "img_size", min: 1, max: 1 << 16),
+                              patchSize: try args.int(1, "patch_size", min: 1, max: 1 << 16), inChans: 3,
+                              embedDim: try args.int(2, "width", min: 1, max: 1 << 16),
+                              depth: try args.int(3, "layers", min: 0, max: 1024),
+                              numHeads: try args.int(4, "heads", min: 1, max: 1 << 12),
+                              mlpRatio: try args.finiteDouble(5, "mlp_ratio"), numClasses: 1, globalPool: .token,
+                              initValues: nil, dropPathRate: 0, qkvBias: true)
+        let k = CLIPVisionConfig(trunk: trunk, outputDim: try args.int(6, "output_dim", min: 1, max: 1 << 16),
+                                 activation: activation)
         let seed = UInt64(bitPattern: Int64(try args.int(8, "seed")))
         if let problem = k.problem { throw PyError.value(problem) }
         guard k.trunk.mlpRatio > 0, Double(k.trunk.hidden) < 1e7 else {
@@ -34,14 +39,12 @@ let clipMethods: [Method] = [
         }
         guard let h = makeHandle(model) else { throw PythonErrorSet() }
         return h
-    }, doc: "clip_vit_create(img_size, patch_size, width, layers, heads, mlp_ratio, output_dim, activation, seed) -> handle"),
+        }
+    }, doc: "clip_vit_create(config: dict) -> handle; config keys: " + clipConfigKeys.joined(separator: ", ")),
 
     Method("clip_vit_table", { args in
         try args.expect(1)
-        let t = try args.handle(0, "model", CLIPVisionTransformer.self).table
-        return try pyList(t.entries.map { e in
-            try? pyTuple([pyString(e.name), pyTuple(e.shape.map { pyInt($0) }), pyInt(e.offset)])
-        })
+        return try parameterTable(try args.handle(0, "model", CLIPVisionTransformer.self).table)
     }, doc: "clip_vit_table(model) -> [(name, shape, offset)] in reference order (names without 'visual.')."),
 
     Method("clip_vit_params", { args in
@@ -71,7 +74,7 @@ let clipMethods: [Method] = [
         let arena = BufferArena(); defer { arena.release() }
         let x = try arena.float32(args[1], "images", [nil, nil, nil, nil])
         guard x.shape[1] == k.inChans, x.shape[2] == k.imgSize, x.shape[3] == k.imgSize else {
-            throw PyError.value("images: expected shape [B, \(k.inChans), \(k.imgSize), \(k.imgSize)], got \(x.shape)")
+            throw PyError.value("images: expected shape [B, \(k.inChans), \(k.imgSize), \(k.imgSize)] (CLIP-preprocessed, see mapet.clip.preprocess), got \(x.shape)")
         }
         let B = x.shape[0]
         guard B >= 1 else { throw PyError.value("images: expected at least one image, got shape \(x.shape)") }

@@ -8,6 +8,19 @@ private func overlaps(_ a: UnsafePointer<Float>, _ n: Int, _ b: UnsafePointer<Fl
     n > 0 && m > 0 && a < b + m && b < a + n
 }
 
+/// The output buffer of `shape`: args[0] (checked), or when it is None a new Swift-owned tensor,
+/// returned as the second value so the method can hand it back (the caller need not know the shape).
+/// Called after every other check, so nothing throws while a new tensor is held.
+private func output(_ arena: BufferArena, _ args: Args, _ function: String, _ shape: [Int]) throws -> (ArrayView<Float>, PyObj?) {
+    guard args.isNone(0) else { return (try arena.float32(args[0], "out", shape, writable: true), nil) }
+    let count = try checkedProduct(shape, "out")
+    try requireMemory(try checkedProduct([count, 4], "out"), "\(function): the output")
+    guard let storage = TensorStorage(count: count, dtype: .float32) else {
+        throw PyError.memory("\(function): could not allocate the output (\(count) floats)")
+    }
+    return (ArrayView(pointer: storage.floats, shape: shape), try makeTensor(storage, dtype: .float32, shape: shape))
+}
+
 let convMethods: [Method] = [
     Method("conv2d_forward", { args in
         // (out [B,Cout,Ho,Wo], x [B,Cin,H,W], weight [Cout,Cin,kH,kW], bias [Cout]|None,
@@ -26,26 +39,26 @@ let convMethods: [Method] = [
         let Ho = conv2dOutputSize(H, kernel: kH, stride: s, padding: p)
         let Wo = conv2dOutputSize(W, kernel: kW, stride: s, padding: p)
         let b = args.isNone(3) ? nil : try arena.float32(args[3], "bias", [Cout])
-        let out = try arena.float32(args[0], "out", [B, Cout, Ho, Wo], writable: true)
         let r = args.isNone(4) ? nil : try arena.float32(args[4], "residual", [B, Cout, Ho, Wo])
         let relu = try args.bool(5, "relu")
         let precision = try args.precision(8, "precision")
-        guard !overlaps(out.readOnly, out.count, x.readOnly, x.count) else {
+        let scratch = try checkedProduct([Cin, kH, kW, min(Ho * Wo, conv2dBlockPixels), 4], "conv2d columns")
+        try requireMemory(scratch, "conv2d_forward: the im2col columns")
+        let (out, fresh) = try output(arena, args, "conv2d_forward", [B, Cout, Ho, Wo])
+        guard !overlaps(out.readOnly, out.count, x.readOnly, x.count) else {  // (a new output shares nothing)
             throw PyError.value("out: must not share memory with x")
         }
         if let r, overlaps(out.readOnly, out.count, r.readOnly, r.count) {
             throw PyError.value("out: must not share memory with residual")
         }
-        let scratch = try checkedProduct([Cin, kH, kW, min(Ho * Wo, conv2dBlockPixels), 4], "conv2d columns")
-        try requireMemory(scratch, "conv2d_forward: the im2col columns")
         nonisolated(unsafe) let (po, px, pw, pb, pr) = (out.pointer, x.readOnly, w.readOnly, b?.readOnly, r?.readOnly)
         withoutGIL {
             conv2dForward(out: po, input: px, weight: pw, bias: pb, residual: pr, relu: relu,
                           B: B, inChans: Cin, H: H, W: W, outChans: Cout, kernelH: kH, kernelW: kW,
                           stride: s, padding: p, precision: precision)
         }
-        return none()
-    }, doc: "conv2d_forward(out, x, weight, bias, residual, relu, stride, padding, precision): out = relu?(conv(x, weight) + bias + residual), NCHW float32, groups 1 (bias/residual may be None)."),
+        return fresh ?? none()
+    }, doc: "conv2d_forward(out, x, weight, bias, residual, relu, stride, padding, precision) -> the new output when out is None: out = relu?(conv(x, weight) + bias + residual), NCHW float32, groups 1 (bias/residual may be None)."),
 
     Method("avg_pool2d_forward", { args in
         // (out [B,C,H/s,W/s], x [B,C,H,W], stride)
@@ -55,12 +68,12 @@ let convMethods: [Method] = [
         let (B, C, H, W) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3])
         let s = try args.int(2, "stride", min: 1, max: 1 << 20)
         guard H >= s, W >= s else { throw PyError.value("x: a \(H)×\(W) image is smaller than the \(s)×\(s) pooling window") }
-        let out = try arena.float32(args[0], "out", [B, C, H / s, W / s], writable: true)
-        guard !overlaps(out.readOnly, out.count, x.readOnly, x.count) else {
+        let (out, fresh) = try output(arena, args, "avg_pool2d_forward", [B, C, H / s, W / s])
+        guard !overlaps(out.readOnly, out.count, x.readOnly, x.count) else {  // (a new output shares nothing)
             throw PyError.value("out: must not share memory with x")
         }
         nonisolated(unsafe) let (po, px) = (out.pointer, x.readOnly)
         withoutGIL { avgPool2dForward(out: po, input: px, B: B, C: C, H: H, W: W, stride: s) }
-        return none()
-    }, doc: "avg_pool2d_forward(out, x, stride): mean over stride×stride windows (kernel = stride, no padding, floor), NCHW float32."),
+        return fresh ?? none()
+    }, doc: "avg_pool2d_forward(out, x, stride) -> the new output when out is None: mean over stride×stride windows (kernel = stride, no padding, floor), NCHW float32."),
 ]

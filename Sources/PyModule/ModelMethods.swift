@@ -3,22 +3,26 @@
 import CPythonBridge
 import MaPeTKernels
 
-private func parameterTable(_ t: ParameterTable) throws -> PyObj {
+/// A model's parameter table as [(name, shape, offset)] (every model's `*_table`).
+func parameterTable(_ t: ParameterTable) throws -> PyObj {
     try pyList(t.entries.map { e in
         try? pyTuple([pyString(e.name), pyTuple(e.shape.map { pyInt($0) }), pyInt(e.offset)])
     })
 }
 
-/// Validates images [B, inChans, S, S] for `config`, naming what differs.
-private func images(_ arena: BufferArena, _ obj: PyObj, _ k: ViTConfig) throws -> ArrayView<Float> {
+/// Validates images [B, inChans, S, S] for a model of trunk `k` (ViT or pre-training), naming what
+/// differs, and that the batch's activations fit in memory.
+func modelImages(_ arena: BufferArena, _ obj: PyObj, _ k: ViTConfig) throws -> ArrayView<Float> {
+    let want = "[B, \(k.inChans), \(k.imgSize), \(k.imgSize)]"
     let x = try arena.float32(obj, "images", [nil, nil, nil, nil])
     guard x.shape[1] == k.inChans else {
-        throw PyError.value("images: expected \(k.inChans) channels (shape [B, \(k.inChans), \(k.imgSize), \(k.imgSize)]), got shape \(x.shape)")
+        throw PyError.value("images: expected \(k.inChans) channels (shape \(want)), got shape \(x.shape)")
     }
     guard x.shape[2] == k.imgSize, x.shape[3] == k.imgSize else {
-        throw PyError.value("images: expected \(k.imgSize)×\(k.imgSize) images (shape [B, \(k.inChans), \(k.imgSize), \(k.imgSize)]), got shape \(x.shape)")
+        throw PyError.value("images: expected \(k.imgSize)×\(k.imgSize) images (shape \(want)), got shape \(x.shape)")
     }
     guard x.shape[0] >= 1 else { throw PyError.value("images: expected at least one image, got shape \(x.shape)") }
+    try requireBatchFits(k, B: x.shape[0], outputs: 1)
     return x
 }
 
@@ -62,38 +66,53 @@ extension Args {
     }
 }
 
-let modelMethods: [Method] = [
-    Method("vit_create", { args in
-        // (img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, num_classes,
-        //  global_pool, init_values|None, drop_path_rate, qkv_bias, seed)
-        try args.expect(13)
-        var k = ViTConfig()
-        k.imgSize = try args.int(0, "img_size", min: 1, max: 1 << 16)
-        k.patchSize = try args.int(1, "patch_size", min: 1, max: 1 << 16)
-        k.inChans = try args.int(2, "in_chans", min: 1, max: 1 << 12)
-        k.embedDim = try args.int(3, "embed_dim", min: 1, max: 1 << 16)
-        k.depth = try args.int(4, "depth", min: 0, max: 1024)
-        k.numHeads = try args.int(5, "num_heads", min: 1, max: 1 << 12)
-        k.mlpRatio = try args.finiteDouble(6, "mlp_ratio")
-        k.numClasses = try args.int(7, "num_classes", min: 1, max: 1 << 24)
-        let pool = try args.string(8, "global_pool")
-        guard let gp = GlobalPool(rawValue: pool) else { throw PyError.value("global_pool: expected 'token' or 'avg', got '\(pool)'") }
-        k.globalPool = gp
-        k.initValues = args.isNone(9) ? nil : Float(try args.finiteDouble(9, "init_values"))
-        k.dropPathRate = Float(try args.double(10, "drop_path_rate"))
-        k.qkvBias = try args.bool(11, "qkv_bias")
-        let seed = UInt64(bitPattern: Int64(try args.int(12, "seed")))
-        if let problem = k.problem { throw PyError.value(problem) }
-        guard k.mlpRatio > 0, Double(k.hidden) < 1e7 else { throw PyError.value("mlp_ratio: expected a positive ratio, got \(k.mlpRatio)") }
-        let total = VisionTransformer.makeTable(k).total
-        try requireModelFits(k, total: total, outputs: 1)
-        guard total < (1 << 34) else { throw PyError.value("model too large: \(total) parameters") }
-        guard let model = withoutGIL({ VisionTransformer(config: k, seed: seed) }) else {
-            throw PyError.memory("vit_create: could not allocate \(total) parameters")
+/// The keys every model config dict starts with, in the order `trunkConfig` reads them (args 0..<10).
+let trunkConfigKeys = ["img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
+                       "init_values", "drop_path_rate", "qkv_bias"]
+
+/// The keys of `vit_create`'s config dict, in the order they are read (timm's names).
+let vitConfigKeys = trunkConfigKeys + ["num_classes", "global_pool", "seed"]
+
+extension Args {
+    /// The trunk of a model config (args 0..<10, `trunkConfigKeys`), checked: each value's type and
+    /// range, then the fields together (`ViTConfig.problem`).
+    func trunkConfig(numClasses: Int, globalPool: GlobalPool) throws -> ViTConfig {
+        let embedDim = try int(3, "embed_dim", min: 1, max: 1 << 16)
+        let mlpRatio = try finiteDouble(6, "mlp_ratio")
+        guard mlpRatio > 0, Double(embedDim) * mlpRatio < 1e7 else {
+            throw PyError.value("mlp_ratio: expected a positive ratio, got \(mlpRatio)")
         }
-        guard let h = makeHandle(model) else { throw PythonErrorSet() }
-        return h
-    }, doc: "vit_create(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, num_classes, global_pool, init_values, drop_path_rate, qkv_bias, seed) -> handle"),
+        let k = ViTConfig(imgSize: try int(0, "img_size", min: 1, max: 1 << 16),
+                          patchSize: try int(1, "patch_size", min: 1, max: 1 << 16),
+                          inChans: try int(2, "in_chans", min: 1, max: 1 << 12), embedDim: embedDim,
+                          depth: try int(4, "depth", min: 0, max: 1024), numHeads: try int(5, "num_heads", min: 1, max: 1 << 12),
+                          mlpRatio: mlpRatio, numClasses: numClasses, globalPool: globalPool,
+                          initValues: isNone(7) ? nil : Float(try finiteDouble(7, "init_values")),
+                          dropPathRate: Float(try double(8, "drop_path_rate")), qkvBias: try bool(9, "qkv_bias"))
+        if let problem = k.problem { throw PyError.value(problem) }
+        return k
+    }
+}
+
+let modelMethods: [Method] = [
+    Method("vit_create", { outer in
+        // vit_create(config: dict) -> handle; config holds exactly vitConfigKeys
+        try outer.expect(1)
+        return try withConfig(outer[0], keys: vitConfigKeys, function: "vit_create") { args in
+            let pool = try args.string(11, "global_pool")
+            guard let gp = GlobalPool(rawValue: pool) else { throw PyError.value("global_pool: expected 'token' or 'avg', got '\(pool)'") }
+            let k = try args.trunkConfig(numClasses: try args.int(10, "num_classes", min: 1, max: 1 << 24), globalPool: gp)
+            let seed = UInt64(bitPattern: Int64(try args.int(12, "seed")))
+            let total = VisionTransformer.makeTable(k).total
+            try requireModelFits(k, total: total, outputs: 1)
+            guard total < (1 << 34) else { throw PyError.value("model too large: \(total) parameters") }
+            guard let model = withoutGIL({ VisionTransformer(config: k, seed: seed) }) else {
+                throw PyError.memory("vit_create: could not allocate \(total) parameters")
+            }
+            guard let h = makeHandle(model) else { throw PythonErrorSet() }
+            return h
+        }
+    }, doc: "vit_create(config: dict) -> handle; config keys: " + vitConfigKeys.joined(separator: ", ")),
 
     Method("vit_table", { args in
         try args.expect(1)
@@ -128,10 +147,9 @@ let modelMethods: [Method] = [
         try args.expect(4)
         let m = try args.handle(0, "model", VisionTransformer.self)
         let arena = BufferArena(); defer { arena.release() }
-        let x = try images(arena, args[1], m.config)
+        let x = try modelImages(arena, args[1], m.config)
         let B = x.shape[0], k = m.config
         let features = try args.bool(3, "features")
-        try requireBatchFits(m.config, B: B, outputs: 1)
         let out = features ? try arena.float32(args[2], "out", [B, k.sequenceLength, k.embedDim], writable: true)
                            : try arena.float32(args[2], "out", [B, k.numClasses], writable: true)
         let ok = exclusive(m) {
@@ -146,9 +164,8 @@ let modelMethods: [Method] = [
         try args.expect(5)
         let m = try args.handle(0, "model", VisionTransformer.self)
         let arena = BufferArena(); defer { arena.release() }
-        let x = try images(arena, args[1], m.config)
+        let x = try modelImages(arena, args[1], m.config)
         let B = x.shape[0], K = m.config.numClasses
-        try requireBatchFits(m.config, B: B, outputs: 1)
         let labels = try arena.int32(args[2], "labels", [B])
         for i in 0..<B where labels.pointer[i] < 0 || labels.pointer[i] >= K {
             throw PyError.value("labels: expected class indices in [0, \(K)), got \(labels.pointer[i]) at position \(i)")
@@ -171,9 +188,8 @@ let modelMethods: [Method] = [
         try args.expect(4)
         let m = try args.handle(0, "model", VisionTransformer.self)
         let arena = BufferArena(); defer { arena.release() }
-        let x = try images(arena, args[1], m.config)
+        let x = try modelImages(arena, args[1], m.config)
         let B = x.shape[0], K = m.config.numClasses
-        try requireBatchFits(m.config, B: B, outputs: 1)
         let q = try arena.float32(args[2], "targets", [B, K])
         for i in 0..<B {
             var sum: Double = 0

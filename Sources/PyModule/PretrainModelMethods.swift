@@ -5,27 +5,6 @@
 import CPythonBridge
 import MaPeTKernels
 
-private func table(_ t: ParameterTable) throws -> PyObj {
-    try pyList(t.entries.map { e in
-        try? pyTuple([pyString(e.name), pyTuple(e.shape.map { pyInt($0) }), pyInt(e.offset)])
-    })
-}
-
-/// images [B, inChans, S, S] float32 for `k`, B ≥ 1.
-private func pretrainImages(_ arena: BufferArena, _ obj: PyObj, _ k: ViTConfig) throws -> ArrayView<Float> {
-    let want = "[B, \(k.inChans), \(k.imgSize), \(k.imgSize)]"
-    let x = try arena.float32(obj, "images", [nil, nil, nil, nil])
-    guard x.shape[1] == k.inChans else {
-        throw PyError.value("images: expected \(k.inChans) channels (shape \(want)), got shape \(x.shape)")
-    }
-    guard x.shape[2] == k.imgSize, x.shape[3] == k.imgSize else {
-        throw PyError.value("images: expected \(k.imgSize)×\(k.imgSize) images (shape \(want)), got shape \(x.shape)")
-    }
-    guard x.shape[0] >= 1 else { throw PyError.value("images: expected at least one image, got shape \(x.shape)") }
-    try requireBatchFits(k, B: x.shape[0], outputs: 1)
-    return x
-}
-
 /// tokens int32 [B, n] with every value in 0..<V.
 private func visualTokens(_ arena: BufferArena, _ obj: PyObj, B: Int, _ k: PretrainConfig) throws -> ArrayView<Int32> {
     let n = k.vit.numPatches, V = k.vocabSize
@@ -83,43 +62,32 @@ private func word(_ args: Args, _ i: Int, _ name: String) throws -> UInt64 {
     UInt64(bitPattern: Int64(try args.int(i, name)))
 }
 
-/// The keys of `pretrain_create`'s config dict, in the order they are read: the model config's own
-/// names (num_tokens: the visual-token vocabulary; output_dim: DTM's teacher dimension, None otherwise).
-let pretrainConfigKeys = ["kind", "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
-                          "num_tokens", "output_dim", "least_number", "init_values", "drop_path_rate", "qkv_bias",
-                          "seed", "early_layers", "head_layers"]
+/// The keys of `pretrain_create`'s config dict, in the order they are read: the trunk's, then the model
+/// config's own names (num_tokens: the visual-token vocabulary; output_dim: DTM's teacher dimension,
+/// None otherwise; early_layers, head_layers: CCViT's, None otherwise).
+let pretrainConfigKeys = trunkConfigKeys + ["seed", "kind", "num_tokens", "output_dim", "least_number",
+                                            "early_layers", "head_layers"]
 
 let pretrainModelMethods: [Method] = [
     Method("pretrain_create", { outer in
         // pretrain_create(config: dict) -> handle; config holds exactly pretrainConfigKeys
         try outer.expect(1)
         return try withConfig(outer[0], keys: pretrainConfigKeys, function: "pretrain_create") { args in
-        var k = PretrainConfig()
-        let kind = try args.string(0, "kind")
+        let kind = try args.string(11, "kind")
         guard let kd = PretrainKind(rawValue: kind) else {
             throw PyError.value("kind: expected 'mapet', 'pim', 'beit', 'ccvit' or 'dtm', got '\(kind)'")
         }
-        k.kind = kd
-        k.vit.imgSize = try args.int(1, "img_size", min: 1, max: 1 << 16)
-        k.vit.patchSize = try args.int(2, "patch_size", min: 1, max: 1 << 16)
-        k.vit.inChans = try args.int(3, "in_chans", min: 1, max: 1 << 12)
-        k.vit.embedDim = try args.int(4, "embed_dim", min: 1, max: 1 << 16)
-        k.vit.depth = try args.int(5, "depth", min: 0, max: 1024)
-        k.vit.numHeads = try args.int(6, "num_heads", min: 1, max: 1 << 12)
-        k.vit.mlpRatio = try args.finiteDouble(7, "mlp_ratio")
-        guard k.vit.mlpRatio > 0, Double(k.vit.embedDim) * k.vit.mlpRatio < 1e7 else {
-            throw PyError.value("mlp_ratio: expected a positive ratio, got \(k.vit.mlpRatio)")
-        }
+        // the classifier fields are unused by the pre-training trunks
+        let vit = try args.trunkConfig(numClasses: 1, globalPool: .token)
+        let seed = UInt64(bitPattern: Int64(try args.int(10, "seed")))
         // lm_head / decoder outputs: the vocabulary, or DTM's teacher dimension
-        let vocabulary = try args.int(8, "num_tokens", min: 1, max: 1 << 24)
-        k.vocabSize = kd == .dtm ? try args.int(9, "output_dim", min: 1, max: 1 << 24) : vocabulary
-        k.leastNumber = try args.int(10, "least_number", min: 1, max: 1 << 30)
-        k.vit.initValues = args.isNone(11) ? nil : Float(try args.finiteDouble(11, "init_values"))
-        k.vit.dropPathRate = Float(try args.double(12, "drop_path_rate"))
-        k.vit.qkvBias = try args.bool(13, "qkv_bias")
-        let seed = UInt64(bitPattern: Int64(try args.int(14, "seed")))
-        k.earlyLayers = try args.int(15, "early_layers", min: 1, max: 1024)
-        k.headLayers = try args.int(16, "head_layers", min: 1, max: 64)
+        let vocabulary = try args.int(12, "num_tokens", min: 1, max: 1 << 24)
+        let outputs = kd == .dtm ? try args.int(13, "output_dim", min: 1, max: 1 << 24) : vocabulary
+        let pixelHead = kd == .ccvit
+        let k = PretrainConfig(vit: vit, kind: kd, vocabSize: outputs,
+                               leastNumber: try args.int(14, "least_number", min: 1, max: 1 << 30),
+                               earlyLayers: pixelHead ? try args.int(15, "early_layers", min: 1, max: 1024) : 0,
+                               headLayers: pixelHead ? try args.int(16, "head_layers", min: 1, max: 64) : 0)
         if let problem = k.problem { throw PyError.value(problem) }
         let total = PretrainModel.makeTable(k).total
         try requireModelFits(k.vit, total: total, outputs: k.vocabSize, streams: k.twoStream ? 2 : 1)
@@ -136,7 +104,7 @@ let pretrainModelMethods: [Method] = [
 
     Method("pretrain_table", { args in
         try args.expect(1)
-        return try table(try args.handle(0, "model", PretrainModel.self).table)
+        return try parameterTable(try args.handle(0, "model", PretrainModel.self).table)
     }, doc: "pretrain_table(model) -> [(name, shape, offset)] in reference order."),
 
     Method("pretrain_blocks", { args in
@@ -205,7 +173,7 @@ let pretrainModelMethods: [Method] = [
         try args.expect(4)
         let m = try args.handle(0, "model", MaPeTModel.self)
         let arena = BufferArena(); defer { arena.release() }
-        let x = try pretrainImages(arena, args[1], m.config.vit)
+        let x = try modelImages(arena, args[1], m.config.vit)
         let B = x.shape[0]
         let batch = try permutationBatch(args, 2, B: B, m.config)
         let out = try arena.float32(args[3], "out", [B, batch.predictedCount, m.config.vocabSize], writable: true)
@@ -221,7 +189,7 @@ let pretrainModelMethods: [Method] = [
         try args.expect(5)
         let m = try args.handle(0, "model", MaPeTModel.self)
         let arena = BufferArena(); defer { arena.release() }
-        let x = try pretrainImages(arena, args[1], m.config.vit)
+        let x = try modelImages(arena, args[1], m.config.vit)
         let B = x.shape[0]
         let tokens = try visualTokens(arena, args[2], B: B, m.config)
         let batch = try permutationBatch(args, 3, B: B, m.config)
@@ -237,7 +205,7 @@ let pretrainModelMethods: [Method] = [
         try args.expect(4)
         let m = try maskedModel(args, .beit)
         let arena = BufferArena(); defer { arena.release() }
-        let x = try pretrainImages(arena, args[1], m.config.vit)
+        let x = try modelImages(arena, args[1], m.config.vit)
         let B = x.shape[0], np = m.config.vit.numPatches
         let mask = try patchFlags(arena, args[2], "mask", B: B, m.config)
         let counts = (0..<B).map { b in (0..<np).reduce(0) { $0 + (mask.pointer[b * np + $1] != 0 ? 1 : 0) } }
@@ -257,7 +225,7 @@ let pretrainModelMethods: [Method] = [
         try args.expect(5)
         let m = try maskedModel(args, .beit)
         let arena = BufferArena(); defer { arena.release() }
-        let x = try pretrainImages(arena, args[1], m.config.vit)
+        let x = try modelImages(arena, args[1], m.config.vit)
         let B = x.shape[0]
         let tokens = try visualTokens(arena, args[2], B: B, m.config)
         let mask = try patchFlags(arena, args[3], "mask", B: B, m.config)
@@ -272,7 +240,7 @@ let pretrainModelMethods: [Method] = [
         try args.expect(4)
         let m = try maskedModel(args, .dtm)
         let arena = BufferArena(); defer { arena.release() }
-        let x = try pretrainImages(arena, args[1], m.config.vit)
+        let x = try modelImages(arena, args[1], m.config.vit)
         let B = x.shape[0]
         let mask = try patchFlags(arena, args[2], "mask", B: B, m.config)
         let out = try arena.float32(args[3], "out", [B, m.config.vit.numPatches, m.config.vocabSize], writable: true)
@@ -288,7 +256,7 @@ let pretrainModelMethods: [Method] = [
         try args.expect(7)
         let m = try maskedModel(args, .dtm)
         let arena = BufferArena(); defer { arena.release() }
-        let x = try pretrainImages(arena, args[1], m.config.vit)
+        let x = try modelImages(arena, args[1], m.config.vit)
         let B = x.shape[0], np = m.config.vit.numPatches, D = m.config.vocabSize
         let mask = try patchFlags(arena, args[2], "mask", B: B, m.config)
         let target = try arena.float32(args[3], "target", [nil, nil, nil])
@@ -316,7 +284,7 @@ let pretrainModelMethods: [Method] = [
         try args.expect(6)
         let m = try args.handle(0, "model", CCViTModel.self)
         let arena = BufferArena(); defer { arena.release() }
-        let x = try pretrainImages(arena, args[1], m.config.vit)
+        let x = try modelImages(arena, args[1], m.config.vit)
         let B = x.shape[0]
         let mask = try patchFlags(arena, args[2], "mask", B: B, m.config)
         let replaced = try patchFlags(arena, args[3], "replaced", B: B, m.config)
@@ -336,7 +304,7 @@ let pretrainModelMethods: [Method] = [
         try args.expect(10)
         let m = try args.handle(0, "model", CCViTModel.self)
         let arena = BufferArena(); defer { arena.release() }
-        let x = try pretrainImages(arena, args[1], m.config.vit)
+        let x = try modelImages(arena, args[1], m.config.vit)
         let B = x.shape[0], np = m.config.vit.numPatches, P = m.config.vit.patchDim
         let tokens = try visualTokens(arena, args[2], B: B, m.config)
         let targets = try arena.float32(args[3], "pixel_targets", [nil, nil, nil])

@@ -69,12 +69,12 @@ func withConfig<T>(_ obj: PyObj, keys: [String], function: String, _ body: (Args
     defer { values.deallocate() }
     for (i, key) in keys.enumerated() {
         guard let v = PyDict_GetItemString(obj, key) else {  // borrowed: the dict holds it
-            throw PyError.key("config: missing '\(key)' (expected the keys \(keys.joined(separator: ", ")))")
+            throw PyError.value("config: missing '\(key)' (expected the keys \(keys.joined(separator: ", ")))")
         }
         values[i] = v
     }
     guard size == keys.count else {
-        throw PyError.key("config: unknown keys besides \(keys.joined(separator: ", ")) (\(size) keys given)")
+        throw PyError.value("config: unknown keys besides \(keys.joined(separator: ", ")) (\(size) keys given)")
     }
     return try body(Args(base: UnsafePointer(values), count: keys.count, function: function))
 }

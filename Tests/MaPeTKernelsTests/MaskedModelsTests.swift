@@ -6,13 +6,10 @@ import XCTest
 /// the DTM loss is the plain smooth-L1 of the returned predictions.
 final class MaskedModelsTests: XCTestCase {
     private func config(_ kind: PretrainKind) -> PretrainConfig {
-        var k = PretrainConfig()
-        k.kind = kind
-        k.vit.imgSize = 16; k.vit.patchSize = 4; k.vit.embedDim = 16; k.vit.depth = 3; k.vit.numHeads = 2
-        k.vit.dropPathRate = 0; k.vit.initValues = 0.5
-        k.vocabSize = kind == .dtm ? 6 : 9
-        k.earlyLayers = 2
-        return k
+        let vit = ViTConfig(imgSize: 16, patchSize: 4, inChans: 3, embedDim: 16, depth: 3, numHeads: 2, mlpRatio: 4,
+                            numClasses: 1, globalPool: .token, initValues: 0.5, dropPathRate: 0, qkvBias: true)
+        return PretrainConfig(vit: vit, kind: kind, vocabSize: kind == .dtm ? 6 : 9, leastNumber: 4,
+                              earlyLayers: 2, headLayers: 2)
     }
 
     private func images(_ B: Int, seed: UInt64) -> [Float] {

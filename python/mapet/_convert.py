@@ -33,6 +33,30 @@ def images(x: Any, name: str = "images") -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
+def i32(x: Any, name: str) -> np.ndarray:
+    """Integer (or bool) array as C-contiguous int32, refusing values int32 cannot hold."""
+    if x is None:
+        raise TypeError(f"{name}: expected an integer array, got None")
+    a = np.asarray(x)
+    if a.dtype == np.bool_:
+        return np.ascontiguousarray(a, dtype=np.int32)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{name}: expected an integer or bool array, got dtype {a.dtype}")
+    if not np.can_cast(a.dtype, np.int32) and a.size and (a.min() < -2**31 or a.max() >= 2**31):
+        raise ValueError(f"{name}: values outside the int32 range (min {a.min()}, max {a.max()})")
+    return np.ascontiguousarray(a, dtype=np.int32)
+
+
+def indices(x: Any, name: str, what: str) -> np.ndarray:
+    """Indices (class labels, visual tokens: ``what``) as int32. Only what the conversion would lose
+    is refused here: floats and bools (truncated, or read as 0/1) and values beyond int32; the engine
+    checks the shape and the range against the model."""
+    a = np.asarray(x)
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{name}: expected an integer array of {what}, got dtype {a.dtype}")
+    return i32(a, name)
+
+
 def seed_bits(seed: Any, name: str = "seed") -> int:
     """An int seed in [0, 2**64) as the signed 64-bit pattern the engine's generators take (seeds
     ≥ 2**63 become negative patterns; the generator sees the same 64 bits). The one seed rule of

@@ -7,11 +7,11 @@ from typing import Any, Dict, Mapping
 
 import numpy as np
 
-from ._convert import seed_bits
+from ._convert import indices, seed_bits
 from ._native import _core
-from .objectives import _i32
 from ._params import ParameterBlock
 from .io import save_file
+from .registry import TRUNK_DEFAULTS
 
 log = logging.getLogger("mapet.pretrain_models")
 
@@ -19,10 +19,8 @@ FORMAT = "mapet"
 _RNG = "xoshiro256**"
 _U64 = (1 << 64) - 1
 
-_DEFAULTS: Dict[str, Any] = dict(
-    img_size=224, patch_size=16, in_chans=3, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0,
-    qkv_bias=True, init_values=0.1, drop_path_rate=0.1, num_tokens=8192, least_number=None,
-)
+#: The recipe's model defaults of every pre-training kind (each class adds its ``_extra``); the engine has none.
+_DEFAULTS: Dict[str, Any] = dict(TRUNK_DEFAULTS, init_values=0.1, drop_path_rate=0.1, num_tokens=8192, least_number=None)
 
 #: The paper's context share: least_number 50 of 196 patches (≈ 25 %).
 LEAST_NUMBER_SHARE = 50 / 196
@@ -37,14 +35,9 @@ def _signed(v: int) -> int:
     return v - (1 << 64) if v >= (1 << 63) else v
 
 
-def _tokens(tokens: Any, batch: int, num_patches: int, num_tokens: int) -> np.ndarray:
-    """Visual tokens as int32 for the engine, which checks their shape and range against the model
-    (``batch``, ``num_patches``, ``num_tokens``: kept for the callers' signature). Only what the
-    conversion would lose is refused here: floats or bools (truncated) and values beyond int32."""
-    a = np.asarray(tokens)
-    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
-        raise TypeError(f"tokens: expected an integer array [B, num_patches] of visual tokens, got dtype {a.dtype}")
-    return _i32(a, "tokens")
+def _tokens(tokens: Any) -> np.ndarray:
+    """Visual tokens as int32 for the engine, which checks their shape and range against the model."""
+    return indices(tokens, "tokens", "visual tokens [B, num_patches]")
 
 
 class _PretrainModel(ParameterBlock):
@@ -69,7 +62,7 @@ class _PretrainModel(ParameterBlock):
         # the engine checks every value (types, ranges, the model's size); the config crosses as one dict
         self._handle = _core.pretrain_create(dict(
             {k: cfg[k] for k in _DEFAULTS}, kind=self._kind, seed=seed_bits(seed), output_dim=cfg.get("output_dim"),
-            early_layers=cfg.get("early_layers", 1), head_layers=cfg.get("head_layers", 1)))
+            early_layers=cfg.get("early_layers"), head_layers=cfg.get("head_layers")))
         # accepted: stored as plain Python numbers (the config is written to files as JSON)
         for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "num_tokens",
                     "least_number", *self._extra):

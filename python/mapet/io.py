@@ -9,7 +9,7 @@ temporary file that is fsynced and renamed over the destination.
 import json
 import os
 import tempfile
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import safetensors
@@ -139,3 +139,29 @@ def load_file(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
         what = "truncated, or bytes no tensor covers" if "not fully covered" in str(e) else "not a valid safetensors file"
         raise ValueError(f"{path}: {what} ({e})") from None
     return out, dict(metadata)
+
+
+def build_from_config(path: str, text: str, build: Callable[..., Any], what: str, wrap: Optional[type] = None) -> Any:
+    """``build(**config)`` for the JSON object ``text`` read from the file ``path``. A bad config raises
+    naming the file and ``what``: as ``wrap`` when given, else as the error's own type."""
+    try:
+        config = json.loads(text)
+        if not isinstance(config, dict):
+            raise TypeError(f"expected an object, got {type(config).__name__}")
+        return build(**config)
+    except (ValueError, TypeError, MemoryError) as e:
+        if wrap is not None:
+            raise wrap(f"{path}: bad {what} ({type(e).__name__}: {e})") from None
+        raise type(e)(f"{path}: bad {what} ({e})") from None
+
+
+def model_from_file(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str],
+                    build: Callable[..., Any]) -> Any:
+    """The model of a mapet model file: ``build(**config)`` from the JSON config in its metadata (a bad
+    config raises naming the file), its weights (``load_state_dict``, strict names) and its input
+    normalisation (``data_config``)."""
+    model = build_from_config(path, metadata["config"], build, "model config")
+    model.load_state_dict(tensors)
+    from .data.data_config import from_metadata
+    model.data_config = from_metadata(metadata)
+    return model

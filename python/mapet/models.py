@@ -12,33 +12,18 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ._convert import images as _images
+from ._convert import images as _images, indices
 from ._native import _core
 from ._params import ParameterBlock
-from .io import load_file, save_file
-from .registry import named_models, register_model_family, split_model_name
+from .io import load_file, model_from_file, save_file
+from .registry import TRUNK_DEFAULTS, named_models, register_model_family, split_model_name
 
 log = logging.getLogger(__name__)
 
 FORMAT = "mapet"
 
-_DEFAULTS: Dict[str, Any] = dict(
-    img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
-    embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0, qkv_bias=True, init_values=None,
-    drop_path_rate=0.0,
-)
-
-def _labels(labels: Any, batch: int, num_classes: int) -> np.ndarray:
-    a = np.asarray(labels)
-    if not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_) or a.dtype == np.bool_:
-        raise TypeError(f"labels: expected an integer array of class indices, got dtype {a.dtype}")
-    if a.shape != (batch,):
-        raise ValueError(f"labels: expected shape ({batch},) to match the images, got {a.shape}")
-    if batch and (a.min() < 0 or a.max() >= num_classes):
-        bad = a[(a < 0) | (a >= num_classes)][0]
-        raise ValueError(f"labels: expected class indices in [0, {num_classes}), got {bad}")
-    return np.ascontiguousarray(a, dtype=np.int32)
-
+_DEFAULTS: Dict[str, Any] = dict(TRUNK_DEFAULTS, num_classes=1000, global_pool="token", init_values=None,
+                                 drop_path_rate=0.0)
 
 class VisionTransformer(ParameterBlock):
     """A ViT classifier (ALGORITHMS.md §1; timm ``VisionTransformer`` names).
@@ -70,16 +55,12 @@ class VisionTransformer(ParameterBlock):
         if unknown:
             raise TypeError(f"VisionTransformer: unknown option(s) {unknown}; known: {sorted(_DEFAULTS)}")
         cfg = dict(_DEFAULTS, **config)
-        if cfg["global_pool"] not in ("token", "avg"):
-            raise ValueError(f"global_pool: expected 'token' or 'avg', got {cfg['global_pool']!r}")
         cfg["init_values"] = None if cfg["init_values"] is None else float(cfg["init_values"])
         cfg["mlp_ratio"] = float(cfg["mlp_ratio"])
         cfg["drop_path_rate"] = float(cfg["drop_path_rate"])
         cfg["qkv_bias"] = bool(cfg["qkv_bias"])
-        self._handle = _core.vit_create(
-            cfg["img_size"], cfg["patch_size"], cfg["in_chans"], cfg["embed_dim"], cfg["depth"],
-            cfg["num_heads"], cfg["mlp_ratio"], cfg["num_classes"], cfg["global_pool"],
-            cfg["init_values"], cfg["drop_path_rate"], cfg["qkv_bias"], int(seed))
+        # the engine checks every value (types, ranges, the model's size); the config crosses as one dict
+        self._handle = _core.vit_create(dict(cfg, seed=int(seed)))
         self.config: Dict[str, Any] = cfg
         self.seed = int(seed)
         self._bind(_core.vit_table(self._handle), *_core.vit_blocks(self._handle))
@@ -169,7 +150,7 @@ class VisionTransformer(ParameterBlock):
                                  f"got {label_smoothing}")
             loss = _core.vit_train_step_soft(self._handle, x, np.ascontiguousarray(soft, np.float32), logits)
             return (loss, logits) if return_logits else loss
-        y = _labels(labels, x.shape[0], self.config["num_classes"])
+        y = indices(labels, "labels", "class indices")  # the engine checks the shape [B] and the range
         loss = _core.vit_train_step(self._handle, x, y, float(label_smoothing), logits)
         return (loss, logits) if return_logits else loss
 
@@ -371,14 +352,5 @@ def load(path: str) -> VisionTransformer:
     if kind != "vit":
         from .pretrain_models import load_pretrain_model
         return load_pretrain_model(path)
-    try:
-        config = json.loads(metadata["config"])
-        if not isinstance(config, dict):
-            raise TypeError(f"expected an object, got {type(config).__name__}")
-        model = VisionTransformer(**config)
-    except (ValueError, TypeError, MemoryError) as e:
-        raise type(e)(f"{path}: bad model config ({e})") from None
-    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optimizer.")})
-    from .data.data_config import from_metadata
-    model.data_config = from_metadata(metadata)
-    return model
+    return model_from_file(path, {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}, metadata,
+                           VisionTransformer)

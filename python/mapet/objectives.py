@@ -18,6 +18,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 
 from ._convert import f32 as _f32
+from ._convert import i32 as _i32
 from ._native import _core
 
 logger = logging.getLogger(__name__)
@@ -27,19 +28,6 @@ __all__ = [
     "dtm_loss", "ccvit_corrupt", "ccvit_pixel_targets", "masked_mse",
 ]
 
-
-def _i32(x, name: str) -> np.ndarray:
-    """Integer (or bool) array as C-contiguous int32, refusing values int32 cannot hold."""
-    if x is None:
-        raise TypeError(f"{name}: expected an integer array, got None")
-    a = np.asarray(x)
-    if a.dtype == np.bool_:
-        return np.ascontiguousarray(a, dtype=np.int32)
-    if not np.issubdtype(a.dtype, np.integer):
-        raise TypeError(f"{name}: expected an integer or bool array, got dtype {a.dtype}")
-    if not np.can_cast(a.dtype, np.int32) and a.size and (a.min() < -2**31 or a.max() >= 2**31):
-        raise ValueError(f"{name}: values outside the int32 range (min {a.min()}, max {a.max()})")
-    return np.ascontiguousarray(a, dtype=np.int32)
 
 
 # ------------------------------------------------------------------------------ DTM

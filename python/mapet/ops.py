@@ -9,7 +9,7 @@ from typing import Optional
 
 import numpy as np
 
-from ._convert import f32 as _f32
+from ._convert import f32 as _f32, indices
 from ._native import _core
 from .objectives import _i32
 from ._runtime import warn_if_bf16_inactive
@@ -326,10 +326,7 @@ def cross_entropy(logits: np.ndarray, targets: np.ndarray, smoothing: float = 0.
     Returns (mean loss, per-row losses [R], probs [R, K]).
     """
     logits = _f32(logits, "logits")
-    t = np.asarray(targets)
-    if t.dtype == np.bool_ or not np.issubdtype(t.dtype, np.integer):
-        raise TypeError(f"targets: expected integer class indices, got dtype {t.dtype}")
-    t = _i32(t, "targets")
+    t = indices(targets, "targets", "class indices")
     losses = np.empty(logits.shape[0], np.float32)
     probs = np.empty_like(logits)
     loss = _core.cross_entropy_forward(losses, probs, logits, t, float(smoothing))
@@ -370,22 +367,11 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None,
         >>> mapet.ops.conv2d(np.ones((1, 2, 5, 5), np.float32), np.ones((3, 2, 3, 3), np.float32), padding=1).shape
         (1, 3, 5, 5)
     """
-    x, weight = _f32(x, "x"), _f32(weight, "weight")
-    if x.ndim != 4 or weight.ndim != 4:
-        raise ValueError(f"conv2d: expected x [B, Cin, H, W] and weight [Cout, Cin, kH, kW], got shapes "
-                         f"{x.shape} and {weight.shape}")
-    for name, v in (("stride", stride), ("padding", padding)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise TypeError(f"conv2d: {name} must be an int, got {type(v).__name__}")
-    if stride < 1 or padding < 0:
-        raise ValueError(f"conv2d: expected stride ≥ 1 and padding ≥ 0, got stride={stride}, padding={padding}")
-    ho = (x.shape[2] + 2 * padding - weight.shape[2]) // stride + 1
-    wo = (x.shape[3] + 2 * padding - weight.shape[3]) // stride + 1
-    out = np.empty((x.shape[0], weight.shape[0], max(ho, 0), max(wo, 0)), np.float32)
-    _core.conv2d_forward(out, x, weight, None if bias is None else _f32(bias, "bias"),
-                         None if residual is None else _f32(residual, "residual"), bool(relu),
-                         int(stride), int(padding), precision)
-    return out
+    # the engine checks the shapes, stride and padding and allocates the output
+    out = _core.conv2d_forward(None, _f32(x, "x"), _f32(weight, "weight"), None if bias is None else _f32(bias, "bias"),
+                               None if residual is None else _f32(residual, "residual"), bool(relu), stride, padding,
+                               precision)
+    return np.asarray(out)
 
 
 def avg_pool2d(x: np.ndarray, stride: int) -> np.ndarray:
@@ -398,11 +384,4 @@ def avg_pool2d(x: np.ndarray, stride: int) -> np.ndarray:
         array([[ 2.5,  4.5],
                [10.5, 12.5]], dtype=float32)
     """
-    x = _f32(x, "x")
-    if x.ndim != 4:
-        raise ValueError(f"avg_pool2d: expected x [B, C, H, W], got shape {x.shape}")
-    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
-        raise ValueError(f"avg_pool2d: stride must be a positive int, got {stride!r}")
-    out = np.empty((x.shape[0], x.shape[1], x.shape[2] // stride, x.shape[3] // stride), np.float32)
-    _core.avg_pool2d_forward(out, x, int(stride))
-    return out
+    return np.asarray(_core.avg_pool2d_forward(None, _f32(x, "x"), stride))

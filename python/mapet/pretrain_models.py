@@ -21,7 +21,6 @@ Example:
     (2, 12, 16)
     >>> loss = m.train_step(images, np.zeros((2, 16), np.int64), batch)
 """
-import json
 import logging
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -31,8 +30,8 @@ from ._native import _core
 from ._convert import images as _images
 from ._pretrain_base import (FORMAT, LEAST_NUMBER_SHARE, _PretrainModel, _tokens,  # noqa: F401
                              default_least_number)
-from .io import load_file
-from .objectives import _i32
+from .io import load_file, model_from_file
+from ._convert import i32 as _i32
 from .registry import model_family, register_model_family, split_model_name
 from .sampling import PermutationBatch, PermutationSampler
 
@@ -108,7 +107,7 @@ class MaPeT(_PretrainModel):
         x = _images(images)
         B = x.shape[0]
         b = self._batch(batch, B)
-        t = _tokens(tokens, B, self.num_patches, self.config["num_tokens"])
+        t = _tokens(tokens)
         logits = np.empty((B, b.num_predicted, self.config["num_tokens"]), np.float32) if return_logits else None
         loss = _core.twostream_train_step(self._handle, x, t, b._handle, logits)
         return (loss, logits) if return_logits else loss
@@ -161,7 +160,7 @@ class BEiT(_PretrainModel):
         x = _images(images)
         B = x.shape[0]
         m = self._mask(mask, B)
-        t = _tokens(tokens, B, self.num_patches, self.config["num_tokens"])
+        t = _tokens(tokens)
         logits = np.empty((int(m.sum()), self.config["num_tokens"]), np.float32) if return_logits else None
         loss = _core.mim_train_step(self._handle, x, t, m, logits)
         return (loss, logits) if return_logits else loss
@@ -243,7 +242,7 @@ class CCViT(_PretrainModel):
         x = _images(images)
         B = x.shape[0]
         m, r = self._flags(mask, replaced, B)
-        t = _tokens(tokens, B, self.num_patches, self.config["num_tokens"])
+        t = _tokens(tokens)
         tg = np.asarray(pixel_targets)
         if not np.issubdtype(tg.dtype, np.floating):
             raise TypeError(f"pixel_targets: expected a float array [B, num_patches, {self.pixel_dim}], got dtype {tg.dtype}")
@@ -385,14 +384,4 @@ def load_pretrain_model(path: str) -> "_PretrainModel":
     kind = metadata.get("model")
     if metadata.get("format") != FORMAT or "config" not in metadata or kind not in _PRETRAIN_FAMILIES:
         raise ValueError(f"{path}: not a mapet pre-training model file (format={metadata.get('format')!r}, model={kind!r})")
-    try:
-        config = json.loads(metadata["config"])
-        if not isinstance(config, dict):
-            raise TypeError(f"expected an object, got {type(config).__name__}")
-        model = model_family(kind).build(seed=0, **config)
-    except (ValueError, TypeError, MemoryError) as e:
-        raise type(e)(f"{path}: bad model config ({e})") from None
-    model.load_state_dict(tensors)
-    from .data.data_config import from_metadata
-    model.data_config = from_metadata(metadata)
-    return model
+    return model_from_file(path, tensors, metadata, lambda **config: model_family(kind).build(seed=0, **config))

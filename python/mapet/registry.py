@@ -26,6 +26,11 @@ SIZES: Dict[str, Dict[str, Any]] = {
     "small": dict(embed_dim=384, depth=12, num_heads=6),
     "base": dict(embed_dim=768, depth=12, num_heads=12),
 }
+#: The trunk options every ViT-shaped family starts from (ViT-Ti/16 at 224 px). With each family's own
+#: (``mapet.models._DEFAULTS``, ``mapet._pretrain_base._DEFAULTS`` and the ``_extra`` of its class), these
+#: are the only defaults: the engine has none and refuses a config without every value.
+TRUNK_DEFAULTS: Dict[str, Any] = dict(img_size=224, patch_size=16, in_chans=3, **SIZES["tiny"], mlp_ratio=4.0,
+                                      qkv_bias=True)
 #: The one patch/resolution suffix of registered names (``img_size``/``patch_size`` are overrides).
 SUFFIX = "patch16_224"
 

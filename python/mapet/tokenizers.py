@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 import numpy as np
 
-from .io import load_file, save_file
+from .io import build_from_config, load_file, save_file
 from .kmeans import KMeans
 from .progress import wrap
 
@@ -117,13 +117,9 @@ class _Tokenizer:
         if meta.get("mapet_tokenizer") != cls._kind:
             raise ValueError(f"{path}: expected a {cls._kind} file, found tokenizer kind "
                              f"{meta.get('mapet_tokenizer')!r}")
-        try:
-            config = json.loads(meta["config"])
-            if not isinstance(config, dict):
-                raise TypeError(f"expected an object, got {type(config).__name__}")
-            tok = cls(**config)
-        except (KeyError, ValueError, TypeError) as e:
-            raise ValueError(f"{path}: bad tokenizer config in the metadata ({type(e).__name__}: {e})") from None
+        if "config" not in meta:
+            raise ValueError(f"{path}: bad tokenizer config in the metadata (no 'config' entry)")
+        tok = build_from_config(path, meta["config"], cls, "tokenizer config in the metadata", wrap=ValueError)
         if set(tensors) != {"centroids"}:
             raise ValueError(f"{path}: expected one tensor 'centroids', found {sorted(tensors)}")
         c = tensors["centroids"]

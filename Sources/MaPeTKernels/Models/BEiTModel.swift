@@ -13,31 +13,21 @@
 final class MIMActivations: @unchecked Sendable {
     let B, M: Int
     let arena: Arena
-    let patches, patchOut: UnsafeMutablePointer<Float>
-    let xs: [UnsafeMutablePointer<Float>]
-    let caches: [BlockCache]
-    let scratch: BlockScratch
-    let keeps: UnsafeMutablePointer<Float>           // [depth + pixel-head blocks, 2, B]
+    /// The trunk's: patches, block inputs and caches, scratch, keep masks (trunk and pixel-head blocks).
+    let t: TrunkActivations
     let sel, normOut, normMean, normRstd, logits, probs, losses: UnsafeMutablePointer<Float>
     let dx, dSel, dNormOut, dLogits: UnsafeMutablePointer<Float>
     let targets, rows: UnsafeMutablePointer<Int32>   // rows: selected row index b·N + 1 + t
 
     init?(config k: PretrainConfig, B: Int, M: Int) {
-        let v = k.vit, C = v.embedDim, N = v.sequenceLength, n = v.numPatches, V = k.vocabSize, depth = v.depth
-        let R = B * N, attnProbs = B * v.numHeads * N * N, blocks = depth + k.pixelHeadDepth
+        let v = k.vit, C = v.embedDim, V = k.vocabSize, R = B * v.sequenceLength, blocks = v.depth + k.pixelHeadDepth
         // Cross-entropy buffers (probs, per-row losses, targets) only for the token heads.
         let ce = k.kind == .dtm ? 0 : 1
-        var sizes = [B * n * v.patchDim, B * n * C] + Array(repeating: R * C, count: depth + 1)
-        for _ in 0..<depth { sizes += BlockCache.floats(rows: R, C: C, hidden: v.hidden, probs: attnProbs, ownsKV: true) }
-        sizes += BlockScratch.floats(rows: R, C: C, hidden: v.hidden, ownsKV: true)
-        sizes += [blocks * 2 * B, M * C, M * C, M, M, M * V, ce * M * V, ce * M, R * C, M * C, M * C, M * V, ce * M, M]
+        let sizes = TrunkActivations.floats(v, B: B, keepBlocks: blocks)
+            + [M * C, M * C, M, M, M * V, ce * M * V, ce * M, R * C, M * C, M * C, M * V, ce * M, M]
         guard let arena = Arena(floats: Arena.size(sizes)) else { return nil }
         (self.B, self.M, self.arena) = (B, M, arena)
-        patches = arena.take(B * n * v.patchDim); patchOut = arena.take(B * n * C)
-        xs = (0...depth).map { _ in arena.take(R * C) }
-        caches = (0..<depth).map { _ in BlockCache(arena: arena, rows: R, C: C, hidden: v.hidden, probs: attnProbs, ownsKV: true) }
-        scratch = BlockScratch(arena: arena, rows: R, C: C, hidden: v.hidden, ownsKV: true)
-        keeps = arena.take(blocks * 2 * B)
+        t = TrunkActivations(arena: arena, v, B: B, keepBlocks: blocks)
         sel = arena.take(M * C); normOut = arena.take(M * C); normMean = arena.take(M); normRstd = arena.take(M)
         logits = arena.take(M * V); probs = arena.take(ce * M * V); losses = arena.take(ce * M)
         dx = arena.take(R * C); dSel = arena.take(M * C); dNormOut = arena.take(M * C); dLogits = arena.take(M * V)
@@ -79,32 +69,16 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
     /// a.logits [M, V]. The trunk's input rows of `masked` [B, n] patches hold the mask token.
     func runForward(_ a: MIMActivations, images: UnsafePointer<Float>, masked: UnsafePointer<Int32>,
                     select: UnsafePointer<Int32>?, training: Bool) {
-        let v = config.vit, C = v.embedDim, n = v.numPatches, N = v.sequenceLength, B = a.B, M = a.M
-        patchEmbedForward(out: a.patchOut, patches: a.patches, images: images, weight: trunk.patchWeight,
-                          bias: trunk.patchBias, B: B, inChans: v.inChans, imgSize: v.imgSize,
-                          patch: v.patchSize, C: C, precision: precision)
-        nonisolated(unsafe) let x = a.xs[0], patchOut = a.patchOut, cls = trunk.clsToken, pos = trunk.posEmbed,
-                                mt = trunk.special!, masked = masked
-        Parallel.forEach(B) { b in
-            let xb = x + b * N * C
-            for j in 0..<C { xb[j] = cls[j] + pos[j] }
-            for t in 0..<n {
-                let src = masked[b * n + t] != 0 ? UnsafePointer(mt) : UnsafePointer(patchOut + (b * n + t) * C)
-                let dst = xb + (t + 1) * C, pe = pos + (t + 1) * C
-                for j in 0..<C { dst[j] = src[j] + pe[j] }
-            }
-        }
+        let v = config.vit, n = v.numPatches, N = v.sequenceLength, B = a.B, M = a.M
+        trunk.embed(x: a.t.xs[0], stride: N, patches: a.t.patches, patchOut: a.t.patchOut, images: images, B: B, masked: masked)
         var r = 0
         for b in 0..<B {
             for t in 0..<n where select.map({ $0[b * n + t] != 0 }) ?? true { a.rows[r] = Int32(b * N + 1 + t); r += 1 }
         }
         precondition(r == M, "BEiTModel: selected row count changed")
-        for (l, blk) in blocks.enumerated() {
-            let (keep1, keep2) = keepPointers(a.keeps, l: l, B: B, training: training)
-            blk.forward(out: a.xs[l + 1], x: a.xs[l], cache: a.caches[l], B: B, T: N, mask: FullAttention(), keep1: keep1, keep2: keep2)
-        }
+        trunk.forwardBlocks(a.t, B: B, training: training)
         rowHeadForward(out: a.logits, sel: a.sel, normOut: a.normOut, mean: a.normMean, rstd: a.normRstd,
-                       x: a.xs[v.depth], rows: a.rows, M: M, head: tokenHead, K: config.vocabSize)
+                       x: a.t.xs[v.depth], rows: a.rows, M: M, head: tokenHead, K: config.vocabSize)
     }
 
     /// A head over selected rows: sel [M, C] = x[rows], out [M, K] = head(norm(sel)) (the LayerNorm
@@ -147,23 +121,12 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
     /// so a second head reading x_level can add its gradient.
     func runBackward(_ a: MIMActivations, masked: UnsafePointer<Int32>,
                      inject: ((Int, UnsafeMutablePointer<Float>) -> Void)? = nil) {
-        let v = config.vit, C = v.embedDim, N = v.sequenceLength, n = v.numPatches, B = a.B
+        let v = config.vit, C = v.embedDim, N = v.sequenceLength, B = a.B
         rowHeadBackward(dX: a.dx, dXCount: B * N * C, dSel: a.dSel, dNormOut: a.dNormOut, dOut: a.dLogits, sel: a.sel,
                         normOut: a.normOut, mean: a.normMean, rstd: a.normRstd, rows: a.rows, M: a.M,
                         head: tokenHead, dHead: dTokenHead, K: config.vocabSize)
-        for l in stride(from: v.depth - 1, through: 0, by: -1) {
-            inject?(l + 1, a.dx)
-            let (keep1, keep2) = keepPointers(a.keeps, l: l, B: B, training: true)
-            blocks[l].backward(dx: a.dx, x: a.xs[l], cache: a.caches[l], scratch: a.scratch, B: B, T: N, keep1: keep1, keep2: keep2)
-        }
-        embedTokensBackward(dRows: a.dx, stride: N, dPatch: a.scratch.dLn, patches: a.patches, B: B, masked: masked)
-        let dMt = dTrunk.special!
-        for b in 0..<B {
-            for t in 0..<n where masked[b * n + t] != 0 {
-                let row = a.dx + (b * N + 1 + t) * C
-                for j in 0..<C { dMt[j] += row[j] }
-            }
-        }
+        trunk.backwardBlocks(dx: a.dx, a.t, B: B, inject: inject)
+        trunk.embedBackward(dRows: a.dx, stride: N, dPatch: a.t.scratch.dLn, patches: a.t.patches, B: B, masked: masked)
     }
 
     /// Inference head outputs [M, V] at the rows flagged in `select` (every patch when nil;
@@ -186,7 +149,7 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
         let M = maskedCount(masked, B: B)
         guard let a = activations(B: B, M: M) else { return .failure(.outOfMemory) }
         let savedRNG = rng
-        drawKeeps(a.keeps, B: B)
+        trunk.drawKeeps(a.t.keeps, B: B)
         runForward(a, images: images, masked: masked, select: masked, training: true)
         let (sum, count) = tokenCrossEntropy(a, tokens: tokens)
         let loss = count > 0 ? sum / Double(count) : 0
@@ -221,7 +184,7 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
         let n = config.vit.numPatches, D = config.vocabSize, M = B * n
         guard let a = activations(B: B, M: M) else { return .failure(.outOfMemory) }
         let savedRNG = rng
-        drawKeeps(a.keeps, B: B)
+        trunk.drawKeeps(a.t.keeps, B: B)
         runForward(a, images: images, masked: masked, select: nil, training: true)
         if let predOut { predOut.update(from: a.logits, count: M * D) }
         let loss = dtmLossForward(pred: a.logits, target: target, membership: membership, L: L, B: B, N: n, D: D, beta: beta)

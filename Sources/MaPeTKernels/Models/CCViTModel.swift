@@ -74,13 +74,13 @@ public final class CCViTModel: BEiTModel, @unchecked Sendable {
     /// Pixel branch forward after the trunk (`a` holds the trunk's activations): p.pixels [M, P].
     private func pixelForward(_ a: MIMActivations, _ p: CCViTPixelActivations, training: Bool) {
         let v = config.vit, C = v.embedDim, N = v.sequenceLength, B = a.B, M = a.M
-        nonisolated(unsafe) let h0 = p.hs[0], xL = a.xs[v.depth], xE = a.xs[config.earlyLayers]
+        nonisolated(unsafe) let h0 = p.hs[0], xL = a.t.xs[v.depth], xE = a.t.xs[config.earlyLayers]
         Parallel.forEach(B) { b in
             (h0 + b * N * C).update(from: xL + b * N * C, count: C)
             (h0 + (b * N + 1) * C).update(from: xE + (b * N + 1) * C, count: (N - 1) * C)
         }
         for (i, blk) in headBlocks.enumerated() {
-            let (keep1, keep2) = keepPointers(a.keeps, l: v.depth + i, B: B, training: training)
+            let (keep1, keep2) = trunk.keepPointers(a.t.keeps, l: v.depth + i, B: B, training: training)
             blk.forward(out: p.hs[i + 1], x: p.hs[i], cache: p.caches[i], B: B, T: N, mask: FullAttention(), keep1: keep1, keep2: keep2)
         }
         rowHeadForward(out: p.pixels, sel: p.sel, normOut: p.normOut, mean: p.normMean, rstd: p.normRstd,
@@ -95,8 +95,8 @@ public final class CCViTModel: BEiTModel, @unchecked Sendable {
                         sel: p.sel, normOut: p.normOut, mean: p.normMean, rstd: p.normRstd, rows: a.rows, M: a.M,
                         head: pixelHead!, dHead: dPixelHead!, K: v.patchDim)
         for i in stride(from: headBlocks.count - 1, through: 0, by: -1) {
-            let (keep1, keep2) = keepPointers(a.keeps, l: v.depth + i, B: B, training: true)
-            headBlocks[i].backward(dx: p.dh, x: p.hs[i], cache: p.caches[i], scratch: a.scratch, B: B, T: N,
+            let (keep1, keep2) = trunk.keepPointers(a.t.keeps, l: v.depth + i, B: B, training: true)
+            headBlocks[i].backward(dx: p.dh, x: p.hs[i], cache: p.caches[i], scratch: a.t.scratch, B: B, T: N,
                                    keep1: keep1, keep2: keep2)
         }
     }
@@ -146,7 +146,7 @@ public final class CCViTModel: BEiTModel, @unchecked Sendable {
         let M = corrupted.reduce(0) { $0 + Int($1) }
         guard let a = activations(B: B, M: M), let p = pixelActivations(B: B, M: M) else { return .failure(.outOfMemory) }
         let savedRNG = rng
-        drawKeeps(a.keeps, B: B)
+        trunk.drawKeeps(a.t.keeps, B: B)
         corrupted.withUnsafeBufferPointer { runForward(a, images: images, masked: masked, select: $0.baseAddress!, training: true) }
         pixelForward(a, p, training: true)
         let (ceSum, count) = tokenCrossEntropy(a, tokens: tokens)

@@ -14,12 +14,15 @@ import Glibc
 public struct CLIPVisionConfig: Sendable, Equatable {
     /// Geometry and size: imgSize, patchSize, inChans, embedDim (= width), depth (= layers),
     /// numHeads (= width / 64 in the published towers), mlpRatio.
-    public var trunk = ViTConfig()
+    public var trunk: ViTConfig
     /// Width of `proj`'s output (the joint embedding).
-    public var outputDim = 512
-    public var activation: Activation = .quickGELU
+    public var outputDim: Int
+    public var activation: Activation
 
-    public init() {}
+    /// Every field is given: the defaults live in Python only (README, developer section).
+    public init(trunk: ViTConfig, outputDim: Int, activation: Activation) {
+        (self.trunk, self.outputDim, self.activation) = (trunk, outputDim, activation)
+    }
 
     /// A description of the first invalid field, or nil.
     public var problem: String? {
@@ -169,22 +172,11 @@ public final class CLIPVisionTransformer: @unchecked Sendable {
 
         patchEmbedForward(out: patchOut, patches: patches, images: images, weight: tower.conv1, bias: nil,
                           B: B, inChans: k.inChans, imgSize: k.imgSize, patch: k.patchSize, C: C, precision: precision)
-        nonisolated(unsafe) let y0 = y, patchOutS = UnsafePointer(patchOut)
-        nonisolated(unsafe) let classEmb = UnsafePointer(tower.classEmbedding), pos = UnsafePointer(tower.positionalEmbedding)
-        Parallel.forEach(B) { b in
-            let yb = y0 + b * N * C
-            for j in 0..<C { yb[j] = classEmb[j] + pos[j] }
-            for t in 0..<n {
-                let src = patchOutS + (b * n + t) * C, dst = yb + (t + 1) * C, pe = pos + (t + 1) * C
-                for j in 0..<C { dst[j] = src[j] + pe[j] }
-            }
-        }
+        embedTokensForward(x: y, stride: N, patchOut: patchOut, cls: tower.classEmbedding, pos: tower.positionalEmbedding,
+                           special: nil, masked: nil, B: B, n: n, C: C)
         layerNormForward(out: x, mean: mean, rstd: rstd, input: y, weight: tower.lnPreWeight, bias: tower.lnPreBias,
                          rows: rows, cols: C, eps: clipLayerNormEps)
-        for blk in blocks {
-            blk.forward(out: y, x: x, cache: cache, B: B, T: N, mask: FullAttention(), keep1: nil, keep2: nil)
-            swap(&x, &y)
-        }
+        forwardBlocksInference(blocks, x: &x, y: &y, cache: cache, B: B, T: N)
         let out = tokens ?? post
         layerNormForward(out: out, mean: mean, rstd: rstd, input: x, weight: tower.lnPostWeight, bias: tower.lnPostBias,
                          rows: rows, cols: C, eps: clipLayerNormEps)

@@ -91,20 +91,12 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
 
     /// h0 and g0 from the images and the predicted positions.
     private func embed(_ a: TwoStreamActivations, images: UnsafePointer<Float>, batch: PermutationBatch) {
-        let v = config.vit, C = v.embedDim, n = v.numPatches, N = v.sequenceLength, B = a.B, P = a.P, T = a.T
-        patchEmbedForward(out: a.patchOut, patches: a.patches, images: images, weight: trunk.patchWeight,
-                          bias: trunk.patchBias, B: B, inChans: v.inChans, imgSize: v.imgSize,
-                          patch: v.patchSize, C: C, precision: precision)
-        nonisolated(unsafe) let h = a.hs[0], g = a.gs[0], patchOut = a.patchOut, cls = trunk.clsToken,
-                                pos = trunk.posEmbed, mpt = trunk.special!, predicted = batch.predictedPointer
+        let v = config.vit, C = v.embedDim, N = v.sequenceLength, B = a.B, P = a.P, T = a.T
+        trunk.embed(x: a.hs[0], stride: T, patches: a.patches, patchOut: a.patchOut, images: images, B: B)
+        nonisolated(unsafe) let h = a.hs[0], g = a.gs[0], pos = w.posEmbed, mpt = w.special!, predicted = batch.predictedPointer
         let markers = positionalTokens
         Parallel.forEach(B) { b in
             let hb = h + b * T * C
-            for j in 0..<C { hb[j] = cls[j] + pos[j] }
-            for t in 0..<n {
-                let src = patchOut + (b * n + t) * C, dst = hb + (t + 1) * C, pe = pos + (t + 1) * C
-                for j in 0..<C { dst[j] = src[j] + pe[j] }
-            }
             for i in 0..<P {
                 let pe = pos + Int(predicted[b * P + i]) * C, dst = g + (b * P + i) * C
                 for j in 0..<C { dst[j] = mpt[j] + pe[j] }
@@ -122,7 +114,7 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
         let contentMask = ScoreBiasMask(bias: a.contentBias, M: T, Nk: T)
         let queryMask = ScoreBiasMask(bias: a.queryBias, M: P, Nk: T)
         for (l, blk) in blocks.enumerated() {
-            let (keep1, keep2) = keepPointers(a.keeps, l: l, B: B, training: training)
+            let (keep1, keep2) = trunk.keepPointers(a.keeps, l: l, B: B, training: training)
             let ch = a.hCaches[l], cg = a.gCaches[l]
             if l < depth - 1 {
                 blk.forwardAttentionInputs(x: a.hs[l], cache: ch, rows: B * T)
@@ -144,9 +136,9 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
             }
             blk.forwardOutput(out: a.gs[l + 1], x: a.gs[l], cache: cg, B: B, T: P, keep1: keep1, keep2: keep2)
         }
-        layerNormForward(out: a.normOut, mean: a.normMean, rstd: a.normRstd, input: a.gs[depth], weight: trunk.normWeight!,
-                         bias: trunk.normBias!, rows: B * P, cols: C)
-        linearForward(out: a.logits, input: a.normOut, weight: trunk.headWeight!, bias: trunk.headBias!,
+        layerNormForward(out: a.normOut, mean: a.normMean, rstd: a.normRstd, input: a.gs[depth], weight: w.normWeight!,
+                         bias: w.normBias!, rows: B * P, cols: C)
+        linearForward(out: a.logits, input: a.normOut, weight: w.headWeight!, bias: w.headBias!,
                       rows: B * P, inFeatures: C, outFeatures: config.vocabSize, precision: precision)
     }
 
@@ -172,7 +164,7 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
         guard let a = activations(B: B, P: P) else { return .failure(.outOfMemory) }
         let T = a.T
         let savedRNG = rng
-        drawKeeps(a.keeps, B: B)
+        trunk.drawKeeps(a.keeps, B: B)
         runForward(a, images: images, batch: batch, training: true)
         let predicted = batch.predictedPointer
         for b in 0..<B {
@@ -191,19 +183,19 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
         zero(a.dLogits, B * P * V)
         crossEntropyBackward(dLogits: a.dLogits, probs: a.probs, targets: a.targets, rows: B * P, K: V, scale: 1 / Float(count))
         zero(a.dNormOut, B * P * C)
-        linearBackward(dInput: a.dNormOut, dWeight: dTrunk.headWeight!, dBias: dTrunk.headBias!, dOut: a.dLogits,
-                       input: a.normOut, weight: trunk.headWeight!, rows: B * P, inFeatures: C, outFeatures: V,
+        linearBackward(dInput: a.dNormOut, dWeight: g.headWeight!, dBias: g.headBias!, dOut: a.dLogits,
+                       input: a.normOut, weight: w.headWeight!, rows: B * P, inFeatures: C, outFeatures: V,
                        precision: precision)
         zero(a.dg, B * P * C)
-        layerNormBackward(dInput: a.dg, dWeight: dTrunk.normWeight!, dBias: dTrunk.normBias!, dOut: a.dNormOut,
-                          input: a.gs[depth], weight: trunk.normWeight!, mean: a.normMean, rstd: a.normRstd, rows: B * P, cols: C)
+        layerNormBackward(dInput: a.dg, dWeight: g.normWeight!, dBias: g.normBias!, dOut: a.dNormOut,
+                          input: a.gs[depth], weight: w.normWeight!, mean: a.normMean, rstd: a.normRstd, rows: B * P, cols: C)
         zero(a.dh, B * T * C)
 
         // Blocks, last to first.
         let sh = a.hScratch, sg = a.gScratch, dKV = sh.dKV!
         for l in stride(from: depth - 1, through: 0, by: -1) {
             let blk = blocks[l], ch = a.hCaches[l], cg = a.gCaches[l]
-            let (keep1, keep2) = keepPointers(a.keeps, l: l, B: B, training: true)
+            let (keep1, keep2) = trunk.keepPointers(a.keeps, l: l, B: B, training: true)
             let last = l == depth - 1
             blk.backwardOutput(dx: a.dg, cache: cg, scratch: sg, B: B, T: P, keep1: keep1, keep2: keep2)
             if !last { blk.backwardOutput(dx: a.dh, cache: ch, scratch: sh, B: B, T: T, keep1: keep1, keep2: keep2) }
@@ -224,8 +216,8 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
 
         // Embedding: token rows of h; the m_j rows of h and g feed mask_positional_token and pos_embed[p_j].
         let dPatch = sh.dBranch   // [B, n, C] fits in [B·T, C]
-        embedTokensBackward(dRows: a.dh, stride: T, dPatch: dPatch, patches: a.patches, B: B)
-        nonisolated(unsafe) let dMpt = dTrunk.special!, dPos = dTrunk.posEmbed, dh = a.dh, dg = a.dg,
+        trunk.embedBackward(dRows: a.dh, stride: T, dPatch: dPatch, patches: a.patches, B: B)
+        nonisolated(unsafe) let dMpt = g.special!, dPos = g.posEmbed, dh = a.dh, dg = a.dg,
                                 order = predicted
         let markers = positionalTokens
         Parallel.forRanges(C, grain: 16) { r in

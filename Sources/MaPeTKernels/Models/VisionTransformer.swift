@@ -11,17 +11,24 @@ import Glibc
 public enum GlobalPool: String, Sendable { case token, avg }
 
 public struct ViTConfig: Sendable, Equatable {
-    public var imgSize = 224, patchSize = 16, inChans = 3
-    public var embedDim = 192, depth = 12, numHeads = 3
-    public var mlpRatio: Double = 4
-    public var numClasses = 1000
-    public var globalPool: GlobalPool = .token
+    public var imgSize, patchSize, inChans: Int
+    public var embedDim, depth, numHeads: Int
+    public var mlpRatio: Double
+    public var numClasses: Int
+    public var globalPool: GlobalPool
     /// Layer-scale init value; nil = no layer scale.
-    public var initValues: Float? = nil
-    public var dropPathRate: Float = 0
-    public var qkvBias = true
+    public var initValues: Float?
+    public var dropPathRate: Float
+    public var qkvBias: Bool
 
-    public init() {}
+    /// Every field is given: the defaults live in Python only (README, developer section).
+    public init(imgSize: Int, patchSize: Int, inChans: Int, embedDim: Int, depth: Int, numHeads: Int, mlpRatio: Double,
+                numClasses: Int, globalPool: GlobalPool, initValues: Float?, dropPathRate: Float, qkvBias: Bool) {
+        (self.imgSize, self.patchSize, self.inChans) = (imgSize, patchSize, inChans)
+        (self.embedDim, self.depth, self.numHeads, self.mlpRatio) = (embedDim, depth, numHeads, mlpRatio)
+        (self.numClasses, self.globalPool) = (numClasses, globalPool)
+        (self.initValues, self.dropPathRate, self.qkvBias) = (initValues, dropPathRate, qkvBias)
+    }
 
     public var grid: Int { imgSize / patchSize }
     public var numPatches: Int { grid * grid }
@@ -47,31 +54,20 @@ public struct ViTConfig: Sendable, Equatable {
 public final class ViTActivations: @unchecked Sendable {
     public let B: Int
     let arena: Arena
-    let patches, patchOut: UnsafeMutablePointer<Float>
-    /// xs[l] is the input of block l; xs[depth] the final tokens. [B, N, C] each.
-    let xs: [UnsafeMutablePointer<Float>]
-    let caches: [BlockCache]
-    let scratch: BlockScratch
-    let keeps: UnsafeMutablePointer<Float>         // [depth, 2, B]
+    /// The trunk's: patches, block inputs and caches, scratch, keep masks.
+    let t: TrunkActivations
     let pooled, normOut, normMean, normRstd, logits, probs, losses: UnsafeMutablePointer<Float>
     let dx, dPooled, dNormOut, dLogits: UnsafeMutablePointer<Float>
     let targets: UnsafeMutablePointer<Int32>
 
-    init?(config k: ViTConfig, B: Int, blocks: Int) {
-        let N = k.sequenceLength, C = k.embedDim, n = k.numPatches, rows = B * N, K = k.numClasses
-        let probsCount = B * k.numHeads * N * N
-        var sizes = [B * n * k.patchDim, B * n * C] + Array(repeating: rows * C, count: blocks + 1)
-        for _ in 0..<blocks { sizes += BlockCache.floats(rows: rows, C: C, hidden: k.hidden, probs: probsCount, ownsKV: true) }
-        sizes += BlockScratch.floats(rows: rows, C: C, hidden: k.hidden, ownsKV: true)
-        sizes += [blocks * 2 * B, B * C, B * C, B, B, B * K, B * K, B, rows * C, B * C, B * C, B * K, B]
+    init?(config k: ViTConfig, B: Int) {
+        let C = k.embedDim, rows = B * k.sequenceLength, K = k.numClasses
+        let sizes = TrunkActivations.floats(k, B: B, keepBlocks: k.depth)
+            + [B * C, B * C, B, B, B * K, B * K, B, rows * C, B * C, B * C, B * K, B]
         guard let arena = Arena(floats: Arena.size(sizes)) else { return nil }
         self.B = B
         self.arena = arena
-        patches = arena.take(B * n * k.patchDim); patchOut = arena.take(B * n * C)
-        xs = (0...blocks).map { _ in arena.take(rows * C) }
-        caches = (0..<blocks).map { _ in BlockCache(arena: arena, rows: rows, C: C, hidden: k.hidden, probs: probsCount, ownsKV: true) }
-        scratch = BlockScratch(arena: arena, rows: rows, C: C, hidden: k.hidden, ownsKV: true)
-        keeps = arena.take(blocks * 2 * B)
+        t = TrunkActivations(arena: arena, k, B: B, keepBlocks: k.depth)
         pooled = arena.take(B * C); normOut = arena.take(B * C); normMean = arena.take(B); normRstd = arena.take(B)
         logits = arena.take(B * K); probs = arena.take(B * K); losses = arena.take(B)
         dx = arena.take(rows * C); dPooled = arena.take(B * C); dNormOut = arena.take(B * C); dLogits = arena.take(B * K)
@@ -81,94 +77,48 @@ public final class ViTActivations: @unchecked Sendable {
 
 public final class VisionTransformer: @unchecked Sendable {
     public let config: ViTConfig
-    public let table: ParameterTable
-    /// The parameters outside the blocks, and their gradients, resolved once.
-    let trunk: TrunkTensors, dTrunk: TrunkTensors
-    public let params: TensorStorage
-    public let grads: TensorStorage
-    public private(set) var blocks: [TransformerBlock]
+    /// Embedding, blocks, `norm`/`fc_norm` and `head`: the parameters, gradients and drop path.
+    public let trunk: Trunk
+    public var table: ParameterTable { trunk.table }
+    public var params: TensorStorage { trunk.params }
+    public var grads: TensorStorage { trunk.grads }
+    public var blocks: [TransformerBlock] { trunk.blocks }
     /// Precision of every matrix product, forward and backward (ALGORITHMS.md §7); parameters,
     /// gradients and everything else stay fp32.
-    public var precision: Precision = .fp32 {
-        didSet { for i in blocks.indices { blocks[i].precision = precision } }
+    public var precision: Precision {
+        get { trunk.precision }
+        set { trunk.precision = newValue }
     }
     /// Drop-path generator; its state advances once per training step.
-    public var rng: Xoshiro256StarStar
+    public var rng: Xoshiro256StarStar {
+        get { trunk.rng }
+        set { trunk.rng = newValue }
+    }
     private var train: ViTActivations?
-    private let normName: String
+    /// The parameters outside the blocks, and their gradients, resolved once.
+    private var w: TrunkTensors { trunk.w }
+    private var g: TrunkTensors { trunk.g }
 
-    public var parameterCount: Int { table.entries.reduce(0) { $0 + $1.count } }
+    public var parameterCount: Int { trunk.parameterCount }
+
+    /// Where the classifier's entries go: `norm` ('token') or `fc_norm` ('avg'), then `head`.
+    static func layout(_ k: ViTConfig) -> TrunkLayout {
+        TrunkLayout(special: nil, norm: k.globalPool == .avg ? "fc_norm" : "norm", head: "head", headOutputs: k.numClasses)
+    }
 
     /// The timm parameter table for `config`.
-    public static func makeTable(_ k: ViTConfig) -> ParameterTable {
-        var t = ParameterTable()
-        let C = k.embedDim
-        t.add("cls_token", [1, 1, C])
-        t.add("pos_embed", [1, k.sequenceLength, C])
-        t.add("patch_embed.proj.weight", [C, k.inChans, k.patchSize, k.patchSize])
-        t.add("patch_embed.proj.bias", [C])
-        for i in 0..<k.depth {
-            BlockTensors.register(in: &t, prefix: "blocks.\(i).", C: C, hidden: k.hidden, qkvBias: k.qkvBias, layerScale: k.initValues != nil)
-        }
-        let norm = k.globalPool == .avg ? "fc_norm" : "norm"
-        t.add(norm + ".weight", [C]); t.add(norm + ".bias", [C])
-        t.add("head.weight", [k.numClasses, C]); t.add("head.bias", [k.numClasses])
-        return t
-    }
+    public static func makeTable(_ k: ViTConfig) -> ParameterTable { Trunk.makeTable(k, layout(k)) }
 
     /// A model initialised as ALGORITHMS.md §1 / timm: Linear trunc-normal(.02) with zero bias, pos_embed
     /// trunc-normal(.02), cls_token normal(1e-6), patch conv PyTorch default (uniform ±1/√fan_in),
     /// LayerNorm (1, 0), layer scale = init_values. Returns nil when memory runs out.
     public init?(config: ViTConfig, seed: UInt64) {
-        precondition(config.problem == nil, config.problem ?? "")
+        guard let trunk = Trunk(config: config, layout: VisionTransformer.layout(config), seed: seed) else { return nil }
         self.config = config
-        let table = VisionTransformer.makeTable(config)
-        self.table = table
-        guard let p = TensorStorage(count: table.total, dtype: .float32),
-              let g = TensorStorage(count: table.total, dtype: .float32) else { return nil }
-        params = p; grads = g
-        normName = config.globalPool == .avg ? "fc_norm" : "norm"
-        trunk = TrunkTensors(base: p.floats, table: table, norm: normName, head: "head", special: nil)
-        dTrunk = TrunkTensors(base: g.floats, table: table, norm: normName, head: "head", special: nil)
-        let C = config.embedDim
-        blocks = (0..<config.depth).map { i in
-            TransformerBlock(C: C, H: config.numHeads, hidden: config.hidden,
-                             weights: BlockTensors(base: p.floats, table: table, prefix: "blocks.\(i)."),
-                             grads: BlockTensors(base: g.floats, table: table, prefix: "blocks.\(i)."))
-        }
-        rng = Xoshiro256StarStar(seed: seed, stream: 1)
-        initialize(seed: seed)
+        self.trunk = trunk
     }
 
-    private func initialize(seed: UInt64) {
-        initializeParameters(params.floats, table: table, seed: seed, patchDim: config.patchDim,
-                             initValues: config.initValues)
-    }
-
-    private func optionalPtr(_ name: String) -> UnsafeMutablePointer<Float>? { table[name].map { params.floats + $0.offset } }
-    private func optionalGrad(_ name: String) -> UnsafeMutablePointer<Float>? { table[name].map { grads.floats + $0.offset } }
-
-    public func zeroGrad() { zero(grads.floats, table.total) }
-
-    // MARK: Embedding
-
-    /// x [B, N, C] = [cls ; patch_embed(images)] + pos_embed. `patches`/`patchOut` are scratch.
-    private func embed(x: UnsafeMutablePointer<Float>, patches: UnsafeMutablePointer<Float>, patchOut: UnsafeMutablePointer<Float>,
-                       images: UnsafePointer<Float>, B: Int) {
-        let k = config, C = k.embedDim, n = k.numPatches, N = k.sequenceLength
-        patchEmbedForward(out: patchOut, patches: patches, images: images, weight: trunk.patchWeight,
-                          bias: trunk.patchBias, B: B, inChans: k.inChans, imgSize: k.imgSize, patch: k.patchSize, C: C,
-                          precision: precision)
-        nonisolated(unsafe) let x = x, patchOut = patchOut, cls = trunk.clsToken, pos = trunk.posEmbed
-        Parallel.forEach(B) { b in
-            let xb = x + b * N * C
-            for j in 0..<C { xb[j] = cls[j] + pos[j] }
-            for t in 0..<n {
-                let src = patchOut + (b * n + t) * C, dst = xb + (t + 1) * C, pe = pos + (t + 1) * C
-                for j in 0..<C { dst[j] = src[j] + pe[j] }
-            }
-        }
-    }
+    public func zeroGrad() { trunk.zeroGrad() }
 
     // MARK: Inference
 
@@ -180,7 +130,7 @@ public final class VisionTransformer: @unchecked Sendable {
         let k = config, rows = B * k.sequenceLength, C = k.embedDim
         if k.globalPool == .token {
             let mean = arena.take(rows), rstd = arena.take(rows)
-            layerNormForward(out: out, mean: mean, rstd: rstd, input: x, weight: trunk.normWeight!, bias: trunk.normBias!, rows: rows, cols: C)
+            layerNormForward(out: out, mean: mean, rstd: rstd, input: x, weight: w.normWeight!, bias: w.normBias!, rows: rows, cols: C)
         } else {
             out.update(from: x, count: rows * C)
         }
@@ -197,22 +147,10 @@ public final class VisionTransformer: @unchecked Sendable {
         return true
     }
 
-    /// Runs the blocks with one reused cache; returns the final tokens and the arena holding them.
+    /// The trunk's inference pass, with room for the head's buffers after the final tokens.
     private func inferenceTokens(images: UnsafePointer<Float>, B: Int) -> (UnsafeMutablePointer<Float>, Arena)? {
-        let k = config, N = k.sequenceLength, C = k.embedDim, rows = B * N
-        let probs = B * k.numHeads * N * N
-        var sizes = [B * k.numPatches * k.patchDim, B * k.numPatches * C, rows * C, rows * C, B * C, B * C, B, B, rows, rows]
-        sizes += BlockCache.floats(rows: rows, C: C, hidden: k.hidden, probs: probs, ownsKV: true)
-        guard let arena = Arena(floats: Arena.size(sizes)) else { return nil }
-        let patches = arena.take(B * k.numPatches * k.patchDim), patchOut = arena.take(B * k.numPatches * C)
-        var x = arena.take(rows * C), y = arena.take(rows * C)
-        let cache = BlockCache(arena: arena, rows: rows, C: C, hidden: k.hidden, probs: probs, ownsKV: true)
-        embed(x: x, patches: patches, patchOut: patchOut, images: images, B: B)
-        for blk in blocks {
-            blk.forward(out: y, x: x, cache: cache, B: B, T: N, mask: FullAttention(), keep1: nil, keep2: nil)
-            swap(&x, &y)
-        }
-        return (x, arena)
+        let C = config.embedDim, rows = B * config.sequenceLength
+        return trunk.inferenceTokens(images: images, B: B, extra: [B * C, B * C, B, B, rows, rows])
     }
 
     /// pool → norm → head on final tokens x [B, N, C].
@@ -224,9 +162,9 @@ public final class VisionTransformer: @unchecked Sendable {
         } else {
             tokenSelectForward(out: pooled, input: x, B: B, T: N, C: C, token: 0)
         }
-        layerNormForward(out: normOut, mean: mean, rstd: rstd, input: pooled, weight: trunk.normWeight!,
-                         bias: trunk.normBias!, rows: B, cols: C)
-        linearForward(out: logits, input: normOut, weight: trunk.headWeight!, bias: trunk.headBias!, rows: B, inFeatures: C, outFeatures: k.numClasses,
+        layerNormForward(out: normOut, mean: mean, rstd: rstd, input: pooled, weight: w.normWeight!,
+                         bias: w.normBias!, rows: B, cols: C)
+        linearForward(out: logits, input: normOut, weight: w.headWeight!, bias: w.headBias!, rows: B, inFeatures: C, outFeatures: k.numClasses,
                       precision: precision)
     }
 
@@ -256,25 +194,19 @@ public final class VisionTransformer: @unchecked Sendable {
     /// The step with hard labels or soft targets (mean soft-target cross-entropy over the batch).
     public func trainStep(images: UnsafePointer<Float>, targets: ClassTargets, B: Int,
                           logitsOut: UnsafeMutablePointer<Float>? = nil) -> Result<Double, StepError> {
-        let k = config, N = k.sequenceLength, C = k.embedDim, n = k.numPatches, K = k.numClasses
+        let k = config, N = k.sequenceLength, C = k.embedDim, K = k.numClasses
         if train?.B != B {
             train = nil
-            guard let a = ViTActivations(config: k, B: B, blocks: k.depth) else { return .failure(.outOfMemory) }
+            guard let a = ViTActivations(config: k, B: B) else { return .failure(.outOfMemory) }
             train = a
         }
         let a = train!
-        let savedRNG = rng
+        let savedRNG = trunk.rng
         // Forward.
-        embed(x: a.xs[0], patches: a.patches, patchOut: a.patchOut, images: images, B: B)
-        for (l, blk) in blocks.enumerated() {
-            let rate = k.depth > 1 ? k.dropPathRate * Float(l) / Float(k.depth - 1) : 0
-            let keep1 = a.keeps + (2 * l) * B, keep2 = a.keeps + (2 * l + 1) * B
-            dropPathKeep(keep: keep1, B: B, rate: rate, rng: &rng)
-            dropPathKeep(keep: keep2, B: B, rate: rate, rng: &rng)
-            blk.forward(out: a.xs[l + 1], x: a.xs[l], cache: a.caches[l], B: B, T: N, mask: FullAttention(),
-                        keep1: rate > 0 ? keep1 : nil, keep2: rate > 0 ? keep2 : nil)
-        }
-        head(logits: a.logits, pooled: a.pooled, normOut: a.normOut, mean: a.normMean, rstd: a.normRstd, x: a.xs[k.depth], B: B)
+        trunk.drawKeeps(a.t.keeps, B: B)
+        trunk.embed(x: a.t.xs[0], stride: N, patches: a.t.patches, patchOut: a.t.patchOut, images: images, B: B)
+        trunk.forwardBlocks(a.t, B: B, training: true)
+        head(logits: a.logits, pooled: a.pooled, normOut: a.normOut, mean: a.normMean, rstd: a.normRstd, x: a.t.xs[k.depth], B: B)
         let (sum, count): (Double, Int)
         switch targets {
         case .labels(let labels, let smoothing):
@@ -287,7 +219,7 @@ public final class VisionTransformer: @unchecked Sendable {
         }
         let loss = sum / Double(max(count, 1))
         if let logitsOut { logitsOut.update(from: a.logits, count: B * K) }
-        guard loss.isFinite else { rng = savedRNG; return .failure(.nonFiniteLoss(loss)) }
+        guard loss.isFinite else { trunk.rng = savedRNG; return .failure(.nonFiniteLoss(loss)) }
 
         // Backward.
         zero(a.dLogits, B * K)
@@ -299,12 +231,12 @@ public final class VisionTransformer: @unchecked Sendable {
             softTargetCrossEntropyBackward(dLogits: a.dLogits, probs: a.probs, targets: q, rows: B, K: K, scale: 1 / Float(B))
         }
         zero(a.dNormOut, B * C)
-        linearBackward(dInput: a.dNormOut, dWeight: dTrunk.headWeight!, dBias: dTrunk.headBias!, dOut: a.dLogits,
-                       input: a.normOut, weight: trunk.headWeight!, rows: B, inFeatures: C, outFeatures: K,
+        linearBackward(dInput: a.dNormOut, dWeight: g.headWeight!, dBias: g.headBias!, dOut: a.dLogits,
+                       input: a.normOut, weight: w.headWeight!, rows: B, inFeatures: C, outFeatures: K,
                        precision: precision)
         zero(a.dPooled, B * C)
-        layerNormBackward(dInput: a.dPooled, dWeight: dTrunk.normWeight!, dBias: dTrunk.normBias!,
-                          dOut: a.dNormOut, input: a.pooled, weight: trunk.normWeight!,
+        layerNormBackward(dInput: a.dPooled, dWeight: g.normWeight!, dBias: g.normBias!,
+                          dOut: a.dNormOut, input: a.pooled, weight: w.normWeight!,
                           mean: a.normMean, rstd: a.normRstd, rows: B, cols: C)
         zero(a.dx, B * N * C)
         if k.globalPool == .avg {
@@ -312,34 +244,11 @@ public final class VisionTransformer: @unchecked Sendable {
         } else {
             tokenSelectBackward(dInput: a.dx, dOut: a.dPooled, B: B, T: N, C: C, token: 0)
         }
-        for l in stride(from: k.depth - 1, through: 0, by: -1) {
-            let rate = k.depth > 1 ? k.dropPathRate * Float(l) / Float(k.depth - 1) : 0
-            let keep1 = a.keeps + (2 * l) * B, keep2 = a.keeps + (2 * l + 1) * B
-            blocks[l].backward(dx: a.dx, x: a.xs[l], cache: a.caches[l], scratch: a.scratch, B: B, T: N,
-                               keep1: rate > 0 ? keep1 : nil, keep2: rate > 0 ? keep2 : nil)
-        }
-        // Embedding: dx [B, N, C] → cls, pos, patch tokens.
-        let dCls = dTrunk.clsToken, dPos = dTrunk.posEmbed
-        for b in 0..<B {
-            let g = a.dx + b * N * C
-            for j in 0..<C { dCls[j] += g[j] }
-        }
-        columnSumAccumulateBatched(dPos, a.dx, B: B, rowSize: N * C)
-        let dPatch = a.scratch.dLn  // [B, n, C] fits in [B·N, C]
-        nonisolated(unsafe) let dx = a.dx, dPatchS = dPatch
-        Parallel.forEach(B) { b in (dPatchS + b * n * C).update(from: dx + (b * N + 1) * C, count: n * C) }
-        patchEmbedBackward(dImages: nil, dWeight: dTrunk.patchWeight, dBias: dTrunk.patchBias,
-                           dOut: dPatch, patches: a.patches, weight: trunk.patchWeight,
-                           B: B, inChans: k.inChans, imgSize: k.imgSize, patch: k.patchSize, C: C,
-                           precision: precision)
+        trunk.backwardBlocks(dx: a.dx, a.t, B: B)
+        trunk.embedBackward(dRows: a.dx, stride: N, dPatch: a.t.scratch.dLn, patches: a.t.patches, B: B)
         return .success(loss)
     }
 
     /// Frees the training activations (they are re-allocated by the next `trainStep`).
     public func releaseActivations() { train = nil }
-}
-
-/// dst[j] += Σ_b src[b·R + j] for j < R (parallel over j, b in order).
-func columnSumAccumulateBatched(_ dst: UnsafeMutablePointer<Float>, _ src: UnsafePointer<Float>, B: Int, rowSize R: Int) {
-    columnSumAccumulate(dst, src, rows: B, cols: R)
 }

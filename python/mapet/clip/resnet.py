@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .._convert import images as images_f32
 from .._native import _core
 from ..io import load_file
 from ..registry import register_named_models
@@ -237,30 +238,22 @@ class ModifiedResNet:
     # ------------------------------------------------------------------ compute
 
     def _conv(self, x: np.ndarray, c: _Conv, relu: bool = True, residual: Optional[np.ndarray] = None) -> np.ndarray:
-        k = c.weight.shape[2]
-        ho = (x.shape[2] + 2 * c.padding - k) // c.stride + 1
-        wo = (x.shape[3] + 2 * c.padding - k) // c.stride + 1
-        out = np.empty((x.shape[0], c.weight.shape[0], ho, wo), np.float32)
-        _core.conv2d_forward(out, x, c.weight, c.bias, residual, relu, c.stride, c.padding, self.precision)
-        return out
+        # the engine sizes and allocates the output
+        return np.asarray(_core.conv2d_forward(None, x, c.weight, c.bias, residual, relu, c.stride, c.padding,
+                                               self.precision))
 
     @staticmethod
     def _pool2d(x: np.ndarray, s: int) -> np.ndarray:
-        if s == 1:
-            return x
-        out = np.empty((x.shape[0], x.shape[1], x.shape[2] // s, x.shape[3] // s), np.float32)
-        _core.avg_pool2d_forward(out, x, s)
-        return out
+        return x if s == 1 else np.asarray(_core.avg_pool2d_forward(None, x, s))
 
     def _check(self, images: Any) -> np.ndarray:
-        a = np.asarray(images)
-        if not np.issubdtype(a.dtype, np.floating):
-            raise TypeError(f"images: expected a floating-point array [B, 3, H, W], got dtype {a.dtype}")
-        if a.ndim != 4 or a.shape[1] != 3:
+        """Float images as the engine reads them, with the tower's own rules (RGB, sides ≥ 32)."""
+        a = images_f32(images)
+        if a.shape[1] != 3:
             raise ValueError(f"images: expected shape [B, 3, H, W], got {a.shape}")
         if a.shape[2] < 32 or a.shape[3] < 32:
             raise ValueError(f"images: expected sides of at least 32 pixels (the tower downsamples 32×), got {a.shape[2:]}")
-        return np.ascontiguousarray(a, dtype=np.float32)
+        return a
 
     def _layer4(self, x: np.ndarray) -> np.ndarray:
         """[B, 3, H, W] → the layer-4 map [B, 32·width, H/32, W/32] (floors as PyTorch)."""

@@ -118,14 +118,12 @@ class CLIPVisionTransformer(ParameterBlock):
                  seed: int = 0, precision: str = "fp32") -> None:
         cfg = dict(img_size=img_size, patch_size=patch_size, width=width, layers=layers, heads=heads,
                    mlp_ratio=float(mlp_ratio), output_dim=output_dim, quick_gelu=bool(quick_gelu))
+        # the engine checks every value (types, ranges, the tower's size); the config crosses as one dict
+        self._handle = _core.clip_vit_create(dict(
+            {k: v for k, v in cfg.items() if k != "quick_gelu"},
+            activation="quick_gelu" if cfg["quick_gelu"] else "gelu", seed=seed_bits(seed)))
         for key in ("img_size", "patch_size", "width", "layers", "heads", "output_dim"):
-            v = cfg[key]
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise TypeError(f"{key}: expected an int, got {type(v).__name__} {v!r}")
-            cfg[key] = int(v)
-        self._handle = _core.clip_vit_create(
-            cfg["img_size"], cfg["patch_size"], cfg["width"], cfg["layers"], cfg["heads"], cfg["mlp_ratio"],
-            cfg["output_dim"], "quick_gelu" if cfg["quick_gelu"] else "gelu", seed_bits(seed))
+            cfg[key] = int(cfg[key])  # accepted: stored as plain Python numbers (written to files as JSON)
         self.config: Dict[str, Any] = cfg
         self.seed = int(seed)
         self._table = _core.clip_vit_table(self._handle)
@@ -159,9 +157,6 @@ class CLIPVisionTransformer(ParameterBlock):
              batch_size: Optional[int]) -> Tuple[Optional[np.ndarray], ...]:
         x = images_f32(images)
         c = self.config
-        if x.shape[1:] != (3, c["img_size"], c["img_size"]):
-            raise ValueError(f"images: expected shape [B, 3, {c['img_size']}, {c['img_size']}] (CLIP-preprocessed, "
-                             f"see mapet.clip.preprocess), got {x.shape}")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                        or batch_size < 1):
             raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
