@@ -55,8 +55,8 @@ final class PrecisionTests: XCTestCase {
                             gemm(.bf16, transA: tA, transB: tB, M: M, N: N, K: K, alpha: 0.5, A: a, lda: lda,
                                  B: b, ldb: ldb, beta: 2, C: &got, ldc: ldc)
                         } else {
-                            gemmSerial(.bf16, transA: tA, transB: tB, M: M, N: N, K: K, alpha: 0.5, A: a, lda: lda,
-                                       B: b, ldb: ldb, beta: 2, C: &got, ldc: ldc)
+                            gemm(.bf16, transA: tA, transB: tB, M: M, N: N, K: K, alpha: 0.5, A: a, lda: lda,
+                                       B: b, ldb: ldb, beta: 2, C: &got, ldc: ldc, serial: true)
                         }
                         var maxBF16Effect = 0.0
                         for i in 0..<M {

@@ -55,8 +55,8 @@ public func attentionForward<Mask: AttentionMask>(
         let b = task / H, h = task % H
         let qh = q + b * M * ldQ + h * D, kh = k + b * Nk * ldK + h * D, vh = v + b * Nk * ldV + h * D
         let P = probs + task * M * Nk
-        gemmSerial(precision, transA: false, transB: true, M: M, N: Nk, K: D, alpha: 1, A: qh, lda: ldQ,
-              B: kh, ldb: ldK, beta: 0, C: P, ldc: Nk)
+        gemm(precision, transA: false, transB: true, M: M, N: Nk, K: D, alpha: 1, A: qh, lda: ldQ,
+              B: kh, ldb: ldK, beta: 0, C: P, ldc: Nk, serial: true)
         for i in 0..<M {
             let row = P + i * Nk
             if mask.isFull {
@@ -71,8 +71,8 @@ public func attentionForward<Mask: AttentionMask>(
                 if any { softmaxRowInPlace(row, count: Nk, scale: scale) } else { row.update(repeating: 0, count: Nk) }
             }
         }
-        gemmSerial(precision, transA: false, transB: false, M: M, N: D, K: Nk, alpha: 1, A: P, lda: Nk,
-              B: vh, ldb: ldV, beta: 0, C: out + b * M * ldOut + h * D, ldc: ldOut)
+        gemm(precision, transA: false, transB: false, M: M, N: D, K: Nk, alpha: 1, A: P, lda: Nk,
+              B: vh, ldb: ldV, beta: 0, C: out + b * M * ldOut + h * D, ldc: ldOut, serial: true)
     }
 }
 
@@ -118,19 +118,19 @@ public func attentionBackward(
         let qo = b * M * ldQ + h * D, ko = b * Nk * ldK + h * D, vo = b * Nk * ldV + h * D
         let dOh = dOut + b * M * ldOut + h * D
         let P = probs + task * M * Nk
-        gemmSerial(precision, transA: false, transB: true, M: M, N: Nk, K: D, alpha: 1, A: dOh, lda: ldOut,
-              B: v + vo, ldb: ldV, beta: 0, C: dS, ldc: Nk)
-        gemmSerial(precision, transA: true, transB: false, M: Nk, N: D, K: M, alpha: 1, A: P, lda: Nk,
-              B: dOh, ldb: ldOut, beta: betaKV, C: dV + vo, ldc: ldV)
+        gemm(precision, transA: false, transB: true, M: M, N: Nk, K: D, alpha: 1, A: dOh, lda: ldOut,
+              B: v + vo, ldb: ldV, beta: 0, C: dS, ldc: Nk, serial: true)
+        gemm(precision, transA: true, transB: false, M: Nk, N: D, K: M, alpha: 1, A: P, lda: Nk,
+              B: dOh, ldb: ldOut, beta: betaKV, C: dV + vo, ldc: ldV, serial: true)
         for i in 0..<M {
             let p = P + i * Nk, d = dS + i * Nk
             let s = vdot(p, d, Nk)
             for j in 0..<Nk { d[j] = p[j] * (d[j] - s) * scale }
         }
-        gemmSerial(precision, transA: false, transB: false, M: M, N: D, K: Nk, alpha: 1, A: dS, lda: Nk,
-              B: k + ko, ldb: ldK, beta: betaQ, C: dQ + qo, ldc: ldQ)
-        gemmSerial(precision, transA: true, transB: false, M: Nk, N: D, K: M, alpha: 1, A: dS, lda: Nk,
-              B: q + qo, ldb: ldQ, beta: betaKV, C: dK + ko, ldc: ldK)
+        gemm(precision, transA: false, transB: false, M: M, N: D, K: Nk, alpha: 1, A: dS, lda: Nk,
+              B: k + ko, ldb: ldK, beta: betaQ, C: dQ + qo, ldc: ldQ, serial: true)
+        gemm(precision, transA: true, transB: false, M: Nk, N: D, K: M, alpha: 1, A: dS, lda: Nk,
+              B: q + qo, ldb: ldQ, beta: betaKV, C: dK + ko, ldc: ldK, serial: true)
       }
     }
 }

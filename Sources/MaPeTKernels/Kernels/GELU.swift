@@ -32,19 +32,7 @@ public func geluBackward(
     dInput: UnsafeMutablePointer<Float>, dOut: UnsafePointer<Float>,
     input: UnsafePointer<Float>, count: Int
 ) {
-    let t0 = Profiler.begin(); defer { Profiler.end(.elementwise, t0) }
-    nonisolated(unsafe) let dInput = dInput, dOut = dOut, input = input
-    Parallel.forRanges(count, grain: 1 << 14) { r in
-        var i = r.lowerBound
-        while i + 8 <= r.upperBound {
-            storeV(loadV(dInput + i) + loadV(dOut + i) * grad(loadV(input + i)), dInput + i)
-            i += 8
-        }
-        while i < r.upperBound {
-            dInput[i] += dOut[i] * grad(FloatVector(repeating: input[i]))[0]
-            i += 1
-        }
-    }
+    accumulateTimesDerivative(dInput: dInput, dOut: dOut, input: input, count: count) { grad($0) }
 }
 
 /// out[n] = gelu(x[n]) and x[n] replaced by gelu'(x[n]): what the backward needs, so that it is

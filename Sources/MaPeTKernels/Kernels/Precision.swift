@@ -12,37 +12,27 @@ public enum Precision: String, Sendable, CaseIterable {
     public var usesBF16: Bool { self == .bf16 && BF16.isActive }
 }
 
-/// C[M, N] = alpha · op(A) · op(B) + beta · C at `precision`, split over the worker threads
-/// (arguments as `sgemm`; the result does not depend on the thread count).
+/// C[M, N] = alpha · op(A) · op(B) + beta · C at `precision` (arguments as `sgemm`), split over
+/// the worker threads, or with `serial` on the calling thread (for callers that parallelise
+/// outside, e.g. attention over batch × heads). The result does not depend on the thread count.
 @inline(__always)
 public func gemm(
     _ precision: Precision, transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
     alpha: Float, A: UnsafePointer<Float>, lda: Int,
     B: UnsafePointer<Float>, ldb: Int,
-    beta: Float, C: UnsafeMutablePointer<Float>, ldc: Int
+    beta: Float, C: UnsafeMutablePointer<Float>, ldc: Int, serial: Bool = false
 ) {
-    if precision.usesBF16 {
+    switch (precision.usesBF16, serial) {
+    case (true, false):
         bf16GemmParallel(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
                          B: B, ldb: ldb, beta: beta, C: C, ldc: ldc)
-    } else {
-        sgemmParallel(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
-                      B: B, ldb: ldb, beta: beta, C: C, ldc: ldc)
-    }
-}
-
-/// The same product on the calling thread (for callers that parallelise outside, e.g. attention
-/// over batch × heads).
-@inline(__always)
-public func gemmSerial(
-    _ precision: Precision, transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
-    alpha: Float, A: UnsafePointer<Float>, lda: Int,
-    B: UnsafePointer<Float>, ldb: Int,
-    beta: Float, C: UnsafeMutablePointer<Float>, ldc: Int
-) {
-    if precision.usesBF16 {
+    case (true, true):
         bf16Gemm(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
                  B: B, ldb: ldb, beta: beta, C: C, ldc: ldc)
-    } else {
+    case (false, false):
+        sgemmParallel(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
+                      B: B, ldb: ldb, beta: beta, C: C, ldc: ldc)
+    case (false, true):
         sgemm(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
               B: B, ldb: ldb, beta: beta, C: C, ldc: ldc)
     }

@@ -46,16 +46,25 @@ public func quickGeluForward(out: UnsafeMutablePointer<Float>, input: UnsafePoin
 /// dInput[n] += dOut[n] · quickgelu'(input[n]).
 public func quickGeluBackward(dInput: UnsafeMutablePointer<Float>, dOut: UnsafePointer<Float>,
                               input: UnsafePointer<Float>, count: Int) {
+    accumulateTimesDerivative(dInput: dInput, dOut: dOut, input: input, count: count) { quickGeluGrad($0) }
+}
+
+/// dInput[n] += dOut[n] · derivative(input[n]), 8 lanes at a time (the tail lane by lane through
+/// the same vector function): the backward of either activation.
+@inline(__always)
+func accumulateTimesDerivative(dInput: UnsafeMutablePointer<Float>, dOut: UnsafePointer<Float>,
+                               input: UnsafePointer<Float>, count: Int,
+                               _ derivative: @escaping @Sendable (FloatVector) -> FloatVector) {
     let t0 = Profiler.begin(); defer { Profiler.end(.elementwise, t0) }
     nonisolated(unsafe) let dInput = dInput, dOut = dOut, input = input
     Parallel.forRanges(count, grain: 1 << 14) { r in
         var i = r.lowerBound
         while i + 8 <= r.upperBound {
-            storeV(loadV(dInput + i) + loadV(dOut + i) * quickGeluGrad(loadV(input + i)), dInput + i)
+            storeV(loadV(dInput + i) + loadV(dOut + i) * derivative(loadV(input + i)), dInput + i)
             i += 8
         }
         while i < r.upperBound {
-            dInput[i] += dOut[i] * quickGeluGrad(FloatVector(repeating: input[i]))[0]
+            dInput[i] += dOut[i] * derivative(FloatVector(repeating: input[i]))[0]
             i += 1
         }
     }
