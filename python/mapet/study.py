@@ -37,11 +37,18 @@ from .registry import get_method, method_names
 
 log = logging.getLogger(__name__)
 
-#: The from-scratch fine-tuning recipe (keys override ``finetune.*`` for the scratch row only). Picked by
-#: ``bench/scratch_sweep.py`` on a validation split of the digits' training images at the demo's budget:
-#: layer decay is a transfer device (it shrinks the steps of layers that already know something) and
-#: must be off from scratch.
-SCRATCH_RECIPE: Dict[str, Any] = {"lr": 3e-3, "layer_decay": 1.0, "warmup_epochs": 1, "drop_path_rate": 0.1,
+#: The fine-tuning recipe of every pre-trained row (BEiT's: AdamW, wd 0.05, label smoothing 0.1, drop path
+#: 0.1, warm-up then cosine, head on fc_norm of the mean patch token), with two changes for a 4-block ViT
+#: fine-tuned for 10 epochs of 1438 digits: no layer decay (0.75 per block is a 12-block, 100-epoch device;
+#: here it leaves the lower blocks nearly frozen) and batch 16, i.e. 900 optimizer steps instead of 225.
+#: With BEiT's 0.75 and batch 64 every row stopped short of its own linear probe: training accuracy ended
+#: level with test accuracy (~82%), an under-trained run, not an over-fitted one (README, "the seeded study").
+FINETUNE_RECIPE: Dict[str, Any] = {"epochs": 10, "batch_size": 16, "lr": 1e-3, "layer_decay": 1.0}
+
+#: The from-scratch row's recipe (keys override ``finetune.*`` for the scratch row only; same steps): the
+#: classifier reads the class token, DeiT's from-scratch head (the mean of random patch tokens through a fresh
+#: LayerNorm keeps little of what separates the digits); see ``bench/scratch_sweep.py``.
+SCRATCH_RECIPE: Dict[str, Any] = {"lr": 1e-3, "layer_decay": 1.0, "warmup_epochs": 1, "drop_path_rate": 0.1,
                                   "global_pool": "token"}
 
 STUDY_DEFAULTS: Dict[str, Any] = {
@@ -53,7 +60,7 @@ STUDY_DEFAULTS: Dict[str, Any] = {
     "confidence": 0.95,
     "tokenizer": {"n_tokens": 256, "n_iter": 20, "fit_images": 4096},
     "pretrain": {"epochs": 10, "batch_size": 64, "lr": 1.5e-3, "least_number": 16, "warmup_epochs": 1},
-    "finetune": {"epochs": 10, "batch_size": 64, "lr": 1e-3, "layer_decay": 0.75},
+    "finetune": dict(FINETUNE_RECIPE),
     "scratch": dict(SCRATCH_RECIPE),
     "linprobe": {"epochs": 100, "lr": 0.1},
 }
