@@ -14,8 +14,14 @@ not redone (a killed study continues where it stopped; a pre-training interrupte
 from its last epoch checkpoint).
 
 Tokenizers are named in ``tokenizers``: ``pixel`` is the CCViT pixel k-means tokenizer
-(``tokenizer.*`` sets its vocabulary). Another tokenizer plugs in with :func:`register_tokenizer`
-(a function writing a token cache for the training images).
+(``tokenizer.*`` sets its vocabulary); ``kclip`` is k-CLIP, k-means on the patch features of a CLIP
+ViT tower (the MaPeT paper's tokenizer): a small random tower sized for the model's patch grid and
+seeded by the study seed (``kclip.width/layers/output_dim``), or the CLIP weights file given as
+``kclip.clip``. Another tokenizer plugs in with :func:`register_tokenizer` (a function writing a
+token cache for the training images).
+
+Methods are named as the registry names them (``beit`` for MIM; the alias ``mim`` is accepted and
+recorded under ``beit``).
 """
 from __future__ import annotations
 
@@ -51,14 +57,19 @@ FINETUNE_RECIPE: Dict[str, Any] = {"epochs": 10, "batch_size": 16, "lr": 1e-3, "
 SCRATCH_RECIPE: Dict[str, Any] = {"lr": 1e-3, "layer_decay": 1.0, "warmup_epochs": 1, "drop_path_rate": 0.1,
                                   "global_pool": "token"}
 
+#: k-CLIP's tower when no weights are given (``kclip.clip``): a random CLIP ViT on the model's patch
+#: grid, small enough for the digits (width 64 gives one head, as CLIP reads heads off the width).
+KCLIP_DEFAULTS: Dict[str, Any] = {"clip": None, "width": 64, "layers": 2, "output_dim": 32, "sample_fraction": 0.1}
+
 STUDY_DEFAULTS: Dict[str, Any] = {
     **_DATA, "model": dict(_MODEL), "output_dir": "mapet-study", "precision": None,
     "seeds": [0, 1, 2, 3, 4],
-    "methods": ["mapet", "mim"],
+    "methods": ["mapet", "beit"],
     "tokenizers": ["pixel"],
-    "baseline": "mim",
+    "baseline": "beit",
     "confidence": 0.95,
     "tokenizer": {"n_tokens": 256, "n_iter": 20, "fit_images": 4096},
+    "kclip": dict(KCLIP_DEFAULTS),
     "pretrain": {"epochs": 10, "batch_size": 64, "lr": 1.5e-3, "least_number": 16, "warmup_epochs": 1},
     "finetune": dict(FINETUNE_RECIPE),
     "scratch": dict(SCRATCH_RECIPE),
@@ -67,9 +78,17 @@ STUDY_DEFAULTS: Dict[str, Any] = {
 
 STUDY_OPTIONS: Dict[str, str] = {
     "seeds": "study: the seeds; every row runs once per seed and rows are compared paired by seed",
-    "methods": "study: pre-training methods (mapet, pim, beit or its alias mim, ccvit), each run with every tokenizer and seed",
-    "tokenizers": "study: visual tokenizers the methods predict ('pixel': CCViT pixel k-means; others when registered)",
+    "methods": "study: pre-training methods (mapet, pim, beit or its alias mim, ccvit), each run with every tokenizer "
+               "and seed; rows carry the registry's name (mim: beit)",
+    "tokenizers": "study: visual tokenizers the methods predict ('pixel': CCViT pixel k-means; 'kclip': k-means on "
+                  "CLIP ViT patch features; others when registered)",
     "baseline": "study: the method every other row is compared with (besides scratch)",
+    "kclip.clip": "study, kclip tokenizer: CLIP weights (.safetensors, its patch grid the model's); null: a random "
+                  "CLIP ViT seeded by the study seed",
+    "kclip.width": "study, kclip tokenizer: width of the random CLIP tower (a multiple of 64: one head per 64)",
+    "kclip.layers": "study, kclip tokenizer: blocks of the random CLIP tower",
+    "kclip.output_dim": "study, kclip tokenizer: projection width of the random CLIP tower (unused by k-CLIP)",
+    "kclip.sample_fraction": "study, kclip tokenizer: share of each batch's patch features kept for k-means",
     "confidence": "study: coverage of the paired Student-t intervals",
     "scratch.lr": "from-scratch row: its own peak learning rate (the pre-trained rows use finetune.lr)",
     "scratch.layer_decay": "from-scratch row: layer-wise lr decay (1: off; random layers have nothing to preserve)",
@@ -125,6 +144,43 @@ def _pixel_cache(cfg: Dict[str, Any], seed: int, directory: str) -> str:
 register_tokenizer("pixel", _pixel_cache)
 
 
+def _kclip_cache(cfg: Dict[str, Any], seed: int, directory: str) -> str:
+    """k-CLIP (k-means on CLIP ViT patch features, :func:`mapet.FeatureTokenizer.from_clip`) fitted with
+    ``seed``, and its token cache, under ``directory``. The tower is ``kclip.clip`` (a CLIP weights file)
+    or a random CLIP ViT seeded by ``seed``, written to ``directory/clip.safetensors``."""
+    from .clip import CLIPVisionTransformer
+    from .io import save_file
+
+    done = os.path.join(directory, "tokens.done")
+    cache = os.path.join(directory, "tokens")
+    if os.path.exists(done):
+        return cache
+    k, m = cfg["kclip"], cfg["model"]
+    path = k.get("clip")
+    if not path:
+        width = int(k["width"])
+        tower = CLIPVisionTransformer(img_size=int(m["img_size"]), patch_size=int(m["patch_size"]), width=width,
+                                      layers=int(k["layers"]), heads=max(1, width // 64),
+                                      output_dim=int(k["output_dim"]), seed=seed)
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, "clip.safetensors")
+        save_file({"visual." + n: v for n, v in tower.state_dict().items()}, path)
+    tcfg = {key: v for key, v in cfg.items() if key in _DATA}
+    tcfg.update(seed=seed, model=dict(m), output_dir=directory, clip=path,
+                tokenizer=dict(cfg["tokenizer"], kind="kclip", path=None, sample_fraction=float(k["sample_fraction"])))
+    cache = tokenize_dataset(tcfg)
+    atomic_write(done, lambda f: f.write(b"ok\n"))
+    return cache
+
+
+register_tokenizer("kclip", _kclip_cache)
+
+
+def _canonical(name: str) -> str:
+    """The registry's name of a study method (``mim`` → ``beit``); ``scratch`` stays."""
+    return name if name == "scratch" else get_method(name).name
+
+
 def _check(cfg: Dict[str, Any]) -> None:
     seeds = cfg["seeds"]
     if (not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
@@ -142,7 +198,18 @@ def _check(cfg: Dict[str, Any]) -> None:
     for t in toks:
         if t not in _TOKENIZERS:
             raise ValueError(f"config: tokenizer {t!r} is not available here (known: {', '.join(sorted(_TOKENIZERS))})")
-    if cfg["baseline"] not in list(methods) + ["scratch"]:
+    if "ccvit" in {get_method(m).name for m in methods} and toks != ["pixel"]:
+        raise ValueError(f"config: ccvit replaces patches by their pixel centroids: it needs tokenizers=['pixel'], "
+                         f"got {toks!r}")
+    kclip = cfg.get("kclip") or {}
+    bad = sorted(set(kclip) - set(KCLIP_DEFAULTS))
+    if bad:
+        raise ValueError(f"config: kclip.{bad[0]} is not a k-CLIP option (known: {', '.join(KCLIP_DEFAULTS)})")
+    if "kclip" in toks and kclip.get("clip") and not os.path.exists(str(kclip["clip"])):
+        raise ValueError(f"config: kclip.clip {kclip['clip']!r} does not exist (a CLIP weights .safetensors, "
+                         "or null for a random tower)")
+    if not (isinstance(cfg["baseline"], str) and _token_method(cfg["baseline"]) or cfg["baseline"] == "scratch") \
+            or _canonical(cfg["baseline"]) not in [get_method(m).name for m in methods] + ["scratch"]:
         raise ValueError(f"config: baseline must be one of methods or 'scratch', got {cfg['baseline']!r}")
     if not 0.0 < float(cfg["confidence"]) < 1.0:
         raise ValueError(f"config: confidence must be in (0, 1), got {cfg['confidence']!r}")
@@ -154,8 +221,9 @@ def _check(cfg: Dict[str, Any]) -> None:
                              "recipe key")
 
 
-def _row(method: str, tokenizer: str, tokenizers: List[str]) -> str:
-    return method if len(tokenizers) == 1 else f"{method}/{tokenizer}"
+def _row(method: str, tokenizer: Optional[str], tokenizers: List[str]) -> str:
+    """A run's row: the method, or ``method/tokenizer`` when the study has several (scratch has none)."""
+    return method if method == "scratch" or len(tokenizers) == 1 else f"{method}/{tokenizer}"
 
 
 def _fingerprint(cfg: Dict[str, Any], method: str, tokenizer: Optional[str]) -> str:
@@ -167,6 +235,8 @@ def _fingerprint(cfg: Dict[str, Any], method: str, tokenizer: Optional[str]) -> 
     else:
         keys.update(finetune=cfg["finetune"], pretrain=cfg["pretrain"], tokenizer=cfg["tokenizer"],
                     method=method, tokenizer_name=tokenizer)
+        if tokenizer == "kclip":
+            keys.update(kclip=cfg["kclip"])
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -210,7 +280,7 @@ def _run_one(cfg: Dict[str, Any], out: str, method: str, tokenizer: Optional[str
             run_pretrain(pcfg)
             atomic_write(os.path.join(directory, "pretrain.done"), lambda f: f.write(b"ok\n"))
         scores = _transfer(cfg, seed, model_file, cfg["finetune"], os.path.join(directory, "finetune"))
-    return dict(scores, row=_row(method, tokenizer or "", cfg["tokenizers"]), method=method, tokenizer=tokenizer,
+    return dict(scores, row=_row(method, tokenizer, cfg["tokenizers"]), method=method, tokenizer=tokenizer,
                 seed=seed, seconds=time.perf_counter() - t, fingerprint=_fingerprint(cfg, method, tokenizer))
 
 
@@ -335,6 +405,9 @@ def run_study(cfg: Dict[str, Any], stop_after: Optional[int] = None) -> Dict[str
             ones, marked in progress (0: only report what is there).
     """
     _check(cfg)
+    # rows, records and comparisons under the registry's names (mim is beit)
+    cfg = dict(cfg, methods=[_canonical(m) for m in cfg["methods"]], baseline=_canonical(cfg["baseline"]),
+               kclip=dict(KCLIP_DEFAULTS, **(cfg.get("kclip") or {})))
     out = cfg.get("output_dir") or "mapet-study"
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     t0 = time.perf_counter()
@@ -349,6 +422,8 @@ def run_study(cfg: Dict[str, Any], stop_after: Optional[int] = None) -> Dict[str
             if rec.get("fingerprint") != want:
                 raise ValueError(f"{path} was made with another recipe; use another output_dir or delete "
                                  f"{os.path.join(out, 'runs')} to start the study over")
+            # a study given another tokenizer later names its rows method/tokenizer: the records follow
+            rec["row"] = _row(method, tok, cfg["tokenizers"])
             records.append(rec)
             continue
         if stop_after is not None and done_now >= stop_after:
