@@ -1,9 +1,10 @@
 """``python -m mapet study``: does a pre-training method beat another here? Methods × seeds × tokenizers.
 
 Every (method, tokenizer, seed) run pre-trains with the same budget, then is linear-probed and
-fine-tuned with one fine-tuning recipe; the ``scratch`` row (one per seed) fine-tunes a randomly
-initialised ViT with its own from-scratch recipe (``scratch.*``: no layer decay, see
-``bench/scratch_sweep.py`` for how it was chosen) and the same number of steps. Rows are compared
+fine-tuned with one fine-tuning recipe (``finetune.*``); the ``scratch`` row (one per seed) fine-tunes a
+randomly initialised ViT with its own from-scratch recipe (``scratch.*``: the class-token head, see
+``bench/scratch_sweep.py`` for how it was chosen) and the same number of steps. The report says on
+which seeds a row's fine-tune ends below its own linear probe. Rows are compared
 paired by seed (a seed fixes the initialisation, the data order, the masks and the tokenizer's
 k-means) with a Student-t confidence interval of the mean difference (:mod:`mapet.stats`).
 
