@@ -1,5 +1,5 @@
 """`python -m mapet study`: a 2-seed x 1-epoch study on a tiny model (pixel and k-CLIP tokens), interrupted
-and resumed."""
+and resumed; fine-tune >= linear probe at the demo's budget."""
 import copy
 import json
 import os
@@ -139,18 +139,18 @@ def test_study_config_is_checked(tmp_path, capsys):
             study.run_study(cfg)
 
 
-def test_scratch_recipe_at_the_demo_budget(tmp_path):
-    """The from-scratch row's own recipe (no layer decay, class-token head, lr 3e-3; bench/scratch_sweep.py) on
-    the digits at the demo's budget (10 epochs, batch 64, fp32 as the demo). The recipe it replaces (the
-    pre-trained rows' BEiT recipe: layer decay 0.75, mean-pooled fc_norm head, lr 1e-3) ends at 33-45% on
-    seeds 0-2 (issue 18). Measured here: 93.0% against the linear probe's 93.9% on the same random features —
-    level with the probe within a few images, not reliably above it (README, "Is pre-training worth it")."""
-    cfg = copy.deepcopy(study.STUDY_DEFAULTS)
-    cfg.update(output_dir=str(tmp_path), progress=False)
-    assert cfg["scratch"] == study.SCRATCH_RECIPE and cfg["scratch"]["layer_decay"] == 1.0
+def test_finetune_is_at_least_the_linear_probe_at_the_demo_budget(tmp_path):
+    """The property a fine-tuning recipe must have (issue 18): fine-tuning every weight ends at least at the
+    linear probe on the same network's frozen features. At the demo's budget (10 pre-training epochs, 10
+    fine-tuning epochs, the demo's ViT; bf16 as the study) on seed 0, the study's first seed, for the
+    from-scratch row and the MaPeT row, exactly as the study runs them. BEiT's recipe (layer decay 0.75,
+    batch 64: 225 steps) ended 0.3-12 points below the probe on every row and seed; README, "the seeded study"."""
     from mapet.demo import DEMO_DEFAULTS
-    assert DEMO_DEFAULTS["scratch"] == study.SCRATCH_RECIPE
-    assert {k: DEMO_DEFAULTS[k] for k in ("finetune", "linprobe")} == {k: cfg[k] for k in ("finetune", "linprobe")}
-    scores = study._transfer(cfg, 0, None, dict(cfg["finetune"], **cfg["scratch"]), str(tmp_path / "ft"))
-    assert scores["linear_probe_top1"] >= 0.90, scores       # random features of the digits: linearly separable
-    assert scores["finetune_top1"] >= 0.85, scores           # the old recipe: 0.33-0.45
+    cfg = copy.deepcopy(study.STUDY_DEFAULTS)
+    cfg.update(output_dir=str(tmp_path), progress=False, precision="bf16")
+    assert cfg["finetune"] == study.FINETUNE_RECIPE and cfg["scratch"] == study.SCRATCH_RECIPE
+    assert {k: DEMO_DEFAULTS[k] for k in ("finetune", "scratch", "linprobe", "pretrain")} == \
+        {k: cfg[k] for k in ("finetune", "scratch", "linprobe", "pretrain")}   # the demo's budget and recipes
+    for method, tokenizer in (("scratch", None), ("mapet", "pixel")):
+        r = study._run_one(cfg, str(tmp_path), method, tokenizer, 0)
+        assert r["finetune_top1"] >= r["linear_probe_top1"], (method, r)
