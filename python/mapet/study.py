@@ -33,7 +33,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from . import stats
 from .cli import command
@@ -41,6 +41,7 @@ from .commands import (_DATA, _MODEL, FINETUNE_DEFAULTS, OPTIONS, PRETRAIN_DEFAU
                        run_pretrain, tokenize_dataset)
 from .io import atomic_write
 from .registry import get_method, method_names
+from .study_tokenizers import _TOKENIZERS, KCLIP_DEFAULTS, register_tokenizer  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,6 @@ FINETUNE_RECIPE: Dict[str, Any] = {"epochs": 10, "batch_size": 16, "lr": 1e-3, "
 #: LayerNorm keeps little of what separates the digits); see ``bench/scratch_sweep.py``.
 SCRATCH_RECIPE: Dict[str, Any] = {"lr": 1e-3, "layer_decay": 1.0, "warmup_epochs": 1, "drop_path_rate": 0.1,
                                   "global_pool": "token"}
-
-#: k-CLIP's tower when no weights are given (``kclip.clip``): a random CLIP ViT on the model's patch
-#: grid, small enough for the digits (width 64 gives one head, as CLIP reads heads off the width).
-KCLIP_DEFAULTS: Dict[str, Any] = {"clip": None, "width": 64, "layers": 2, "output_dim": 32, "sample_fraction": 0.1}
 
 STUDY_DEFAULTS: Dict[str, Any] = {
     **_DATA, "model": dict(_MODEL), "output_dir": "mapet-study", "precision": None,
@@ -107,75 +104,6 @@ def _token_method(name: Any) -> bool:
         return get_method(name).inputs == "tokens"
     except ValueError:
         return False
-
-# name -> (cfg, seed, directory) -> token cache directory
-_TOKENIZERS: Dict[str, Callable[[Dict[str, Any], int, str], str]] = {}
-
-
-def register_tokenizer(name: str, make_cache: Callable[[Dict[str, Any], int, str], str]) -> None:
-    """Make ``name`` usable in a study's ``tokenizers``.
-
-    Args:
-        name: the name in the config (e.g. ``"clip"``).
-        make_cache: ``(study config, seed, directory) -> token cache directory``: fits the tokenizer
-            with that seed and writes the tokens of every training image (a ``mapet.data.TokenCache``)
-            under ``directory``; it must return the same cache when called again after an interruption.
-    """
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"register_tokenizer: name: expected a non-empty str, got {name!r}")
-    if not callable(make_cache):
-        raise TypeError(f"register_tokenizer: make_cache: expected a callable, got {type(make_cache).__name__}")
-    _TOKENIZERS[name] = make_cache
-
-
-def _pixel_cache(cfg: Dict[str, Any], seed: int, directory: str) -> str:
-    """The CCViT pixel k-means tokenizer fitted with ``seed``, and its token cache, under ``directory``."""
-    done = os.path.join(directory, "tokens.done")
-    cache = os.path.join(directory, "tokens")
-    if os.path.exists(done):
-        return cache
-    tcfg = {k: v for k, v in cfg.items() if k in _DATA}
-    tcfg.update(seed=seed, model=dict(cfg["model"]), output_dir=directory,
-                tokenizer=dict(cfg["tokenizer"], path=None))
-    cache = tokenize_dataset(tcfg)
-    atomic_write(done, lambda f: f.write(b"ok\n"))
-    return cache
-
-
-register_tokenizer("pixel", _pixel_cache)
-
-
-def _kclip_cache(cfg: Dict[str, Any], seed: int, directory: str) -> str:
-    """k-CLIP (k-means on CLIP ViT patch features, :func:`mapet.FeatureTokenizer.from_clip`) fitted with
-    ``seed``, and its token cache, under ``directory``. The tower is ``kclip.clip`` (a CLIP weights file)
-    or a random CLIP ViT seeded by ``seed``, written to ``directory/clip.safetensors``."""
-    from .clip import CLIPVisionTransformer
-    from .io import save_file
-
-    done = os.path.join(directory, "tokens.done")
-    cache = os.path.join(directory, "tokens")
-    if os.path.exists(done):
-        return cache
-    k, m = cfg["kclip"], cfg["model"]
-    path = k.get("clip")
-    if not path:
-        width = int(k["width"])
-        tower = CLIPVisionTransformer(img_size=int(m["img_size"]), patch_size=int(m["patch_size"]), width=width,
-                                      layers=int(k["layers"]), heads=max(1, width // 64),
-                                      output_dim=int(k["output_dim"]), seed=seed)
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, "clip.safetensors")
-        save_file({"visual." + n: v for n, v in tower.state_dict().items()}, path)
-    tcfg = {key: v for key, v in cfg.items() if key in _DATA}
-    tcfg.update(seed=seed, model=dict(m), output_dir=directory, clip=path,
-                tokenizer=dict(cfg["tokenizer"], kind="kclip", path=None, sample_fraction=float(k["sample_fraction"])))
-    cache = tokenize_dataset(tcfg)
-    atomic_write(done, lambda f: f.write(b"ok\n"))
-    return cache
-
-
-register_tokenizer("kclip", _kclip_cache)
-
 
 def _canonical(name: str) -> str:
     """The registry's name of a study method (``mim`` → ``beit``); ``scratch`` stays."""
