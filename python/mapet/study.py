@@ -228,7 +228,7 @@ def _record_path(out: str, method: str, tokenizer: Optional[str], seed: int) -> 
     return os.path.join(out, "runs", f"{name}-seed{seed}.json")
 
 
-def summarize(records: List[Dict[str, Any]], baseline: str = "mim", confidence: float = 0.95) -> Dict[str, Any]:
+def summarize(records: List[Dict[str, Any]], baseline: str = "beit", confidence: float = 0.95) -> Dict[str, Any]:
     """Mean ± std per row and paired differences to ``baseline`` and to ``scratch``.
 
     Args:
