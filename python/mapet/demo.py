@@ -4,7 +4,7 @@
 2. Pre-train a small ViT with MaPeT, the MIM (BEiT) baseline, CCViT and DTM, same budget. DTM
    needs a frozen teacher: here the MaPeT encoder pre-trained just before (the paper uses CLIP).
 3. Linear-probe and fine-tune each, and a ViT trained from scratch with the same number of fine-tuning
-   steps and its own recipe (``scratch.*``: no layer decay, class-token head, lr 3e-3; see :mod:`mapet.study`).
+   steps and its own recipe (``scratch.*``: the class-token head; see :mod:`mapet.study`).
 4. Print and save a table like the paper's (method × top-1) as Markdown and JSON, and captioned
    figures (matplotlib): results bars, loss curves, MaPeT's masks, tokens, CCViT and DTM pictures.
 
@@ -26,7 +26,7 @@ import numpy as np
 from .cli import command
 from .commands import _DATA, _MODEL, OPTIONS, _datasets, run_finetune, run_linprobe, run_pretrain, tokenize_dataset
 from .registry import get_method
-from .study import SCRATCH_RECIPE, STUDY_OPTIONS
+from .study import FINETUNE_RECIPE, SCRATCH_RECIPE, STUDY_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ DEMO_DEFAULTS: Dict[str, Any] = {
     "tokenizer": {"n_tokens": 256, "n_iter": 20, "path": None, "fit_images": 4096},
     "methods": ["mapet", "beit", "ccvit", "dtm"],
     "pretrain": {"epochs": 10, "batch_size": 64, "lr": 1.5e-3, "least_number": 16, "warmup_epochs": 1},
-    "finetune": {"epochs": 10, "batch_size": 64, "lr": 1e-3, "layer_decay": 0.75},
+    "finetune": dict(FINETUNE_RECIPE),  # the study's: one recipe for every pre-trained row
     "scratch": dict(SCRATCH_RECIPE),  # the from-scratch row's own fine-tuning recipe, same steps
     "linprobe": {"epochs": 100, "lr": 0.1},
     "dtm": {"teacher": None},
