@@ -104,9 +104,19 @@ def test_two_ranks_train_like_one_process_on_the_combined_batch(tmp_path):
                             layer_decay=None, warmup_epochs=0.5, **TINY)
     assert len(hist["loss"]) == 12
     np.testing.assert_allclose(np.load(tmp_path / "loss0.npy"), hist["loss"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(p0, single.flat_params, rtol=0, atol=2e-5)
-    assert not np.allclose(single.flat_params, mapet.create_model("vit_tiny_patch16_224", num_classes=10, seed=3,
-                                                                   **TINY).flat_params, atol=1e-3)
+    # The two runs' GEMMs have other shapes (batch 8 per rank vs 16), so their gradients agree
+    # within float32 rounding, not bitwise. AdamW normalises each update: where a parameter's
+    # gradient is itself at rounding level, its sign is rounding's choice and the two runs may
+    # step that element in opposite directions (up to lr per step), while every other element
+    # follows the same trajectory to ~1e-6 of its update. So compare the updates as a whole: a
+    # handful of such elements weigh far below 1e-3 of the update's norm, while an error in the
+    # averaging (a wrong divisor, a rank's gradient missing) moves it by 1/16 of its norm or more.
+    init = mapet.create_model("vit_tiny_patch16_224", num_classes=10, seed=3, **TINY).flat_params
+    update_dist, update_single = p0 - init, single.flat_params - init
+    assert np.linalg.norm(update_single) > 1e-2  # it trained
+    assert np.linalg.norm(update_dist - update_single) <= 1e-3 * np.linalg.norm(update_single)
+    close = np.abs(update_dist - update_single) <= 2e-5
+    assert close.mean() > 0.999, f"{np.count_nonzero(~close)} of {close.size} elements differ by more than 2e-5"
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["last.safetensors", "log.csv"]  # rank 0 alone wrote them
 
 
