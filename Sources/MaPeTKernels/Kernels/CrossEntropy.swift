@@ -22,12 +22,10 @@ public func crossEntropyForward(
     Parallel.forRanges(rows, grain: max(1, 8192 / max(K, 1))) { r in
         for i in r {
             let x = logits + i * K, p = probs + i * K
-            var mx = -Float.infinity
-            for j in 0..<K { mx = max(mx, x[j]) }
             p.update(from: x, count: K)
             // log p_k = x_k − mx − log Σ exp(x − mx), from the logits (not from p, whose small
             // entries underflow): the softmax's exps (~2·10⁻⁷ relative, `vexp`) summed in Double.
-            let se = softmaxRowInPlace(p, count: K, sumInDouble: true)
+            let (mx, se) = softmaxRowInPlace(p, count: K, sumInDouble: true)
             let t = Int(targets[i])
             guard t >= 0 else { losses[i] = 0; continue }
             let lse = Double(mx) + log(se)

@@ -21,10 +21,8 @@ public func softTargetCrossEntropyForward(
         for i in r {
             let x = logits + i * K, p = probs + i * K, q = targets + i * K
             p.update(from: x, count: K)
-            let se = softmaxRowInPlace(p, count: K, sumInDouble: true)
+            let (mx, se) = softmaxRowInPlace(p, count: K, sumInDouble: true)
             // log-sum-exp in Double from the logits, as the hard-label path.
-            var mx = -Float.infinity
-            for j in 0..<K { mx = max(mx, x[j]) }
             var sq: Double = 0, sqx: Double = 0
             for j in 0..<K {
                 sq += Double(q[j])

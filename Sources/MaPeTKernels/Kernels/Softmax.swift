@@ -5,12 +5,13 @@ import Glibc
 // Row softmax:  out[r, j] = exp(x[r, j] − max_j x[r, ·]) / Σ_j exp(x[r, j] − max).
 // Backward:     dx[r, j] += out[r, j] · (dout[r, j] − Σ_k dout[r, k] · out[r, k]).
 
-/// One row in place: `row[j] = softmax(scale · row)[j]` over `count` entries. With `sumInDouble`
-/// it also returns Σ_j exp(scale·row[j] − max) of the same exp values summed in Double (a
-/// log-sum-exp for cross-entropy without a second pass of exps); otherwise 0.
+/// One row in place: `row[j] = softmax(scale · row)[j]` over `count` entries. Returns the max of
+/// scale·row it subtracted and, with `sumInDouble`, Σ_j exp(scale·row[j] − max) of the same exp
+/// values summed in Double (otherwise 0): cross-entropy's log-sum-exp, max + log(expSum), without
+/// a second pass of exps or of the max.
 @inlinable @discardableResult
 public func softmaxRowInPlace(_ row: UnsafeMutablePointer<Float>, count: Int, scale: Float = 1,
-                              sumInDouble: Bool = false) -> Double {
+                              sumInDouble: Bool = false) -> (max: Float, expSum: Double) {
     var mv = FloatVector(repeating: -.infinity)
     var j = 0
     while j + 8 <= count { mv = pointwiseMax(mv, loadV(row + j)); j += 8 }
@@ -35,7 +36,7 @@ public func softmaxRowInPlace(_ row: UnsafeMutablePointer<Float>, count: Int, sc
     }
     let inv = 1 / total
     for j in 0..<count { row[j] *= inv }
-    return sumInDouble ? wideTotal : 0
+    return (mx, sumInDouble ? wideTotal : 0)
 }
 
 /// One row in place with additive biases (0 or −∞): `row[j] = softmax(scale · row + bias)[j]`;
