@@ -65,14 +65,17 @@ def cross_check(threads: int) -> None:
         assert err < 1e-4
 
 
-def step_flops(B=16, P=147, n=196, C=192, depth=12, mlp=4, V=8192, patch_dim=3 * 16 * 16):
+def step_flops(B=16, P=147, n=196, C=192, depth=12, mlp=4, V=8192, patch_dim=3 * 16 * 16, masked=True):
     """Matmul FLOPs of one MaPeT train step (forward + backward = 3× forward, except the patch
     embedding whose input gradient is not needed). Content stream: T = n + 1 + P rows per sample
     (tokens and auxiliary positional tokens); query stream: P rows; the last block's content
-    stream only provides keys/values. Elementwise work is not counted."""
+    stream only provides keys/values. Elementwise work is not counted. Attention: with `masked`,
+    the products over the keys a row may attend (every row attends n + 1 of the T keys), what
+    mapet computes up to block edges; else over all T keys, as the reference's dense masks do."""
     T, H = n + 1 + P, C * mlp
-    content = 2 * B * T * (C * C + 2 * C * C + C * C + 2 * C * H) + 4 * B * T * T * C
-    query = 2 * B * P * (C * C + C * C + 2 * C * H) + 4 * B * P * T * C
+    keys = n + 1 if masked else T
+    content = 2 * B * T * (C * C + 2 * C * C + C * C + 2 * C * H) + 4 * B * T * keys * C
+    query = 2 * B * P * (C * C + C * C + 2 * C * H) + 4 * B * P * keys * C
     last = 2 * B * T * 2 * C * C + query
     fwd = (depth - 1) * (content + query) + last + 2 * B * P * C * V
     patch = 2 * B * n * patch_dim * C
@@ -142,7 +145,9 @@ def main() -> None:
         t = [k for k in med if k.startswith("torch " + p)][0]
         print(f"  mapet {p} vs {t}: {med[t] / med['mapet ' + p]:.2f}x")
     fl = step_flops(B=B, P=batch.num_predicted)
-    print(f"\nthe step is {fl / 1e9:.1f} GFLOP of matrix products; mapet's GEMM peak measured now:")
+    dense = step_flops(B=B, P=batch.num_predicted, masked=False)
+    print(f"\nthe step is {fl / 1e9:.1f} GFLOP of matrix products counting only the attention scores a row may "
+          f"attend ({dense / 1e9:.1f} GFLOP with the reference's dense masks); mapet's GEMM peak measured now:")
     for p in precisions:
         peak = gemm_peak(p)["square 2048"]
         m = med["mapet " + p]

@@ -184,6 +184,12 @@ void kernel_6x64(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *
     }
 }
 
+/// mapet_bf16_tile on the first K rows of a packed op(B) that has `panelPairs` k-pairs per
+/// panel (≥ ⌈K/2⌉): a product over some leading rows of a packing of more (attention.c).
+void bf16_tile_in(int transA, long N, long K, float alpha, const float *A, long lda, const uint32_t *packedB,
+                  long panelPairs, float beta, const float *bias, float *C, long ldc, long i0, long i1, long j0, long j1,
+                  uint32_t *abuf, float *rowsums, const float *emul, float *gderiv);
+
 #endif   // __x86_64__
 
 #endif

@@ -165,12 +165,19 @@ static void pack_a(int transA, long K, const float *A, long lda, long ib, long m
 
 // ---------------------------------------------------------------- a tile of C
 
-AVX512BF16
 void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const float *A, long lda,
                      const uint32_t *packedB, float beta, const float *bias, float *C, long ldc,
                      long i0, long i1, long j0, long j1, uint32_t *abuf, float *rowsums, const float *emul,
                      float *gderiv) {
     (void)M;
+    bf16_tile_in(transA, N, K, alpha, A, lda, packedB, (K + 1) / 2, beta, bias, C, ldc, i0, i1, j0, j1, abuf, rowsums,
+                 emul, gderiv);
+}
+
+AVX512BF16
+void bf16_tile_in(int transA, long N, long K, float alpha, const float *A, long lda, const uint32_t *packedB,
+                  long panelPairs, float beta, const float *bias, float *C, long ldc, long i0, long i1, long j0, long j1,
+                  uint32_t *abuf, float *rowsums, const float *emul, float *gderiv) {
     if (j1 > N) j1 = N;
     long kpT = (K + 1) / 2;
     for (long kp0 = 0; kp0 < kpT; kp0 += KCP) {
@@ -182,7 +189,7 @@ void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const floa
             pack_a(transA, K, A, lda, ib, mb, kp0, kpn, abuf, &rs, &ks, transA && rowsums ? rowsums + ib : NULL);
             for (long j = j0; j < j1; j += NR) {
                 long nr = j1 - j < NR ? j1 - j : NR;
-                const uint32_t *bp = packedB + (size_t)(j / NR) * kpT * NR + (size_t)kp0 * NR;
+                const uint32_t *bp = packedB + (size_t)(j / NR) * panelPairs * NR + (size_t)kp0 * NR;
                 for (long ir = 0; ir < mb; ir += MR) {
                     long mr = mb - ir < MR ? mb - ir : MR;
                     kernel_6x64(kpn, abuf + ir * rs, rs, ks, bp, C + (ib + ir) * ldc + j, ldc,

@@ -72,18 +72,23 @@ size_t mapet_bf16_attention_work_words(long M, long Nk, long D);
 /// One head of attention, fused: probs[M, Nk] (row stride Nk) = softmax(scale · Q Kᵀ + bias)
 /// and out[M, D] (row stride ldo) = probs · V, every product's inputs rounded to bf16 and
 /// summed in fp32. q [M, D], k and v [Nk, D] with their row strides; bias NULL or [M, Nk]
-/// with row stride ldbias, entries 0 (may attend) or −∞; a row with no key allowed gives zero
-/// probabilities and output.
+/// with row stride ldbias, entries 0 (may attend) or −∞. Key intervals: with `pre` not NULL,
+/// row i may attend only the keys [0, pre[i]) ∪ [split + suf[i], Nk) (0 ≤ pre[i] ≤ split ≤ Nk,
+/// 0 ≤ suf[i] ≤ Nk − split), its other probabilities are 0 and the blocks of scores no row of
+/// a strip may attend are not computed; pre NULL: every key. A row with no key allowed gives
+/// zero probabilities and output.
 void mapet_bf16_attention_forward(long M, long Nk, long D, float scale,
                                   const float *q, long ldq, const float *k, long ldk, const float *v, long ldv,
-                                  const float *bias, long ldbias, float *probs, float *out, long ldo,
-                                  uint32_t *work);
+                                  const float *bias, long ldbias, long split, const int32_t *pre, const int32_t *suf,
+                                  float *probs, float *out, long ldo, uint32_t *work);
 
-/// Its backward from the probabilities: dQ = dS·K + betaQ·dQ, dK = dSᵀ·Q + betaKV·dK,
-/// dV = Pᵀ·dO + betaKV·dV with dS = P ⊙ (dO·Vᵀ − rowsum) · scale written to ds [M, Nk]
-/// (row stride Nk); bf16 inputs, fp32 sums, beta 0 does not read the output.
+/// Its backward from the probabilities (the same key intervals as the forward): dQ = dS·K +
+/// betaQ·dQ, dK = dSᵀ·Q + betaKV·dK, dV = Pᵀ·dO + betaKV·dV with dS = P ⊙ (dO·Vᵀ − rowsum) ·
+/// scale written to ds [M, Nk] (row stride Nk; 0 outside the intervals); bf16 inputs, fp32
+/// sums, beta 0 does not read the output.
 void mapet_bf16_attention_backward(long M, long Nk, long D, float scale,
                                    const float *q, long ldq, const float *k, long ldk, const float *v, long ldv,
+                                   long split, const int32_t *pre, const int32_t *suf,
                                    const float *probs, const float *dout, long lddo,
                                    float *dq, long lddq, float betaQ, float *dk, long lddk, float *dv, long lddv,
                                    float betaKV, float *ds, uint32_t *work);

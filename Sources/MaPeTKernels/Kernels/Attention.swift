@@ -34,8 +34,9 @@ public func attentionForward<Mask: AttentionMask>(
     let D = C / H
     let scale = 1 / Float(D).squareRoot()
     nonisolated(unsafe) let out = out, probs = probs, q = q, k = k, v = v
+    let intervals = mask.keyIntervals
     if precision.usesBF16 && BF16.isActive && M > 0 && Nk > 0
-        && (mask.isFull || mask.scoreBias(batch: 0, query: 0) != nil) {
+        && (mask.isFull || intervals != nil || mask.scoreBias(batch: 0, query: 0) != nil) {
         let words = mapet_bf16_attention_work_words(M, Nk, D)
         Parallel.forRanges(B * H) { tasks in
             let work = UnsafeMutableRawPointer.allocate(byteCount: words * 4, alignment: 64)
@@ -43,10 +44,11 @@ public func attentionForward<Mask: AttentionMask>(
             defer { work.deallocate() }
             for task in tasks {
                 let b = task / H, h = task % H
-                let bias = mask.isFull ? nil : mask.scoreBias(batch: b, query: 0)
+                let bias = mask.isFull || intervals != nil ? nil : mask.scoreBias(batch: b, query: 0)
                 mapet_bf16_attention_forward(M, Nk, D, scale, q + b * M * ldQ + h * D, ldQ,
                                              k + b * Nk * ldK + h * D, ldK, v + b * Nk * ldV + h * D, ldV,
-                                             bias, Nk, probs + task * M * Nk, out + b * M * ldOut + h * D, ldOut, work)
+                                             bias, Nk, intervals?.split ?? Nk, intervals?.prefixEnd, intervals?.suffixStart,
+                                             probs + task * M * Nk, out + b * M * ldOut + h * D, ldOut, work)
             }
         }
         return
@@ -60,6 +62,11 @@ public func attentionForward<Mask: AttentionMask>(
         for i in 0..<M {
             let row = P + i * Nk
             if mask.isFull {
+                softmaxRowInPlace(row, count: Nk, scale: scale)
+            } else if let iv = intervals {
+                let a = Int(iv.prefixEnd[i]), z = iv.split + Int(iv.suffixStart[i])
+                if a == 0 && z >= Nk { row.update(repeating: 0, count: Nk); continue }
+                if z > a { (row + a).update(repeating: -.infinity, count: z - a) }
                 softmaxRowInPlace(row, count: Nk, scale: scale)
             } else if let bias = mask.scoreBias(batch: b, query: i) {
                 softmaxRowInPlace(row, count: Nk, scale: scale, bias: bias)
@@ -78,7 +85,8 @@ public func attentionForward<Mask: AttentionMask>(
 
 /// Accumulates dQ, dK, dV (same layouts and row strides as q, k, v; dK and dV may be two
 /// column ranges of one buffer); `accumulateQ`/`accumulateKV` false write them instead (the
-/// values of adding to zeros).
+/// values of adding to zeros). `keyIntervals`: the forward's mask's, if it had them (lets the
+/// fused bf16 backward skip what no row attended; any other mask needs nothing here).
 public func attentionBackward(
     dQ: UnsafeMutablePointer<Float>, dK: UnsafeMutablePointer<Float>, dV: UnsafeMutablePointer<Float>,
     dOut: UnsafePointer<Float>, ldOut: Int,
@@ -87,7 +95,7 @@ public func attentionBackward(
     k: UnsafePointer<Float>, ldK: Int,
     v: UnsafePointer<Float>, ldV: Int,
     B: Int, M: Int, Nk: Int, C: Int, H: Int, precision: Precision = .fp32,
-    accumulateQ: Bool = true, accumulateKV: Bool = true
+    accumulateQ: Bool = true, accumulateKV: Bool = true, keyIntervals: KeyIntervals? = nil
 ) {
     let t0 = Profiler.begin(); defer { Profiler.end(.attention, t0) }
     let D = C / H
@@ -108,6 +116,7 @@ public func attentionBackward(
             let b = task / H, h = task % H
             let qo = b * M * ldQ + h * D, ko = b * Nk * ldK + h * D, vo = b * Nk * ldV + h * D
             mapet_bf16_attention_backward(M, Nk, D, scale, q + qo, ldQ, k + ko, ldK, v + vo, ldV,
+                                          keyIntervals?.split ?? Nk, keyIntervals?.prefixEnd, keyIntervals?.suffixStart,
                                           probs + task * M * Nk, dOut + b * M * ldOut + h * D, ldOut,
                                           dQ + qo, ldQ, betaQ, dK + ko, ldK, dV + vo, ldV, betaKV, dS, work)
         }

@@ -19,12 +19,44 @@ public protocol AttentionMask: Sendable {
     /// `Nk` floats apart (the fused bf16 attention reads them from the first). nil (the
     /// default): attention asks `allows`.
     func scoreBias(batch: Int, query: Int) -> UnsafePointer<Float>?
+
+    /// Optional interval form, the same for every sample (see `KeyIntervals`); nil (the
+    /// default): attention asks `scoreBias` or `allows`.
+    var keyIntervals: KeyIntervals? { get }
 }
 
 extension AttentionMask {
     @inlinable public func anyAllowed(batch: Int, queries: Range<Int>, keys: Range<Int>) -> Bool { true }
     @inlinable public var isFull: Bool { false }
     @inlinable public func scoreBias(batch: Int, query: Int) -> UnsafePointer<Float>? { nil }
+    @inlinable public var keyIntervals: KeyIntervals? { nil }
+}
+
+/// Keys in two sections, [0, split) and [split, Nk): query row i (of every sample) may attend
+/// the prefix [0, prefixEnd[i]) of the first and the suffix [split + suffixStart[i], Nk) of
+/// the second. A two-stream model whose rows and keys are in permutation-rank order has
+/// exactly this rule (`rankOrderIntervals`); the fused bf16 attention then skips the blocks of
+/// scores that no row of a strip may attend. The caller owns the two arrays.
+public struct KeyIntervals: @unchecked Sendable {
+    public let split: Int
+    public let prefixEnd: UnsafePointer<Int32>
+    public let suffixStart: UnsafePointer<Int32>
+
+    public init(split: Int, prefixEnd: UnsafePointer<Int32>, suffixStart: UnsafePointer<Int32>) {
+        self.split = split; self.prefixEnd = prefixEnd; self.suffixStart = suffixStart
+    }
+
+    @inlinable public func allows(query i: Int, key j: Int) -> Bool {
+        j < Int(prefixEnd[i]) || j >= split + Int(suffixStart[i])
+    }
+}
+
+/// The rule of a `KeyIntervals`, as a mask.
+public struct IntervalMask: AttentionMask {
+    public let intervals: KeyIntervals
+    public init(_ intervals: KeyIntervals) { self.intervals = intervals }
+    @inlinable public func allows(batch: Int, query: Int, key: Int) -> Bool { intervals.allows(query: query, key: key) }
+    @inlinable public var keyIntervals: KeyIntervals? { intervals }
 }
 
 /// Every query attends every key (the ViT encoder).

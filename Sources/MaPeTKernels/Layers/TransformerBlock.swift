@@ -200,11 +200,11 @@ public struct TransformerBlock: @unchecked Sendable {
     /// ∂L/∂q into `s.dQ` (written) and ∂L/∂[k|v] into `dKV` (the source stream's): written by the
     /// first stream to reach it (`accumulateKV` false), added by the others.
     public func backwardAttention(cache c: BlockCache, scratch s: BlockScratch, source: BlockCache, dKV: UnsafeMutablePointer<Float>,
-                                  B: Int, T: Int, Nk: Int, accumulateKV: Bool) {
+                                  B: Int, T: Int, Nk: Int, accumulateKV: Bool, keyIntervals: KeyIntervals? = nil) {
         let kv = source.kv!
         attentionBackward(dQ: s.dQ, dK: dKV, dV: dKV + C, dOut: s.dAttn, ldOut: C, probs: c.probs,
                           q: c.q, ldQ: C, k: kv, ldK: 2 * C, v: kv + C, ldV: 2 * C, B: B, M: T, Nk: Nk, C: C, H: H, precision: precision,
-                          accumulateQ: false, accumulateKV: accumulateKV)
+                          accumulateQ: false, accumulateKV: accumulateKV, keyIntervals: keyIntervals)
     }
 
     /// q (and kv, when `dKV` is given) backward, then norm1: adds ∂L/∂x into dx.

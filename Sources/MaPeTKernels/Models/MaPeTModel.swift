@@ -10,6 +10,12 @@
 //   (PermutationBatch.inLoss) against tokens[b, p_j − 1].
 // The content stream's last block only feeds keys/values to the query stream, so only norm1
 // and kv are computed there.
+// Rows run in permutation-rank order, not in position order: content rows are the tokens by
+// rank (then the m_j by the rank of p_j), query rows the predicted tokens by rank. Every
+// per-row operation is indifferent to the order, and in this order the two rules are key
+// intervals (`fillRankOrderIntervals`) whose masked blocks the bf16 attention skips. Positions
+// enter only through pos_embed, gathered in `embed` and scattered back in the backward;
+// logits leave in ascending predicted order as before.
 
 /// Activations of one two-stream pass at (B, P), kept for the backward.
 final class TwoStreamActivations: @unchecked Sendable {
@@ -24,9 +30,8 @@ final class TwoStreamActivations: @unchecked Sendable {
     let normOut, normMean, normRstd, logits, probs, losses: UnsafeMutablePointer<Float>
     let dh, dg, dNormOut, dLogits: UnsafeMutablePointer<Float>
     let targets: UnsafeMutablePointer<Int32>
-    /// The step's two may-attend rules as score biases ([B, T, T] content, [B, P, T] query),
-    /// evaluated once per step for all heads and layers.
-    let contentBias, queryBias: UnsafeMutablePointer<Float>
+    /// The two may-attend rules in rank order (content T rows, query P rows; see the top).
+    let contentIntervals, queryIntervals: KeyIntervals
 
     init?(config k: PretrainConfig, B: Int, P: Int) {
         let v = k.vit, C = v.embedDim, N = v.sequenceLength, n = v.numPatches, V = k.vocabSize, depth = v.depth
@@ -42,7 +47,7 @@ final class TwoStreamActivations: @unchecked Sendable {
         sizes += BlockScratch.floats(rows: hRows, C: C, hidden: v.hidden, ownsKV: true)
         sizes += BlockScratch.floats(rows: gRows, C: C, hidden: v.hidden, ownsKV: false)
         sizes += [depth * 2 * B, gRows * C, gRows, gRows, gRows * V, gRows * V, gRows,
-                  hRows * C, gRows * C, gRows * C, gRows * V, gRows, B * T * T, B * P * T]
+                  hRows * C, gRows * C, gRows * C, gRows * V, gRows, 2 * (T + P)]
         guard let arena = Arena(floats: Arena.size(sizes)) else { return nil }
         (self.B, self.P, self.T, self.arena) = (B, P, T, arena)
         patches = arena.take(B * n * v.patchDim); patchOut = arena.take(B * n * C)
@@ -62,7 +67,11 @@ final class TwoStreamActivations: @unchecked Sendable {
         dh = arena.take(hRows * C); dg = arena.take(gRows * C); dNormOut = arena.take(gRows * C)
         dLogits = arena.take(gRows * V)
         targets = UnsafeMutableRawPointer(arena.take(gRows)).assumingMemoryBound(to: Int32.self)
-        contentBias = arena.take(B * T * T); queryBias = arena.take(B * P * T)
+        let bounds = UnsafeMutableRawPointer(arena.take(2 * (T + P))).assumingMemoryBound(to: Int32.self)
+        fillRankOrderIntervals(N: N, L: N - P, positionalTokens: k.kind == .mapet, contentPrefix: bounds,
+                               contentSuffix: bounds + T, queryPrefix: bounds + 2 * T, querySuffix: bounds + 2 * T + P)
+        contentIntervals = KeyIntervals(split: N, prefixEnd: bounds, suffixStart: bounds + T)
+        queryIntervals = KeyIntervals(split: N, prefixEnd: bounds + 2 * T, suffixStart: bounds + 2 * T + P)
     }
 }
 
@@ -89,16 +98,19 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
 
     // MARK: Forward
 
-    /// h0 and g0 from the images and the predicted positions.
+    /// h0 and g0, rows in rank order, from the images and the permutations.
     private func embed(_ a: TwoStreamActivations, images: UnsafePointer<Float>, batch: PermutationBatch) {
-        let v = config.vit, C = v.embedDim, N = v.sequenceLength, B = a.B, P = a.P, T = a.T
-        trunk.embed(x: a.hs[0], stride: T, patches: a.patches, patchOut: a.patchOut, images: images, B: B)
-        nonisolated(unsafe) let h = a.hs[0], g = a.gs[0], pos = w.posEmbed, mpt = w.special!, predicted = batch.predictedPointer
+        let v = config.vit, C = v.embedDim, N = v.sequenceLength, B = a.B, P = a.P, T = a.T, L = N - P
+        // Tokens in position order into hs[1] (unused until block 0's output), then by rank into hs[0].
+        trunk.embed(x: a.hs[1], stride: T, patches: a.patches, patchOut: a.patchOut, images: images, B: B)
+        nonisolated(unsafe) let h = a.hs[0], byPosition = a.hs[1], g = a.gs[0], pos = w.posEmbed, mpt = w.special!,
+                                orders = batch.ordersPointer
         let markers = positionalTokens
         Parallel.forEach(B) { b in
-            let hb = h + b * T * C
+            let hb = h + b * T * C, order = orders + b * N
+            for s in 0..<N { (hb + s * C).update(from: byPosition + (b * T + Int(order[s])) * C, count: C) }
             for i in 0..<P {
-                let pe = pos + Int(predicted[b * P + i]) * C, dst = g + (b * P + i) * C
+                let pe = pos + Int(order[L + i]) * C, dst = g + (b * P + i) * C
                 for j in 0..<C { dst[j] = mpt[j] + pe[j] }
                 if markers { (hb + (N + i) * C).update(from: dst, count: C) }
             }
@@ -109,10 +121,7 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
     private func runForward(_ a: TwoStreamActivations, images: UnsafePointer<Float>, batch: PermutationBatch, training: Bool) {
         let v = config.vit, C = v.embedDim, B = a.B, P = a.P, T = a.T, depth = v.depth
         embed(a, images: images, batch: batch)
-        fillScoreBias(TwoStreamContentMask(batch, positionalTokens: positionalTokens), B: B, M: T, Nk: T, bias: a.contentBias)
-        fillScoreBias(TwoStreamQueryMask(batch, positionalTokens: positionalTokens), B: B, M: P, Nk: T, bias: a.queryBias)
-        let contentMask = ScoreBiasMask(bias: a.contentBias, M: T, Nk: T)
-        let queryMask = ScoreBiasMask(bias: a.queryBias, M: P, Nk: T)
+        let contentMask = IntervalMask(a.contentIntervals), queryMask = IntervalMask(a.queryIntervals)
         for (l, blk) in blocks.enumerated() {
             let (keep1, keep2) = trunk.keepPointers(a.keeps, l: l, B: B, training: training)
             let ch = a.hCaches[l], cg = a.gCaches[l]
@@ -148,8 +157,21 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
         let B = batch.batchSize, P = batch.predictedCount
         guard let a = activations(B: B, P: P) else { return false }
         runForward(a, images: images, batch: batch, training: false)
-        logits.update(from: a.logits, count: B * P * config.vocabSize)
+        copyLogitsInPredictedOrder(logits, a, batch: batch)
         return true
+    }
+
+    /// out[b, j] = the logits of predicted token j (ascending position), whose row is its rank − L.
+    private func copyLogitsInPredictedOrder(_ out: UnsafeMutablePointer<Float>, _ a: TwoStreamActivations,
+                                            batch: PermutationBatch) {
+        let V = config.vocabSize, P = a.P, L = batch.leastNumber
+        nonisolated(unsafe) let out = out, logits = a.logits, ranks = batch.predictedRanksPointer
+        Parallel.forEach(a.B) { b in
+            for j in 0..<P {
+                let row = b * P + Int(ranks[b * P + j]) - L
+                (out + (b * P + j) * V).update(from: logits + row * V, count: V)
+            }
+        }
     }
 
     // MARK: Training
@@ -166,16 +188,19 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
         let savedRNG = rng
         trunk.drawKeeps(a.keeps, B: B)
         runForward(a, images: images, batch: batch, training: true)
-        let predicted = batch.predictedPointer
+        // Query row i is the predicted token of rank L + i.
+        nonisolated(unsafe) let orders = batch.ordersPointer
+        let L = N - P
         for b in 0..<B {
-            for j in 0..<P {
-                a.targets[b * P + j] = batch.inLoss(batch: b, predicted: j) ? tokens[b * n + Int(predicted[b * P + j]) - 1] : -1
+            for i in 0..<P {
+                let counts = batch.upperLimit.map { L + i <= $0 } ?? true
+                a.targets[b * P + i] = counts ? tokens[b * n + Int(orders[b * N + L + i]) - 1] : -1
             }
         }
         let (sum, count) = crossEntropyForward(losses: a.losses, probs: a.probs, logits: a.logits, targets: a.targets,
                                                rows: B * P, K: V)
         let loss = count > 0 ? sum / Double(count) : 0
-        if let logitsOut { logitsOut.update(from: a.logits, count: B * P * V) }
+        if let logitsOut { copyLogitsInPredictedOrder(logitsOut, a, batch: batch) }
         guard loss.isFinite else { rng = savedRNG; return .failure(.nonFiniteLoss(loss)) }
         guard count > 0 else { return .success(0) }
 
@@ -199,8 +224,12 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
             let last = l == depth - 1
             blk.backwardOutput(dx: a.dg, cache: cg, scratch: sg, B: B, T: P, keep1: keep1, keep2: keep2)
             if !last { blk.backwardOutput(dx: a.dh, cache: ch, scratch: sh, B: B, T: T, keep1: keep1, keep2: keep2) }
-            blk.backwardAttention(cache: cg, scratch: sg, source: ch, dKV: dKV, B: B, T: P, Nk: T, accumulateKV: false)
-            if !last { blk.backwardAttention(cache: ch, scratch: sh, source: ch, dKV: dKV, B: B, T: T, Nk: T, accumulateKV: true) }
+            blk.backwardAttention(cache: cg, scratch: sg, source: ch, dKV: dKV, B: B, T: P, Nk: T, accumulateKV: false,
+                                  keyIntervals: a.queryIntervals)
+            if !last {
+                blk.backwardAttention(cache: ch, scratch: sh, source: ch, dKV: dKV, B: B, T: T, Nk: T, accumulateKV: true,
+                                      keyIntervals: a.contentIntervals)
+            }
             blk.backwardAttentionInputs(dx: a.dg, x: a.gs[l], cache: cg, scratch: sg, dKV: nil, rows: B * P)
             if !last {
                 blk.backwardAttentionInputs(dx: a.dh, x: a.hs[l], cache: ch, scratch: sh, dKV: dKV, rows: B * T)
@@ -214,16 +243,20 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
             }
         }
 
-        // Embedding: token rows of h; the m_j rows of h and g feed mask_positional_token and pos_embed[p_j].
+        // Embedding: token rows of h, back in position order (into hs[1], free now); the m_j rows
+        // of h and g feed mask_positional_token and pos_embed[p_j].
         let dPatch = sh.dBranch   // [B, n, C] fits in [B·T, C]
-        trunk.embedBackward(dRows: a.dh, stride: T, dPatch: dPatch, patches: a.patches, B: B)
-        nonisolated(unsafe) let dMpt = g.special!, dPos = g.posEmbed, dh = a.dh, dg = a.dg,
-                                order = predicted
+        nonisolated(unsafe) let dMpt = g.special!, dPos = g.posEmbed, dh = a.dh, dg = a.dg, byPosition = a.hs[1]
+        Parallel.forEach(B) { b in
+            let order = orders + b * N
+            for s in 0..<N { (byPosition + (b * T + Int(order[s])) * C).update(from: dh + (b * T + s) * C, count: C) }
+        }
+        trunk.embedBackward(dRows: byPosition, stride: T, dPatch: dPatch, patches: a.patches, B: B)
         let markers = positionalTokens
         Parallel.forRanges(C, grain: 16) { r in
             for b in 0..<B {
                 for i in 0..<P {
-                    let p = Int(order[b * P + i])
+                    let p = Int(orders[b * N + L + i])
                     let gRow = dg + (b * P + i) * C, hRow = dh + (b * T + N + i) * C, posRow = dPos + p * C
                     for j in r {
                         let d = markers ? gRow[j] + hRow[j] : gRow[j]

@@ -111,3 +111,31 @@ public func denseMask<M: AttentionMask>(_ mask: M, batch: Int, rows: Int, keys: 
         for c in 0..<keys { out[r * keys + c] = mask.allows(batch: batch, query: r, key: c) ? 1 : 0 }
     }
 }
+
+/// The MaPeT may-attend rules with rows and keys in permutation-rank order, as key intervals
+/// (the same for every sample). Content rows/keys: the N tokens by rank (row s is token
+/// orders[b, s], of rank s), then with positional tokens the P auxiliary tokens m in the rank
+/// order of their predicted tokens (the j-th has rank L + j); query row i: the predicted token
+/// of rank L + i. Sorted so, "rank(c) < L or rank(c) ≤ rank(r)" is "c < L or c ≤ r" and every
+/// row's keys are a prefix of the tokens and a suffix of the m's:
+///   content token s   tokens [0, max(s + 1, L))   m's [max(0, s − L + 1), P)
+///   content m_i       tokens [0, L)               m's [0, P)
+///   query i           tokens [0, L + i)           m's [i, P)
+/// Without positional tokens (PIM) the keys are the N tokens only (split = N = Nk).
+/// content*: N + P rows (N without positional tokens); query*: P rows.
+public func fillRankOrderIntervals(N: Int, L: Int, positionalTokens: Bool,
+                                   contentPrefix: UnsafeMutablePointer<Int32>, contentSuffix: UnsafeMutablePointer<Int32>,
+                                   queryPrefix: UnsafeMutablePointer<Int32>, querySuffix: UnsafeMutablePointer<Int32>) {
+    let P = N - L
+    for s in 0..<N {
+        contentPrefix[s] = Int32(max(s + 1, L))
+        contentSuffix[s] = positionalTokens ? Int32(max(0, s - L + 1)) : 0
+    }
+    if positionalTokens {
+        for i in 0..<P { contentPrefix[N + i] = Int32(L); contentSuffix[N + i] = 0 }
+    }
+    for i in 0..<P {
+        queryPrefix[i] = Int32(L + i)
+        querySuffix[i] = positionalTokens ? Int32(i) : 0
+    }
+}
