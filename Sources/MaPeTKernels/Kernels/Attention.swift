@@ -57,16 +57,16 @@ public func attentionForward<Mask: AttentionMask>(
         let b = task / H, h = task % H
         let qh = q + b * M * ldQ + h * D, kh = k + b * Nk * ldK + h * D, vh = v + b * Nk * ldV + h * D
         let P = probs + task * M * Nk
+        if let iv = intervals {
+            intervalHeadForward(iv, out: out + b * M * ldOut + h * D, ldOut: ldOut, probs: P, q: qh, ldQ: ldQ, k: kh, ldK: ldK,
+                                v: vh, ldV: ldV, M: M, Nk: Nk, D: D, scale: scale, precision: precision)
+            return
+        }
         gemm(precision, transA: false, transB: true, M: M, N: Nk, K: D, alpha: 1, A: qh, lda: ldQ,
               B: kh, ldb: ldK, beta: 0, C: P, ldc: Nk, serial: true)
         for i in 0..<M {
             let row = P + i * Nk
             if mask.isFull {
-                softmaxRowInPlace(row, count: Nk, scale: scale)
-            } else if let iv = intervals {
-                let a = Int(iv.prefixEnd[i]), z = iv.split + Int(iv.suffixStart[i])
-                if a == 0 && z >= Nk { row.update(repeating: 0, count: Nk); continue }
-                if z > a { (row + a).update(repeating: -.infinity, count: z - a) }
                 softmaxRowInPlace(row, count: Nk, scale: scale)
             } else if let bias = mask.scoreBias(batch: b, query: i) {
                 softmaxRowInPlace(row, count: Nk, scale: scale, bias: bias)
@@ -127,6 +127,12 @@ public func attentionBackward(
         let qo = b * M * ldQ + h * D, ko = b * Nk * ldK + h * D, vo = b * Nk * ldV + h * D
         let dOh = dOut + b * M * ldOut + h * D
         let P = probs + task * M * Nk
+        if let iv = keyIntervals {
+            intervalHeadBackward(iv, dQ: dQ + qo, dK: dK + ko, dV: dV + vo, dOut: dOh, ldOut: ldOut, probs: P, q: q + qo, ldQ: ldQ,
+                                 k: k + ko, ldK: ldK, v: v + vo, ldV: ldV, M: M, Nk: Nk, D: D, scale: scale,
+                                 betaQ: betaQ, betaKV: betaKV, dS: dS, precision: precision)
+            continue
+        }
         gemm(precision, transA: false, transB: true, M: M, N: Nk, K: D, alpha: 1, A: dOh, lda: ldOut,
               B: v + vo, ldb: ldV, beta: 0, C: dS, ldc: Nk, serial: true)
         gemm(precision, transA: true, transB: false, M: Nk, N: D, K: M, alpha: 1, A: P, lda: Nk,
@@ -141,6 +147,135 @@ public func attentionBackward(
         gemm(precision, transA: true, transB: false, M: Nk, N: D, K: M, alpha: 1, A: dS, lda: Nk,
               B: q + qo, ldb: ldQ, beta: betaKV, C: dK + ko, ldc: ldK, serial: true)
       }
+    }
+}
+
+// MARK: Key intervals, one head on the GEMM-per-product path
+//
+// Rows go in blocks; each block's products run over the keys its rows may attend (the widest
+// prefix, the earliest suffix), so the masked blocks of a two-stream step are not computed.
+// Entries of a row outside its intervals end as exact zeros of P and dS.
+
+/// Rows per block of the interval path, keys per chunk of its dV/dK products.
+private let intervalRowBlock = 64, intervalKeyChunk = 96
+
+extension KeyIntervals {
+    /// The widest prefix end and the earliest suffix start (relative to `split`) over `rows`.
+    func extent(rows: Range<Int>, Nk: Int) -> (prefix: Int, suffix: Int) {
+        var a = 0, s = Nk - split
+        for i in rows { a = max(a, Int(prefixEnd[i])); s = min(s, Int(suffixStart[i])) }
+        return (a, s)
+    }
+
+    /// The rows of 0..<M that may attend some key of `keys` (inside one section), as runs
+    /// (gaps shorter than 8 rows merged; more than 4 runs become one covering run).
+    func rowRuns(M: Int, keys: Range<Int>) -> [Range<Int>] {
+        var runs: [Range<Int>] = []
+        for i in 0..<M {
+            let some = keys.lowerBound < split ? Int(prefixEnd[i]) > keys.lowerBound : split + Int(suffixStart[i]) < keys.upperBound
+            guard some else { continue }
+            if let last = runs.last, i - last.upperBound < 8 {
+                runs[runs.count - 1] = last.lowerBound..<(i + 1)
+            } else if runs.count == 4 {
+                runs = [runs[0].lowerBound..<(i + 1)]
+            } else {
+                runs.append(i..<(i + 1))
+            }
+        }
+        return runs
+    }
+}
+
+/// C[rows, D] = X[rows, 0:A]·Y[0:A] + X[rows, s0:Nk]·Y[s0:Nk] + beta·C (X row stride Nk).
+private func productOverIntervals(_ precision: Precision, x: UnsafePointer<Float>, rows: Int, Nk: Int, A: Int, s0: Int,
+                                  y: UnsafePointer<Float>, ldY: Int, D: Int, beta: Float,
+                                  c: UnsafeMutablePointer<Float>, ldc: Int) {
+    var beta = beta
+    if A > 0 {
+        gemm(precision, transA: false, transB: false, M: rows, N: D, K: A, alpha: 1, A: x, lda: Nk, B: y, ldb: ldY,
+             beta: beta, C: c, ldc: ldc, serial: true)
+        beta = 1
+    }
+    if s0 < Nk {
+        gemm(precision, transA: false, transB: false, M: rows, N: D, K: Nk - s0, alpha: 1, A: x + s0, lda: Nk,
+             B: y + s0 * ldY, ldb: ldY, beta: beta, C: c, ldc: ldc, serial: true)
+    } else if beta == 0 {
+        for r in 0..<rows { (c + r * ldc).update(repeating: 0, count: D) }
+    }
+}
+
+/// S[rows, 0:A] and S[rows, s0:Nk] = X[rows]·Y[keys]ᵀ (S row stride Nk).
+private func scoresOverIntervals(_ precision: Precision, x: UnsafePointer<Float>, ldX: Int, rows: Int, Nk: Int, A: Int,
+                                 s0: Int, y: UnsafePointer<Float>, ldY: Int, D: Int, s: UnsafeMutablePointer<Float>) {
+    if A > 0 {
+        gemm(precision, transA: false, transB: true, M: rows, N: A, K: D, alpha: 1, A: x, lda: ldX, B: y, ldb: ldY,
+             beta: 0, C: s, ldc: Nk, serial: true)
+    }
+    if s0 < Nk {
+        gemm(precision, transA: false, transB: true, M: rows, N: Nk - s0, K: D, alpha: 1, A: x, lda: ldX, B: y + s0 * ldY,
+             ldb: ldY, beta: 0, C: s + s0, ldc: Nk, serial: true)
+    }
+}
+
+func intervalHeadForward(_ iv: KeyIntervals, out: UnsafeMutablePointer<Float>, ldOut: Int, probs: UnsafeMutablePointer<Float>,
+                         q: UnsafePointer<Float>, ldQ: Int, k: UnsafePointer<Float>, ldK: Int, v: UnsafePointer<Float>, ldV: Int,
+                         M: Int, Nk: Int, D: Int, scale: Float, precision: Precision) {
+    for i0 in stride(from: 0, to: M, by: intervalRowBlock) {
+        let rows = i0..<min(M, i0 + intervalRowBlock)
+        let (A, S) = iv.extent(rows: rows, Nk: Nk), s0 = iv.split + S
+        let block = probs + i0 * Nk
+        scoresOverIntervals(precision, x: q + i0 * ldQ, ldX: ldQ, rows: rows.count, Nk: Nk, A: A, s0: s0, y: k, ldY: ldK,
+                            D: D, s: block)
+        for i in rows {
+            // Everything not computed lies in [a, z): it becomes −∞, then exp gives exact zeros.
+            let row = probs + i * Nk, a = Int(iv.prefixEnd[i]), z = iv.split + Int(iv.suffixStart[i])
+            if a == 0 && z >= Nk { row.update(repeating: 0, count: Nk); continue }
+            if z > a { (row + a).update(repeating: -.infinity, count: z - a) }
+            softmaxRowInPlace(row, count: Nk, scale: scale)
+        }
+        productOverIntervals(precision, x: block, rows: rows.count, Nk: Nk, A: A, s0: s0, y: v, ldY: ldV, D: D, beta: 0,
+                             c: out + i0 * ldOut, ldc: ldOut)
+    }
+}
+
+func intervalHeadBackward(_ iv: KeyIntervals, dQ: UnsafeMutablePointer<Float>, dK: UnsafeMutablePointer<Float>,
+                          dV: UnsafeMutablePointer<Float>, dOut: UnsafePointer<Float>, ldOut: Int, probs: UnsafePointer<Float>,
+                          q: UnsafePointer<Float>, ldQ: Int, k: UnsafePointer<Float>, ldK: Int, v: UnsafePointer<Float>, ldV: Int,
+                          M: Int, Nk: Int, D: Int, scale: Float, betaQ: Float, betaKV: Float,
+                          dS: UnsafeMutablePointer<Float>, precision: Precision) {
+    for i0 in stride(from: 0, to: M, by: intervalRowBlock) {
+        let rows = i0..<min(M, i0 + intervalRowBlock)
+        let (A, S) = iv.extent(rows: rows, Nk: Nk), s0 = iv.split + S
+        scoresOverIntervals(precision, x: dOut + i0 * ldOut, ldX: ldOut, rows: rows.count, Nk: Nk, A: A, s0: s0,
+                            y: v, ldY: ldV, D: D, s: dS + i0 * Nk)                                  // dP
+        for i in rows {
+            let p = probs + i * Nk, d = dS + i * Nk, a = Int(iv.prefixEnd[i]), z = max(a, iv.split + Int(iv.suffixStart[i]))
+            let sum = vdot(p, d, a) + vdot(p + z, d + z, Nk - z)
+            for j in 0..<a { d[j] = p[j] * (d[j] - sum) * scale }
+            for j in z..<Nk { d[j] = p[j] * (d[j] - sum) * scale }
+            if z > a { (d + a).update(repeating: 0, count: z - a) }
+        }
+        productOverIntervals(precision, x: dS + i0 * Nk, rows: rows.count, Nk: Nk, A: A, s0: s0, y: k, ldY: ldK, D: D,
+                             beta: betaQ, c: dQ + i0 * ldQ, ldc: ldQ)                                // dQ
+    }
+    // dV = Pᵀ·dO, dK = dSᵀ·Q by chunks of keys, each over the rows that may attend one of them.
+    for (lo, hi) in [(0, iv.split), (iv.split, Nk)] {
+        for c0 in stride(from: lo, to: hi, by: intervalKeyChunk) {
+            let keys = c0..<min(hi, c0 + intervalKeyChunk)
+            let runs = iv.rowRuns(M: M, keys: keys)
+            for (t, run) in runs.enumerated() {
+                let beta = t == 0 ? betaKV : 1
+                gemm(precision, transA: true, transB: false, M: keys.count, N: D, K: run.count, alpha: 1,
+                     A: probs + run.lowerBound * Nk + c0, lda: Nk, B: dOut + run.lowerBound * ldOut, ldb: ldOut,
+                     beta: beta, C: dV + c0 * ldV, ldc: ldV, serial: true)
+                gemm(precision, transA: true, transB: false, M: keys.count, N: D, K: run.count, alpha: 1,
+                     A: dS + run.lowerBound * Nk + c0, lda: Nk, B: q + run.lowerBound * ldQ, ldb: ldQ,
+                     beta: beta, C: dK + c0 * ldK, ldc: ldK, serial: true)
+            }
+            if runs.isEmpty && betaKV == 0 {
+                for c in keys { (dV + c * ldV).update(repeating: 0, count: D); (dK + c * ldK).update(repeating: 0, count: D) }
+            }
+        }
     }
 }
 
