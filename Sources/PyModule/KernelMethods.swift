@@ -60,13 +60,8 @@ private func gemmCall(_ args: Args, _ name: String, bf16: Bool) throws -> PyObj?
     let (C, ldc) = try outputs.float32Rows(2, "out", [M, N])
     nonisolated(unsafe) let (pa, pb, pc) = (A.readOnly, B.readOnly, C.pointer)
     withoutGIL {
-        if precision == .bf16 {
-            bf16GemmParallel(transA: tA, transB: tB, M: M, N: N, K: K, alpha: alpha, A: pa, lda: lda,
-                             B: pb, ldb: ldb, beta: beta, C: pc, ldc: ldc)
-        } else {
-            sgemmParallel(transA: tA, transB: tB, M: M, N: N, K: K, alpha: alpha, A: pa, lda: lda,
-                          B: pb, ldb: ldb, beta: beta, C: pc, ldc: ldc)
-        }
+        gemm(precision, transA: tA, transB: tB, M: M, N: N, K: K, alpha: alpha, A: pa, lda: lda,
+             B: pb, ldb: ldb, beta: beta, C: pc, ldc: ldc)
     }
     return try outputs.result()
 }
