@@ -3,7 +3,8 @@
 These are the building blocks models use; they are exposed for testing and for people
 who want one fast operation. Inputs are converted once with ``np.ascontiguousarray``
 (no copy when already float32 and C-contiguous); outputs may be supplied with ``out=``
-and are then written in place.
+(gradients with ``dx=`` etc.) and are then written in place and returned as themselves; left
+out, the engine allocates them (gradients start at zero) with the shapes it checked.
 """
 from typing import Optional, Sequence, Tuple, Union
 
