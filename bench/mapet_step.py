@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from vit_step import gemm_peak  # noqa: E402
 
 import mapet  # noqa: E402
+from _common import print_profiles  # noqa: E402
 from mapet.pretrain_models import create_pretrain_model  # noqa: E402
 from torch_models import TorchBEiT, TorchMaPeT, TorchPIM  # noqa: E402
 from torch_step import RECIPE, mapet_step_fn, time_once  # noqa: E402
@@ -154,10 +155,7 @@ def main() -> None:
         t = [k for k in med if k.startswith("torch " + p)][0]
         print(f"  {p}: peak {peak:.0f} GFLOP/s; mapet step {fl / m / 1e9:.0f} GFLOP/s = {100 * fl / m / 1e9 / peak:.0f}% of it; "
               f"at 100% of the peak the step would take {fl / peak / 1e6:.0f} ms = {med[t] / (fl / peak / 1e9):.2f}x {t}")
-    for p in precisions:
-        with mapet.profile() as prof:
-            steps[f"mapet {p}"]()
-        print(f"\nmapet.profile() of one mapet {p} step:\n{prof}")
+    print_profiles(steps, precisions)
 
 if __name__ == "__main__":
     main()

@@ -206,6 +206,14 @@ class _Backbone(nn.Module):
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, init_values, dpr[i], sdpa) for i in range(depth)])
 
+    def _build_pretrain(self, token_name, head_name, num_tokens, img_size, patch_size, in_chans, embed_dim, *rest):
+        """The trunk, then (in this registration order) a learned [1, 1, C] token, the final norm and a
+        linear head onto the vocabulary, named as the reference models name them."""
+        self._build(img_size, patch_size, in_chans, embed_dim, *rest)
+        setattr(self, token_name, nn.Parameter(torch.zeros(1, 1, embed_dim)))
+        self.norm = nn.LayerNorm(embed_dim, eps=EPS)
+        setattr(self, head_name, nn.Linear(embed_dim, num_tokens))
+
     def _init(self):
         trunc_normal_(self.pos_embed)
         nn.init.normal_(self.cls_token, std=1e-6)
@@ -264,11 +272,8 @@ class TorchMaPeT(_Backbone):
                  num_heads=3, mlp_ratio=4.0, qkv_bias=True, init_values=None, drop_path_rate=0.0,
                  least_number=50, sdpa=False):
         super().__init__()
-        self._build(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias,
-                    init_values, drop_path_rate, sdpa)
-        self.mask_positional_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.norm = nn.LayerNorm(embed_dim, eps=EPS)
-        self.decoder = nn.Linear(embed_dim, num_tokens)
+        self._build_pretrain("mask_positional_token", "decoder", num_tokens, img_size, patch_size, in_chans, embed_dim,
+                             depth, num_heads, mlp_ratio, qkv_bias, init_values, drop_path_rate, sdpa)
         self.least_number = least_number
         self._init()
 
@@ -317,11 +322,8 @@ class TorchBEiT(_Backbone):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_tokens=8192, embed_dim=192, depth=12,
                  num_heads=3, mlp_ratio=4.0, qkv_bias=True, init_values=None, drop_path_rate=0.0, sdpa=False):
         super().__init__()
-        self._build(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias,
-                    init_values, drop_path_rate, sdpa)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.norm = nn.LayerNorm(embed_dim, eps=EPS)
-        self.lm_head = nn.Linear(embed_dim, num_tokens)
+        self._build_pretrain("mask_token", "lm_head", num_tokens, img_size, patch_size, in_chans, embed_dim, depth,
+                             num_heads, mlp_ratio, qkv_bias, init_values, drop_path_rate, sdpa)
         self._init()
 
     def forward(self, images, bool_masked_pos):

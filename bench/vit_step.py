@@ -24,6 +24,7 @@ sys.path.insert(0, HERE)
 import numpy as np  # noqa: E402
 
 import mapet  # noqa: E402
+from _common import print_profiles  # noqa: E402
 
 
 def step_flops(B=32, img=224, p=16, C=192, depth=12, mlp=4, K=1000, cin=3):
@@ -148,10 +149,7 @@ def main():
             t = [k for k in med if k.startswith("timm " + p)][0]
             floor = fl / peaks[p]["square 2048"] / 1e9
             print(f"  {p}: at 100% of the GEMM peak the step would take {floor * 1e3:.0f} ms = {med[t] / floor:.2f}x {t}")
-    for p in precisions:
-        with mapet.profile() as prof:
-            steps[f"mapet {p}"]()
-        print(f"\nmapet.profile() of one mapet {p} step:\n{prof}")
+    print_profiles(steps, precisions)
 
 
 if __name__ == "__main__":

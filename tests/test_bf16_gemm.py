@@ -59,10 +59,11 @@ def reference(a, b, ta, tb, alpha=1.0, beta=0.0, c=None, rounded=True):
     return ref, mag
 
 
-def operands(rng, M, N, K, ta, tb):
+def operands(rng, M, N, K, ta, tb, with_c=False):
+    """a and b for op(a)·op(b) of [M, K]·[K, N] (and, with_c, a C [M, N] for beta), drawn in that order."""
     a = rng.standard_normal((K, M) if ta else (M, K)).astype(np.float32)
     b = rng.standard_normal((N, K) if tb else (K, N)).astype(np.float32)
-    return a, b
+    return (a, b, rng.standard_normal((M, N)).astype(np.float32)) if with_c else (a, b)
 
 
 def check_accumulation(got, ref, mag, K):
@@ -123,8 +124,7 @@ def test_large_shape(ta, tb):
 def test_alpha_beta(ta, tb):
     M, N, K = 45, 83, 129
     rng = np.random.default_rng(11)
-    a, b = operands(rng, M, N, K, ta, tb)
-    c0 = rng.standard_normal((M, N)).astype(np.float32)
+    a, b, c0 = operands(rng, M, N, K, ta, tb, with_c=True)
     out = c0.copy()
     got = ops.matmul(a, b, out, trans_a=ta, trans_b=tb, alpha=0.75, beta=-1.5, precision="bf16")
     assert got is out
@@ -228,8 +228,7 @@ def test_difference_to_fp32_is_bf16_input_rounding(K):
 def test_thread_count_does_not_change_bits(ta, tb):
     M, N, K = 613, 389, 301
     rng = np.random.default_rng(8)
-    a, b = operands(rng, M, N, K, ta, tb)
-    c0 = rng.standard_normal((M, N)).astype(np.float32)
+    a, b, c0 = operands(rng, M, N, K, ta, tb, with_c=True)
     before = mapet.get_num_threads()
     try:
         results = []

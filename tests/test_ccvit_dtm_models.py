@@ -398,10 +398,13 @@ def test_ccvit_bad_inputs_raise_named_errors():
         m.train_step(x, tokens, targets[:2], mask, replaced)
     with pytest.raises(TypeError, match="pixel_targets: expected a float array"):
         m.train_step(x, tokens, targets.astype(np.int32), mask, replaced)
-    for kw in (dict(token_weight=-1.0), dict(pixel_weight=-0.5), dict(pixel_weight=np.nan), dict(token_weight="1")):
-        name = next(iter(kw))
-        with pytest.raises(ValueError, match=name):
+    grads_before = m.flat_grads.copy()
+    for kw, exc in ((dict(token_weight=-1.0), ValueError), (dict(pixel_weight=-0.5), ValueError),
+                    (dict(pixel_weight=np.nan), ValueError), (dict(token_weight="1"), TypeError)):
+        name = next(iter(kw))  # the engine checks the weights (finite, ≥ 0) before any work
+        with pytest.raises(exc, match=f"^{name}: expected a (finite non-negative weight|finite number|float)"):
             m.train_step(x, tokens, targets, mask, replaced, **kw)
+    np.testing.assert_array_equal(m.flat_grads, grads_before)
     with pytest.raises(TypeError, match="mask: expected a bool"):
         m.train_step(x, tokens, targets, mask.astype(np.float32), replaced)
     with pytest.raises(TypeError, match="replaced: expected a bool"):
@@ -415,7 +418,7 @@ def test_ccvit_bad_inputs_raise_named_errors():
     # straight into the engine
     t32 = tokens.astype(np.int32)
     m32, r32 = mask.astype(np.int32), replaced.astype(np.int32)
-    with pytest.raises(ValueError, match="token_weight, pixel_weight: expected non-negative"):
+    with pytest.raises(ValueError, match="^pixel_weight: expected a finite non-negative weight, got -1.0"):
         _core.ccvit_train_step(m._handle, x, t32, targets, m32, r32, 1.0, -1.0, None, None)
     with pytest.raises(ValueError, match="logits_out: expected"):
         _core.ccvit_forward(m._handle, x, m32, r32, np.empty((3, V), np.float32), np.empty((3, P), np.float32))

@@ -4,34 +4,17 @@ both. Also the ``predict`` command and ``predict_files``."""
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import mapet
+from _helpers import TINY_CLI, cli, cli_mistake
 from mapet.data import ArrayDataset, DataLoader, ImageFolder
 from mapet.data.data_config import IDENTITY, Normalized, check_normalization, read_file_config, resolve
 
-PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(mapet.__file__)))
-TINY = ["--set", "model.img_size=16", "--set", "model.patch_size=4", "--set", "model.embed_dim=24",
-        "--set", "model.depth=2", "--set", "model.num_heads=3", "--threads", "2"]
 IMAGENET = ["--set", "mean=[0.485,0.456,0.406]", "--set", "std=[0.229,0.224,0.225]"]
-
-
-def _cli(*args, cwd):
-    env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
-    return subprocess.run([sys.executable, "-m", "mapet", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=600)
-
-
-def _mistake(*args, cwd, match):
-    r = _cli(*args, cwd=cwd)
-    assert r.returncode == 2, f"{args}: status {r.returncode}\n{r.stdout}\n{r.stderr}"
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and match in lines[0], r.stderr
-    return lines[0]
+_cli, _mistake, TINY = cli, cli_mistake, TINY_CLI
 
 
 def _make_folder(root, classes, per_class, size=(20, 24), seed=0):

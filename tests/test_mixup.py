@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 import mapet
-from mapet.data import load_digits
 from mapet.data.mixup import RECIPE, Mixup, make_mixup, mixup_target
-from mapet.train import finetune
+from _helpers import TINY_VIT as FT, digits_subset, finetune_tiny
 
 PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(mapet.__file__)))
 
@@ -123,18 +122,12 @@ def test_bad_batches_are_errors():
         mix(np.zeros((2, 3, 4, 4), np.float32), np.array([0.0, 1.0]), 0, 0)
 
 
-FT = dict(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=3, drop_path_rate=0.1)
-
-
 @pytest.fixture(scope="module")
 def digits():
-    x, y = load_digits(16, "train")
-    return x[:160], y[:160]
+    return digits_subset(160)
 
 
-def _run(digits, out, stop_after=None, **kw):
-    return finetune("vit_tiny_patch16_224", digits, epochs=2, batch_size=32, lr=2e-3, seed=3, output_dir=str(out),
-                    checkpoint_every=2, stop_after=stop_after, **FT, **kw)
+_run = finetune_tiny
 
 
 @pytest.mark.bitwise

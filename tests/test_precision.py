@@ -42,6 +42,8 @@ from mapet.data import load_digits  # noqa: E402
 from mapet.io import load_file  # noqa: E402
 from mapet.train import evaluate, finetune, linear_probe, pretrain  # noqa: E402
 
+from _helpers import TINY_VIT as FT, digits_subset, finetune_tiny  # noqa: E402
+
 ACTIVE = mapet.bf16_info()["active"]
 needs_bf16 = pytest.mark.skipif(
     not ACTIVE, reason="bf16 products are not active in this process (MAPET_BF16=off or no bf16 kernel on this "
@@ -305,18 +307,12 @@ def test_fallback_forced_by_the_environment_equals_fp32(tmp_path):
 
 # ------------------------------------------------------------------ training runs
 
-FT = dict(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=3, drop_path_rate=0.1)
-
-
 @pytest.fixture(scope="module")
 def digits():
-    x, y = load_digits(16, "train")
-    return x[:192], y[:192]
+    return digits_subset(192)
 
 
-def _finetune(digits, out, stop_after=None, **kw):
-    return finetune("vit_tiny_patch16_224", digits, epochs=2, batch_size=32, lr=2e-3, seed=3, output_dir=str(out),
-                    checkpoint_every=2, stop_after=stop_after, **FT, **kw)
+_finetune = finetune_tiny
 
 
 @pytest.mark.bitwise

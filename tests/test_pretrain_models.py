@@ -26,6 +26,11 @@ TINY = dict(img_size=IMG, patch_size=PATCH, embed_dim=C, depth=DEPTH, num_heads=
 REF_KIND = {"mapet": "mapet", "pim": "pim", "beit": "mim"}
 
 
+def images_and_tokens(rng, B):
+    """B random images [B, 3, IMG, IMG] and their visual tokens [B, n] in [0, V), drawn in that order."""
+    return rng.standard_normal((B, 3, IMG, IMG)).astype(np.float32), rng.integers(0, V, (B, n))
+
+
 def make(kind, rng, least_number=5, drop_path_rate=0.0, **kw):
     """A tiny model of `kind` loaded with random reference weights; returns (model, weights)."""
     m = create_pretrain_model(f"{kind}_tiny_patch16_224",
@@ -217,8 +222,7 @@ def test_train_step_loss_and_logits_match_reference(kind):
 def test_upper_limit_leaves_late_tokens_out_of_the_loss():
     rng = np.random.default_rng(5)
     m, w = make("mapet", rng)
-    x = rng.standard_normal((4, 3, IMG, IMG)).astype(np.float32)
-    tokens = rng.integers(0, V, (4, n))
+    x, tokens = images_and_tokens(rng, 4)
     batch = mapet.PermutationSampler(n, 5, upper_limit=10, seed=3).sample(4)
     assert 0 < batch.loss_mask.sum() < batch.loss_mask.size
     loss = m.train_step(x, tokens, batch)
@@ -246,8 +250,7 @@ def test_gradients_match_finite_differences(kind, least_number):
     """
     rng = np.random.default_rng(1000 + least_number)
     m, w = make(kind, rng, least_number=max(least_number, 1))
-    x = rng.standard_normal((2, 3, IMG, IMG)).astype(np.float32)
-    tokens = rng.integers(0, V, (2, n))
+    x, tokens = images_and_tokens(rng, 2)
     if kind == "beit":
         arg = random_masks(rng, 2, 6)
     else:
@@ -277,8 +280,7 @@ def test_gradients_match_finite_differences(kind, least_number):
 def test_gradients_accumulate_and_zero_grad_clears():
     rng = np.random.default_rng(2)
     m, _ = make("mapet", rng)
-    x = rng.standard_normal((2, 3, IMG, IMG)).astype(np.float32)
-    tokens = rng.integers(0, V, (2, n))
+    x, tokens = images_and_tokens(rng, 2)
     batch = m.sampler(seed=0).sample(2)
     m.train_step(x, tokens, batch)
     once = m.grads_flat().copy()
@@ -322,8 +324,7 @@ def test_drop_path_one_keep_mask_per_sample_shared_by_both_streams(kind):
 def test_rng_state_resumes_training_bitwise_and_seed_restarts():
     rng = np.random.default_rng(8)
     m, _ = make("mapet", rng, drop_path_rate=0.5)
-    x = rng.standard_normal((4, 3, IMG, IMG)).astype(np.float32)
-    tokens = rng.integers(0, V, (4, n))
+    x, tokens = images_and_tokens(rng, 4)
     batch = mapet.PermutationSampler(n, 5, seed=9).sample(4)
     state = m.rng_state()
     json.dumps(state)
@@ -355,8 +356,7 @@ def test_inference_has_no_drop_path():
 def test_non_finite_loss_leaves_gradients_and_rng_unchanged():
     rng = np.random.default_rng(6)
     m, _ = make("mapet", rng, drop_path_rate=0.3)
-    x = rng.standard_normal((2, 3, IMG, IMG)).astype(np.float32)
-    tokens = rng.integers(0, V, (2, n))
+    x, tokens = images_and_tokens(rng, 2)
     batch = mapet.PermutationSampler(n, 5, seed=1).sample(2)
     state = m.rng_state()
     bad = x.copy()
@@ -414,8 +414,7 @@ def test_bad_inputs_raise_named_errors():
     rng = np.random.default_rng(14)
     m, _ = make("mapet", rng)
     b, _ = make("beit", rng)
-    x = rng.standard_normal((2, 3, IMG, IMG)).astype(np.float32)
-    tokens = rng.integers(0, V, (2, n))
+    x, tokens = images_and_tokens(rng, 2)
     batch = mapet.PermutationSampler(n, 5, seed=0).sample(2)
     with pytest.raises(ValueError, match="images: expected 3 channels"):
         m(x[:, :2], batch)

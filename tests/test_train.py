@@ -6,19 +6,17 @@ import mapet
 from mapet.data import load_digits
 from mapet.train import evaluate, finetune, linear_probe
 
-TINY = dict(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=3, drop_path_rate=0.1)
+from _helpers import TINY_VIT, digits_subset, finetune_tiny
+
+TINY = TINY_VIT
 
 
 @pytest.fixture(scope="module")
 def digits():
-    x, y = load_digits(16, "train")
-    return x[:192], y[:192]
+    return digits_subset(192)
 
 
-def _run(digits, out, stop_after=None, **kw):
-    model, hist = finetune("vit_tiny_patch16_224", digits, epochs=2, batch_size=32, lr=2e-3, seed=3,
-                           output_dir=str(out), checkpoint_every=2, stop_after=stop_after, **TINY, **kw)
-    return model, hist
+_run = finetune_tiny
 
 
 @pytest.mark.bitwise

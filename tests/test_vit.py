@@ -290,14 +290,27 @@ def test_gradients_against_central_finite_differences():
     # h = 1e-2 the difference quotient has error ≲ 2·2e-7/(2h) ≈ 2e-5; truncation is O(h²·L''') ≈ 1e-4.
     # Hence the criterion |fd − g| ≤ 5e-4 + 2%·|g|, on coordinates whose gradient is ≥ 5e-3.
     rng = np.random.default_rng(4)
-    m = tiny(seed=5, init_values=0.5)
-    sd = m.state_dict()
-    for v in sd.values():
-        v[...] = rng.standard_normal(v.shape) * 0.3
+    m, sd = _tiny_with_random_weights(rng, seed=5)
     x, y = batch(rng, 4)
     m.zero_grad()
     m.train_step(x, y)
     grads = {k: v.copy() for k, v in m.grads().items()}
+    assert _central_differences_agree(m, sd, grads, rng, x, y) >= 40
+
+
+def _tiny_with_random_weights(rng, seed):
+    """A tiny ViT (layer scale 0.5) whose every parameter is redrawn from N(0, 0.3²); (model, state_dict views)."""
+    m = tiny(seed=seed, init_values=0.5)
+    sd = m.state_dict()
+    for v in sd.values():
+        v[...] = rng.standard_normal(v.shape) * 0.3
+    return m, sd
+
+
+def _central_differences_agree(m, sd, grads, rng, x, targets) -> int:
+    """Moves up to two coordinates with |gradient| ≥ 5e-3 of every parameter by ±1e-2 and checks the
+    central difference quotient of the loss against the gradient (|fd − g| ≤ 5e-4 + 2%·|g|, the
+    criterion derived in test_gradients_against_central_finite_differences); returns how many."""
     checked = 0
     for name in rng.permutation(list(sd)):
         flat, g = sd[name].reshape(-1), grads[name].reshape(-1)
@@ -305,14 +318,14 @@ def test_gradients_against_central_finite_differences():
         for j in rng.choice(big, min(2, big.size), replace=False):
             old = flat[j]
             flat[j] = old + 1e-2
-            lp = m.train_step(x, y)
+            lp = m.train_step(x, targets)
             flat[j] = old - 1e-2
-            lm = m.train_step(x, y)
+            lm = m.train_step(x, targets)
             flat[j] = old
             fd = (lp - lm) / 2e-2
             assert abs(fd - g[j]) <= 5e-4 + 0.02 * abs(g[j]), f"{name}[{j}]: fd {fd:.6g} vs grad {g[j]:.6g}"
             checked += 1
-    assert checked >= 40
+    return checked
 
 
 def soft_targets(rng, B, K):
@@ -365,30 +378,13 @@ def test_soft_one_hot_targets_equal_hard_labels_with_smoothing():
 def test_soft_target_gradients_against_central_finite_differences():
     # Same noise analysis as test_gradients_against_central_finite_differences.
     rng = np.random.default_rng(13)
-    m = tiny(seed=7, init_values=0.5)
-    sd = m.state_dict()
-    for v in sd.values():
-        v[...] = rng.standard_normal(v.shape) * 0.3
+    m, sd = _tiny_with_random_weights(rng, seed=7)
     x, _ = batch(rng, 4)
     q = soft_targets(rng, 4, 5)
     m.zero_grad()
     m.train_step(x, q)
     grads = {k: v.copy() for k, v in m.grads().items()}
-    checked = 0
-    for name in rng.permutation(list(sd)):
-        flat, g = sd[name].reshape(-1), grads[name].reshape(-1)
-        big = np.flatnonzero(np.abs(g) >= 5e-3)
-        for j in rng.choice(big, min(2, big.size), replace=False):
-            old = flat[j]
-            flat[j] = old + 1e-2
-            lp = m.train_step(x, q)
-            flat[j] = old - 1e-2
-            lm = m.train_step(x, q)
-            flat[j] = old
-            fd = (lp - lm) / 2e-2
-            assert abs(fd - g[j]) <= 5e-4 + 0.02 * abs(g[j]), f"{name}[{j}]: fd {fd:.6g} vs grad {g[j]:.6g}"
-            checked += 1
-    assert checked >= 30
+    assert _central_differences_agree(m, sd, grads, rng, x, q) >= 30
 
 
 @pytest.mark.parametrize("targets, match", [

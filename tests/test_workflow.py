@@ -9,28 +9,11 @@ import numpy as np
 import pytest
 
 import mapet
+from _helpers import PYTHON_DIR, TINY_CLI, cli, cli_mistake
 from mapet.data import (ArrayDataset, DataLoader, ImageFolder, TokenCache, check_same_classes, split_dataset)
 from mapet.train import evaluate, finetune, pretrain
 
-PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(mapet.__file__)))
-TINY = ["--set", "model.img_size=16", "--set", "model.patch_size=4", "--set", "model.embed_dim=24",
-        "--set", "model.depth=2", "--set", "model.num_heads=3", "--threads", "2"]
-
-
-def _cli(*args, cwd):
-    env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
-    return subprocess.run([sys.executable, "-m", "mapet", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=600)
-
-
-def _mistake(*args, cwd, match):
-    """A user's mistake: exit status 2 and one line on stderr containing ``match``."""
-    r = _cli(*args, cwd=cwd)
-    assert r.returncode == 2, f"{args}: status {r.returncode}\n{r.stdout}\n{r.stderr}"
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert match in lines[0], lines[0]
-    return lines[0]
+_cli, _mistake, TINY = cli, cli_mistake, TINY_CLI
 
 
 def _make_folder(root, classes, per_class, size=(20, 24), seed=0, ext="png"):

@@ -106,15 +106,12 @@ class Emitter:
             for v in obj:
                 self.dump(v)
             o += b"e"
-        elif isinstance(obj, OrderedDict):
-            self.glob("collections", "OrderedDict")
-            o += b")R("
-            for k, v in obj.items():
-                self.dump(k)
-                self.dump(v)
-            o += b"u"
         elif isinstance(obj, dict):
-            o += b"}("
+            if isinstance(obj, OrderedDict):  # collections.OrderedDict() called, then filled like a dict
+                self.glob("collections", "OrderedDict")
+                o += b")R("
+            else:
+                o += b"}("
             for k, v in obj.items():
                 self.dump(k)
                 self.dump(v)

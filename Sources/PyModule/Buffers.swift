@@ -43,6 +43,11 @@ final class BufferArena {
         try view(obj, name, shape, writable: writable, dtype: .float32)
     }
 
+    /// Borrows `obj` as a C-contiguous float32 array of any shape (elementwise kernels).
+    func float32AnyShape(_ obj: PyObj, _ name: String) throws -> ArrayView<Float> {
+        try view(obj, name, nil, writable: false, dtype: .float32)
+    }
+
     /// Borrows `obj` as an int32 array; a read-only one is a private copy (see the type's note).
     func int32(_ obj: PyObj, _ name: String, _ shape: [Int?], writable: Bool = false) throws -> ArrayView<Int32> {
         let v: ArrayView<Int32> = try view(obj, name, shape, writable: writable, dtype: .int32)
@@ -73,16 +78,17 @@ final class BufferArena {
         return (v, ld)
     }
 
-    private func view<T>(_ obj: PyObj, _ name: String, _ shape: [Int?], writable: Bool, dtype: DType) throws -> ArrayView<T> {
+    private func view<T>(_ obj: PyObj, _ name: String, _ shape: [Int?]?, writable: Bool, dtype: DType) throws -> ArrayView<T> {
         var unused = 0
         return try view(obj, name, shape, writable: writable, dtype: dtype, rowStride: &unused, strided: false)
     }
 
     /// `strided`: a 2-d array whose rows are contiguous but spaced `rowStride` elements apart
     /// is accepted (rowStride ≥ the row length, a whole number of elements).
-    private func view<T>(_ obj: PyObj, _ name: String, _ shape: [Int?], writable: Bool, dtype: DType,
+    /// `shape` nil: any number of dimensions.
+    private func view<T>(_ obj: PyObj, _ name: String, _ shape: [Int?]?, writable: Bool, dtype: DType,
                          rowStride: inout Int, strided: Bool = true) throws -> ArrayView<T> {
-        let expected = "a \(dtype.numpyName) array of shape \(describe(shape))"
+        let expected = shape.map { "a \(dtype.numpyName) array of shape \(describe($0))" } ?? "a \(dtype.numpyName) array"
         if mapet_py_is_none(obj) != 0 { throw PyError.type("\(name): expected \(expected), got None") }
         let v = UnsafeMutablePointer<Py_buffer>.allocate(capacity: 1)
         let flags = PyBUF_STRIDES | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)
@@ -103,6 +109,7 @@ final class BufferArena {
         let ndim = Int(b.ndim)
         var actual: [Int] = []
         for d in 0..<ndim { actual.append(b.shape![d]) }
+        let shape = shape ?? actual.map { $0 }
         guard ndim == shape.count else {
             throw PyError.value("\(name): expected \(expected), got \(ndim)-d array of shape \(actual)")
         }

@@ -1,24 +1,11 @@
 // Convolution and pooling kernels (mapet.ops.conv2d / avg_pool2d; CLIP's ModifiedResNet):
-// caller-owned NCHW float32 buffers in and out, every size checked here before the kernel runs.
+// NCHW float32 buffers in and out (a None output is allocated here), every size checked before the kernel runs.
 import CPythonBridge
 import MaPeTKernels
 
 /// True when the float ranges [a, a + n) and [b, b + m) share memory.
 private func overlaps(_ a: UnsafePointer<Float>, _ n: Int, _ b: UnsafePointer<Float>, _ m: Int) -> Bool {
     n > 0 && m > 0 && a < b + m && b < a + n
-}
-
-/// The output buffer of `shape`: args[0] (checked), or when it is None a new Swift-owned tensor,
-/// returned as the second value so the method can hand it back (the caller need not know the shape).
-/// Called after every other check, so nothing throws while a new tensor is held.
-private func output(_ arena: BufferArena, _ args: Args, _ function: String, _ shape: [Int]) throws -> (ArrayView<Float>, PyObj?) {
-    guard args.isNone(0) else { return (try arena.float32(args[0], "out", shape, writable: true), nil) }
-    let count = try checkedProduct(shape, "out")
-    try requireMemory(try checkedProduct([count, 4], "out"), "\(function): the output")
-    guard let storage = TensorStorage(count: count, dtype: .float32) else {
-        throw PyError.memory("\(function): could not allocate the output (\(count) floats)")
-    }
-    return (ArrayView(pointer: storage.floats, shape: shape), try makeTensor(storage, dtype: .float32, shape: shape))
 }
 
 let convMethods: [Method] = [
@@ -44,7 +31,8 @@ let convMethods: [Method] = [
         let precision = try args.precision(8, "precision")
         let scratch = try checkedProduct([Cin, kH, kW, min(Ho * Wo, conv2dBlockPixels), 4], "conv2d columns")
         try requireMemory(scratch, "conv2d_forward: the im2col columns")
-        let (out, fresh) = try output(arena, args, "conv2d_forward", [B, Cout, Ho, Wo])
+        let outputs = Outputs(arena, args)
+        let out = try outputs.float32(0, "out", [B, Cout, Ho, Wo])
         guard !overlaps(out.readOnly, out.count, x.readOnly, x.count) else {  // (a new output shares nothing)
             throw PyError.value("out: must not share memory with x")
         }
@@ -57,8 +45,8 @@ let convMethods: [Method] = [
                           B: B, inChans: Cin, H: H, W: W, outChans: Cout, kernelH: kH, kernelW: kW,
                           stride: s, padding: p, precision: precision)
         }
-        return fresh ?? none()
-    }, doc: "conv2d_forward(out, x, weight, bias, residual, relu, stride, padding, precision) -> the new output when out is None: out = relu?(conv(x, weight) + bias + residual), NCHW float32, groups 1 (bias/residual may be None)."),
+        return try outputs.result()
+    }, doc: "conv2d_forward(out, x, weight, bias, residual, relu, stride, padding, precision) -> out (a new array when out is None): out = relu?(conv(x, weight) + bias + residual), NCHW float32, groups 1 (bias/residual may be None)."),
 
     Method("avg_pool2d_forward", { args in
         // (out [B,C,H/s,W/s], x [B,C,H,W], stride)
@@ -68,12 +56,13 @@ let convMethods: [Method] = [
         let (B, C, H, W) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3])
         let s = try args.int(2, "stride", min: 1, max: 1 << 20)
         guard H >= s, W >= s else { throw PyError.value("x: a \(H)×\(W) image is smaller than the \(s)×\(s) pooling window") }
-        let (out, fresh) = try output(arena, args, "avg_pool2d_forward", [B, C, H / s, W / s])
+        let outputs = Outputs(arena, args)
+        let out = try outputs.float32(0, "out", [B, C, H / s, W / s])
         guard !overlaps(out.readOnly, out.count, x.readOnly, x.count) else {  // (a new output shares nothing)
             throw PyError.value("out: must not share memory with x")
         }
         nonisolated(unsafe) let (po, px) = (out.pointer, x.readOnly)
         withoutGIL { avgPool2dForward(out: po, input: px, B: B, C: C, H: H, W: W, stride: s) }
-        return fresh ?? none()
-    }, doc: "avg_pool2d_forward(out, x, stride) -> the new output when out is None: mean over stride×stride windows (kernel = stride, no padding, floor), NCHW float32."),
+        return try outputs.result()
+    }, doc: "avg_pool2d_forward(out, x, stride) -> out (a new array when out is None): mean over stride×stride windows (kernel = stride, no padding, floor), NCHW float32."),
 ]

@@ -314,7 +314,9 @@ let pretrainModelMethods: [Method] = [
         let mask = try patchFlags(arena, args[4], "mask", B: B, m.config)
         let replaced = try patchFlags(arena, args[5], "replaced", B: B, m.config)
         let tw = try args.finiteDouble(6, "token_weight"), pw = try args.finiteDouble(7, "pixel_weight")
-        guard tw >= 0, pw >= 0 else { throw PyError.value("token_weight, pixel_weight: expected non-negative weights, got \(tw), \(pw)") }
+        for (name, w) in [("token_weight", tw), ("pixel_weight", pw)] where !(w >= 0) {
+            throw PyError.value("\(name): expected a finite non-negative weight, got \(w)")
+        }
         let M = (0..<mask.count).reduce(0) { $0 + (mask.pointer[$1] != 0 || replaced.pointer[$1] != 0 ? 1 : 0) }
         let logits = args.isNone(8) ? nil : try arena.float32(args[8], "logits_out", [M, m.config.vocabSize], writable: true)
         let pixels = args.isNone(9) ? nil : try arena.float32(args[9], "pixels_out", [M, P], writable: true)

@@ -96,7 +96,11 @@ struct Args {
     func isNone(_ i: Int) -> Bool { mapet_py_is_none(self[i]) != 0 }
 
     func int(_ i: Int, _ name: String, min: Int? = nil, max: Int? = nil) throws -> Int {
-        let o = self[i]
+        try Args.index(self[i], name, min: min, max: max)
+    }
+
+    /// `o` as an Int through `__index__` (bools refused), within [min, max] when given.
+    static func index(_ o: PyObj, _ name: String, min: Int? = nil, max: Int? = nil) throws -> Int {
         guard mapet_py_bool_check(o) == 0 else { throw PyError.type("\(name): expected an int, got bool") }
         guard let idx = PyNumber_Index(o) else {
             PyErr_Clear()

@@ -21,6 +21,23 @@ def f32(x: Any, name: str = "x") -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def rows_f32(x: Any, name: str) -> np.ndarray:
+    """``x`` as float32 whose rows the engine can read in place: a 2-d float32 array with unit
+    stride along its rows passes uncopied (a column slice ``big[:, :k]`` included), anything else
+    goes through ``np.ascontiguousarray``."""
+    if x is None:
+        raise TypeError(f"{name}: expected an array, got None")
+    if (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 2
+            and x.strides[1] == 4 and x.strides[0] >= 4 * x.shape[1] and x.strides[0] % 4 == 0):
+        return x
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def opt_f32(x: Any, name: str) -> "np.ndarray | None":
+    """``f32(x)``, or None for None (an optional input such as a bias)."""
+    return None if x is None else f32(x, name)
+
+
 def images(x: Any, name: str = "images") -> np.ndarray:
     """Images [B, C, H, W] of any float dtype as C-contiguous float32. Integer images are refused
     rather than converted (uint8 pixels in 0..255 are not the [0, 1] floats the models expect);

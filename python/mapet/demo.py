@@ -174,6 +174,17 @@ def run_demo(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return {"results": results, "timings": timings, "total_s": total}
 
 
+def _picture_inputs(cfg: Dict[str, Any], out: str, method: str, count: int):
+    """(held-out images, the run's PixelTokenizer, its ``method`` model, patch grid side) for a picture."""
+    from .models import load
+    from .tokenizers import PixelTokenizer
+
+    images = figure_images(cfg, count)
+    tokenizer = PixelTokenizer.load(os.path.join(out, "tokenizer.safetensors"))
+    model = load(os.path.join(out, method, "model.safetensors"))
+    return images, tokenizer, model, int(cfg["model"]["img_size"]) // int(cfg["model"]["patch_size"])
+
+
 def pictures(cfg: Dict[str, Any], out: str, count: int = 8) -> None:
     """masks.png: one permutation's content and query masks, in patch order and sorted by the
     sampled order (:func:`mapet.viz.plot_masks`).
@@ -181,16 +192,11 @@ def pictures(cfg: Dict[str, Any], out: str, count: int = 8) -> None:
     with the patches to predict greyed; the MaPeT prediction — context patches as seen, each
     predicted patch drawn as the centroid of the token MaPeT predicts for it)."""
     from . import viz
-    from .models import load
     from .sampling import PermutationSampler
-    from .tokenizers import PixelTokenizer
 
     m = cfg["model"]
-    images = figure_images(cfg, count)
+    images, tokenizer, model, grid = _picture_inputs(cfg, out, "mapet", count)
     count = len(images)  # a small held-out split may have fewer
-    tokenizer = PixelTokenizer.load(os.path.join(out, "tokenizer.safetensors"))
-    model = load(os.path.join(out, "mapet", "model.safetensors"))
-    grid = int(m["img_size"]) // int(m["patch_size"])
     sampler = PermutationSampler(grid * grid, least_number=model.config["least_number"], seed=int(cfg["seed"]))
     batch = sampler.sample(count)
     viz.plot_masks(batch, 0, path=os.path.join(out, "masks.png"))
@@ -227,17 +233,12 @@ def ccvit_picture(cfg: Dict[str, Any], out: str, count: int = 8) -> None:
     replaced patches showing their centroid; the pixel head's reconstruction of every corrupted
     patch, de-normalised with the clean patch's own mean and spread, visible patches as seen)."""
     from . import viz
-    from .models import load
     from .objectives import ccvit_corrupt
     from .sampling import BlockMaskGenerator
-    from .tokenizers import PixelTokenizer
 
     m = cfg["model"]
-    images = figure_images(cfg, count)
+    images, tokenizer, model, grid = _picture_inputs(cfg, out, "ccvit", count)
     count = len(images)  # a small held-out split may have fewer
-    tokenizer = PixelTokenizer.load(os.path.join(out, "tokenizer.safetensors"))
-    model = load(os.path.join(out, "ccvit", "model.safetensors"))
-    grid = int(m["img_size"]) // int(m["patch_size"])
     n = grid * grid
     masked_count = int(round(n * 75 / 196))
     mask = BlockMaskGenerator(grid, masked_count, min_num_patches=min(16, masked_count), seed=int(cfg["seed"])).sample(count)

@@ -97,48 +97,49 @@ def first_images(data: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(data[0][0], np.float32)[None])
 
 
-class _StepSeeds:
+class _SeededCount:
+    """A seed and a count of draws, checkpointed as ``{"seed", <key>}``; a checkpoint written with
+    another seed is refused (the stream would silently change)."""
+
+    key = "drawn"  # the count's name in the checkpoint (kept per subclass: the checkpoint format)
+    what = "draws"
+
+    def __init__(self, seed: int) -> None:
+        self.seed, self.drawn = int(seed), 0
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"seed": self.seed, self.key: self.drawn}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"{self.what}: checkpoint seed {state['seed']} differs from this run's seed {self.seed}")
+        self.drawn = int(state[self.key])
+
+
+class _StepSeeds(_SeededCount):
     """One derived seed per training step from (seed, step): a resumable stream for DTM's
     per-step morphing schedules. Every rank of a distributed run draws the same seed for the
     same global step, as one process would for the whole batch."""
 
-    def __init__(self, seed: int) -> None:
-        self.seed, self.steps_drawn = int(seed), 0
+    key, what = "steps_drawn", "step seeds"
 
     def next(self) -> int:
-        s = np.random.SeedSequence([self.seed & ((1 << 64) - 1), 0xCC, self.steps_drawn]).generate_state(1, np.uint64)[0]
-        self.steps_drawn += 1
+        s = np.random.SeedSequence([self.seed & ((1 << 64) - 1), 0xCC, self.drawn]).generate_state(1, np.uint64)[0]
+        self.drawn += 1
         return int(s) >> 1  # a non-negative int64
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"seed": self.seed, "steps_drawn": self.steps_drawn}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if int(state["seed"]) != self.seed:
-            raise ValueError(f"step seeds: checkpoint seed {state['seed']} differs from this run's seed {self.seed}")
-        self.steps_drawn = int(state["steps_drawn"])
-
-
-class _SampleStreams:
+class _SampleStreams(_SeededCount):
     """A seed and a count of samples drawn: image i of a batch uses random stream
     ``samples_drawn + i`` (CCViT's choice of replaced patches). Distributed runs point
     ``samples_drawn`` at the rank's offset in the global batch (``_Loop._align_streams``), so the
     ranks together draw what one process would."""
 
-    def __init__(self, seed: int) -> None:
-        self.seed, self.samples_drawn = int(seed), 0
+    key, what = "samples_drawn", "sample streams"
 
     def take(self, count: int) -> int:
-        first, self.samples_drawn = self.samples_drawn, self.samples_drawn + int(count)
+        first, self.drawn = self.drawn, self.drawn + int(count)
         return first
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"seed": self.seed, "samples_drawn": self.samples_drawn}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if int(state["seed"]) != self.seed:
-            raise ValueError(f"sample streams: checkpoint seed {state['seed']} differs from this run's seed {self.seed}")
-        self.samples_drawn = int(state["samples_drawn"])
 
 
 def _centroids_of(tokenizer: Any) -> np.ndarray:

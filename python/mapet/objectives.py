@@ -66,13 +66,13 @@ class DTMSchedule:
         self.num_schedules = int(num_schedules)
         self._handle = _core.dtm_schedule_new(self.seed)
 
-    def draw(self, num_tokens: int) -> List[DTMScheduleEntry]:
-        """Draws the next step's schedules for ``num_tokens`` tokens (n; 196 for ViT-*/16 at 224).
+    def draw(self, num_patches: int) -> List[DTMScheduleEntry]:
+        """Draws the next step's schedules for ``num_patches`` patch tokens (n; 196 for ViT-*/16 at 224).
 
         Returns:
             A list of L :class:`DTMScheduleEntry`.
         """
-        raw = _core.dtm_schedule_draw(self._handle, int(num_tokens), self.max_iterations,
+        raw = _core.dtm_schedule_draw(self._handle, int(num_patches), self.max_iterations,
                                       self.num_schedules)
         return [DTMScheduleEntry(*e) for e in raw]
 

@@ -3,33 +3,32 @@
 These are the building blocks models use; they are exposed for testing and for people
 who want one fast operation. Inputs are converted once with ``np.ascontiguousarray``
 (no copy when already float32 and C-contiguous); outputs may be supplied with ``out=``
-and are then written in place.
+(gradients with ``dx=`` etc.) and are then written in place and returned as themselves; left
+out, the engine allocates them (gradients start at zero) with the shapes it checked.
 """
-from typing import Optional
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ._convert import f32 as _f32, indices
+from ._convert import f32 as _f32, i32 as _i32, indices, opt_f32 as _opt, rows_f32 as _rows_f32
 from ._native import _core
-from .objectives import _i32
 from ._runtime import warn_if_bf16_inactive
 
+# The engine (PyModule) checks every shape, dtype and size and words the errors; where an output
+# or gradient argument is None it allocates it (zeros where the kernel accumulates) and returns
+# it. These wrappers only convert inputs (``_convert``) and hand back the caller's own arrays.
+
+Array = np.ndarray
+Grad = Optional[np.ndarray]
 
 
-def _require_array(x, name: str) -> None:
-    """An output argument must be a NumPy array (written in place), not anything array-like."""
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name}: expected a float32 NumPy array to write into, got {type(x).__name__}")
+def _given(result, given: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """The caller's own output object when one was given, else the engine's new array."""
+    return given if given is not None else (None if result is None else np.asarray(result))
 
 
-def _rows_f32(x: np.ndarray, name: str) -> np.ndarray:
-    """float32 2-d array with contiguous rows; a column slice ``big[:, :k]`` passes uncopied."""
-    if x is None:
-        raise TypeError(f"{name}: expected an array, got None")
-    if (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 2
-            and x.strides[1] == 4 and x.strides[0] >= 4 * x.shape[1] and x.strides[0] % 4 == 0):
-        return x
-    return np.ascontiguousarray(x, dtype=np.float32)
+def _all_given(results, *given: Optional[np.ndarray]) -> tuple:
+    return tuple(_given(r, g) for r, g in zip(results, given))
 
 
 def matmul(a: np.ndarray, b: np.ndarray, out: Optional[np.ndarray] = None, *,
@@ -62,24 +61,9 @@ def matmul(a: np.ndarray, b: np.ndarray, out: Optional[np.ndarray] = None, *,
         >>> mapet.ops.matmul(np.eye(2, dtype=np.float32), np.ones((2, 3), np.float32), precision="bf16")[0]
         array([1., 1., 1.], dtype=float32)
     """
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"matmul: precision must be 'fp32' or 'bf16', got {precision!r}")
-    a, b = _rows_f32(a, "a"), _rows_f32(b, "b")
-    if a.ndim != 2 or b.ndim != 2:
-        raise ValueError(f"matmul: expected 2-d a and b, got shapes {a.shape} and {b.shape}")
-    m = a.shape[1] if trans_a else a.shape[0]
-    n = b.shape[0] if trans_b else b.shape[1]
-    if out is None:
-        if beta != 0.0:
-            raise ValueError("matmul: beta != 0 needs out=")
-        out = np.empty((m, n), dtype=np.float32)
-    _require_array(out, "out")
     if precision == "bf16":
         warn_if_bf16_inactive("matmul(precision='bf16')")
-        _core.gemm_bf16(a, b, out, bool(trans_a), bool(trans_b), float(alpha), float(beta))
-    else:
-        _core.gemm(a, b, out, bool(trans_a), bool(trans_b), float(alpha), float(beta))
-    return out
+    return _given(_core.gemm(_rows_f32(a, "a"), _rows_f32(b, "b"), out, trans_a, trans_b, alpha, beta, precision), out)
 
 
 def gelu(x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
@@ -92,20 +76,12 @@ def gelu(x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
     Returns:
         The result array.
     """
-    x = _f32(x, "x")
-    out = np.empty_like(x) if out is None else _zeros_or(out, x.shape, "out")
-    _core.gelu_forward(x.reshape(-1), out.reshape(-1))
-    return out
+    return _given(_core.gelu_forward(_f32(x, "x"), out), out)
 
 
-def gelu_backward(dout: np.ndarray, x: np.ndarray, dx: Optional[np.ndarray] = None) -> np.ndarray:
-    """Accumulate the GELU gradient: ``dx += dout·gelu'(x)``; returns ``dx``."""
-    x, dout = _f32(x, "x"), _f32(dout, "dout")
-    if dout.shape != x.shape:
-        raise ValueError(f"gelu_backward: dout has shape {dout.shape}, x has {x.shape}")
-    dx = _zeros_or(dx, x.shape, "dx")
-    _core.gelu_backward(dout.reshape(-1), x.reshape(-1), dx.reshape(-1))
-    return dx
+def gelu_backward(dout: np.ndarray, x: np.ndarray, dx: Grad = None) -> np.ndarray:
+    """Accumulate the GELU gradient: ``dx += dout·gelu'(x)``; returns ``dx`` (new zeros when omitted)."""
+    return _given(_core.gelu_backward(_f32(dout, "dout"), _f32(x, "x"), dx), dx)
 
 
 # Objective kernels (defined with their objectives in mapet.objectives).
@@ -116,73 +92,44 @@ from .objectives import ccvit_pixel_targets, dtm_loss, masked_mse  # noqa: E402,
 # Forward functions return their outputs and the cache the backward needs; backward
 # functions take gradient arrays (zeros created when omitted) and ACCUMULATE into them.
 
-def _zeros_or(x: Optional[np.ndarray], shape, name: str) -> np.ndarray:
-    if x is None:
-        return np.zeros(shape, np.float32)
-    _require_array(x, name)
-    if x.shape != tuple(shape) or x.dtype != np.float32 or not x.flags.c_contiguous:
-        raise ValueError(f"{name}: expected a C-contiguous float32 array of shape {tuple(shape)}, got {x.dtype} {x.shape}")
-    return x
-
-
-def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray):
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> Tuple[Array, Array, Array]:
     """LayerNorm over the last axis (eps 1e-6). x [R, C] → (out, mean [R], rstd [R])."""
-    x, weight, bias = _f32(x, "x"), _f32(weight, "weight"), _f32(bias, "bias")
-    if x.ndim != 2:
-        raise ValueError(f"layer_norm: expected x [R, C], got shape {x.shape}")
-    out = np.empty_like(x)
-    mean = np.empty(x.shape[0], np.float32)
-    rstd = np.empty(x.shape[0], np.float32)
-    _core.layer_norm_forward(out, mean, rstd, x, weight, bias)
-    return out, mean, rstd
+    return tuple(np.asarray(r) for r in _core.layer_norm_forward(None, None, None, _f32(x, "x"), _f32(weight, "weight"),
+                                                                 _f32(bias, "bias")))
 
 
-def layer_norm_backward(dout, x, weight, mean, rstd, dx=None, dweight=None, dbias=None):
+def layer_norm_backward(dout: np.ndarray, x: np.ndarray, weight: np.ndarray, mean: np.ndarray, rstd: np.ndarray,
+                        dx: Grad = None, dweight: Grad = None, dbias: Grad = None) -> Tuple[Array, Array, Array]:
     """Accumulate LayerNorm gradients; returns (dx, dweight, dbias)."""
-    x, dout = _f32(x, "x"), _f32(dout, "dout")
-    dx = _zeros_or(dx, x.shape, "dx")
-    dweight = _zeros_or(dweight, (x.shape[1],), "dweight")
-    dbias = _zeros_or(dbias, (x.shape[1],), "dbias")
-    _core.layer_norm_backward(dx, dweight, dbias, dout, x, _f32(weight, "weight"), _f32(mean, "mean"), _f32(rstd, "rstd"))
-    return dx, dweight, dbias
+    r = _core.layer_norm_backward(dx, dweight, dbias, _f32(dout, "dout"), _f32(x, "x"), _f32(weight, "weight"),
+                                  _f32(mean, "mean"), _f32(rstd, "rstd"))
+    return _all_given(r, dx, dweight, dbias)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
     """Row softmax of x [R, C]."""
-    x = _f32(x, "x")
-    out = np.empty_like(x)
-    _core.softmax_forward(out, x)
-    return out
+    return np.asarray(_core.softmax_forward(None, _f32(x, "x")))
 
 
-def softmax_backward(dout, out, dx=None):
+def softmax_backward(dout: np.ndarray, out: np.ndarray, dx: Grad = None) -> np.ndarray:
     """dx += out ⊙ (dout − rowsum(dout ⊙ out)); returns dx."""
-    out, dout = _f32(out, "out"), _f32(dout, "dout")
-    dx = _zeros_or(dx, out.shape, "dx")
-    _core.softmax_backward(dx, dout, out)
-    return dx
+    return _given(_core.softmax_backward(dx, _f32(dout, "dout"), _f32(out, "out")), dx)
 
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None) -> np.ndarray:
     """x [R, IC] · weightᵀ [IC, OC] + bias (PyTorch Linear layout)."""
-    x, weight = _f32(x, "x"), _f32(weight, "weight")
-    out = np.empty((x.shape[0], weight.shape[0]), np.float32)
-    _core.linear_forward(out, x, weight, None if bias is None else _f32(bias, "bias"))
-    return out
+    return np.asarray(_core.linear_forward(None, _f32(x, "x"), _f32(weight, "weight"), _opt(bias, "bias")))
 
 
-def linear_backward(dout, x, weight, dx=None, dweight=None, dbias=None):
+def linear_backward(dout: np.ndarray, x: np.ndarray, weight: np.ndarray, dx: Grad = None, dweight: Grad = None,
+                    dbias: Grad = None) -> Tuple[Array, Array, Array]:
     """Accumulate Linear gradients; returns (dx, dweight, dbias)."""
-    x, weight, dout = _f32(x, "x"), _f32(weight, "weight"), _f32(dout, "dout")
-    dx = _zeros_or(dx, x.shape, "dx")
-    dweight = _zeros_or(dweight, weight.shape, "dweight")
-    dbias = _zeros_or(dbias, (weight.shape[0],), "dbias")
-    _core.linear_backward(dx, dweight, dbias, dout, x, weight)
-    return dx, dweight, dbias
+    r = _core.linear_backward(dx, dweight, dbias, _f32(dout, "dout"), _f32(x, "x"), _f32(weight, "weight"))
+    return _all_given(r, dx, dweight, dbias)
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, mask: Optional[np.ndarray] = None,
-              precision: str = "fp32"):
+              precision: str = "fp32") -> Tuple[Array, Array]:
     """Multi-head attention, q [B, M, C], k/v [B, Nk, C]; mask [B, M, Nk] bool (True = may attend).
 
     ``precision="bf16"`` rounds the inputs of QKᵀ and PV to bf16 and accumulates in fp32 (as the
@@ -190,158 +137,108 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, mask: Opt
 
     Returns (out [B, M, C], probs [B, heads, M, Nk]).
     """
-    q, k, v = _f32(q, "q"), _f32(k, "k"), _f32(v, "v")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.ndim != 3:
-            raise ValueError(f"attention: expected {name} [B, {'M' if name == 'q' else 'N'}, C], got shape {t.shape}")
-    out = np.empty_like(q)
-    probs = np.empty((q.shape[0], int(heads), q.shape[1], k.shape[1]), np.float32)
     m = None if mask is None else _i32(mask, "mask")
-    _core.attention_forward(out, probs, q, k, v, int(heads), m, precision)
-    return out, probs
+    r = _core.attention_forward(None, None, _f32(q, "q"), _f32(k, "k"), _f32(v, "v"), heads, m, precision)
+    return tuple(np.asarray(a) for a in r)
 
 
-def attention_backward(dout, probs, q, k, v, heads, dq=None, dk=None, dv=None, precision: str = "fp32"):
+def attention_backward(dout: np.ndarray, probs: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int,
+                       dq: Grad = None, dk: Grad = None, dv: Grad = None,
+                       precision: str = "fp32") -> Tuple[Array, Array, Array]:
     """Accumulate attention gradients; returns (dq, dk, dv). ``precision`` as in `attention`."""
-    q, k, v, dout, probs = (_f32(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v"), (dout, "dout"), (probs, "probs")))
-    dq, dk, dv = _zeros_or(dq, q.shape, "dq"), _zeros_or(dk, k.shape, "dk"), _zeros_or(dv, v.shape, "dv")
-    _core.attention_backward(dq, dk, dv, dout, probs, q, k, v, int(heads), precision)
-    return dq, dk, dv
+    r = _core.attention_backward(dq, dk, dv, _f32(dout, "dout"), _f32(probs, "probs"), _f32(q, "q"), _f32(k, "k"),
+                                 _f32(v, "v"), heads, precision)
+    return _all_given(r, dq, dk, dv)
 
 
-def residual(x, branch, gamma=None, keep=None):
+def residual(x: np.ndarray, branch: np.ndarray, gamma: Optional[np.ndarray] = None,
+             keep: Optional[np.ndarray] = None) -> np.ndarray:
     """x + keep[b]·gamma⊙branch for [B, T, C] (layer scale and drop path optional)."""
-    x, branch = _f32(x, "x"), _f32(branch, "branch")
-    out = np.empty_like(x)
-    _core.residual_forward(out, x, branch, None if gamma is None else _f32(gamma, "gamma"),
-                           None if keep is None else _f32(keep, "keep"))
-    return out
+    return np.asarray(_core.residual_forward(None, _f32(x, "x"), _f32(branch, "branch"), _opt(gamma, "gamma"),
+                                             _opt(keep, "keep")))
 
 
-def residual_backward(dout, branch, gamma=None, keep=None, dx=None, dbranch=None, dgamma=None):
-    """Accumulate (dx, dbranch, dgamma) of ``residual``."""
-    dout, branch = _f32(dout, "dout"), _f32(branch, "branch")
-    dx = _zeros_or(dx, branch.shape, "dx")
-    dbranch = _zeros_or(dbranch, branch.shape, "dbranch")
-    dgamma = None if gamma is None else _zeros_or(dgamma, (branch.shape[2],), "dgamma")
-    _core.residual_backward(dx, dbranch, dgamma, dout, branch, None if gamma is None else _f32(gamma, "gamma"),
-                            None if keep is None else _f32(keep, "keep"))
-    return dx, dbranch, dgamma
+def residual_backward(dout: np.ndarray, branch: np.ndarray, gamma: Optional[np.ndarray] = None,
+                      keep: Optional[np.ndarray] = None, dx: Grad = None, dbranch: Grad = None,
+                      dgamma: Grad = None) -> Tuple[Array, Array, Optional[Array]]:
+    """Accumulate (dx, dbranch, dgamma) of ``residual`` (dgamma is None without gamma)."""
+    r = _core.residual_backward(dx, dbranch, dgamma, _f32(dout, "dout"), _f32(branch, "branch"), _opt(gamma, "gamma"),
+                                _opt(keep, "keep"))
+    return _all_given(r, dx, dbranch, None if gamma is None else dgamma)
 
 
 def drop_path_keep(batch: int, rate: float, seed: int = 0) -> np.ndarray:
     """Per-sample drop-path scales in {0, 1/(1-rate)} (timm drop_path with scale_by_keep)."""
-    keep = np.empty(int(batch), np.float32)
-    _core.drop_path_keep(keep, float(rate), int(seed))
-    return keep
+    return np.asarray(_core.drop_path_keep(batch, rate, seed))
 
 
-def dropout_mask(shape, rate: float, seed: int = 0) -> np.ndarray:
+def dropout_mask(shape: Union[int, Sequence[int]], rate: float, seed: int = 0) -> np.ndarray:
     """Element scales in {0, 1/(1-rate)} for inverted dropout."""
-    mask = np.empty(shape, np.float32)
-    _core.dropout_mask(mask.reshape(-1), float(rate), int(seed))
-    return mask
+    return np.asarray(_core.dropout_mask(shape, rate, seed))
 
 
 def drop_path(x: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """x [B, ...] scaled per sample by keep [B]."""
-    x = _f32(x, "x")
-    out = np.empty_like(x)
-    _core.scale_rows_forward(out.reshape(x.shape[0], -1), x.reshape(x.shape[0], -1), _f32(keep, "keep"))
-    return out
+    return np.asarray(_core.scale_rows_forward(None, _f32(x, "x"), _f32(keep, "keep"), False))
 
 
-def drop_path_backward(dout, keep, dx=None):
-    dout = _f32(dout, "dout")
-    dx = _zeros_or(dx, dout.shape, "dx")
-    _core.scale_rows_backward(dx.reshape(dout.shape[0], -1), dout.reshape(dout.shape[0], -1), _f32(keep, "keep"))
-    return dx
+def drop_path_backward(dout: np.ndarray, keep: np.ndarray, dx: Grad = None) -> np.ndarray:
+    """Accumulate the gradient of ``drop_path``: dx += keep[b]·dout; returns dx."""
+    return _given(_core.scale_rows_backward(dx, _f32(dout, "dout"), _f32(keep, "keep"), False), dx)
 
 
 def dropout(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """x ⊙ mask (mask from ``dropout_mask``)."""
-    x, mask = _f32(x, "x"), _f32(mask, "mask")
-    if mask.shape != x.shape:
-        raise ValueError(f"dropout: mask has shape {mask.shape}, x has {x.shape}")
-    out = np.empty_like(x)
-    _core.scale_rows_forward(out.reshape(1, -1), x.reshape(1, -1), mask.reshape(-1))
-    return out
+    """x ⊙ mask (mask from ``dropout_mask``, of x's shape)."""
+    return np.asarray(_core.scale_rows_forward(None, _f32(x, "x"), _f32(mask, "mask"), True))
 
 
-def dropout_backward(dout, mask, dx=None):
-    dout, mask = _f32(dout, "dout"), _f32(mask, "mask")
-    dx = _zeros_or(dx, dout.shape, "dx")
-    _core.scale_rows_backward(dx.reshape(1, -1), dout.reshape(1, -1), mask.reshape(-1))
-    return dx
+def dropout_backward(dout: np.ndarray, mask: np.ndarray, dx: Grad = None) -> np.ndarray:
+    """Accumulate the gradient of ``dropout``: dx += mask·dout; returns dx."""
+    return _given(_core.scale_rows_backward(dx, _f32(dout, "dout"), _f32(mask, "mask"), True), dx)
 
 
-def patch_embed(images: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None):
+def patch_embed(images: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None) -> Tuple[Array, Array]:
     """Stride-p conv as patchify + GEMM. images [B, Cin, S, S], weight [C, Cin, p, p].
 
     Returns (out [B, n, C], patches [B, n, Cin·p·p]).
     """
-    images, weight = _f32(images, "images"), _f32(weight, "weight")
-    if images.ndim != 4 or weight.ndim != 4:
-        raise ValueError(f"patch_embed: expected 4-d images and weight, got {images.shape} and {weight.shape}")
-    B, S, p = images.shape[0], images.shape[2], weight.shape[2]
-    n = (S // p) ** 2 if p > 0 else 0
-    out = np.empty((B, n, weight.shape[0]), np.float32)
-    patches = np.empty((B, n, weight.shape[1] * p * p), np.float32)
-    _core.patch_embed_forward(out, patches, images, weight, None if bias is None else _f32(bias, "bias"))
-    return out, patches
+    r = _core.patch_embed_forward(None, None, _f32(images, "images"), _f32(weight, "weight"), _opt(bias, "bias"))
+    return tuple(np.asarray(a) for a in r)
 
 
-def patch_embed_backward(dout, patches, weight, img_size: int, dimages=None, dweight=None, dbias=None):
+def patch_embed_backward(dout: np.ndarray, patches: np.ndarray, weight: np.ndarray, img_size: int,
+                         dimages: Grad = None, dweight: Grad = None, dbias: Grad = None) -> Tuple[Array, Array, Array]:
     """Accumulate (dimages, dweight, dbias) of ``patch_embed``."""
-    dout, patches, weight = _f32(dout, "dout"), _f32(patches, "patches"), _f32(weight, "weight")
-    if weight.ndim != 4 or patches.ndim != 3:
-        raise ValueError(f"patch_embed_backward: expected weight [C, Cin, p, p] and patches [B, n, Cin·p·p], "
-                         f"got shapes {weight.shape} and {patches.shape}")
-    B, Cin = patches.shape[0], weight.shape[1]
-    dimages = _zeros_or(dimages, (B, Cin, img_size, img_size), "dimages")
-    dweight = _zeros_or(dweight, weight.shape, "dweight")
-    dbias = _zeros_or(dbias, (weight.shape[0],), "dbias")
-    _core.patch_embed_backward(dimages, dweight, dbias, dout, patches, weight, int(img_size))
-    return dimages, dweight, dbias
+    r = _core.patch_embed_backward(dimages, dweight, dbias, _f32(dout, "dout"), _f32(patches, "patches"),
+                                   _f32(weight, "weight"), img_size)
+    return _all_given(r, dimages, dweight, dbias)
 
 
 def mean_pool(x: np.ndarray, start: int = 1) -> np.ndarray:
     """Mean over tokens ``start:`` of x [B, T, C] (start=1 skips the CLS token)."""
-    x = _f32(x, "x")
-    out = np.empty((x.shape[0], x.shape[2]), np.float32)
-    _core.mean_pool_forward(out, x, int(start))
-    return out
+    return np.asarray(_core.mean_pool_forward(None, _f32(x, "x"), start))
 
 
-def mean_pool_backward(dout, tokens: int, start: int = 1, dx=None):
-    dout = _f32(dout, "dout")
-    dx = _zeros_or(dx, (dout.shape[0], tokens, dout.shape[1]), "dx")
-    _core.mean_pool_backward(dx, dout, int(start))
-    return dx
+def mean_pool_backward(dout: np.ndarray, tokens: int, start: int = 1, dx: Grad = None) -> np.ndarray:
+    """Accumulate the gradient of ``mean_pool`` into dx [B, tokens, C]; returns dx."""
+    return _given(_core.mean_pool_backward(dx, _f32(dout, "dout"), start, tokens), dx)
 
 
-def cross_entropy(logits: np.ndarray, targets: np.ndarray, smoothing: float = 0.0):
+def cross_entropy(logits: np.ndarray, targets: np.ndarray, smoothing: float = 0.0) -> Tuple[float, Array, Array]:
     """Mean softmax cross-entropy over rows with target ≥ 0 (negative targets are ignored).
 
     Returns (mean loss, per-row losses [R], probs [R, K]).
     """
-    logits = _f32(logits, "logits")
-    t = indices(targets, "targets", "class indices")
-    losses = np.empty(logits.shape[0], np.float32)
-    probs = np.empty_like(logits)
-    loss = _core.cross_entropy_forward(losses, probs, logits, t, float(smoothing))
-    return loss, losses, probs
+    loss, losses, probs = _core.cross_entropy_forward(None, None, _f32(logits, "logits"),
+                                                      indices(targets, "targets", "class indices"), smoothing)
+    return loss, np.asarray(losses), np.asarray(probs)
 
 
-def cross_entropy_backward(probs, targets, smoothing: float = 0.0, scale: Optional[float] = None, dlogits=None):
+def cross_entropy_backward(probs: np.ndarray, targets: np.ndarray, smoothing: float = 0.0,
+                           scale: Optional[float] = None, dlogits: Grad = None) -> np.ndarray:
     """dlogits += scale·(probs − q); scale defaults to 1 / (rows with target ≥ 0)."""
-    probs = _f32(probs, "probs")
-    t = _i32(targets, "targets")
-    if scale is None:
-        scale = 1.0 / max(int((t >= 0).sum()), 1)
-    dlogits = _zeros_or(dlogits, probs.shape, "dlogits")
-    _core.cross_entropy_backward(dlogits, probs, t, float(smoothing), float(scale))
-    return dlogits
+    return _given(_core.cross_entropy_backward(dlogits, _f32(probs, "probs"), _i32(targets, "targets"), smoothing,
+                                               scale), dlogits)
 
 
 def conv2d(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None, *, stride: int = 1,
@@ -367,10 +264,8 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None,
         >>> mapet.ops.conv2d(np.ones((1, 2, 5, 5), np.float32), np.ones((3, 2, 3, 3), np.float32), padding=1).shape
         (1, 3, 5, 5)
     """
-    # the engine checks the shapes, stride and padding and allocates the output
-    out = _core.conv2d_forward(None, _f32(x, "x"), _f32(weight, "weight"), None if bias is None else _f32(bias, "bias"),
-                               None if residual is None else _f32(residual, "residual"), bool(relu), stride, padding,
-                               precision)
+    out = _core.conv2d_forward(None, _f32(x, "x"), _f32(weight, "weight"), _opt(bias, "bias"),
+                               _opt(residual, "residual"), relu, stride, padding, precision)
     return np.asarray(out)
 
 

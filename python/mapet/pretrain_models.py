@@ -247,14 +247,10 @@ class CCViT(_PretrainModel):
         if not np.issubdtype(tg.dtype, np.floating):
             raise TypeError(f"pixel_targets: expected a float array [B, num_patches, {self.pixel_dim}], got dtype {tg.dtype}")
         tg = np.ascontiguousarray(tg, dtype=np.float32)
-        for name, w in (("token_weight", token_weight), ("pixel_weight", pixel_weight)):
-            if not (isinstance(w, (int, float, np.floating, np.integer)) and np.isfinite(w) and w >= 0):
-                raise ValueError(f"{name}: expected a finite non-negative number, got {w!r}")
         M = int(((m != 0) | (r != 0)).sum())
         logits = np.empty((M, self.config["num_tokens"]), np.float32) if return_outputs else None
         pixels = np.empty((M, self.pixel_dim), np.float32) if return_outputs else None
-        loss, ce, mse = _core.ccvit_train_step(self._handle, x, t, tg, m, r, float(token_weight), float(pixel_weight),
-                                               logits, pixels)
+        loss, ce, mse = _core.ccvit_train_step(self._handle, x, t, tg, m, r, token_weight, pixel_weight, logits, pixels)
         self.last_losses = {"loss": loss, "token_loss": ce, "pixel_loss": mse}
         return (loss, logits, pixels) if return_outputs else loss
 

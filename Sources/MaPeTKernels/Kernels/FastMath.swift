@@ -63,33 +63,32 @@ public func sexp(_ x: Float) -> Float {
     vexp(FloatVector(repeating: x))[0]
 }
 
-/// Sum of `count` floats with 8-wide accumulators.
-@inlinable
-public func vsum(_ x: UnsafePointer<Float>, _ count: Int) -> Float {
+/// Σ term(i) over i < count: `vector(i)` gives the 8 terms from i on, `scalar(i)` one term (the
+/// tail); 8-wide accumulators, summed across lanes, then the tail added in order.
+@inlinable @inline(__always)
+public func vreduce(_ count: Int, _ vector: (Int) -> FloatVector, _ scalar: (Int) -> Float) -> Float {
     var acc = FloatVector()
     var i = 0
     while i + 8 <= count {
-        acc += UnsafeRawPointer(x + i).loadUnaligned(as: FloatVector.self)
+        acc += vector(i)
         i += 8
     }
     var s = acc.sum()
-    while i < count { s += x[i]; i += 1 }
+    while i < count { s += scalar(i); i += 1 }
     return s
+}
+
+/// Sum of `count` floats with 8-wide accumulators.
+@inlinable
+public func vsum(_ x: UnsafePointer<Float>, _ count: Int) -> Float {
+    vreduce(count, { UnsafeRawPointer(x + $0).loadUnaligned(as: FloatVector.self) }, { x[$0] })
 }
 
 /// Dot product of two float arrays with 8-wide accumulators.
 @inlinable
 public func vdot(_ x: UnsafePointer<Float>, _ y: UnsafePointer<Float>, _ count: Int) -> Float {
-    var acc = FloatVector()
-    var i = 0
-    while i + 8 <= count {
-        acc += UnsafeRawPointer(x + i).loadUnaligned(as: FloatVector.self)
-            * UnsafeRawPointer(y + i).loadUnaligned(as: FloatVector.self)
-        i += 8
-    }
-    var s = acc.sum()
-    while i < count { s += x[i] * y[i]; i += 1 }
-    return s
+    vreduce(count, { UnsafeRawPointer(x + $0).loadUnaligned(as: FloatVector.self)
+                       * UnsafeRawPointer(y + $0).loadUnaligned(as: FloatVector.self) }, { x[$0] * y[$0] })
 }
 
 @inlinable @inline(__always)

@@ -3,44 +3,40 @@
 // row-major grid order and each patch flattened in (channel, row, col) order — the layout of
 // `patch_embed.proj.weight [C, Cin, p, p]` — then out [B, n, C] = patches · weightᵀ + bias.
 
-public func patchifyForward(patches: UnsafeMutablePointer<Float>, images: UnsafePointer<Float>,
-                            B: Int, inChans: Int, imgSize S: Int, patch p: Int) {
-    let t0 = Profiler.begin(); defer { Profiler.end(.elementwise, t0) }
-    let g = S / p, n = g * g, K = inChans * p * p
-    nonisolated(unsafe) let patches = patches, images = images
+/// Calls `run(patchOffset, imageOffset)` for every p-float run of every patch of every image, in
+/// parallel over the batch: where the run starts in patches [B, n, Cin·p·p] and in images
+/// [B, Cin, S, S]. The one statement of the layout, shared by both directions.
+@inline(__always)
+private func forEachPatchRun(B: Int, inChans: Int, imgSize S: Int, patch p: Int, _ run: @Sendable (Int, Int) -> Void) {
+    let g = S / p, n = g * g
     Parallel.forEach(B) { b in
+        var offset = b * n * inChans * p * p
         for t in 0..<n {
             let gy = t / g, gx = t % g
-            var dst = patches + (b * n + t) * K
             for c in 0..<inChans {
                 for y in 0..<p {
-                    let src = images + ((b * inChans + c) * S + gy * p + y) * S + gx * p
-                    dst.update(from: src, count: p)
-                    dst += p
+                    run(offset, ((b * inChans + c) * S + gy * p + y) * S + gx * p)
+                    offset += p
                 }
             }
         }
     }
 }
 
+public func patchifyForward(patches: UnsafeMutablePointer<Float>, images: UnsafePointer<Float>,
+                            B: Int, inChans: Int, imgSize S: Int, patch p: Int) {
+    let t0 = Profiler.begin(); defer { Profiler.end(.elementwise, t0) }
+    nonisolated(unsafe) let patches = patches, images = images
+    forEachPatchRun(B: B, inChans: inChans, imgSize: S, patch: p) { (patches + $0).update(from: images + $1, count: p) }
+}
+
 /// dImages += the patches' gradient scattered back to pixel positions.
 public func patchifyBackward(dImages: UnsafeMutablePointer<Float>, dPatches: UnsafePointer<Float>,
                              B: Int, inChans: Int, imgSize S: Int, patch p: Int) {
     let t0 = Profiler.begin(); defer { Profiler.end(.elementwise, t0) }
-    let g = S / p, n = g * g, K = inChans * p * p
     nonisolated(unsafe) let dImages = dImages, dPatches = dPatches
-    Parallel.forEach(B) { b in
-        for t in 0..<n {
-            let gy = t / g, gx = t % g
-            var src = dPatches + (b * n + t) * K
-            for c in 0..<inChans {
-                for y in 0..<p {
-                    let dst = dImages + ((b * inChans + c) * S + gy * p + y) * S + gx * p
-                    for x in 0..<p { dst[x] += src[x] }
-                    src += p
-                }
-            }
-        }
+    forEachPatchRun(B: B, inChans: inChans, imgSize: S, patch: p) { src, dst in
+        for x in 0..<p { dImages[dst + x] += dPatches[src + x] }
     }
 }
 

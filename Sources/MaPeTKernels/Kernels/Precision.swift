@@ -12,6 +12,10 @@ public enum Precision: String, Sendable, CaseIterable {
     public var usesBF16: Bool { self == .bf16 && BF16.isActive }
 }
 
+/// A GEMM kernel's arguments in `sgemm`'s order, unlabelled.
+public typealias GemmKernel = (Bool, Bool, Int, Int, Int, Float, UnsafePointer<Float>, Int, UnsafePointer<Float>, Int,
+                               Float, UnsafeMutablePointer<Float>, Int) -> Void
+
 /// C[M, N] = alpha · op(A) · op(B) + beta · C at `precision` (arguments as `sgemm`), split over
 /// the worker threads, or with `serial` on the calling thread (for callers that parallelise
 /// outside, e.g. attention over batch × heads). The result does not depend on the thread count.
@@ -22,18 +26,12 @@ public func gemm(
     B: UnsafePointer<Float>, ldb: Int,
     beta: Float, C: UnsafeMutablePointer<Float>, ldc: Int, serial: Bool = false
 ) {
-    switch (precision.usesBF16, serial) {
-    case (true, false):
-        bf16GemmParallel(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
-                         B: B, ldb: ldb, beta: beta, C: C, ldc: ldc)
-    case (true, true):
-        bf16Gemm(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
-                 B: B, ldb: ldb, beta: beta, C: C, ldc: ldc)
-    case (false, false):
-        sgemmParallel(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
-                      B: B, ldb: ldb, beta: beta, C: C, ldc: ldc)
-    case (false, true):
-        sgemm(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
-              B: B, ldb: ldb, beta: beta, C: C, ldc: ldc)
+    let kernel: GemmKernel = switch (precision.usesBF16, serial) {
+    case (true, false): { bf16GemmParallel(transA: $0, transB: $1, M: $2, N: $3, K: $4, alpha: $5, A: $6, lda: $7,
+                                           B: $8, ldb: $9, beta: $10, C: $11, ldc: $12) }
+    case (true, true): bf16Gemm
+    case (false, false): sgemmParallel
+    case (false, true): sgemm
     }
+    kernel(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
 }
