@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from vit_step import gemm_peak  # noqa: E402
 
 import mapet  # noqa: E402
-from _common import print_profiles  # noqa: E402
+from _common import print_profiles, ratio_line  # noqa: E402
 from mapet.pretrain_models import create_pretrain_model  # noqa: E402
 from torch_models import TorchBEiT, TorchMaPeT, TorchPIM  # noqa: E402
 from torch_step import RECIPE, mapet_step_fn, time_once  # noqa: E402
@@ -144,7 +144,7 @@ def main() -> None:
         print(f"  {k:40s}: {m * 1e3:8.1f} ms/step   runs: " + " ".join(f"{x * 1e3:.0f}" for x in times[k]))
     for p in precisions:
         t = [k for k in med if k.startswith("torch " + p)][0]
-        print(f"  mapet {p} vs {t}: {med[t] / med['mapet ' + p]:.2f}x")
+        print(ratio_line(t, "mapet " + p, times))
     fl = step_flops(B=B, P=batch.num_predicted)
     dense = step_flops(B=B, P=batch.num_predicted, masked=False)
     print(f"\nthe step is {fl / 1e9:.1f} GFLOP of matrix products counting only the attention scores a row may "

@@ -24,7 +24,7 @@ sys.path.insert(0, HERE)
 import numpy as np  # noqa: E402
 
 import mapet  # noqa: E402
-from _common import print_profiles  # noqa: E402
+from _common import print_profiles, ratio_line  # noqa: E402
 
 
 def step_flops(B=32, img=224, p=16, C=192, depth=12, mlp=4, K=1000, cin=3):
@@ -141,9 +141,9 @@ def main():
     if not args.no_torch:
         for p in precisions:
             t = [k for k in med if k.startswith("timm " + p)][0]
-            print(f"  mapet {p} vs {t}: {med[t] / med['mapet ' + p]:.2f}x")
+            print(ratio_line(t, "mapet " + p, times))
         if len(precisions) == 2:
-            print(f"  mapet bf16 vs timm fp32: {med['timm fp32'] / med['mapet bf16']:.2f}x")
+            print(ratio_line("timm fp32", "mapet bf16", times))
         # The bound a target must respect: the step's matrix products alone, at mapet's GEMM peak.
         for p in precisions:
             t = [k for k in med if k.startswith("timm " + p)][0]
