@@ -55,3 +55,19 @@ def test_one_profile_at_a_time():
         with pytest.raises(RuntimeError, match="another profile is running"):
             with mapet.profile():
                 pass
+
+
+def test_a_kernel_inside_another_is_not_counted_twice():
+    """fp32 runs fc1 as its product then GELU, each an entry point of its own, inside the linear
+    layer's bracket; bf16 fuses them. Each class must count the same calls in both precisions."""
+    x = np.random.default_rng(1).random((4, 3, 32, 32), dtype=np.float32)
+    y = np.arange(4) % 10
+    calls = {}
+    for precision in ("fp32", "bf16"):
+        model = _vit()
+        model.precision = precision
+        model.train_step(x, y)
+        with mapet.profile() as prof:
+            model.train_step(x, y)
+        calls[precision] = {name: c for name, _, c in prof.rows if name in CLASSES}
+    assert calls["fp32"] == calls["bf16"]

@@ -40,7 +40,7 @@ struct PythonErrorSet: Error {}
 /// Runs a method body, turning thrown errors into a raised Python exception (nil return).
 func call(_ args: UnsafePointer<PyObj?>?, _ nargs: Int, _ name: String,
           _ body: (Args) throws -> PyObj?) -> PyObj? {
-    let t0 = Profiler.begin(); defer { Profiler.end(.extensionCall, t0) }
+    let t0 = Profiler.beginSpan(); defer { Profiler.endSpan(.extensionCall, t0) }
     do {
         return try body(Args(base: args, count: nargs, function: "\(name)"))
     } catch let e as PyError {
@@ -215,8 +215,8 @@ func pyList(_ items: [PyObj?]) throws -> PyObj {
 /// Runs `body` with the GIL released. `body` must not touch Python objects.
 func withoutGIL<R>(_ body: () throws -> R) rethrows -> R {
     let state = PyEval_SaveThread()
-    let t0 = Profiler.begin()
-    defer { Profiler.end(.native, t0); PyEval_RestoreThread(state) }
+    let t0 = Profiler.beginSpan()
+    defer { Profiler.endSpan(.native, t0); PyEval_RestoreThread(state) }
     return try body()
 }
 
