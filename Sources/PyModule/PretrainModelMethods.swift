@@ -8,7 +8,7 @@ import MaPeTKernels
 /// tokens int32 [B, n] with every value in 0..<V.
 private func visualTokens(_ arena: BufferArena, _ obj: PyObj, B: Int, _ k: PretrainConfig) throws -> ArrayView<Int32> {
     let n = k.vit.numPatches, V = k.vocabSize
-    let t = try arena.int32(obj, "tokens", [nil, nil])
+    let t = try arena.int32AnyShape(obj, "tokens")
     guard t.shape == [B, n] else {
         throw PyError.value("tokens: expected shape [\(B), \(n)] (the visual token of every patch of the \(B) images), got \(t.shape)")
     }
@@ -51,7 +51,7 @@ private func maskedModel(_ args: Args, _ kind: PretrainKind) throws -> BEiTModel
 /// flags int32 [B, n] (non-zero = flagged) under `name`.
 private func patchFlags(_ arena: BufferArena, _ obj: PyObj, _ name: String, B: Int, _ k: PretrainConfig) throws -> ArrayView<Int32> {
     let n = k.vit.numPatches
-    let m = try arena.int32(obj, name, [nil, nil])
+    let m = try arena.int32AnyShape(obj, name)
     guard m.shape == [B, n] else {
         throw PyError.value("\(name): expected shape [\(B), \(n)] (one flag per patch of the \(B) images), got \(m.shape)")
     }
@@ -266,7 +266,7 @@ let pretrainModelMethods: [Method] = [
         let x = try modelImages(arena, args[1], m.config.vit)
         let B = x.shape[0], np = m.config.vit.numPatches, D = m.config.vocabSize
         let mask = try patchFlags(arena, args[2], "mask", B: B, m.config)
-        let target = try arena.float32(args[3], "target", [nil, nil, nil])
+        let target = try arena.float32AnyShape(args[3], "target")
         guard target.shape == [B, np, D] else {
             throw PyError.value("target: expected teacher features of shape [\(B), \(np), \(D)] (batch, patches, output_dim), got \(target.shape)")
         }
@@ -337,7 +337,7 @@ let pretrainModelMethods: [Method] = [
         let x = try modelImages(arena, args[1], m.config.vit)
         let B = x.shape[0], np = m.config.vit.numPatches, P = m.config.vit.patchDim
         let tokens = try visualTokens(arena, args[2], B: B, m.config)
-        let targets = try arena.float32(args[3], "pixel_targets", [nil, nil, nil])
+        let targets = try arena.float32AnyShape(args[3], "pixel_targets")
         guard targets.shape == [B, np, P] else {
             throw PyError.value("pixel_targets: expected shape [\(B), \(np), \(P)] (batch, patches, in_chans·patch²), got \(targets.shape)")
         }
