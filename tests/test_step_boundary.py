@@ -206,3 +206,13 @@ def test_dtm_targets_are_checked_once_by_the_engine():
     m.zero_grad()
     assert m.train_step(x, with_cls, mask, mem) == loss_m
     np.testing.assert_array_equal(m(x), m(x, np.zeros((2, n), bool)))
+
+
+def test_zero_d_targets_reach_the_engine_as_they_are():
+    rng = np.random.default_rng(6)
+    x, mask = images(rng), flags([4, 6])
+    with pytest.raises(ValueError, match=rf"^target: expected teacher features of shape \[2, {n}, {D}\] .*, got \[\]$"):
+        pretrain("dtm").train_step(x, np.float32(1), mask, schedules=mapet.DTMSchedule(2).draw(n))
+    c = pretrain("ccvit", early_layers=1)
+    with pytest.raises(ValueError, match=r"^pixel_targets: expected shape \[2, 16, 48\] .*, got \[\]"):
+        c.train_step(x, rng.integers(0, V, (2, n)), np.float32(1), mask, ~mask)

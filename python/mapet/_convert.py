@@ -1,4 +1,5 @@
-"""What Python does before handing arrays and numbers to the engine: convert, nothing else.
+"""What Python does before handing arrays and numbers to the engine, and with what it hands back:
+convert, nothing else.
 
 The extension (``PyModule``) checks shapes, dtypes and ranges and words the errors; these helpers
 only give it what it reads (C-contiguous arrays of its dtype, 64-bit seed patterns), as faiss's

@@ -195,9 +195,10 @@ class CCViT(_PretrainModel):
     def __call__(self, images: Any, mask: Any, replaced: Any) -> Tuple[np.ndarray, np.ndarray]:
         """Inference: (token logits [M, num_tokens], pixels [M, in_chans·patch²]) at the M
         corrupted patches (``mask | replaced``; sample-major, patch ascending)."""
+        x = _images(images)
         m, r = self._flags(mask, replaced)
         # the engine counts the corrupted patches and allocates both outputs
-        return _outputs(_core.ccvit_forward(self._handle, _images(images), m, r, None, None))
+        return _outputs(_core.ccvit_forward(self._handle, x, m, r, None, None))
 
     def train_step(self, images: Any, tokens: Any, pixel_targets: Any, mask: Any, replaced: Any, *,
                    token_weight: float = 1.0, pixel_weight: float = 1.0, return_outputs: bool = False):
@@ -223,7 +224,7 @@ class CCViT(_PretrainModel):
         tg = np.asarray(pixel_targets)
         if not np.issubdtype(tg.dtype, np.floating):
             raise TypeError(f"pixel_targets: expected a float array [B, num_patches, {self.pixel_dim}], got dtype {tg.dtype}")
-        tg = np.ascontiguousarray(tg, dtype=np.float32)
+        tg = np.asarray(tg, dtype=np.float32, order="C")  # a 0-d array stays 0-d for the engine's message
         want = True if return_outputs else None  # True: the engine allocates them and returns them after the losses
         loss, ce, mse, *outputs = _outputs(_core.ccvit_train_step(self._handle, x, t, tg, m, r, token_weight,
                                                                   pixel_weight, want, want))
@@ -278,7 +279,7 @@ class DTM(_PretrainModel):
             raise TypeError(f"target: expected float teacher features [B, {n}, {self.config['output_dim']}], got dtype {t.dtype}")
         if t.ndim == 3 and t.shape[1] == n + 1:
             t = t[:, 1:]
-        t = np.ascontiguousarray(t, dtype=np.float32)
+        t = np.asarray(t, dtype=np.float32, order="C")  # a 0-d array stays 0-d for the engine's message
         m = _flags(mask, n, "mask")
         if memberships is None:
             if schedules is None:
