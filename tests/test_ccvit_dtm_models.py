@@ -409,7 +409,7 @@ def test_ccvit_bad_inputs_raise_named_errors():
         m.train_step(x, tokens, targets, mask.astype(np.float32), replaced)
     with pytest.raises(TypeError, match="replaced: expected a bool"):
         m(x, mask, replaced.astype(np.float64))
-    with pytest.raises(ValueError, match=r"replaced: expected shape \(3, 16\)"):
+    with pytest.raises(ValueError, match=r"replaced: expected shape \[3, 16\] \(one flag per patch of the 3 images\), got \[3, 15\]"):
         m(x, mask, replaced[:, :15])
     with pytest.raises(ValueError, match=r"tokens: expected visual tokens in \[0, 11\)"):
         m.train_step(x, tokens + V, targets, mask, replaced)
@@ -446,7 +446,7 @@ def test_dtm_bad_inputs_raise_named_errors():
     mem = mapet.dtm_memberships(target, mapet.DTMSchedule(1).draw(n))
     with pytest.raises(ValueError, match=r"target: expected teacher features of shape \[2, 16, 6\]"):
         m.train_step(x, target[:, :, :5], mask, mem)
-    with pytest.raises(ValueError, match=r"target: expected teacher features of shape \(2, 16, 6\)"):
+    with pytest.raises(ValueError, match=r"target: expected teacher features of shape \[2, 16, 6\] \(batch, patches, output_dim\), got \[2, 12, 6\]"):
         m.train_step(x, target[:, :12], mask, schedules=mapet.DTMSchedule(1).draw(n))
     with pytest.raises(TypeError, match="target: expected float"):
         m.train_step(x, target.astype(np.int32), mask, mem)
@@ -469,7 +469,7 @@ def test_dtm_bad_inputs_raise_named_errors():
         m.train_step(x, target, mask, mem, beta=0.0)
     with pytest.raises(TypeError, match="mask: expected a bool"):
         m.train_step(x, target, mask.astype(np.float32), mem)
-    with pytest.raises(ValueError, match=r"mask: expected shape \(2, 16\)"):
+    with pytest.raises(ValueError, match=r"mask: expected shape \[2, 16\] \(one flag per patch of the 2 images\), got \[2, 8\]"):
         m(x, mask[:, :8])
     ccvit, _ = make_ccvit(rng)
     beit = mapet.create_model("beit_tiny_patch16_224", **dict(TINY, num_tokens=V))

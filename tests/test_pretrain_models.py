@@ -440,7 +440,7 @@ def test_bad_inputs_raise_named_errors():
         m.train_step(x, np.where(np.arange(n) == 0, -1, tokens), batch)
     with pytest.raises(TypeError, match="mask: expected a bool"):
         b(x, np.zeros((2, n), np.float32))
-    with pytest.raises(ValueError, match=r"mask: expected shape \(2, 16\)"):
+    with pytest.raises(ValueError, match=r"mask: expected shape \[2, 16\] \(one flag per patch of the 2 images\), got \[2, 15\]"):
         b(x, np.zeros((2, 15), bool))
     with pytest.raises(ValueError, match="same number of patches"):
         b(x, np.r_[random_masks(rng, 1, 3), random_masks(rng, 1, 4)])

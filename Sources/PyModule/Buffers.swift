@@ -54,6 +54,12 @@ final class BufferArena {
         return writable ? v : try privateCopy(v, name)
     }
 
+    /// `int32` of any shape (the caller compares the whole shape and words the error).
+    func int32AnyShape(_ obj: PyObj, _ name: String) throws -> ArrayView<Int32> {
+        let v: ArrayView<Int32> = try view(obj, name, nil, writable: false, dtype: .int32)
+        return try privateCopy(v, name)
+    }
+
     func int64(_ obj: PyObj, _ name: String, _ shape: [Int?], writable: Bool = false) throws -> ArrayView<Int64> {
         let v: ArrayView<Int64> = try view(obj, name, shape, writable: writable, dtype: .int64)
         return writable ? v : try privateCopy(v, name)

@@ -67,26 +67,37 @@ let clipMethods: [Method] = [
     }, doc: "clip_vit_precision(model) -> 'fp32' or 'bf16'"),
 
     Method("clip_vit_forward", { args in
-        // (model, images [B, 3, S, S], tokens [B, N, C]|None, projected [B, N, E]|None, embedding [B, E]|None)
+        // (model, images [B, 3, S, S], tokens [B, N, C]|True|None, projected [B, N, E]|True|None,
+        //  embedding [B, E]|True|None) -> (tokens, projected, embedding), None for each one not asked for
         try args.expect(5)
         let m = try args.handle(0, "model", CLIPVisionTransformer.self)
         let k = m.config.trunk, E = m.config.outputDim
         let arena = BufferArena(); defer { arena.release() }
-        let x = try arena.float32(args[1], "images", [nil, nil, nil, nil])
+        let want = "[B, \(k.inChans), \(k.imgSize), \(k.imgSize)] (CLIP-preprocessed, see mapet.clip.preprocess)"
+        let x = try arena.float32AnyShape(args[1], "images")
+        guard x.shape.count == 4 else {
+            throw PyError.value("images: expected a 4-d array \(want), got a \(x.shape.count)-d array of shape \(x.shape)")
+        }
         guard x.shape[1] == k.inChans, x.shape[2] == k.imgSize, x.shape[3] == k.imgSize else {
-            throw PyError.value("images: expected shape [B, \(k.inChans), \(k.imgSize), \(k.imgSize)] (CLIP-preprocessed, see mapet.clip.preprocess), got \(x.shape)")
+            throw PyError.value("images: expected shape \(want), got \(x.shape)")
         }
         let B = x.shape[0]
         guard B >= 1 else { throw PyError.value("images: expected at least one image, got shape \(x.shape)") }
         let floats = try checkedProduct([m.arenaFloats(B: 1), B], "activations")
         try requireMemory(product([floats, 4]), "the activations of a batch of \(B) images", probe: false)
-        let tokens = args.isNone(2) ? nil : try arena.float32(args[2], "tokens", [B, k.sequenceLength, k.embedDim], writable: true)
-        let projected = args.isNone(3) ? nil : try arena.float32(args[3], "projected", [B, k.sequenceLength, E], writable: true)
-        let embedding = args.isNone(4) ? nil : try arena.float32(args[4], "embedding", [B, E], writable: true)
+        let outputs = Outputs(arena, args)
+        func take(_ i: Int, _ name: String, _ shape: [Int]) throws -> ArrayView<Float>? {
+            let v = try outputs.requested(i, name, shape)
+            if v == nil { outputs.absent() }
+            return v
+        }
+        let tokens = try take(2, "tokens", [B, k.sequenceLength, k.embedDim])
+        let projected = try take(3, "projected", [B, k.sequenceLength, E])
+        let embedding = try take(4, "embedding", [B, E])
         nonisolated(unsafe) let (t, p, e) = (tokens?.pointer, projected?.pointer, embedding?.pointer)
         nonisolated(unsafe) let images = x.readOnly
         let ok = exclusive(m) { m.forward(tokens: t, projected: p, embedding: e, images: images, B: B) }
         guard ok else { throw PyError.memory("clip_vit_forward: could not allocate activations for batch \(B)") }
-        return none()
-    }, doc: "clip_vit_forward(model, images, tokens, projected, embedding): fills the outputs that are not None."),
+        return try outputs.result()
+    }, doc: "clip_vit_forward(model, images, tokens, projected, embedding) -> (tokens, projected, embedding): each output an array (filled), True (allocated) or None (not computed, None in the result)."),
 ]

@@ -14,7 +14,10 @@ func parameterTable(_ t: ParameterTable) throws -> PyObj {
 /// differs, and that the batch's activations fit in memory.
 func modelImages(_ arena: BufferArena, _ obj: PyObj, _ k: ViTConfig) throws -> ArrayView<Float> {
     let want = "[B, \(k.inChans), \(k.imgSize), \(k.imgSize)]"
-    let x = try arena.float32(obj, "images", [nil, nil, nil, nil])
+    let x = try arena.float32AnyShape(obj, "images")
+    guard x.shape.count == 4 else {
+        throw PyError.value("images: expected a 4-d array \(want), got a \(x.shape.count)-d array of shape \(x.shape)")
+    }
     guard x.shape[1] == k.inChans else {
         throw PyError.value("images: expected \(k.inChans) channels (shape \(want)), got shape \(x.shape)")
     }
@@ -143,21 +146,21 @@ let modelMethods: [Method] = [
     }, doc: "vit_zero_grad(model)"),
 
     Method("vit_forward", { args in
-        // (model, images, out [B, classes], features: bool)
+        // (model, images, out [B, classes] | [B, N, C] | None, features: bool) -> out
         try args.expect(4)
         let m = try args.handle(0, "model", VisionTransformer.self)
         let arena = BufferArena(); defer { arena.release() }
         let x = try modelImages(arena, args[1], m.config)
         let B = x.shape[0], k = m.config
         let features = try args.bool(3, "features")
-        let out = features ? try arena.float32(args[2], "out", [B, k.sequenceLength, k.embedDim], writable: true)
-                           : try arena.float32(args[2], "out", [B, k.numClasses], writable: true)
+        let outputs = Outputs(arena, args)
+        let out = try outputs.float32(2, "out", features ? [B, k.sequenceLength, k.embedDim] : [B, k.numClasses])
         let ok = exclusive(m) {
             features ? m.forwardFeatures(out: out.pointer, images: x.readOnly, B: B) : m.forward(logits: out.pointer, images: x.readOnly, B: B)
         }
         guard ok else { throw PyError.memory("forward: could not allocate activations for batch \(B)") }
-        return none()
-    }, doc: "vit_forward(model, images, out, features): logits [B, classes] or final tokens [B, N, C]."),
+        return try outputs.result()
+    }, doc: "vit_forward(model, images, out, features) -> out: logits [B, classes] or final tokens [B, N, C] (None: allocated)."),
 
     Method("vit_train_step", { args in
         // (model, images, labels int32 [B], smoothing, logits_out|None) -> loss
@@ -172,16 +175,17 @@ let modelMethods: [Method] = [
         }
         let eps = try args.double(3, "label_smoothing")
         guard eps >= 0 && eps <= 1 else { throw PyError.value("label_smoothing: expected a value in [0, 1], got \(eps)") }
-        let logits = args.isNone(4) ? nil : try arena.float32(args[4], "logits_out", [B, K], writable: true)
+        let outputs = Outputs(arena, args)
+        let logits = try outputs.requested(4, "logits_out", [B, K])
         nonisolated(unsafe) let lo = logits?.pointer
         let r = exclusive(m) { m.trainStep(images: x.readOnly, labels: labels.readOnly, B: B, smoothing: Float(eps), logitsOut: lo) }
         switch r {
-        case .success(let loss): return pyFloat(loss)
+        case .success(let loss): return try outputs.result(leading: [pyFloat(loss)])
         case .failure(.outOfMemory): throw PyError.memory("train_step: could not allocate activations for batch \(B)")
         case .failure(.nonFiniteLoss(let v)):
             throw PyError.value("train_step: the loss is not finite (\(v)); gradients were not changed (check the images for NaN/inf and the learning rate)")
         }
-    }, doc: "vit_train_step(model, images, labels, label_smoothing, logits_out) -> loss; adds gradients."),
+    }, doc: "vit_train_step(model, images, labels, label_smoothing, logits_out) -> loss, or (loss, logits) when logits_out is an array or True (allocated); adds gradients."),
 
     Method("vit_train_step_soft", { args in
         // (model, images, targets float32 [B, classes], logits_out|None) -> loss
@@ -204,16 +208,17 @@ let modelMethods: [Method] = [
                 throw PyError.value("targets: expected each row to sum to 1 (a distribution over the \(K) classes), row \(i) sums to \(sum)")
             }
         }
-        let logits = args.isNone(3) ? nil : try arena.float32(args[3], "logits_out", [B, K], writable: true)
+        let outputs = Outputs(arena, args)
+        let logits = try outputs.requested(3, "logits_out", [B, K])
         nonisolated(unsafe) let lo = logits?.pointer
         let r = exclusive(m) { m.trainStep(images: x.readOnly, targets: .soft(q.readOnly), B: B, logitsOut: lo) }
         switch r {
-        case .success(let loss): return pyFloat(loss)
+        case .success(let loss): return try outputs.result(leading: [pyFloat(loss)])
         case .failure(.outOfMemory): throw PyError.memory("train_step: could not allocate activations for batch \(B)")
         case .failure(.nonFiniteLoss(let v)):
             throw PyError.value("train_step: the loss is not finite (\(v)); gradients were not changed (check the images for NaN/inf and the learning rate)")
         }
-    }, doc: "vit_train_step_soft(model, images, targets, logits_out) -> loss; soft-target cross-entropy (mixup/cutmix), adds gradients."),
+    }, doc: "vit_train_step_soft(model, images, targets, logits_out) -> loss, or (loss, logits) when logits_out is an array or True; soft-target cross-entropy (mixup/cutmix), adds gradients."),
 
     Method("vit_set_precision", { args in
         try args.expect(2)

@@ -15,7 +15,7 @@ func checkIds(_ ids: ArrayView<Int32>, _ name: String, below bound: Int, what: S
 
 /// Bytes the morphing's per-sample working state takes across the worker threads: the
 /// (N+1)/2 × N/2 score matrix and four copies of the [N, D] tokens (MorphingState).
-private func morphingBytes(B: Int, N: Int, D: Int) -> Int? {
+func morphingBytes(B: Int, N: Int, D: Int) -> Int? {
     guard let scores = product([(N + 1) / 2, N / 2]), let tokens = product([N, D, 4]),
           let perSample = sum([scores, tokens, product([N, 8]) ?? -1]), perSample >= 0 else { return nil }
     return product([perSample, Swift.min(Swift.max(B, 1), Parallel.threadCount), 4])

@@ -43,6 +43,16 @@ final class Outputs {
         return (try fresh(name, shape), max(shape[1], 1))
     }
 
+    /// An output a call produces only on request (a train step's logits): nil when args[i] is
+    /// None or False, a new tensor of `shape` when it is True, otherwise args[i] checked as by
+    /// `float32` (filled in place and returned).
+    func requested(_ i: Int, _ name: String, _ shape: [Int]) throws -> ArrayView<Float>? {
+        let o = args[i]
+        if args.isNone(i) { return nil }
+        if mapet_py_bool_check(o) != 0 { return try args.bool(i, name) ? try fresh(name, shape) : nil }
+        return try float32(i, name, shape)
+    }
+
     /// A new zero-filled tensor of `shape` (an output the caller never supplies).
     func new(_ name: String, _ shape: [Int]) throws -> ArrayView<Float> { try fresh(name, shape) }
 

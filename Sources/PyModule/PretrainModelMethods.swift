@@ -8,7 +8,7 @@ import MaPeTKernels
 /// tokens int32 [B, n] with every value in 0..<V.
 private func visualTokens(_ arena: BufferArena, _ obj: PyObj, B: Int, _ k: PretrainConfig) throws -> ArrayView<Int32> {
     let n = k.vit.numPatches, V = k.vocabSize
-    let t = try arena.int32(obj, "tokens", [nil, nil])
+    let t = try arena.int32AnyShape(obj, "tokens")
     guard t.shape == [B, n] else {
         throw PyError.value("tokens: expected shape [\(B), \(n)] (the visual token of every patch of the \(B) images), got \(t.shape)")
     }
@@ -51,7 +51,7 @@ private func maskedModel(_ args: Args, _ kind: PretrainKind) throws -> BEiTModel
 /// flags int32 [B, n] (non-zero = flagged) under `name`.
 private func patchFlags(_ arena: BufferArena, _ obj: PyObj, _ name: String, B: Int, _ k: PretrainConfig) throws -> ArrayView<Int32> {
     let n = k.vit.numPatches
-    let m = try arena.int32(obj, name, [nil, nil])
+    let m = try arena.int32AnyShape(obj, name)
     guard m.shape == [B, n] else {
         throw PyError.value("\(name): expected shape [\(B), \(n)] (one flag per patch of the \(B) images), got \(m.shape)")
     }
@@ -169,23 +169,24 @@ let pretrainModelMethods: [Method] = [
     }, doc: "pretrain_release(model): frees the cached activations."),
 
     Method("twostream_forward", { args in
-        // (model, images, batch, out [B, P, V])
+        // (model, images, batch, out [B, P, V]|None) -> out
         try args.expect(4)
         let m = try args.handle(0, "model", MaPeTModel.self)
         let arena = BufferArena(); defer { arena.release() }
         let x = try modelImages(arena, args[1], m.config.vit)
         let B = x.shape[0]
         let batch = try permutationBatch(args, 2, B: B, m.config)
-        let out = try arena.float32(args[3], "out", [B, batch.predictedCount, m.config.vocabSize], writable: true)
+        let outputs = Outputs(arena, args)
+        let out = try outputs.float32(3, "out", [B, batch.predictedCount, m.config.vocabSize])
         nonisolated(unsafe) let o = out.pointer
         guard exclusive(m, { m.forward(logits: o, images: x.readOnly, batch: batch) }) else {
             throw PyError.memory("forward: could not allocate activations for batch \(B)")
         }
-        return none()
-    }, doc: "twostream_forward(model, images, batch, out): logits [B, P, num_tokens] at the predicted positions."),
+        return try outputs.result()
+    }, doc: "twostream_forward(model, images, batch, out) -> out: logits [B, P, num_tokens] at the predicted positions (None: allocated)."),
 
     Method("twostream_train_step", { args in
-        // (model, images, tokens int32 [B, n], batch, logits_out|None) -> loss
+        // (model, images, tokens int32 [B, n], batch, logits_out|True|None) -> loss, or (loss, logits)
         try args.expect(5)
         let m = try args.handle(0, "model", MaPeTModel.self)
         let arena = BufferArena(); defer { arena.release() }
@@ -193,15 +194,15 @@ let pretrainModelMethods: [Method] = [
         let B = x.shape[0]
         let tokens = try visualTokens(arena, args[2], B: B, m.config)
         let batch = try permutationBatch(args, 3, B: B, m.config)
-        let logits = args.isNone(4) ? nil
-            : try arena.float32(args[4], "logits_out", [B, batch.predictedCount, m.config.vocabSize], writable: true)
+        let outputs = Outputs(arena, args)
+        let logits = try outputs.requested(4, "logits_out", [B, batch.predictedCount, m.config.vocabSize])
         nonisolated(unsafe) let lo = logits?.pointer
         let r = exclusive(m) { m.trainStep(images: x.readOnly, tokens: tokens.readOnly, batch: batch, logitsOut: lo) }
-        return try stepResult(r, B: B)
-    }, doc: "twostream_train_step(model, images, tokens, batch, logits_out) -> loss; adds gradients."),
+        return try outputs.result(leading: [try stepResult(r, B: B)])
+    }, doc: "twostream_train_step(model, images, tokens, batch, logits_out) -> loss, or (loss, logits) when logits_out is an array or True (allocated); adds gradients."),
 
     Method("mim_forward", { args in
-        // (model, images, mask int32 [B, n], out [B, M, V]); every sample masks M patches
+        // (model, images, mask int32 [B, n], out [B, M, V]|None) -> out; every sample masks M patches
         try args.expect(4)
         let m = try maskedModel(args, .beit)
         let arena = BufferArena(); defer { arena.release() }
@@ -212,16 +213,17 @@ let pretrainModelMethods: [Method] = [
         guard Set(counts).count == 1 else {
             throw PyError.value("mask: every sample must mask the same number of patches for logits [B, M, num_tokens], got counts \(counts)")
         }
-        let out = try arena.float32(args[3], "out", [B, counts[0], m.config.vocabSize], writable: true)
+        let outputs = Outputs(arena, args)
+        let out = try outputs.float32(3, "out", [B, counts[0], m.config.vocabSize])
         nonisolated(unsafe) let o = out.pointer
         guard exclusive(m, { m.forward(logits: o, images: x.readOnly, masked: mask.readOnly, B: B) }) else {
             throw PyError.memory("forward: could not allocate activations for batch \(B)")
         }
-        return none()
-    }, doc: "mim_forward(model, images, mask, out): logits [B, M, num_tokens] at the masked patches."),
+        return try outputs.result()
+    }, doc: "mim_forward(model, images, mask, out) -> out: logits [B, M, num_tokens] at the masked patches (None: allocated)."),
 
     Method("mim_train_step", { args in
-        // (model, images, tokens int32 [B, n], mask int32 [B, n], logits_out [M_total, V]|None) -> loss
+        // (model, images, tokens int32 [B, n], mask int32 [B, n], logits_out [M_total, V]|True|None) -> loss, or (loss, logits)
         try args.expect(5)
         let m = try maskedModel(args, .beit)
         let arena = BufferArena(); defer { arena.release() }
@@ -230,57 +232,84 @@ let pretrainModelMethods: [Method] = [
         let tokens = try visualTokens(arena, args[2], B: B, m.config)
         let mask = try patchFlags(arena, args[3], "mask", B: B, m.config)
         let M = m.maskedCount(mask.readOnly, B: B)
-        let logits = args.isNone(4) ? nil : try arena.float32(args[4], "logits_out", [M, m.config.vocabSize], writable: true)
+        let outputs = Outputs(arena, args)
+        let logits = try outputs.requested(4, "logits_out", [M, m.config.vocabSize])
         nonisolated(unsafe) let lo = logits?.pointer
         let r = exclusive(m) { m.trainStep(images: x.readOnly, tokens: tokens.readOnly, masked: mask.readOnly, B: B, logitsOut: lo) }
-        return try stepResult(r, B: B)
-    }, doc: "mim_train_step(model, images, tokens, mask, logits_out) -> loss; adds gradients."),
+        return try outputs.result(leading: [try stepResult(r, B: B)])
+    }, doc: "mim_train_step(model, images, tokens, mask, logits_out) -> loss, or (loss, logits) when logits_out is an array or True (allocated); adds gradients."),
     Method("dtm_forward", { args in
-        // (model, images, mask int32 [B, n], out [B, n, D])
+        // (model, images, mask int32 [B, n]|None (nothing masked), out [B, n, D]|None) -> out
         try args.expect(4)
         let m = try maskedModel(args, .dtm)
         let arena = BufferArena(); defer { arena.release() }
         let x = try modelImages(arena, args[1], m.config.vit)
-        let B = x.shape[0]
-        let mask = try patchFlags(arena, args[2], "mask", B: B, m.config)
-        let out = try arena.float32(args[3], "out", [B, m.config.vit.numPatches, m.config.vocabSize], writable: true)
-        nonisolated(unsafe) let o = out.pointer
-        guard exclusive(m, { m.forward(logits: o, images: x.readOnly, masked: mask.readOnly, select: nil, B: B) }) else {
-            throw PyError.memory("forward: could not allocate activations for batch \(B)")
+        let B = x.shape[0], np = m.config.vit.numPatches
+        let mask = args.isNone(2) ? nil : try patchFlags(arena, args[2], "mask", B: B, m.config)
+        let outputs = Outputs(arena, args)
+        let out = try outputs.float32(3, "out", [B, np, m.config.vocabSize])
+        let unmasked = mask == nil ? [Int32](repeating: 0, count: B * np) : []
+        let ok = unmasked.withUnsafeBufferPointer { zeros -> Bool in
+            nonisolated(unsafe) let (o, pm) = (out.pointer, mask?.readOnly ?? zeros.baseAddress!)
+            return exclusive(m, { m.forward(logits: o, images: x.readOnly, masked: pm, select: nil, B: B) })
         }
-        return none()
-    }, doc: "dtm_forward(model, images, mask, out): predictions [B, n, output_dim] at every patch."),
+        guard ok else { throw PyError.memory("forward: could not allocate activations for batch \(B)") }
+        return try outputs.result()
+    }, doc: "dtm_forward(model, images, mask, out) -> out: predictions [B, n, output_dim] at every patch (mask None: nothing masked; out None: allocated)."),
 
     Method("dtm_train_step", { args in
-        // (model, images, mask int32 [B, n], target [B, n, D], memberships int32 [L, B, n], beta, pred_out|None) -> loss
+        // (model, images, mask int32 [B, n], target [B, n, D], memberships int32 [L, B, n] | (rs, iterations),
+        //  beta, pred_out|True|None) -> loss, or (loss, pred)
         try args.expect(7)
         let m = try maskedModel(args, .dtm)
         let arena = BufferArena(); defer { arena.release() }
         let x = try modelImages(arena, args[1], m.config.vit)
         let B = x.shape[0], np = m.config.vit.numPatches, D = m.config.vocabSize
         let mask = try patchFlags(arena, args[2], "mask", B: B, m.config)
-        let target = try arena.float32(args[3], "target", [nil, nil, nil])
+        let target = try arena.float32AnyShape(args[3], "target")
         guard target.shape == [B, np, D] else {
             throw PyError.value("target: expected teacher features of shape [\(B), \(np), \(D)] (batch, patches, output_dim), got \(target.shape)")
         }
-        let mem = try arena.int32(args[4], "memberships", [nil, nil, nil])
-        guard mem.shape[0] >= 1, mem.shape[1] == B, mem.shape[2] == np else {
-            throw PyError.value("memberships: expected shape [L ≥ 1, \(B), \(np)], got \(mem.shape)")
+        let schedules = mapet_py_tuple_check(args[4]) != 0 ? try dtmSchedules(args[4]) : nil
+        let given = schedules == nil ? try arena.int32(args[4], "memberships", [nil, nil, nil]) : nil
+        if let mem = given {
+            guard mem.shape[0] >= 1, mem.shape[1] == B, mem.shape[2] == np else {
+                throw PyError.value("memberships: expected shape [L ≥ 1, \(B), \(np)], got \(mem.shape)")
+            }
+            try checkIds(mem, "memberships", below: np, what: "group ids")
         }
-        try checkIds(mem, "memberships", below: np, what: "group ids")
         let beta = try args.finiteDouble(5, "beta")
         guard beta > 0 else { throw PyError.value("beta: expected a positive number, got \(beta)") }
-        let pred = args.isNone(6) ? nil : try arena.float32(args[6], "pred_out", [B, np, D], writable: true)
-        nonisolated(unsafe) let (px, pm, pt, pmem, po) = (x.readOnly, mask.readOnly, target.readOnly, mem.readOnly, pred?.pointer)
-        let L = mem.shape[0]
-        let r = exclusive(m) {
-            m.dtmTrainStep(images: px, masked: pm, target: pt, membership: pmem, L: L, beta: beta, B: B, predOut: po)
+        let L = given?.shape[0] ?? schedules!.r.count
+        var computed: [Int32] = []
+        if let s = schedules {
+            try requireMemory(morphingBytes(B: B, N: np, D: D), "token morphing of \(np) tokens of dimension \(D)")
+            computed = [Int32](repeating: 0, count: L * B * np)
+            computed.withUnsafeMutableBufferPointer { out in
+                nonisolated(unsafe) let (po, pt) = (out.baseAddress!, target.readOnly)
+                withoutGIL {
+                    for l in 0..<L {  // as dtm_memberships(target, schedules): token 0 kept out of every merge
+                        tokenMorphing(membership: po + l * B * np, sizes: nil, merged: nil, features: pt,
+                                      B: B, N: np, D: D, r: s.r[l], iterations: s.iterations[l], protectFirst: true)
+                    }
+                }
+            }
         }
-        return try stepResult(r, B: B)
-    }, doc: "dtm_train_step(model, images, mask, target, memberships, beta, pred_out) -> loss; adds gradients."),
+        let outputs = Outputs(arena, args)
+        let pred = try outputs.requested(6, "pred_out", [B, np, D])
+        let r = computed.withUnsafeBufferPointer { morphed -> Result<Double, PretrainModel.StepError> in
+            nonisolated(unsafe) let (px, pm, pt, po) = (x.readOnly, mask.readOnly, target.readOnly, pred?.pointer)
+            nonisolated(unsafe) let pmem = given?.readOnly ?? morphed.baseAddress!
+            return exclusive(m) {
+                m.dtmTrainStep(images: px, masked: pm, target: pt, membership: pmem, L: L, beta: beta, B: B, predOut: po)
+            }
+        }
+        return try outputs.result(leading: [try stepResult(r, B: B)])
+    }, doc: "dtm_train_step(model, images, mask, target, memberships, beta, pred_out) -> loss, or (loss, pred) when pred_out is an array or True (allocated); memberships [L, B, n] group ids or a tuple (rs, iterations) of the step's schedules, morphed here from target; adds gradients."),
 
     Method("ccvit_forward", { args in
-        // (model, images, mask int32 [B, n], replaced int32 [B, n], logits_out [M, V], pixels_out [M, P])
+        // (model, images, mask int32 [B, n], replaced int32 [B, n], logits_out [M, V]|None, pixels_out [M, P]|None)
+        //  -> (logits, pixels)
         try args.expect(6)
         let m = try args.handle(0, "model", CCViTModel.self)
         let arena = BufferArena(); defer { arena.release() }
@@ -289,25 +318,26 @@ let pretrainModelMethods: [Method] = [
         let mask = try patchFlags(arena, args[2], "mask", B: B, m.config)
         let replaced = try patchFlags(arena, args[3], "replaced", B: B, m.config)
         let M = (0..<mask.count).reduce(0) { $0 + (mask.pointer[$1] != 0 || replaced.pointer[$1] != 0 ? 1 : 0) }
-        let logits = try arena.float32(args[4], "logits_out", [M, m.config.vocabSize], writable: true)
-        let pixels = try arena.float32(args[5], "pixels_out", [M, m.config.vit.patchDim], writable: true)
+        let outputs = Outputs(arena, args)
+        let logits = try outputs.float32(4, "logits_out", [M, m.config.vocabSize])
+        let pixels = try outputs.float32(5, "pixels_out", [M, m.config.vit.patchDim])
         nonisolated(unsafe) let (px, pm, pr, lo, po) = (x.readOnly, mask.readOnly, replaced.readOnly, logits.pointer, pixels.pointer)
         guard exclusive(m, { m.forward(logits: lo, pixels: po, images: px, masked: pm, replaced: pr, B: B) }) else {
             throw PyError.memory("forward: could not allocate activations for batch \(B)")
         }
-        return none()
-    }, doc: "ccvit_forward(model, images, mask, replaced, logits_out[M,V], pixels_out[M,P]) at the corrupted patches."),
+        return try outputs.result()
+    }, doc: "ccvit_forward(model, images, mask, replaced, logits_out[M,V], pixels_out[M,P]) -> (logits, pixels) at the corrupted patches (None: allocated)."),
 
     Method("ccvit_train_step", { args in
         // (model, images, tokens int32 [B, n], pixel_targets [B, n, P], mask, replaced, token_weight,
-        //  pixel_weight, logits_out|None, pixels_out|None) -> (loss, token_loss, pixel_loss)
+        //  pixel_weight, logits_out|True|None, pixels_out|True|None) -> (loss, token_loss, pixel_loss[, logits][, pixels])
         try args.expect(10)
         let m = try args.handle(0, "model", CCViTModel.self)
         let arena = BufferArena(); defer { arena.release() }
         let x = try modelImages(arena, args[1], m.config.vit)
         let B = x.shape[0], np = m.config.vit.numPatches, P = m.config.vit.patchDim
         let tokens = try visualTokens(arena, args[2], B: B, m.config)
-        let targets = try arena.float32(args[3], "pixel_targets", [nil, nil, nil])
+        let targets = try arena.float32AnyShape(args[3], "pixel_targets")
         guard targets.shape == [B, np, P] else {
             throw PyError.value("pixel_targets: expected shape [\(B), \(np), \(P)] (batch, patches, in_chans·patch²), got \(targets.shape)")
         }
@@ -318,8 +348,9 @@ let pretrainModelMethods: [Method] = [
             throw PyError.value("\(name): expected a finite non-negative weight, got \(w)")
         }
         let M = (0..<mask.count).reduce(0) { $0 + (mask.pointer[$1] != 0 || replaced.pointer[$1] != 0 ? 1 : 0) }
-        let logits = args.isNone(8) ? nil : try arena.float32(args[8], "logits_out", [M, m.config.vocabSize], writable: true)
-        let pixels = args.isNone(9) ? nil : try arena.float32(args[9], "pixels_out", [M, P], writable: true)
+        let outputs = Outputs(arena, args)
+        let logits = try outputs.requested(8, "logits_out", [M, m.config.vocabSize])
+        let pixels = try outputs.requested(9, "pixels_out", [M, P])
         nonisolated(unsafe) let (px, pt, ptg, pm, pr) = (x.readOnly, tokens.readOnly, targets.readOnly, mask.readOnly, replaced.readOnly)
         nonisolated(unsafe) let (lo, po) = (logits?.pointer, pixels?.pointer)
         let r = exclusive(m) {
@@ -327,8 +358,35 @@ let pretrainModelMethods: [Method] = [
                         tokenWeight: tw, pixelWeight: pw, logitsOut: lo, pixelsOut: po)
         }
         switch r {
-        case .success(let l): return try pyTuple([pyFloat(l.total), pyFloat(l.tokens), pyFloat(l.pixels)])
+        case .success(let l): return try outputs.result(leading: [pyFloat(l.total), pyFloat(l.tokens), pyFloat(l.pixels)])
         case .failure(let e): return try stepResult(.failure(e), B: B)
         }
-    }, doc: "ccvit_train_step(model, images, tokens, pixel_targets, mask, replaced, token_weight, pixel_weight, logits_out, pixels_out) -> (loss, token_loss, pixel_loss); adds gradients."),
+    }, doc: "ccvit_train_step(model, images, tokens, pixel_targets, mask, replaced, token_weight, pixel_weight, logits_out, pixels_out) -> (loss, token_loss, pixel_loss), then logits and pixels when requested (an array, or True: allocated); adds gradients."),
 ]
+
+/// A DTM step's morphing schedules, given as the tuple (rs, iterations): one r and one iteration
+/// count per schedule, as `dtm_memberships` takes them.
+private struct DTMSchedules { let r: [Int], iterations: [Int] }
+
+private func dtmSchedules(_ o: PyObj) throws -> DTMSchedules {
+    guard PySequence_Size(o) == 2 else {
+        throw PyError.value("memberships: expected group ids [L, B, n] or the schedules (rs, iterations), got a tuple of \(PySequence_Size(o))")
+    }
+    guard let rs = PySequence_GetItem(o, 0) else { throw PythonErrorSet() }
+    defer { mapet_py_decref(rs) }
+    guard let its = PySequence_GetItem(o, 1) else { throw PythonErrorSet() }
+    defer { mapet_py_decref(its) }
+    let items = UnsafeMutablePointer<PyObj?>.allocate(capacity: 2)
+    defer { items.deallocate() }
+    items[0] = rs
+    items[1] = its
+    let pair = Args(base: UnsafePointer(items), count: 2, function: "dtm_train_step")
+    let r = try pair.ints(0, "r"), iterations = try pair.ints(1, "iterations")
+    guard r.count == iterations.count, !r.isEmpty else {
+        throw PyError.value("memberships: expected as many r as iterations (at least one schedule), got \(r.count) and \(iterations.count)")
+    }
+    for (l, (rl, k)) in zip(r, iterations).enumerated() where rl < 0 || k < 0 || k > 1 << 20 {
+        throw PyError.value("memberships: schedule \(l) needs r ≥ 0 and 0 ≤ iterations ≤ 2^20, got r=\(rl), iterations=\(k)")
+    }
+    return DTMSchedules(r: r, iterations: iterations)
+}

@@ -1,4 +1,5 @@
-"""What Python does before handing arrays and numbers to the engine: convert, nothing else.
+"""What Python does before handing arrays and numbers to the engine, and with what it hands back:
+convert, nothing else.
 
 The extension (``PyModule``) checks shapes, dtypes and ranges and words the errors; these helpers
 only give it what it reads (C-contiguous arrays of its dtype, 64-bit seed patterns), as faiss's
@@ -6,7 +7,7 @@ Python layer does with ``np.ascontiguousarray``.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, List, Optional
 
 import numpy as np
 
@@ -41,13 +42,12 @@ def opt_f32(x: Any, name: str) -> "np.ndarray | None":
 def images(x: Any, name: str = "images") -> np.ndarray:
     """Images [B, C, H, W] of any float dtype as C-contiguous float32. Integer images are refused
     rather than converted (uint8 pixels in 0..255 are not the [0, 1] floats the models expect);
-    the engine checks the shape against the model."""
+    the engine checks the number of dimensions and the shape against the model (a 0-d array stays
+    0-d, so its message shows what arrived)."""
     a = np.asarray(x)
     if not np.issubdtype(a.dtype, np.floating):
         raise TypeError(f"{name}: expected a floating-point array [B, C, H, W] (float32), got dtype {a.dtype}")
-    if a.ndim != 4:
-        raise ValueError(f"{name}: expected a 4-d array [B, C, H, W], got shape {a.shape}")
-    return np.ascontiguousarray(a, dtype=np.float32)
+    return np.asarray(a, dtype=np.float32, order="C")
 
 
 def i32(x: Any, name: str) -> np.ndarray:
@@ -84,3 +84,20 @@ def seed_bits(seed: Any, name: str = "seed") -> int:
     if not 0 <= v <= U64:
         raise ValueError(f"{name}: expected an int in [0, 2**64), got {v}")
     return v - (1 << 64) if v >= (1 << 63) else v
+
+
+def outputs(result: Any) -> Any:
+    """An engine call's result as NumPy: each tensor the engine allocated as an array (zero-copy),
+    numbers (losses) and None unchanged, a tuple kept a tuple in its order."""
+    if isinstance(result, tuple):
+        return tuple(outputs(r) for r in result)
+    return result if result is None or isinstance(result, (float, int)) else np.asarray(result)
+
+
+def batches(x: np.ndarray, size: Optional[int]) -> List[np.ndarray]:
+    """``x`` in slices of ``size`` along its first axis (None: one slice of all of it; none for an
+    empty batch). A 0-d array is one slice as it is: the engine refuses it with its own message."""
+    if x.ndim == 0:
+        return [x]
+    step = len(x) if size is None else int(size)
+    return [x[i:i + step] for i in range(0, len(x), max(step, 1))]

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ._convert import images as _images, indices
+from ._convert import batches as _batches, images as _images, indices, outputs as _outputs
 from ._native import _core
 from ._params import ParameterBlock
 from .io import load_file, model_from_file, save_file
@@ -82,10 +82,8 @@ class VisionTransformer(ParameterBlock):
 
     def __call__(self, images: Any) -> np.ndarray:
         """Logits [B, num_classes] for images [B, in_chans, img_size, img_size] (inference: no drop path)."""
-        x = self._check(images)
-        out = np.empty((x.shape[0], self.config["num_classes"]), np.float32)
-        _core.vit_forward(self._handle, x, out, False)
-        return out
+        # the engine sizes and allocates the logits
+        return _outputs(_core.vit_forward(self._handle, self._check(images), None, False))
 
     def predict(self, images: Any, batch_size: int = 256, probabilities: bool = False) -> np.ndarray:
         """Class indices int64 [B] (or softmax probabilities float32 [B, num_classes]) of images
@@ -99,10 +97,9 @@ class VisionTransformer(ParameterBlock):
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
-        x = self._check(images)
         out = []
-        for i in range(0, x.shape[0], int(batch_size)):
-            logits = self(x[i:i + int(batch_size)])
+        for chunk in _batches(self._check(images), int(batch_size)):
+            logits = self(chunk)
             if probabilities:
                 z = np.exp(logits - logits.max(axis=1, keepdims=True))
                 out.append((z / z.sum(axis=1, keepdims=True)).astype(np.float32))
@@ -115,11 +112,7 @@ class VisionTransformer(ParameterBlock):
 
     def forward_features(self, images: Any) -> np.ndarray:
         """Final tokens [B, 1 + num_patches, embed_dim] (after ``norm`` for 'token' pooling, as timm)."""
-        x = self._check(images)
-        n = (self.config["img_size"] // self.config["patch_size"]) ** 2 + 1
-        out = np.empty((x.shape[0], n, self.config["embed_dim"]), np.float32)
-        _core.vit_forward(self._handle, x, out, True)
-        return out
+        return _outputs(_core.vit_forward(self._handle, self._check(images), None, True))
 
     def train_step(self, images: Any, labels: Any, label_smoothing: float = 0.0,
                    return_logits: bool = False):
@@ -142,17 +135,15 @@ class VisionTransformer(ParameterBlock):
             gradients are unchanged.
         """
         x = self._check(images)
-        logits = np.empty((x.shape[0], self.config["num_classes"]), np.float32) if return_logits else None
+        logits = True if return_logits else None  # True: the engine allocates them and returns (loss, logits)
         soft = np.asarray(labels)
         if soft.ndim == 2 and np.issubdtype(soft.dtype, np.floating):  # soft targets (mixup/cutmix)
             if label_smoothing:
                 raise ValueError("label_smoothing: soft targets carry their smoothing; expected 0, "
                                  f"got {label_smoothing}")
-            loss = _core.vit_train_step_soft(self._handle, x, np.ascontiguousarray(soft, np.float32), logits)
-            return (loss, logits) if return_logits else loss
+            return _outputs(_core.vit_train_step_soft(self._handle, x, np.ascontiguousarray(soft, np.float32), logits))
         y = indices(labels, "labels", "class indices")  # the engine checks the shape [B] and the range
-        loss = _core.vit_train_step(self._handle, x, y, float(label_smoothing), logits)
-        return (loss, logits) if return_logits else loss
+        return _outputs(_core.vit_train_step(self._handle, x, y, float(label_smoothing), logits))
 
     def release_activations(self) -> None:
         """Free the cached training activations (re-allocated by the next ``train_step``)."""

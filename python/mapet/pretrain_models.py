@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from ._native import _core
-from ._convert import images as _images
+from ._convert import images as _images, outputs as _outputs
 from ._pretrain_base import (FORMAT, LEAST_NUMBER_SHARE, _PretrainModel, _tokens,  # noqa: F401
                              default_least_number)
 from .io import load_file, model_from_file
@@ -67,7 +67,7 @@ class MaPeT(_PretrainModel):
         """A ``PermutationSampler`` for this model (its num_patches and least_number)."""
         return PermutationSampler(self.num_patches, self.config["least_number"], upper_limit=upper_limit, seed=seed)
 
-    def _batch(self, batch: Any, B: int) -> PermutationBatch:
+    def _batch(self, batch: Any) -> PermutationBatch:
         # only the handle is taken here: the engine checks the batch against the model and the images
         if not isinstance(batch, PermutationBatch):
             raise TypeError(f"batch: expected a mapet.PermutationBatch, got {type(batch).__name__}")
@@ -81,11 +81,8 @@ class MaPeT(_PretrainModel):
             images: [B, in_chans, img_size, img_size] floats.
             batch: a ``PermutationBatch`` of B permutations over num_patches + 1 tokens.
         """
-        x = _images(images)
-        b = self._batch(batch, x.shape[0])
-        out = np.empty((x.shape[0], b.num_predicted, self.config["num_tokens"]), np.float32)
-        _core.twostream_forward(self._handle, x, b._handle, out)
-        return out
+        # the engine checks the images and the batch against the model, then sizes and allocates the logits
+        return _outputs(_core.twostream_forward(self._handle, _images(images), self._batch(batch)._handle, None))
 
     def train_step(self, images: Any, tokens: Any, batch: PermutationBatch, return_logits: bool = False):
         """Forward, mean cross-entropy over the predicted tokens (those in ``batch.loss_mask``)
@@ -104,13 +101,9 @@ class MaPeT(_PretrainModel):
             TypeError/ValueError naming the bad input; ValueError on a non-finite loss (gradients
             and the drop-path generator unchanged).
         """
-        x = _images(images)
-        B = x.shape[0]
-        b = self._batch(batch, B)
-        t = _tokens(tokens)
-        logits = np.empty((B, b.num_predicted, self.config["num_tokens"]), np.float32) if return_logits else None
-        loss = _core.twostream_train_step(self._handle, x, t, b._handle, logits)
-        return (loss, logits) if return_logits else loss
+        # True: the engine allocates the logits and returns (loss, logits)
+        return _outputs(_core.twostream_train_step(self._handle, _images(images), _tokens(tokens),
+                                                   self._batch(batch)._handle, True if return_logits else None))
 
 
 class BEiT(_PretrainModel):
@@ -125,8 +118,8 @@ class BEiT(_PretrainModel):
     def __init__(self, seed: int = 0, **config: Any) -> None:
         super().__init__(seed, config)
 
-    def _mask(self, mask: Any, B: int) -> np.ndarray:
-        return _flags(mask, B, self.num_patches, "mask")
+    def _mask(self, mask: Any) -> np.ndarray:
+        return _flags(mask, self.num_patches, "mask")
 
     def __call__(self, images: Any, mask: Any) -> np.ndarray:
         """Logits [B, M, num_tokens] at the masked patches (ascending per sample; every sample must
@@ -136,14 +129,8 @@ class BEiT(_PretrainModel):
             images: [B, in_chans, img_size, img_size] floats.
             mask: bool [B, num_patches] (e.g. ``BlockMaskGenerator.sample(B)``), True = masked.
         """
-        x = _images(images)
-        m = self._mask(mask, x.shape[0])
-        counts = m.sum(axis=1)
-        if counts.size and (counts != counts[0]).any():
-            raise ValueError(f"mask: every sample must mask the same number of patches, got counts {counts.tolist()}")
-        out = np.empty((x.shape[0], int(counts[0]), self.config["num_tokens"]), np.float32)
-        _core.mim_forward(self._handle, x, m, out)
-        return out
+        # the engine checks the mask (shape, equal counts) and sizes the logits from it
+        return _outputs(_core.mim_forward(self._handle, _images(images), self._mask(mask), None))
 
     def train_step(self, images: Any, tokens: Any, mask: Any, return_logits: bool = False):
         """Forward, mean cross-entropy over all masked patches, backward (adds into ``grads()``).
@@ -157,24 +144,19 @@ class BEiT(_PretrainModel):
         Returns:
             The loss (float), or (loss, logits).
         """
-        x = _images(images)
-        B = x.shape[0]
-        m = self._mask(mask, B)
-        t = _tokens(tokens)
-        logits = np.empty((int(m.sum()), self.config["num_tokens"]), np.float32) if return_logits else None
-        loss = _core.mim_train_step(self._handle, x, t, m, logits)
-        return (loss, logits) if return_logits else loss
+        return _outputs(_core.mim_train_step(self._handle, _images(images), _tokens(tokens), self._mask(mask),
+                                             True if return_logits else None))
 
 
-def _flags(flags: Any, B: int, n: int, name: str) -> np.ndarray:
-    """A [B, n] (or [B, grid, grid]) bool / 0-1 integer array as int32 0/1."""
+def _flags(flags: Any, n: int, name: str) -> np.ndarray:
+    """Per-patch flags (bool, or integers with non-zero = flagged) as int32 0/1, a [B, grid, grid]
+    array read as [B, n]: a conversion only. A float array is refused, which ``!= 0`` would turn
+    into flags; the engine checks the shape against the images and the model."""
     m = np.asarray(flags)
     if not (m.dtype == np.bool_ or np.issubdtype(m.dtype, np.integer)):
         raise TypeError(f"{name}: expected a bool (or 0/1 integer) array [B, num_patches], got dtype {m.dtype}")
     if m.ndim == 3 and m.shape[1] * m.shape[2] == n:
         m = m.reshape(m.shape[0], n)
-    if m.shape != (B, n):
-        raise ValueError(f"{name}: expected shape ({B}, {n}) (or ({B}, grid, grid)), got {m.shape}")
     return np.ascontiguousarray(m != 0, dtype=np.int32)
 
 
@@ -207,19 +189,16 @@ class CCViT(_PretrainModel):
         """Values per patch of the pixel head: in_chans · patch_size²."""
         return self.config["in_chans"] * self.config["patch_size"] ** 2
 
-    def _flags(self, mask: Any, replaced: Any, B: int) -> Tuple[np.ndarray, np.ndarray]:
-        return _flags(mask, B, self.num_patches, "mask"), _flags(replaced, B, self.num_patches, "replaced")
+    def _flags(self, mask: Any, replaced: Any) -> Tuple[np.ndarray, np.ndarray]:
+        return _flags(mask, self.num_patches, "mask"), _flags(replaced, self.num_patches, "replaced")
 
     def __call__(self, images: Any, mask: Any, replaced: Any) -> Tuple[np.ndarray, np.ndarray]:
         """Inference: (token logits [M, num_tokens], pixels [M, in_chans·patch²]) at the M
         corrupted patches (``mask | replaced``; sample-major, patch ascending)."""
         x = _images(images)
-        m, r = self._flags(mask, replaced, x.shape[0])
-        M = int(((m != 0) | (r != 0)).sum())
-        logits = np.empty((M, self.config["num_tokens"]), np.float32)
-        pixels = np.empty((M, self.pixel_dim), np.float32)
-        _core.ccvit_forward(self._handle, x, m, r, logits, pixels)
-        return logits, pixels
+        m, r = self._flags(mask, replaced)
+        # the engine counts the corrupted patches and allocates both outputs
+        return _outputs(_core.ccvit_forward(self._handle, x, m, r, None, None))
 
     def train_step(self, images: Any, tokens: Any, pixel_targets: Any, mask: Any, replaced: Any, *,
                    token_weight: float = 1.0, pixel_weight: float = 1.0, return_outputs: bool = False):
@@ -240,19 +219,17 @@ class CCViT(_PretrainModel):
             ``last_losses``.
         """
         x = _images(images)
-        B = x.shape[0]
-        m, r = self._flags(mask, replaced, B)
+        m, r = self._flags(mask, replaced)
         t = _tokens(tokens)
         tg = np.asarray(pixel_targets)
         if not np.issubdtype(tg.dtype, np.floating):
             raise TypeError(f"pixel_targets: expected a float array [B, num_patches, {self.pixel_dim}], got dtype {tg.dtype}")
-        tg = np.ascontiguousarray(tg, dtype=np.float32)
-        M = int(((m != 0) | (r != 0)).sum())
-        logits = np.empty((M, self.config["num_tokens"]), np.float32) if return_outputs else None
-        pixels = np.empty((M, self.pixel_dim), np.float32) if return_outputs else None
-        loss, ce, mse = _core.ccvit_train_step(self._handle, x, t, tg, m, r, token_weight, pixel_weight, logits, pixels)
+        tg = np.asarray(tg, dtype=np.float32, order="C")  # a 0-d array stays 0-d for the engine's message
+        want = True if return_outputs else None  # True: the engine allocates them and returns them after the losses
+        loss, ce, mse, *outputs = _outputs(_core.ccvit_train_step(self._handle, x, t, tg, m, r, token_weight,
+                                                                  pixel_weight, want, want))
         self.last_losses = {"loss": loss, "token_loss": ce, "pixel_loss": mse}
-        return (loss, logits, pixels) if return_outputs else loss
+        return (loss, *outputs) if return_outputs else loss
 
 
 class DTM(_PretrainModel):
@@ -274,12 +251,8 @@ class DTM(_PretrainModel):
     def __call__(self, images: Any, mask: Any = None) -> np.ndarray:
         """Predictions [B, num_patches, output_dim] at every patch (inference); ``mask`` (bool
         [B, num_patches]) swaps patches for ``mask_token``, None = nothing masked."""
-        x = _images(images)
-        B = x.shape[0]
-        m = np.zeros((B, self.num_patches), np.int32) if mask is None else _flags(mask, B, self.num_patches, "mask")
-        out = np.empty((B, self.num_patches, self.config["output_dim"]), np.float32)
-        _core.dtm_forward(self._handle, x, m, out)
-        return out
+        m = None if mask is None else _flags(mask, self.num_patches, "mask")  # None: the engine masks nothing
+        return _outputs(_core.dtm_forward(self._handle, _images(images), m, None))
 
     def train_step(self, images: Any, target: Any, mask: Any, memberships: Any = None, *,
                    schedules: Optional[Sequence[Any]] = None, beta: float = 2.0, return_pred: bool = False):
@@ -299,29 +272,26 @@ class DTM(_PretrainModel):
         Returns:
             The loss (float), or (loss, pred).
         """
-        from .objectives import dtm_memberships
         x = _images(images)
-        B, n = x.shape[0], self.num_patches
+        n = self.num_patches
         t = np.asarray(target)
         if not np.issubdtype(t.dtype, np.floating):
             raise TypeError(f"target: expected float teacher features [B, {n}, {self.config['output_dim']}], got dtype {t.dtype}")
         if t.ndim == 3 and t.shape[1] == n + 1:
             t = t[:, 1:]
-        t = np.ascontiguousarray(t, dtype=np.float32)
-        m = _flags(mask, B, n, "mask")
+        t = np.asarray(t, dtype=np.float32, order="C")  # a 0-d array stays 0-d for the engine's message
+        m = _flags(mask, n, "mask")
         if memberships is None:
             if schedules is None:
                 raise ValueError("train_step: give memberships or schedules (e.g. DTMSchedule(seed).draw(num_patches))")
-            if t.ndim != 3 or t.shape[:2] != (B, n):
-                raise ValueError(f"target: expected teacher features of shape ({B}, {n}, {self.config['output_dim']}), got {t.shape}")
-            memberships = dtm_memberships(t, schedules)
-        mem = np.asarray(memberships)
-        if mem.dtype == np.bool_ or not np.issubdtype(mem.dtype, np.integer):
-            raise TypeError(f"memberships: expected integer group ids [L, B, num_patches], got dtype {mem.dtype}")
-        mem = _i32(mem[None] if mem.ndim == 2 else mem, "memberships")
-        pred = np.empty((B, n, self.config["output_dim"]), np.float32) if return_pred else None
-        loss = _core.dtm_train_step(self._handle, x, m, t, mem, float(beta), pred)
-        return (loss, pred) if return_pred else loss
+            # the engine checks the target, then morphs it under the schedules (as dtm_memberships does)
+            mem: Any = ([int(s.r) for s in schedules], [int(s.iterations) for s in schedules])
+        else:
+            mem = np.asarray(memberships)
+            if mem.dtype == np.bool_ or not np.issubdtype(mem.dtype, np.integer):
+                raise TypeError(f"memberships: expected integer group ids [L, B, num_patches], got dtype {mem.dtype}")
+            mem = _i32(mem[None] if mem.ndim == 2 else mem, "memberships")
+        return _outputs(_core.dtm_train_step(self._handle, x, m, t, mem, float(beta), True if return_pred else None))
 
 
 def _ccvit_config(config: Dict[str, Any]) -> Dict[str, Any]:

@@ -247,9 +247,10 @@ class ModifiedResNet:
         return x if s == 1 else np.asarray(_core.avg_pool2d_forward(None, x, s))
 
     def _check(self, images: Any) -> np.ndarray:
-        """Float images as the engine reads them, with the tower's own rules (RGB, sides ≥ 32)."""
+        """Float images as the engine reads them, with the tower's own rules (RGB, sides ≥ 32): this
+        tower is composed in Python from conv kernels, so these are its only image checks."""
         a = images_f32(images)
-        if a.shape[1] != 3:
+        if a.ndim != 4 or a.shape[1] != 3:
             raise ValueError(f"images: expected shape [B, 3, H, W], got {a.shape}")
         if a.shape[2] < 32 or a.shape[3] < 32:
             raise ValueError(f"images: expected sides of at least 32 pixels (the tower downsamples 32×), got {a.shape[2:]}")

@@ -18,7 +18,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from .._convert import images as images_f32, seed_bits
+from .._convert import batches as _batches, images as images_f32, outputs as _outputs, seed_bits
 from .._native import _core
 from .._params import ParameterBlock
 from ..io import load_file
@@ -160,16 +160,14 @@ class CLIPVisionTransformer(ParameterBlock):
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                        or batch_size < 1):
             raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
-        B, N, C, E = x.shape[0], self.sequence_length, c["width"], c["output_dim"]
-        t = np.empty((B, N, C), np.float32) if tokens else None
-        p = np.empty((B, N, E), np.float32) if projected else None
-        e = np.empty((B, E), np.float32) if embedding else None
-        step = int(batch_size) if batch_size else max(B, 1)
-        for i in range(0, B, step):
-            j = min(B, i + step)
-            _core.clip_vit_forward(self._handle, x[i:j], None if t is None else t[i:j],
-                                   None if p is None else p[i:j], None if e is None else e[i:j])
-        return t, p, e
+        # True: the engine sizes and allocates that output from the checked images
+        want = [True if w else None for w in (tokens, projected, embedding)]
+        parts = [_outputs(_core.clip_vit_forward(self._handle, chunk, *want)) for chunk in _batches(x, batch_size)]
+        if len(parts) == 1:
+            return parts[0]
+        shapes = ((self.sequence_length, c["width"]), (self.sequence_length, c["output_dim"]), (c["output_dim"],))
+        return tuple(None if w is None else np.concatenate([q[k] for q in parts]) if parts
+                     else np.zeros((0, *shapes[k]), np.float32) for k, w in enumerate(want))
 
     def forward_features(self, images: Any, proj: bool = False, batch_size: Optional[int] = 64) -> np.ndarray:
         """Every token after ``ln_post``: float32 [B, 1 + N, width] (k-CLIP features; token 0 is the
