@@ -146,7 +146,7 @@ let layerKernelMethods: [Method] = [
             defer { free(raw) }
             nonisolated(unsafe) let bias = raw.assumingMemoryBound(to: Float.self), allowed = m.readOnly
             withoutGIL {
-                fillScoreBias(DenseAttentionMask(allowed: allowed, M: M, Nk: Nk), B: B, M: M, Nk: Nk, bias: bias)
+                for i in 0..<(B * M * Nk) { bias[i] = allowed[i] != 0 ? 0 : -.infinity }
                 attentionForward(out: po, ldOut: C, probs: pp, q: pq, ldQ: C, k: pk, ldK: C, v: pv, ldV: C,
                                  B: B, M: M, Nk: Nk, C: C, H: H, mask: ScoreBiasMask(bias: bias, M: M, Nk: Nk),
                                  precision: precision)
