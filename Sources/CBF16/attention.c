@@ -27,16 +27,14 @@
 
 #include <math.h>
 
-/// Words for the two sections' packed Kᵀ (or Vᵀ) and K (or V): at most one panel, resp. one
+/// The two sections' packings of Kᵀ (or Vᵀ) and K (or V) take at most one panel, resp. one
 /// k-pair per panel, more than the whole.
-static size_t sectioned_words(long M, long Nk, long D) {
+size_t mapet_bf16_attention_work_words(long M, long Nk, long D) {
     long kpD = (D + 1) / 2, kpN = (Nk + 1) / 2, panelsD = (D + NR - 1) / NR;
     return mapet_bf16_packed_b_words(D, Nk) + (size_t)kpD * NR + mapet_bf16_packed_b_words(Nk, D)
         + (size_t)panelsD * NR + (size_t)MR * (size_t)(kpD + kpN + 1) + 2 * mapet_bf16_packed_b_words(M, D)
         + (size_t)MC * KCP;
 }
-
-size_t mapet_bf16_attention_work_words(long M, long Nk, long D) { return sectioned_words(M, Nk, D); }
 
 #if defined(__x86_64__)
 
@@ -290,12 +288,18 @@ static void AVX512BF16 backward(long M, long D, float scale, const keyset *ks,
     }
 }
 
+#endif   // __x86_64__
+
+// Elsewhere mapet_bf16_cpu_supported() is 0 and these are never called: their bodies are empty.
+
 void mapet_bf16_attention_forward(long M, long Nk, long D, float scale,
                                   const float *q, long ldq, const float *k, long ldk, const float *v, long ldv,
                                   const float *bias, long ldbias, long split, const int32_t *pre, const int32_t *suf,
                                   float *probs, float *out, long ldo, uint32_t *work) {
+#if defined(__x86_64__)
     keyset ks = {Nk, pre ? split : Nk, pre, suf};
     forward(M, D, scale, &ks, q, ldq, k, ldk, v, ldv, bias, ldbias, probs, out, ldo, work);
+#endif
 }
 
 void mapet_bf16_attention_backward(long M, long Nk, long D, float scale,
@@ -304,30 +308,9 @@ void mapet_bf16_attention_backward(long M, long Nk, long D, float scale,
                                    const float *probs, const float *dout, long lddo,
                                    float *dq, long lddq, float betaQ, float *dk, long lddk, float *dv, long lddv,
                                    float betaKV, float *ds, uint32_t *work) {
+#if defined(__x86_64__)
     keyset ks = {Nk, pre ? split : Nk, pre, suf};
     backward(M, D, scale, &ks, q, ldq, k, ldk, v, ldv, probs, dout, lddo, dq, lddq, betaQ, dk, lddk, dv, lddv, betaKV,
              ds, work);
-}
-
-#else   // not x86-64: mapet_bf16_cpu_supported() is 0 and nothing below is ever called
-
-void mapet_bf16_attention_forward(long M, long Nk, long D, float scale,
-                                  const float *q, long ldq, const float *k, long ldk, const float *v, long ldv,
-                                  const float *bias, long ldbias, long split, const int32_t *pre, const int32_t *suf,
-                                  float *probs, float *out, long ldo, uint32_t *work) {
-    (void)M; (void)Nk; (void)D; (void)scale; (void)q; (void)ldq; (void)k; (void)ldk; (void)v; (void)ldv;
-    (void)bias; (void)ldbias; (void)split; (void)pre; (void)suf; (void)probs; (void)out; (void)ldo; (void)work;
-}
-
-void mapet_bf16_attention_backward(long M, long Nk, long D, float scale,
-                                   const float *q, long ldq, const float *k, long ldk, const float *v, long ldv,
-                                   long split, const int32_t *pre, const int32_t *suf,
-                                   const float *probs, const float *dout, long lddo,
-                                   float *dq, long lddq, float betaQ, float *dk, long lddk, float *dv, long lddv,
-                                   float betaKV, float *ds, uint32_t *work) {
-    (void)M; (void)Nk; (void)D; (void)scale; (void)q; (void)ldq; (void)k; (void)ldk; (void)v; (void)ldv;
-    (void)split; (void)pre; (void)suf; (void)probs; (void)dout; (void)lddo; (void)dq; (void)lddq; (void)betaQ;
-    (void)dk; (void)lddk; (void)dv; (void)lddv; (void)betaKV; (void)ds; (void)work;
-}
-
 #endif
+}

@@ -13,13 +13,14 @@ import Glibc
 //   out_h = P V_h.
 // Backward (P cached):  dV_h += Pᵀ dO_h,  dP = dO_h V_hᵀ,  dS = P ⊙ (dP − rowsum(dP ⊙ P)) / √D,
 //   dQ_h += dS K_h,  dK_h += dSᵀ Q_h.  Masked entries have P = 0, hence dS = 0: the backward
-// needs no mask. Work is split over B × H tasks (Parallel.forEach), each running
+// needs no mask (key intervals, when the forward had them, only let it skip blocks). Work is split over B × H tasks (Parallel.forEach), each running
 // single-threaded GEMMs; tasks write disjoint elements, so results are thread-count independent.
 // `precision` applies to all six products (QKᵀ, PV; dP, dV, dQ, dK): in bf16 their inputs —
 // P and dS included — are rounded to bf16 and accumulate in fp32; softmax and dS stay fp32.
 // With the bf16 kernel active, each head runs fused in C (CBF16/attention.c: one strip of six
-// query rows goes through QKᵀ, softmax and PV while in L1) for masks that are full or given
-// as score biases; other masks and fp32 take the GEMM-per-product path below.
+// query rows goes through QKᵀ, softmax and PV while in L1) for masks that are full, key
+// intervals or score biases; other masks and fp32 take the GEMM-per-product path below, which
+// runs key intervals block by block (the end of this file).
 
 public func attentionForward<Mask: AttentionMask>(
     out: UnsafeMutablePointer<Float>, ldOut: Int,

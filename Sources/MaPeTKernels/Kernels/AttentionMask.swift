@@ -66,9 +66,9 @@ public struct FullAttention: AttentionMask {
     @inlinable public var isFull: Bool { true }
 }
 
-/// A rule evaluated once into additive score biases [B, M, Nk] (0 or −∞), read by every head
-/// and layer that uses it: a two-stream model asks its rank rules B·M·Nk times per step
-/// instead of once per head and layer. The caller owns `bias`; fill it with `fillScoreBias`.
+/// A rule given as additive score biases [B, M, Nk] (0 or −∞), read by every head that uses
+/// it (`mapet.ops.attention`'s dense masks come this way). The caller owns `bias`; any rule can
+/// be written into it with `fillScoreBias`.
 public struct ScoreBiasMask: AttentionMask, @unchecked Sendable {
     public let bias: UnsafePointer<Float>
     public let M: Int, Nk: Int
