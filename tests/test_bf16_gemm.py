@@ -89,7 +89,7 @@ def test_info_matches_cpu():
 # ---------------------------------------------------------------- against the float64 reference
 
 SHAPES = [(1, 1, 1), (7, 5, 3), (33, 17, 65), (6, 64, 256), (97, 131, 301), (200, 65, 1),
-          (13, 200, 513), (301, 517, 263), (130, 70, 1000)]
+          (13, 200, 513), (301, 517, 263), (130, 70, 1000), (61, 197, 1601)]
 
 
 @pytest.mark.parametrize("ta", [False, True])
@@ -225,8 +225,11 @@ def test_difference_to_fp32_is_bf16_input_rounding(K):
 # ---------------------------------------------------------------- threads
 
 @pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False)])
-def test_thread_count_does_not_change_bits(ta, tb):
-    M, N, K = 613, 389, 301
+@pytest.mark.parametrize("M,N,K", [(613, 389, 301),
+                                   # K long against M and N (a weight gradient): one tile per
+                                   # worker, cut along M here and along N below; 3 K blocks
+                                   (197, 131, 1601), (67, 259, 1601)])
+def test_thread_count_does_not_change_bits(ta, tb, M, N, K):
     rng = np.random.default_rng(8)
     a, b, c0 = operands(rng, M, N, K, ta, tb, with_c=True)
     before = mapet.get_num_threads()

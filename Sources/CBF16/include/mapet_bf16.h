@@ -46,9 +46,9 @@ void mapet_bf16_pack_b_pairs(int transB, long K, long N, const float *B, long ld
 /// Number of 32-bit words a worker's A buffer needs.
 size_t mapet_bf16_a_buffer_words(void);
 
-/// Tile grid for (M, N, K): rows and columns per tile (columns a multiple of NR). Depends on
-/// the shape only.
-void mapet_bf16_tile_shape(long M, long N, long K, long *tileRows, long *tileCols);
+/// Tile grid for (M, N, K) shared by `workers`: rows and columns per tile (columns a multiple
+/// of NR). A tile's values do not depend on the grid: it only decides the speed.
+void mapet_bf16_tile_shape(long M, long N, long K, long workers, long *tileRows, long *tileCols);
 
 /// C[i0:i1, j0:j1] = alpha·op(A)[i0:i1, :]·op(B)[:, j0:j1] + beta·C[i0:i1, j0:j1] (+ bias[j0:j1]
 /// on every row, when bias is not NULL) with op(B) packed by mapet_bf16_pack_b (all panels

@@ -136,14 +136,14 @@ private func bf16GemmDriver(transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
     let packed = UnsafeMutableRawPointer.allocate(
         byteCount: mapet_bf16_packed_b_words(K, N) * 4, alignment: 64).assumingMemoryBound(to: UInt32.self)
     defer { packed.deallocate() }
-    var shape = (rows: 0, cols: 0)
-    mapet_bf16_tile_shape(M, N, K, &shape.rows, &shape.cols)
-    let tileRows = shape.rows, tileCols = shape.cols
-    let rowTiles = (M + tileRows - 1) / tileRows, colTiles = (N + tileCols - 1) / tileCols
-    let tiles = rowTiles * colTiles
     // Small products are not worth a thread hop (the result is the same either way).
     let flops = 2.0 * Double(M) * Double(N) * Double(K)
     let threads = parallel && flops >= 4e6 ? Parallel.threadCount : 1
+    var shape = (rows: 0, cols: 0)
+    mapet_bf16_tile_shape(M, N, K, threads, &shape.rows, &shape.cols)
+    let tileRows = shape.rows, tileCols = shape.cols
+    let rowTiles = (M + tileRows - 1) / tileRows, colTiles = (N + tileCols - 1) / tileCols
+    let tiles = rowTiles * colTiles
     let workers = max(1, min(threads, tiles))
     let tA: Int32 = transA ? 1 : 0, tB: Int32 = transB ? 1 : 0
 
