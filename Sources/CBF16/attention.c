@@ -74,7 +74,7 @@ static void AVX512BF16 softmax_row(float *row, long n, float scale, const float 
         for (long j = seg[g][0]; j < seg[g][1]; j += 16) {
             __mmask16 m = mask_first(seg[g][1] - j);
             __m512 x = _mm512_maskz_loadu_ps(m, row + j);
-            __m512 e = exp16(_mm512_sub_ps(bias ? x : _mm512_mul_ps(x, vs), vm));
+            __m512 e = exp16(bias ? _mm512_sub_ps(x, vm) : _mm512_fmsub_ps(x, vs, vm));
             _mm512_mask_storeu_ps(row + j, m, e);
             acc = _mm512_mask_add_ps(acc, m, acc, e);
         }

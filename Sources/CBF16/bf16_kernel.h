@@ -61,28 +61,28 @@ static inline __m512i AVX512BF16 cvt_interleave(const float *r0, const float *r1
 
 // ---------------------------------------------------------------- exp
 
-/// exp of 16 lanes: the polynomial and operation order of Swift's `vexp` (FastMath.swift), so
-/// each lane's value equals the 8-lane Swift one. Below −87.33654 (−∞ included) gives 0.
+/// exp of 16 lanes: n = round(x·log₂e), r = x − n·ln2 in two parts (Cody–Waite), Cephes'
+/// degree-6 polynomial for e^r on |r| ≤ ½ln2 in FMA form, then p·2ⁿ by `vscalefps` (which
+/// also makes the subnormal results). Within 2 ulp of exp for x ≤ 88.37; below −87.33654
+/// (−∞ included) gives exactly 0, as Swift's `vexp` (FastMath.swift) does; it is that
+/// function's polynomial, but the FMAs round once where it rounds twice, so the two may
+/// differ in the last bit.
 static inline __m512 AVX512BF16 exp16(__m512 x) {
     const __m512 lo = _mm512_set1_ps(-87.33654f), hi = _mm512_set1_ps(88.37626f);
-    const __m512 magic = _mm512_set1_ps(12582912.0f);
     __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);
     x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
-    __m512 shifted = _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), magic);
-    __m512 n = _mm512_sub_ps(shifted, magic);
-    x = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
-    x = _mm512_add_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(2.12194440e-4f)));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
     __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_add_ps(_mm512_mul_ps(p, x), _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, x), _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, x), _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, x), _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, x), _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(x, x)), x), _mm512_set1_ps(1.0f));
-    __m512i bits = _mm512_slli_epi32(
-        _mm512_add_epi32(_mm512_sub_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(0x4B400000)),
-                         _mm512_set1_epi32(127)), 23);
-    return _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(bits));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    return _mm512_maskz_scalef_ps(keep, p, n);
 }
 
 // ---------------------------------------------------------------- GELU
