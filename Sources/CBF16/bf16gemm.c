@@ -190,6 +190,23 @@ void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const floa
                  emul, gderiv);
 }
 
+/// Rows of bytes in memory: `rows` runs of `bytes` bytes, `stride` bytes apart.
+typedef struct { const char *base; long rows, bytes, stride; } region;
+
+/// The source of op(A) for rows [ib, ib + mb), k-pairs [kp0, kp0 + kpn).
+static region a_source(int transA, long K, const float *A, long lda, long ib, long mb, long kp0, long kpn) {
+    long k0 = 2 * kp0, nk = K - k0 < 2 * kpn ? K - k0 : 2 * kpn;
+    if (transA) return (region){(const char *)(A + k0 * lda + ib), nk, mb * 4, lda * 4};
+    return (region){(const char *)(A + ib * lda + k0), mb, nk * 4, lda * 4};
+}
+
+/// Prefetches into L2 part `part` of `parts` of the cache lines of r.
+static inline void prefetch_part(const region *r, long part, long parts) {
+    long perRow = (r->bytes + 63) / 64, lines = r->rows * perRow;
+    for (long l = lines * part / parts, end = lines * (part + 1) / parts; l < end; l++)
+        _mm_prefetch(r->base + (l / perRow) * r->stride + (l % perRow) * 64, _MM_HINT_T1);
+}
+
 AVX512BF16
 void bf16_tile_in(int transA, long N, long K, float alpha, const float *A, long lda, const uint32_t *packedB,
                   long panelPairs, float beta, const float *bias, float *C, long ldc, long i0, long i1, long j0, long j1,
@@ -203,11 +220,22 @@ void bf16_tile_in(int transA, long N, long K, float alpha, const float *A, long 
             long mb = i1 - ib < MC ? i1 - ib : MC;
             long rs, ks;
             pack_a(transA, K, A, lda, ib, mb, kp0, kpn, abuf, &rs, &ks, transA && rowsums ? rowsums + ib : NULL);
+            // While this block runs, bring the next block's op(A) into L2, a share per
+            // micro-kernel call: packing it then converts from L2 instead of waiting on memory
+            // (a weight gradient's A is dOutᵀ, read a few hundred bytes per row).
+            long nib = ib + MC < i1 ? ib + MC : i0, nkp0 = ib + MC < i1 ? kp0 : kp0 + KCP;
+            region next = {0, 0, 0, 0};
+            if (nkp0 < kpT) {
+                long nmb = i1 - nib < MC ? i1 - nib : MC, nkpn = kpT - nkp0 < KCP ? kpT - nkp0 : KCP;
+                next = a_source(transA, K, A, lda, nib, nmb, nkp0, nkpn);
+            }
+            long calls = ((j1 - j0 + NR - 1) / NR) * ((mb + MR - 1) / MR), call = 0;
             for (long j = j0; j < j1; j += NR) {
                 long nr = j1 - j < NR ? j1 - j : NR;
                 const uint32_t *bp = packedB + (size_t)(j / NR) * panelPairs * NR + (size_t)kp0 * NR;
-                for (long ir = 0; ir < mb; ir += MR) {
+                for (long ir = 0; ir < mb; ir += MR, call++) {
                     long mr = mb - ir < MR ? mb - ir : MR;
+                    if (next.rows) prefetch_part(&next, call, calls);
                     kernel_6x64(kpn, abuf + ir * rs, rs, ks, bp, C + (ib + ir) * ldc + j, ldc,
                                 alpha, beta, bias ? bias + j : NULL, last && emul ? emul + (ib + ir) * ldc + j : NULL,
                                 last && gderiv ? gderiv + (ib + ir) * ldc + j : NULL, first, mr, nr);
