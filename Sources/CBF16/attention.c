@@ -185,8 +185,9 @@ static workspace carve(uint32_t *work, const keyset *ks, long M, long D) {
 
 static void AVX512BF16 forward(long M, long D, float scale, const keyset *ks,
                                const float *q, long ldq, const float *k, long ldk, const float *v, long ldv,
-                               const float *bias, long ldbias, float *probs, float *out, long ldo, uint32_t *work) {
-    long Nk = ks->Nk, split = ks->split, kpD = (D + 1) / 2;
+                               const float *bias, long ldbias, float *probs, float *out, long ldo, uint32_t *work,
+                               const mapet_bf16_rows *next, long n) {
+    long Nk = ks->Nk, split = ks->split, kpD = (D + 1) / 2, strips = (M + MR - 1) / MR;
     workspace w = carve(work, ks, M, D);
     pack_sections(1, ks, D, k, ldk, w.t0, w.t1);
     pack_sections(0, ks, D, v, ldv, w.p0, w.p1);
@@ -194,6 +195,7 @@ static void AVX512BF16 forward(long M, long D, float scale, const keyset *ks,
         long mr = M - i0 < MR ? M - i0 : MR, A, S;
         strip_extent(ks, i0, mr, &A, &S);
         float *s = probs + i0 * Nk;
+        for (long t = 0; t < n; t++) prefetch_share(next + t, i0 / MR, strips);
         pack_rows(q + i0 * ldq, ldq, mr, D, w.strip);
         if (A > 0) strip_scores(kpD, w.strip, w.t0, 0, A, s, Nk, mr);
         if (split + S < Nk) strip_scores(kpD, w.strip, w.t1, S, Nk - split, s + split, Nk, mr);
@@ -222,8 +224,8 @@ static void AVX512BF16 backward(long M, long D, float scale, const keyset *ks,
                                 const float *q, long ldq, const float *k, long ldk, const float *v, long ldv,
                                 const float *probs, const float *dout, long lddo,
                                 float *dq, long lddq, float betaQ, float *dk, long lddk, float *dv, long lddv,
-                                float betaKV, float *ds, uint32_t *work) {
-    long Nk = ks->Nk, split = ks->split, kpD = (D + 1) / 2, panelsD = (D + NR - 1) / NR;
+                                float betaKV, float *ds, uint32_t *work, const mapet_bf16_rows *next, long n) {
+    long Nk = ks->Nk, split = ks->split, kpD = (D + 1) / 2, panelsD = (D + NR - 1) / NR, strips = (M + MR - 1) / MR;
     workspace w = carve(work, ks, M, D);
     pack_sections(1, ks, D, v, ldv, w.t0, w.t1);
     pack_sections(0, ks, D, k, ldk, w.p0, w.p1);
@@ -232,6 +234,7 @@ static void AVX512BF16 backward(long M, long D, float scale, const keyset *ks,
         long mr = M - i0 < MR ? M - i0 : MR, A, S;
         strip_extent(ks, i0, mr, &A, &S);
         float *d = ds + i0 * Nk;
+        for (long t = 0; t < n; t++) prefetch_share(next + t, i0 / MR, strips);
         pack_rows(dout + i0 * lddo, lddo, mr, D, w.strip);
         if (A > 0) strip_scores(kpD, w.strip, w.t0, 0, A, d, Nk, mr);                       // dP
         if (split + S < Nk) strip_scores(kpD, w.strip, w.t1, S, Nk - split, d + split, Nk, mr);
@@ -295,10 +298,11 @@ static void AVX512BF16 backward(long M, long D, float scale, const keyset *ks,
 void mapet_bf16_attention_forward(long M, long Nk, long D, float scale,
                                   const float *q, long ldq, const float *k, long ldk, const float *v, long ldv,
                                   const float *bias, long ldbias, long split, const int32_t *pre, const int32_t *suf,
-                                  float *probs, float *out, long ldo, uint32_t *work) {
+                                  float *probs, float *out, long ldo, uint32_t *work,
+                                  const mapet_bf16_rows *next, long n) {
 #if defined(__x86_64__)
     keyset ks = {Nk, pre ? split : Nk, pre, suf};
-    forward(M, D, scale, &ks, q, ldq, k, ldk, v, ldv, bias, ldbias, probs, out, ldo, work);
+    forward(M, D, scale, &ks, q, ldq, k, ldk, v, ldv, bias, ldbias, probs, out, ldo, work, next, n);
 #endif
 }
 
@@ -307,10 +311,10 @@ void mapet_bf16_attention_backward(long M, long Nk, long D, float scale,
                                    long split, const int32_t *pre, const int32_t *suf,
                                    const float *probs, const float *dout, long lddo,
                                    float *dq, long lddq, float betaQ, float *dk, long lddk, float *dv, long lddv,
-                                   float betaKV, float *ds, uint32_t *work) {
+                                   float betaKV, float *ds, uint32_t *work, const mapet_bf16_rows *next, long n) {
 #if defined(__x86_64__)
     keyset ks = {Nk, pre ? split : Nk, pre, suf};
     backward(M, D, scale, &ks, q, ldq, k, ldk, v, ldv, probs, dout, lddo, dq, lddq, betaQ, dk, lddk, dv, lddv, betaKV,
-             ds, work);
+             ds, work, next, n);
 #endif
 }

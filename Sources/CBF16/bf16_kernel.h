@@ -5,6 +5,7 @@
 #define MAPET_BF16_KERNEL_H
 
 #include <stdint.h>
+#include "mapet_bf16.h"
 #include <string.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -57,6 +58,16 @@ static inline __m512i AVX512BF16 cvt_interleave(const float *r0, const float *r1
     __m512 b = r1 ? _mm512_maskz_loadu_ps(m, r1) : _mm512_setzero_ps();
     __m512i both = (__m512i)_mm512_cvtne2ps_pbh(b, a);   // words 0..15: row k, 16..31: row k+1
     return _mm512_permutexvar_epi16(idx, both);
+}
+
+// ---------------------------------------------------------------- prefetching
+
+/// Prefetches into L2 every cache line of rows [rows·part/parts, rows·(part+1)/parts) of r.
+static inline void prefetch_share(const mapet_bf16_rows *r, long part, long parts) {
+    for (long i = r->rows * part / parts, end = r->rows * (part + 1) / parts; i < end; i++) {
+        const char *a = (const char *)(r->p + i * r->ld), *e = (const char *)(r->p + i * r->ld + r->cols);
+        for (a = (const char *)((uintptr_t)a & ~(uintptr_t)63); a < e; a += 64) _mm_prefetch(a, _MM_HINT_T1);
+    }
 }
 
 // ---------------------------------------------------------------- exp

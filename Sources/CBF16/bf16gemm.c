@@ -190,21 +190,11 @@ void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const floa
                  emul, gderiv);
 }
 
-/// Rows of bytes in memory: `rows` runs of `bytes` bytes, `stride` bytes apart.
-typedef struct { const char *base; long rows, bytes, stride; } region;
-
 /// The source of op(A) for rows [ib, ib + mb), k-pairs [kp0, kp0 + kpn).
-static region a_source(int transA, long K, const float *A, long lda, long ib, long mb, long kp0, long kpn) {
+static mapet_bf16_rows a_source(int transA, long K, const float *A, long lda, long ib, long mb, long kp0, long kpn) {
     long k0 = 2 * kp0, nk = K - k0 < 2 * kpn ? K - k0 : 2 * kpn;
-    if (transA) return (region){(const char *)(A + k0 * lda + ib), nk, mb * 4, lda * 4};
-    return (region){(const char *)(A + ib * lda + k0), mb, nk * 4, lda * 4};
-}
-
-/// Prefetches into L2 part `part` of `parts` of the cache lines of r.
-static inline void prefetch_part(const region *r, long part, long parts) {
-    long perRow = (r->bytes + 63) / 64, lines = r->rows * perRow;
-    for (long l = lines * part / parts, end = lines * (part + 1) / parts; l < end; l++)
-        _mm_prefetch(r->base + (l / perRow) * r->stride + (l % perRow) * 64, _MM_HINT_T1);
+    if (transA) return (mapet_bf16_rows){A + k0 * lda + ib, nk, mb, lda};
+    return (mapet_bf16_rows){A + ib * lda + k0, mb, nk, lda};
 }
 
 AVX512BF16
@@ -224,7 +214,7 @@ void bf16_tile_in(int transA, long N, long K, float alpha, const float *A, long 
             // micro-kernel call: packing it then converts from L2 instead of waiting on memory
             // (a weight gradient's A is dOutᵀ, read a few hundred bytes per row).
             long nib = ib + MC < i1 ? ib + MC : i0, nkp0 = ib + MC < i1 ? kp0 : kp0 + KCP;
-            region next = {0, 0, 0, 0};
+            mapet_bf16_rows next = {NULL, 0, 0, 0};
             if (nkp0 < kpT) {
                 long nmb = i1 - nib < MC ? i1 - nib : MC, nkpn = kpT - nkp0 < KCP ? kpT - nkp0 : KCP;
                 next = a_source(transA, K, A, lda, nib, nmb, nkp0, nkpn);
@@ -235,7 +225,7 @@ void bf16_tile_in(int transA, long N, long K, float alpha, const float *A, long 
                 const uint32_t *bp = packedB + (size_t)(j / NR) * panelPairs * NR + (size_t)kp0 * NR;
                 for (long ir = 0; ir < mb; ir += MR, call++) {
                     long mr = mb - ir < MR ? mb - ir : MR;
-                    if (next.rows) prefetch_part(&next, call, calls);
+                    if (next.rows) prefetch_share(&next, call, calls);
                     kernel_6x64(kpn, abuf + ir * rs, rs, ks, bp, C + (ib + ir) * ldc + j, ldc,
                                 alpha, beta, bias ? bias + j : NULL, last && emul ? emul + (ib + ir) * ldc + j : NULL,
                                 last && gderiv ? gderiv + (ib + ir) * ldc + j : NULL, first, mr, nr);

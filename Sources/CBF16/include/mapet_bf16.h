@@ -66,6 +66,8 @@ void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const floa
                      long i0, long i1, long j0, long j1, uint32_t *abuf, float *rowsums, const float *emul,
                      float *gderiv);
 
+/// A block of memory to bring into cache: `rows` rows of `cols` floats, `ld` floats apart.
+typedef struct { const float *p; long rows, cols, ld; } mapet_bf16_rows;
 /// Words of the `work` buffer the attention functions below need for one head of these sizes.
 size_t mapet_bf16_attention_work_words(long M, long Nk, long D);
 
@@ -76,22 +78,25 @@ size_t mapet_bf16_attention_work_words(long M, long Nk, long D);
 /// row i may attend only the keys [0, pre[i]) ∪ [split + suf[i], Nk) (0 ≤ pre[i] ≤ split ≤ Nk,
 /// 0 ≤ suf[i] ≤ Nk − split), its other probabilities are 0 and the blocks of scores no row of
 /// a strip may attend are not computed; pre NULL: every key. A row with no key allowed gives
-/// zero probabilities and output.
+/// zero probabilities and output. `next` (n blocks, may be NULL with n = 0): what the next
+/// head will read, prefetched into L2 a share per strip of this one (its Q, K and V are rows
+/// a few hundred bytes long scattered over a large activation: read cold, they stall).
 void mapet_bf16_attention_forward(long M, long Nk, long D, float scale,
                                   const float *q, long ldq, const float *k, long ldk, const float *v, long ldv,
                                   const float *bias, long ldbias, long split, const int32_t *pre, const int32_t *suf,
-                                  float *probs, float *out, long ldo, uint32_t *work);
+                                  float *probs, float *out, long ldo, uint32_t *work,
+                                  const mapet_bf16_rows *next, long n);
 
 /// Its backward from the probabilities (the same key intervals as the forward): dQ = dS·K +
 /// betaQ·dQ, dK = dSᵀ·Q + betaKV·dK, dV = Pᵀ·dO + betaKV·dV with dS = P ⊙ (dO·Vᵀ − rowsum) ·
 /// scale written to ds [M, Nk] (row stride Nk; 0 outside the intervals); bf16 inputs, fp32
-/// sums, beta 0 does not read the output.
+/// sums, beta 0 does not read the output. `next`, n: as for the forward.
 void mapet_bf16_attention_backward(long M, long Nk, long D, float scale,
                                    const float *q, long ldq, const float *k, long ldk, const float *v, long ldv,
                                    long split, const int32_t *pre, const int32_t *suf,
                                    const float *probs, const float *dout, long lddo,
                                    float *dq, long lddq, float betaQ, float *dk, long lddk, float *dv, long lddv,
-                                   float betaKV, float *ds, uint32_t *work);
+                                   float betaKV, float *ds, uint32_t *work, const mapet_bf16_rows *next, long n);
 
 /// GELU (exact erf form) over `count` floats, 16 lanes: out = gelu(x), and with
 /// `keep_derivative` x is overwritten by gelu′(x). The same bits as the Swift 8-lane code.

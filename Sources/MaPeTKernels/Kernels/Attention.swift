@@ -22,6 +22,11 @@ import Glibc
 // intervals or score biases; other masks and fp32 take the GEMM-per-product path below, which
 // runs key intervals block by block (the end of this file).
 
+/// One head's rows of an activation, for the fused kernels' prefetching.
+private func headRows(_ p: UnsafePointer<Float>, rows: Int, D: Int, ld: Int) -> mapet_bf16_rows {
+    mapet_bf16_rows(p: p, rows: rows, cols: D, ld: ld)
+}
+
 public func attentionForward<Mask: AttentionMask>(
     out: UnsafeMutablePointer<Float>, ldOut: Int,
     probs: UnsafeMutablePointer<Float>,
@@ -43,13 +48,23 @@ public func attentionForward<Mask: AttentionMask>(
             let work = UnsafeMutableRawPointer.allocate(byteCount: words * 4, alignment: 64)
                 .assumingMemoryBound(to: UInt32.self)
             defer { work.deallocate() }
+            let ahead = UnsafeMutablePointer<mapet_bf16_rows>.allocate(capacity: 3)
+            defer { ahead.deallocate() }
             for task in tasks {
                 let b = task / H, h = task % H
                 let bias = mask.isFull || intervals != nil ? nil : mask.scoreBias(batch: b, query: 0)
+                var n = 0
+                if task + 1 < tasks.upperBound {   // the next head's inputs, fetched while this one runs
+                    let nb = (task + 1) / H, nh = (task + 1) % H
+                    ahead[0] = headRows(q + nb * M * ldQ + nh * D, rows: M, D: D, ld: ldQ)
+                    ahead[1] = headRows(k + nb * Nk * ldK + nh * D, rows: Nk, D: D, ld: ldK)
+                    ahead[2] = headRows(v + nb * Nk * ldV + nh * D, rows: Nk, D: D, ld: ldV)
+                    n = 3
+                }
                 mapet_bf16_attention_forward(M, Nk, D, scale, q + b * M * ldQ + h * D, ldQ,
                                              k + b * Nk * ldK + h * D, ldK, v + b * Nk * ldV + h * D, ldV,
                                              bias, Nk, intervals?.split ?? Nk, intervals?.prefixEnd, intervals?.suffixStart,
-                                             probs + task * M * Nk, out + b * M * ldOut + h * D, ldOut, work)
+                                             probs + task * M * Nk, out + b * M * ldOut + h * D, ldOut, work, ahead, n)
             }
         }
         return
@@ -113,13 +128,28 @@ public func attentionBackward(
         let work = UnsafeMutableRawPointer.allocate(byteCount: words * 4, alignment: 64)
             .assumingMemoryBound(to: UInt32.self)
         defer { work.deallocate() }
+        let ahead = UnsafeMutablePointer<mapet_bf16_rows>.allocate(capacity: 7)
+        defer { ahead.deallocate() }
         for task in tasks {
             let b = task / H, h = task % H
             let qo = b * M * ldQ + h * D, ko = b * Nk * ldK + h * D, vo = b * Nk * ldV + h * D
+            var n = 0
+            if task + 1 < tasks.upperBound {   // the next head's inputs and outputs
+                let nb = (task + 1) / H, nh = (task + 1) % H
+                let nq = nb * M * ldQ + nh * D, nk = nb * Nk * ldK + nh * D, nv = nb * Nk * ldV + nh * D
+                ahead[0] = headRows(q + nq, rows: M, D: D, ld: ldQ)
+                ahead[1] = headRows(k + nk, rows: Nk, D: D, ld: ldK)
+                ahead[2] = headRows(v + nv, rows: Nk, D: D, ld: ldV)
+                ahead[3] = headRows(dOut + nb * M * ldOut + nh * D, rows: M, D: D, ld: ldOut)
+                ahead[4] = headRows(dQ + nq, rows: M, D: D, ld: ldQ)
+                ahead[5] = headRows(dK + nk, rows: Nk, D: D, ld: ldK)
+                ahead[6] = headRows(dV + nv, rows: Nk, D: D, ld: ldV)
+                n = 7
+            }
             mapet_bf16_attention_backward(M, Nk, D, scale, q + qo, ldQ, k + ko, ldK, v + vo, ldV,
                                           keyIntervals?.split ?? Nk, keyIntervals?.prefixEnd, keyIntervals?.suffixStart,
                                           probs + task * M * Nk, dOut + b * M * ldOut + h * D, ldOut,
-                                          dQ + qo, ldQ, betaQ, dK + ko, ldK, dV + vo, ldV, betaKV, dS, work)
+                                          dQ + qo, ldQ, betaQ, dK + ko, ldK, dV + vo, ldV, betaKV, dS, work, ahead, n)
         }
         return
       }
