@@ -59,6 +59,39 @@ def test_layer_norm_forward_backward():
     check(db, DY.sum(0))
 
 
+def test_norm_and_residual_parameter_sums_over_row_blocks():
+    # dWeight/dBias (LayerNorm) and dGamma (layer scale) are summed in blocks of rows during
+    # the per-row pass: with several blocks and a partial last one, against float64, onto
+    # existing values, and the same bits on 1, 2 and 3 threads.
+    rng = np.random.default_rng(11)
+    B, T, C = 3, 67, 40                      # 201 rows: blocks of 64, 64, 64, 9
+    x = rand(rng, B * T, C) * 2 + 1
+    w, b = rand(rng, C), rand(rng, C)
+    _, mean, rstd = ops.layer_norm(x, w, b)
+    dy, y, gamma = rand(rng, B * T, C), rand(rng, B * T, C), rand(rng, C)
+    keep = np.array([2, 0, 2], np.float32)
+    w0, b0, g0 = rand(rng, C), rand(rng, C), rand(rng, C)
+    X, DY, Y, G, Kp = f64(x, dy, y, gamma, keep)
+    xh = (X - X.mean(1, keepdims=True)) / np.sqrt(X.var(1, keepdims=True) + 1e-6)
+    before = mapet.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            mapet.set_num_threads(threads)
+            _, dw, db = ops.layer_norm_backward(dy, x, w, mean, rstd, dweight=w0.copy(), dbias=b0.copy())
+            _, _, dg = ops.residual_backward(dy.reshape(B, T, C), y.reshape(B, T, C), gamma, keep, dgamma=g0.copy())
+            results.append((dw, db, dg))
+    finally:
+        mapet.set_num_threads(before)
+    dw, db, dg = results[0]
+    check(dw - w0, (DY * xh).sum(0))
+    check(db - b0, DY.sum(0))
+    check(dg - g0, (np.repeat(Kp, T)[:, None] * DY * Y).sum(0))
+    for other in results[1:]:
+        for got, ref in zip(other, results[0]):
+            np.testing.assert_array_equal(got, ref)
+
+
 # ---------------------------------------------------------------- softmax
 
 def test_softmax_forward_backward():

@@ -36,9 +36,10 @@ public func layerNormForward(
     }
 }
 
-/// Accumulates dInput, dWeight, dBias. dInput rows run in parallel; dWeight/dBias are summed
-/// per column block over all rows in row order, so results do not depend on the thread count.
-/// `dWeight`/`dBias` may be nil (frozen parameters).
+/// Accumulates dInput, dWeight, dBias in one pass over the rows: dWeight/dBias are summed
+/// per block of `reductionRows` rows (in row order) while dInput is formed, then the blocks'
+/// sums are added in block order (`BlockColumnSums`), so results do not depend on the thread
+/// count. `dWeight`/`dBias` may be nil (frozen parameters).
 public func layerNormBackward(
     dInput: UnsafeMutablePointer<Float>, dWeight: UnsafeMutablePointer<Float>?, dBias: UnsafeMutablePointer<Float>?,
     dOut: UnsafePointer<Float>, input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
@@ -46,42 +47,89 @@ public func layerNormBackward(
 ) {
     let t0 = Profiler.begin(); defer { Profiler.end(.norms, t0) }
     nonisolated(unsafe) let dInput = dInput, dOut = dOut, input = input, weight = weight, mean = mean, rstd = rstd
-    Parallel.forRanges(rows, grain: max(1, 4096 / max(cols, 1))) { r in
-        for i in r {
-            let x = input + i * cols, dy = dOut + i * cols, dx = dInput + i * cols
-            let mu = mean[i], rs = rstd[i]
-            // Σ g and Σ g·x̂ with 8-lane accumulators (a scalar sum cannot be vectorised).
-            var ag = FloatVector(), agx = FloatVector()
-            let m = FloatVector(repeating: mu), s = FloatVector(repeating: rs)
-            var j = 0
-            while j + 8 <= cols {
-                let g = loadV(dy + j) * loadV(weight + j)
-                ag += g
-                agx += g * (loadV(x + j) - m) * s
-                j += 8
-            }
-            var sg = ag.sum(), sgx = agx.sum()
-            while j < cols {
-                let g = dy[j] * weight[j]
-                sg += g
-                sgx += g * (x[j] - mu) * rs
-                j += 1
-            }
-            sg /= Float(cols); sgx /= Float(cols)
-            for j in 0..<cols {
-                let xh = (x[j] - mu) * rs
-                dx[j] += rs * (dy[j] * weight[j] - sg - xh * sgx)
+    let sums = BlockColumnSums(rows: rows, cols: cols, vectors: dWeight != nil || dBias != nil ? 2 : 0)
+    defer { sums.deallocate() }
+    Parallel.forRanges(sums.blocks) { blocks in
+        for block in blocks {
+            let pw = sums.partial(block, 0), pb = sums.partial(block, 1)
+            for i in sums.rows(of: block) {
+                let x = input + i * cols, dy = dOut + i * cols, dx = dInput + i * cols
+                let mu = mean[i], rs = rstd[i]
+                // Σ g and Σ g·x̂ with 8-lane accumulators (a scalar sum cannot be vectorised).
+                var ag = FloatVector(), agx = FloatVector()
+                let m = FloatVector(repeating: mu), s = FloatVector(repeating: rs)
+                var j = 0
+                while j + 8 <= cols {
+                    let g = loadV(dy + j) * loadV(weight + j)
+                    ag += g
+                    agx += g * (loadV(x + j) - m) * s
+                    j += 8
+                }
+                var sg = ag.sum(), sgx = agx.sum()
+                while j < cols {
+                    let g = dy[j] * weight[j]
+                    sg += g
+                    sgx += g * (x[j] - mu) * rs
+                    j += 1
+                }
+                sg /= Float(cols); sgx /= Float(cols)
+                if let pw, let pb {
+                    for j in 0..<cols {
+                        let xh = (x[j] - mu) * rs
+                        dx[j] += rs * (dy[j] * weight[j] - sg - xh * sgx)
+                        pw[j] += dy[j] * xh
+                        pb[j] += dy[j]
+                    }
+                } else {
+                    for j in 0..<cols {
+                        let xh = (x[j] - mu) * rs
+                        dx[j] += rs * (dy[j] * weight[j] - sg - xh * sgx)
+                    }
+                }
             }
         }
     }
-    guard dWeight != nil || dBias != nil else { return }
-    nonisolated(unsafe) let dW = dWeight, dB = dBias
-    Parallel.forRanges(cols, grain: 16) { c in
-        for i in 0..<rows {
-            let x = input + i * cols, dy = dOut + i * cols
-            let mu = mean[i], rs = rstd[i]
-            if let dW { for j in c { dW[j] += dy[j] * (x[j] - mu) * rs } }
-            if let dB { for j in c { dB[j] += dy[j] } }
+    if let dWeight { sums.add(0, into: dWeight) }
+    if let dBias { sums.add(1, into: dBias) }
+}
+
+/// Column sums of per-row terms, formed inside a pass over the rows: each block of
+/// `reductionRows` rows sums its rows in order into its own partial vectors, and `add` then sums
+/// the blocks in order into the destination. The grouping depends on the row count only, so a
+/// pass whose workers each take whole blocks gives the same bits on any number of threads.
+struct BlockColumnSums: @unchecked Sendable {
+    static let reductionRows = 64
+    let rows, cols, blocks, vectors: Int
+    private let storage: UnsafeMutablePointer<Float>?
+
+    /// `vectors` partial vectors of `cols` per block (0: nothing to sum).
+    init(rows: Int, cols: Int, vectors: Int) {
+        self.rows = rows; self.cols = cols; self.vectors = vectors
+        blocks = (rows + Self.reductionRows - 1) / Self.reductionRows
+        let count = blocks * vectors * cols
+        storage = count > 0 ? UnsafeMutablePointer<Float>.allocate(capacity: count) : nil
+        storage?.initialize(repeating: 0, count: count)
+    }
+
+    func rows(of block: Int) -> Range<Int> { block * Self.reductionRows ..< min(rows, (block + 1) * Self.reductionRows) }
+
+    /// Partial vector `v` of `block` (nil when there are none).
+    func partial(_ block: Int, _ v: Int) -> UnsafeMutablePointer<Float>? {
+        v < vectors ? storage.map { $0 + (block * vectors + v) * cols } : nil
+    }
+
+    /// dst[j] += Σ_blocks partial(block, v)[j], blocks in order; columns split over workers.
+    func add(_ v: Int, into dst: UnsafeMutablePointer<Float>) {
+        guard let base = storage, v < vectors else { return }
+        nonisolated(unsafe) let dst = dst, storage = base
+        let (blocks, vectors, cols) = (self.blocks, self.vectors, self.cols)
+        Parallel.forRanges(cols, grain: 64) { c in
+            for block in 0..<blocks {
+                let p = storage + (block * vectors + v) * cols
+                for j in c { dst[j] += p[j] }
+            }
         }
     }
+
+    func deallocate() { storage?.deallocate() }
 }

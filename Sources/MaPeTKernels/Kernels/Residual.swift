@@ -34,29 +34,30 @@ public func residualBackward(
 ) {
     let t0 = Profiler.begin(); defer { Profiler.end(.elementwise, t0) }
     nonisolated(unsafe) let dResidual = dResidual, dBranch = dBranch, dOut = dOut, branch = branch, gamma = gamma, keep = keep
-    Parallel.forRanges(B * T, grain: max(1, 8192 / max(C, 1))) { r in
-        for row in r {
-            let s = keep?[row / T] ?? 1
-            let dy = dOut + row * C, db = dBranch + row * C
-            if let dResidual { let dr = dResidual + row * C; for j in 0..<C { dr[j] += dy[j] } }
-            let base: UnsafePointer<Float>? = accumulateBranch ? UnsafePointer(db) : nil
-            if let gamma {
-                if let base { for j in 0..<C { db[j] = base[j] + s * gamma[j] * dy[j] } }
-                else { for j in 0..<C { db[j] = 0 + s * gamma[j] * dy[j] } }
-            } else {
-                if let base { for j in 0..<C { db[j] = base[j] + s * dy[j] } }
-                else { for j in 0..<C { db[j] = 0 + s * dy[j] } }
+    // dGamma's column sums are taken in the same pass, block by block (see BlockColumnSums).
+    let sums = BlockColumnSums(rows: B * T, cols: C, vectors: dGamma != nil ? 1 : 0)
+    defer { sums.deallocate() }
+    Parallel.forRanges(sums.blocks) { blocks in
+        for block in blocks {
+            let pg = sums.partial(block, 0)
+            for row in sums.rows(of: block) {
+                let s = keep?[row / T] ?? 1
+                let dy = dOut + row * C, db = dBranch + row * C
+                if let dResidual { let dr = dResidual + row * C; for j in 0..<C { dr[j] += dy[j] } }
+                let base: UnsafePointer<Float>? = accumulateBranch ? UnsafePointer(db) : nil
+                if let gamma {
+                    if let base { for j in 0..<C { db[j] = base[j] + s * gamma[j] * dy[j] } }
+                    else { for j in 0..<C { db[j] = 0 + s * gamma[j] * dy[j] } }
+                } else {
+                    if let base { for j in 0..<C { db[j] = base[j] + s * dy[j] } }
+                    else { for j in 0..<C { db[j] = 0 + s * dy[j] } }
+                }
+                if let pg, s != 0 {
+                    let y = branch + row * C
+                    for j in 0..<C { pg[j] += s * dy[j] * y[j] }
+                }
             }
         }
     }
-    guard let dGamma else { return }
-    nonisolated(unsafe) let dG = dGamma
-    Parallel.forRanges(C, grain: 16) { c in
-        for row in 0..<(B * T) {
-            let s = keep?[row / T] ?? 1
-            if s == 0 { continue }
-            let dy = dOut + row * C, y = branch + row * C
-            for j in c { dG[j] += s * dy[j] * y[j] }
-        }
-    }
+    if let dGamma { sums.add(0, into: dGamma) }
 }
