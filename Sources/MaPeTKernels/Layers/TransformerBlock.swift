@@ -63,44 +63,68 @@ public final class Arena: @unchecked Sendable {
 }
 
 /// What one block keeps from the forward for the backward, for one stream of `rows = B·T` tokens.
+/// A stream that computes its own keys and values keeps q, k and v side by side, [rows, 3C]
+/// (one product with the stacked weights `wqkv`): q, kv and their gradients then have row
+/// stride 3C. A stream that borrows another's K/V keeps q alone, [rows, C].
 public struct BlockCache: @unchecked Sendable {
     public var ln1, ln1Mean, ln1Rstd, q, attn, proj, xMid, ln2, ln2Mean, ln2Rstd, act, fc2: UnsafeMutablePointer<Float>
     /// fc1's output; with GELU replaced in the forward by gelu' of it (all the backward needs).
     public var fc1: UnsafeMutablePointer<Float>
-    /// [rows, 2C] keys | values; nil for a stream that borrows another stream's K/V.
+    /// Keys | values, q + C (row stride 3C); nil for a stream that borrows another stream's K/V.
     public var kv: UnsafeMutablePointer<Float>?
+    /// [3C, C] the q and kv weights stacked, then [3C] their biases: filled by the forward from
+    /// the parameters (which live apart, under their reference names), read by the backward.
+    public var wqkv: UnsafeMutablePointer<Float>?
+    /// Row strides of q and of kv.
+    public let ldQ, ldKV: Int
     /// [B, H, T, Nk] attention probabilities.
     public var probs: UnsafeMutablePointer<Float>
 
     public static func floats(rows: Int, C: Int, hidden: Int, probs: Int, ownsKV: Bool) -> [Int] {
-        [rows * C, rows, rows, rows * C, rows * C, rows * C, rows * C, rows * C, rows, rows,
-         rows * hidden, rows * hidden, rows * C, ownsKV ? rows * 2 * C : 0, probs]
+        [rows * C, rows, rows, ownsKV ? rows * 3 * C : rows * C, rows * C, rows * C, rows * C, rows * C, rows, rows,
+         rows * hidden, rows * hidden, rows * C, ownsKV ? 3 * C * C + 3 * C : 0, probs]
     }
 
     public init(arena: Arena, rows: Int, C: Int, hidden: Int, probs: Int, ownsKV: Bool) {
         ln1 = arena.take(rows * C); ln1Mean = arena.take(rows); ln1Rstd = arena.take(rows)
-        q = arena.take(rows * C); attn = arena.take(rows * C); proj = arena.take(rows * C)
+        q = arena.take(ownsKV ? rows * 3 * C : rows * C); attn = arena.take(rows * C); proj = arena.take(rows * C)
         xMid = arena.take(rows * C); ln2 = arena.take(rows * C); ln2Mean = arena.take(rows); ln2Rstd = arena.take(rows)
         fc1 = arena.take(rows * hidden); act = arena.take(rows * hidden); fc2 = arena.take(rows * C)
-        kv = ownsKV ? arena.take(rows * 2 * C) : nil
+        kv = ownsKV ? q + C : nil
+        wqkv = ownsKV ? arena.take(3 * C * C + 3 * C) : nil
+        ldQ = ownsKV ? 3 * C : C
+        ldKV = 3 * C
         self.probs = arena.take(probs)
     }
 }
 
 /// Gradient scratch for one stream, shared by all blocks (each backward step clears what it uses).
+/// A stream with its own K/V keeps dQ | dK | dV side by side, [rows, 3C], like its cache.
 public struct BlockScratch: @unchecked Sendable {
     public var dLn, dQ, dAttn, dBranch, dAct, dFc1: UnsafeMutablePointer<Float>
+    /// dQ + C (row stride 3C), nil without own K/V.
     public var dKV: UnsafeMutablePointer<Float>?
+    /// [3C, C] + [3C]: the stacked q/kv weights' gradient of one block, before it is added to
+    /// the parameters' own gradients.
+    public var dWqkv: UnsafeMutablePointer<Float>?
 
     public static func floats(rows: Int, C: Int, hidden: Int, ownsKV: Bool) -> [Int] {
-        [rows * C, rows * C, rows * C, rows * C, rows * hidden, rows * hidden, ownsKV ? rows * 2 * C : 0]
+        [rows * C, ownsKV ? rows * 3 * C : rows * C, rows * C, rows * C, rows * hidden, rows * hidden,
+         ownsKV ? 3 * C * C + 3 * C : 0]
     }
 
     public init(arena: Arena, rows: Int, C: Int, hidden: Int, ownsKV: Bool) {
-        dLn = arena.take(rows * C); dQ = arena.take(rows * C); dAttn = arena.take(rows * C)
+        dLn = arena.take(rows * C); dQ = arena.take(ownsKV ? rows * 3 * C : rows * C); dAttn = arena.take(rows * C)
         dBranch = arena.take(rows * C); dAct = arena.take(rows * hidden); dFc1 = arena.take(rows * hidden)
-        dKV = ownsKV ? arena.take(rows * 2 * C) : nil
+        dKV = ownsKV ? dQ + C : nil
+        dWqkv = ownsKV ? arena.take(3 * C * C + 3 * C) : nil
     }
+}
+
+/// dst[i] += src[i] for i < n.
+@inline(__always)
+func add(_ src: UnsafePointer<Float>, into dst: UnsafeMutablePointer<Float>, _ n: Int) {
+    for i in 0..<n { dst[i] += src[i] }
 }
 
 @inline(__always)
@@ -125,19 +149,34 @@ public struct TransformerBlock: @unchecked Sendable {
 
     // MARK: Forward
 
-    /// norm1 and the query projection of `x [rows, C]`; keys/values too when `c.kv` is set.
+    /// norm1 and the query projection of `x [rows, C]`; keys/values too when `c.kv` is set, in
+    /// the same product (q | k | v = ln1 · wqkvᵀ: norm1's output is packed once, the weights'
+    /// panels side by side).
     public func forwardAttentionInputs(x: UnsafePointer<Float>, cache c: BlockCache, rows: Int) {
         layerNormForward(out: c.ln1, mean: c.ln1Mean, rstd: c.ln1Rstd, input: x, weight: w.norm1W, bias: w.norm1B, rows: rows, cols: C, eps: normEps)
-        linearForward(out: c.q, input: c.ln1, weight: w.qW, bias: w.qB, rows: rows, inFeatures: C, outFeatures: C, precision: precision)
-        if let kv = c.kv {
-            linearForward(out: kv, input: c.ln1, weight: w.kvW, bias: w.kvB, rows: rows, inFeatures: C, outFeatures: 2 * C, precision: precision)
+        guard let wqkv = c.wqkv else {
+            linearForward(out: c.q, input: c.ln1, weight: w.qW, bias: w.qB, rows: rows, inFeatures: C, outFeatures: C, precision: precision)
+            return
+        }
+        stackQKV(into: wqkv)
+        linearForward(out: c.q, input: c.ln1, weight: wqkv, bias: w.qB == nil ? nil : wqkv + 3 * C * C, rows: rows,
+                      inFeatures: C, outFeatures: 3 * C, precision: precision)
+    }
+
+    /// [wq; wkv] and [bq; bkv] into `dst` ([3C, C] then [3C]).
+    private func stackQKV(into dst: UnsafeMutablePointer<Float>) {
+        dst.update(from: w.qW, count: C * C)
+        (dst + C * C).update(from: w.kvW, count: 2 * C * C)
+        if let qB = w.qB, let kvB = w.kvB {
+            (dst + 3 * C * C).update(from: qB, count: C)
+            (dst + 3 * C * C + C).update(from: kvB, count: 2 * C)
         }
     }
 
     /// Attention of this stream's T queries per sample against `source`'s Nk keys/values.
     public func forwardAttention<Mask: AttentionMask>(cache c: BlockCache, source: BlockCache, B: Int, T: Int, Nk: Int, mask: Mask) {
         let kv = source.kv!
-        attentionForward(out: c.attn, ldOut: C, probs: c.probs, q: c.q, ldQ: C, k: kv, ldK: 2 * C, v: kv + C, ldV: 2 * C,
+        attentionForward(out: c.attn, ldOut: C, probs: c.probs, q: c.q, ldQ: c.ldQ, k: kv, ldK: source.ldKV, v: kv + C, ldV: source.ldKV,
                          B: B, M: T, Nk: Nk, C: C, H: H, mask: mask, precision: precision)
     }
 
@@ -198,23 +237,38 @@ public struct TransformerBlock: @unchecked Sendable {
     }
 
     /// ∂L/∂q into `s.dQ` (written) and ∂L/∂[k|v] into `dKV` (the source stream's): written by the
-    /// first stream to reach it (`accumulateKV` false), added by the others.
+    /// first stream to reach it (`accumulateKV` false), added by the others. dQ and dKV have the
+    /// row strides of q and kv (the scratch of a stream is laid out as its cache).
     public func backwardAttention(cache c: BlockCache, scratch s: BlockScratch, source: BlockCache, dKV: UnsafeMutablePointer<Float>,
                                   B: Int, T: Int, Nk: Int, accumulateKV: Bool, keyIntervals: KeyIntervals? = nil) {
         let kv = source.kv!
         attentionBackward(dQ: s.dQ, dK: dKV, dV: dKV + C, dOut: s.dAttn, ldOut: C, probs: c.probs,
-                          q: c.q, ldQ: C, k: kv, ldK: 2 * C, v: kv + C, ldV: 2 * C, B: B, M: T, Nk: Nk, C: C, H: H, precision: precision,
+                          q: c.q, ldQ: c.ldQ, k: kv, ldK: source.ldKV, v: kv + C, ldV: source.ldKV, B: B, M: T, Nk: Nk, C: C, H: H, precision: precision,
                           accumulateQ: false, accumulateKV: accumulateKV, keyIntervals: keyIntervals)
     }
 
-    /// q (and kv, when `dKV` is given) backward, then norm1: adds ∂L/∂x into dx.
+    /// q (and kv, when `dKV` is given: then in one product over dQ | dK | dV and the stacked
+    /// weights) backward, then norm1: adds ∂L/∂x into dx.
     public func backwardAttentionInputs(dx: UnsafeMutablePointer<Float>, x: UnsafePointer<Float>, cache c: BlockCache,
                                         scratch s: BlockScratch, dKV: UnsafePointer<Float>?, rows: Int) {
-        linearBackward(dInput: s.dLn, dWeight: g.qW, dBias: g.qB, dOut: s.dQ, input: c.ln1, weight: w.qW,
-                       rows: rows, inFeatures: C, outFeatures: C, precision: precision, accumulateInput: false)
-        if let dKV {
-            linearBackward(dInput: s.dLn, dWeight: g.kvW, dBias: g.kvB, dOut: dKV, input: c.ln1, weight: w.kvW,
-                           rows: rows, inFeatures: C, outFeatures: 2 * C, precision: precision)
+        if dKV != nil, let wqkv = c.wqkv, let dW = s.dWqkv {
+            precondition(dKV == UnsafePointer(s.dQ + C), "backwardAttentionInputs: dKV must be the stream's own, beside dQ")
+            let n = 3 * C * C + 3 * C
+            dW.update(repeating: 0, count: n)
+            let hasBias = g.qB != nil
+            linearBackward(dInput: s.dLn, dWeight: dW, dBias: hasBias ? dW + 3 * C * C : nil, dOut: s.dQ, input: c.ln1,
+                           weight: wqkv, rows: rows, inFeatures: C, outFeatures: 3 * C, precision: precision,
+                           accumulateInput: false)
+            add(dW, into: g.qW, C * C)
+            add(dW + C * C, into: g.kvW, 2 * C * C)
+            if let qB = g.qB, let kvB = g.kvB {
+                add(dW + 3 * C * C, into: qB, C)
+                add(dW + 3 * C * C + C, into: kvB, 2 * C)
+            }
+        } else {
+            precondition(dKV == nil, "backwardAttentionInputs: keys/values of a stream without its own")
+            linearBackward(dInput: s.dLn, dWeight: g.qW, dBias: g.qB, dOut: s.dQ, input: c.ln1, weight: w.qW,
+                           rows: rows, inFeatures: C, outFeatures: C, precision: precision, accumulateInput: false)
         }
         layerNormBackward(dInput: dx, dWeight: g.norm1W, dBias: g.norm1B, dOut: s.dLn, input: x, weight: w.norm1W,
                           mean: c.ln1Mean, rstd: c.ln1Rstd, rows: rows, cols: C)

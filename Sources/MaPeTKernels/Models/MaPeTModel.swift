@@ -133,7 +133,7 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
                 layerNormForward(out: ch.ln1, mean: ch.ln1Mean, rstd: ch.ln1Rstd, input: a.hs[l], weight: w.norm1W,
                                  bias: w.norm1B, rows: B * T, cols: C)
                 linearForward(out: ch.kv!, input: ch.ln1, weight: w.kvW, bias: w.kvB, rows: B * T, inFeatures: C, outFeatures: 2 * C,
-                              precision: precision)
+                              precision: precision, ldOut: ch.ldKV)
             }
             blk.forwardAttentionInputs(x: a.gs[l], cache: cg, rows: B * P)
             if l < depth - 1 {
@@ -235,9 +235,9 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
                 blk.backwardAttentionInputs(dx: a.dh, x: a.hs[l], cache: ch, scratch: sh, dKV: dKV, rows: B * T)
             } else {
                 let w = blk.w, g = blk.g
-                zero(sh.dLn, B * T * C)
                 linearBackward(dInput: sh.dLn, dWeight: g.kvW, dBias: g.kvB, dOut: dKV, input: ch.ln1, weight: w.kvW,
-                               rows: B * T, inFeatures: C, outFeatures: 2 * C, precision: precision)
+                               rows: B * T, inFeatures: C, outFeatures: 2 * C, precision: precision, accumulateInput: false,
+                               ldOut: ch.ldKV)
                 layerNormBackward(dInput: a.dh, dWeight: g.norm1W, dBias: g.norm1B, dOut: sh.dLn, input: a.hs[l], weight: w.norm1W,
                                   mean: ch.ln1Mean, rstd: ch.ln1Rstd, rows: B * T, cols: C)
             }
