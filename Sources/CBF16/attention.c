@@ -105,7 +105,7 @@ static void AVX512BF16 strip_scores(long kp, const uint32_t *a, const uint32_t *
     for (long p = c0 / NR; p * NR < c1; p++) {
         long x = p * NR < c0 ? (c0 - p * NR) / 16 * 16 : 0, nr = (c1 - p * NR < NR ? c1 - p * NR : NR) - x;
         kernel_6x64(kp, a, kp, 1, packed + (size_t)p * kp * NR + x, c + p * NR + x, ldc, 1.0f, 0.0f, NULL, NULL, NULL,
-                    1, mr, nr);
+                    1, mr, nr, 0);
     }
 }
 
@@ -116,7 +116,7 @@ static void AVX512BF16 strip_product(long kpn, const uint32_t *a, const uint32_t
     for (long p = 0; p * NR < N; p++) {
         long nr = N - p * NR < NR ? N - p * NR : NR;
         kernel_6x64(kpn, a, kpn, 1, packed + ((size_t)p * kpT + q0) * NR, c + p * NR, ldc, 1.0f, beta, NULL, NULL, NULL,
-                    1, mr, nr);
+                    1, mr, nr, 0);
     }
 }
 
@@ -278,9 +278,9 @@ static void AVX512BF16 backward(long M, long D, float scale, const keyset *ks,
                 long r0 = runs[t][0] & ~1L, rn = runs[t][1] - r0;
                 float beta = t == 0 ? betaKV : 1.0f;
                 bf16_tile_in(1, D, rn, 1.0f, probs + r0 * Nk, Nk, w.rows + (r0 / 2) * NR, kpM, beta, NULL, dv, lddv,
-                             c0, c1, 0, D, w.abuf, NULL, NULL, NULL);
+                             c0, c1, 0, D, w.abuf, NULL, NULL, NULL, 0);
                 bf16_tile_in(1, D, rn, 1.0f, ds + r0 * Nk, Nk, w.rows2 + (r0 / 2) * NR, kpM, beta, NULL, dk, lddk,
-                             c0, c1, 0, D, w.abuf, NULL, NULL, NULL);
+                             c0, c1, 0, D, w.abuf, NULL, NULL, NULL, 0);
             }
             if (n == 0 && betaKV == 0.0f)
                 for (long c = c0; c < c1; c++) {

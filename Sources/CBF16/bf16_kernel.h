@@ -127,13 +127,15 @@ static inline void AVX512BF16 gelu_and_grad(__m512 x, __m512 *value, __m512 *gra
 /// C[0:mr, 0:nr] (+)= alpha · Σ_k a·b over kpn k-pairs. a: row r, pair q at a[r·rs + q·ks];
 /// b: [q][NR]. first: C = alpha·acc + beta·C (beta == 0: C not read); else C += alpha·acc.
 /// With `emul` (laid out as C, row stride ldc), the value stored is that result ⊙ emul; with
-/// `gderiv` (laid out as C), C gets gelu(result) and gderiv gelu′(result).
+/// `gderiv` (laid out as C), C gets gelu(result) and gderiv gelu′(result). With `cbf16`, C is
+/// uint16 bf16 values (ldc in them) and gets the final values rounded to nearest even (only
+/// with first and beta 0: it is never read).
 /// `nvu` (1…NV, a constant after inlining) vectors of each B row are used: the last panel of
 /// an N that is not a multiple of NR (197 = 3·64 + 5) computes only the columns it has.
 static inline __attribute__((always_inline)) AVX512BF16
 void kernel_body(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *b,
                  float *c, long ldc, float alpha, float beta, const float *bias, const float *emul,
-                 float *gderiv, int first, long mr, long nr, const int nvu) {
+                 float *gderiv, int first, long mr, long nr, int cbf16, const int nvu) {
     __m512 acc[MR][NV];
 #pragma clang loop unroll(full)
     for (int r = 0; r < MR; r++)
@@ -142,7 +144,8 @@ void kernel_body(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *
     // Bring the C tile in while the k loop runs: it is read and written only at the end, and
     // a large C is far out of cache (its rows are pages apart).
     for (long r = 0; r < mr; r++)
-        for (long v = 0; v < nr; v += 16) _mm_prefetch((const char *)(c + r * ldc + v), _MM_HINT_T0);
+        for (long v = 0; v < nr; v += cbf16 ? 32 : 16)
+            _mm_prefetch(cbf16 ? (const char *)((uint16_t *)c + r * ldc + v) : (const char *)(c + r * ldc + v), _MM_HINT_T0);
     const uint32_t *a0 = a, *a1 = a + rs, *a2 = a + 2 * rs, *a3 = a + 3 * rs, *a4 = a + 4 * rs, *a5 = a + 5 * rs;
     long off = 0;
     for (long q = 0; q < kpn; q++, off += ks, b += NR) {
@@ -178,7 +181,8 @@ void kernel_body(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *
                 gelu_and_grad(x, &x, &grad);
                 _mm512_mask_storeu_ps(gderiv + r * ldc + 16 * v, m, grad);
             }
-            _mm512_mask_storeu_ps(cr + 16 * v, m, x);
+            if (cbf16) _mm256_mask_storeu_epi16((uint16_t *)c + r * ldc + 16 * v, m, (__m256i)_mm512_cvtneps_pbh(x));
+            else _mm512_mask_storeu_ps(cr + 16 * v, m, x);
         }
     }
 }
@@ -186,12 +190,12 @@ void kernel_body(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *
 static inline AVX512BF16
 void kernel_6x64(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *b,
                  float *c, long ldc, float alpha, float beta, const float *bias, const float *emul,
-                 float *gderiv, int first, long mr, long nr) {
+                 float *gderiv, int first, long mr, long nr, int cbf16) {
     switch ((nr + 15) / 16) {
-    case 1: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, emul, gderiv, first, mr, nr, 1); break;
-    case 2: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, emul, gderiv, first, mr, nr, 2); break;
-    case 3: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, emul, gderiv, first, mr, nr, 3); break;
-    default: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, emul, gderiv, first, mr, nr, NV); break;
+    case 1: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, emul, gderiv, first, mr, nr, cbf16, 1); break;
+    case 2: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, emul, gderiv, first, mr, nr, cbf16, 2); break;
+    case 3: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, emul, gderiv, first, mr, nr, cbf16, 3); break;
+    default: kernel_body(kpn, a, rs, ks, b, c, ldc, alpha, beta, bias, emul, gderiv, first, mr, nr, cbf16, NV); break;
     }
 }
 
@@ -199,7 +203,7 @@ void kernel_6x64(long kpn, const uint32_t *a, long rs, long ks, const uint32_t *
 /// panel (≥ ⌈K/2⌉): a product over some leading rows of a packing of more (attention.c).
 void bf16_tile_in(int transA, long N, long K, float alpha, const float *A, long lda, const uint32_t *packedB,
                   long panelPairs, float beta, const float *bias, float *C, long ldc, long i0, long i1, long j0, long j1,
-                  uint32_t *abuf, float *rowsums, const float *emul, float *gderiv);
+                  uint32_t *abuf, float *rowsums, const float *emul, float *gderiv, int flags);
 
 #endif   // __x86_64__
 

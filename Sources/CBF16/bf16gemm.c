@@ -136,6 +136,28 @@ void mapet_bf16_pack_b_pairs(int transB, long K, long N, const float *B, long ld
     }
 }
 
+AVX512BF16
+void mapet_bf16_pack_b_pairs_bf16(long K, long N, const uint16_t *B, long ldb, long panel0, long panel1, long kp0,
+                                  long kp1, uint32_t *packed) {
+    long kpT = (K + 1) / 2;
+    if (kp1 > kpT) kp1 = kpT;
+    for (long p = panel0; p < panel1; p++) {
+        uint32_t *dst = packed + (size_t)p * kpT * NR;
+        long j0 = p * NR;
+        for (long kp = kp0; kp < kp1; kp++) {
+            // Rows k and k+1 already in bf16: word j = (row k+1, column j) << 16 | (row k, column j).
+            const uint16_t *r0 = B + 2 * kp * ldb + j0;
+            const uint16_t *r1 = 2 * kp + 1 < K ? r0 + ldb : NULL;
+            for (int v = 0; v < NV; v++) {
+                __mmask16 m = mask_first(N - j0 - 16 * v);
+                __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + 16 * v));
+                __m512i hi = r1 ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r1 + 16 * v)) : _mm512_setzero_si512();
+                _mm512_storeu_si512(dst + kp * NR + 16 * v, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------- packing A
 
 /// Packs rows [ib, ib + mb) of op(A), k-pairs [kp0, kp0 + kpn), into abuf. Returns the strides
@@ -143,9 +165,25 @@ void mapet_bf16_pack_b_pairs(int transB, long K, long N, const float *B, long ld
 /// A [M, K] (each row converts straight from memory), pairs of rows for A [K, M].
 AVX512BF16
 static void pack_a(int transA, long K, const float *A, long lda, long ib, long mb, long kp0, long kpn,
-                   uint32_t *abuf, long *rs, long *ks, float *rowsums) {
+                   uint32_t *abuf, long *rs, long *ks, float *rowsums, int abf16) {
     long mbr = (mb + MR - 1) / MR * MR;   // the micro-kernel reads whole MR-row panels
-    if (!transA) {
+    if (!transA && abf16) {
+        // A [M, K] already in bf16: a row's pairs are its consecutive 32-bit words; an odd K's
+        // last pair has one value (read alone: the word would reach past the row).
+        const uint16_t *A16 = (const uint16_t *)A;
+        long whole = 2 * (kp0 + kpn) > K ? kpn - 1 : kpn;   // pairs with both values in the row
+        for (long i = 0; i < mb; i++) {
+            const uint16_t *src = A16 + (ib + i) * lda + 2 * kp0;
+            uint32_t *dst = abuf + i * KCP;
+            for (long q = 0; q < whole; q += 16) {
+                __mmask16 m = mask_first(whole - q);
+                _mm512_mask_storeu_epi32(dst + q, m, _mm512_maskz_loadu_epi32(m, src + 2 * q));
+            }
+            if (whole < kpn) dst[whole] = src[2 * whole];
+        }
+        for (long i = mb; i < mbr; i++) memset(abuf + i * KCP, 0, (size_t)kpn * 4);
+        *rs = KCP; *ks = 1;
+    } else if (!transA) {
         long k0 = 2 * kp0, nk = K - k0 < 2 * kpn ? K - k0 : 2 * kpn;
         for (long i = 0; i < mb; i++) {
             const float *src = A + (ib + i) * lda + k0;
@@ -184,24 +222,30 @@ static void pack_a(int transA, long K, const float *A, long lda, long ib, long m
 void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const float *A, long lda,
                      const uint32_t *packedB, float beta, const float *bias, float *C, long ldc,
                      long i0, long i1, long j0, long j1, uint32_t *abuf, float *rowsums, const float *emul,
-                     float *gderiv) {
+                     float *gderiv, int flags) {
     (void)M;
     bf16_tile_in(transA, N, K, alpha, A, lda, packedB, (K + 1) / 2, beta, bias, C, ldc, i0, i1, j0, j1, abuf, rowsums,
-                 emul, gderiv);
+                 emul, gderiv, flags);
 }
 
-/// The source of op(A) for rows [ib, ib + mb), k-pairs [kp0, kp0 + kpn).
-static mapet_bf16_rows a_source(int transA, long K, const float *A, long lda, long ib, long mb, long kp0, long kpn) {
+long mapet_bf16_k_block(void) { return 2 * KCP; }
+
+/// The source of op(A) for rows [ib, ib + mb), k-pairs [kp0, kp0 + kpn) (as floats: a bf16 A
+/// is half as many).
+static mapet_bf16_rows a_source(int transA, long K, const float *A, long lda, long ib, long mb, long kp0, long kpn,
+                                int abf16) {
     long k0 = 2 * kp0, nk = K - k0 < 2 * kpn ? K - k0 : 2 * kpn;
     if (transA) return (mapet_bf16_rows){A + k0 * lda + ib, nk, mb, lda};
+    if (abf16) return (mapet_bf16_rows){(const float *)((const uint16_t *)A + ib * lda + k0), mb, (nk + 1) / 2, lda / 2};
     return (mapet_bf16_rows){A + ib * lda + k0, mb, nk, lda};
 }
 
 AVX512BF16
 void bf16_tile_in(int transA, long N, long K, float alpha, const float *A, long lda, const uint32_t *packedB,
                   long panelPairs, float beta, const float *bias, float *C, long ldc, long i0, long i1, long j0, long j1,
-                  uint32_t *abuf, float *rowsums, const float *emul, float *gderiv) {
+                  uint32_t *abuf, float *rowsums, const float *emul, float *gderiv, int flags) {
     if (j1 > N) j1 = N;
+    int abf16 = !transA && (flags & MAPET_BF16_A_IS_BF16), cbf16 = (flags & MAPET_BF16_C_AS_BF16) != 0;
     long kpT = (K + 1) / 2;
     for (long kp0 = 0; kp0 < kpT; kp0 += KCP) {
         long kpn = kpT - kp0 < KCP ? kpT - kp0 : KCP;
@@ -209,7 +253,7 @@ void bf16_tile_in(int transA, long N, long K, float alpha, const float *A, long 
         for (long ib = i0; ib < i1; ib += MC) {
             long mb = i1 - ib < MC ? i1 - ib : MC;
             long rs, ks;
-            pack_a(transA, K, A, lda, ib, mb, kp0, kpn, abuf, &rs, &ks, transA && rowsums ? rowsums + ib : NULL);
+            pack_a(transA, K, A, lda, ib, mb, kp0, kpn, abuf, &rs, &ks, transA && rowsums ? rowsums + ib : NULL, abf16);
             // While this block runs, bring the next block's op(A) into L2, a share per
             // micro-kernel call: packing it then converts from L2 instead of waiting on memory
             // (a weight gradient's A is dOutᵀ, read a few hundred bytes per row).
@@ -217,7 +261,7 @@ void bf16_tile_in(int transA, long N, long K, float alpha, const float *A, long 
             mapet_bf16_rows next = {NULL, 0, 0, 0};
             if (nkp0 < kpT) {
                 long nmb = i1 - nib < MC ? i1 - nib : MC, nkpn = kpT - nkp0 < KCP ? kpT - nkp0 : KCP;
-                next = a_source(transA, K, A, lda, nib, nmb, nkp0, nkpn);
+                next = a_source(transA, K, A, lda, nib, nmb, nkp0, nkpn, abf16);
             }
             long calls = ((j1 - j0 + NR - 1) / NR) * ((mb + MR - 1) / MR), call = 0;
             for (long j = j0; j < j1; j += NR) {
@@ -226,9 +270,10 @@ void bf16_tile_in(int transA, long N, long K, float alpha, const float *A, long 
                 for (long ir = 0; ir < mb; ir += MR, call++) {
                     long mr = mb - ir < MR ? mb - ir : MR;
                     if (next.rows) prefetch_share(&next, call, calls);
-                    kernel_6x64(kpn, abuf + ir * rs, rs, ks, bp, C + (ib + ir) * ldc + j, ldc,
+                    float *c = cbf16 ? (float *)((uint16_t *)C + (ib + ir) * ldc + j) : C + (ib + ir) * ldc + j;
+                    kernel_6x64(kpn, abuf + ir * rs, rs, ks, bp, c, ldc,
                                 alpha, beta, bias ? bias + j : NULL, last && emul ? emul + (ib + ir) * ldc + j : NULL,
-                                last && gderiv ? gderiv + (ib + ir) * ldc + j : NULL, first, mr, nr);
+                                last && gderiv ? gderiv + (ib + ir) * ldc + j : NULL, first, mr, nr, cbf16);
                 }
             }
         }
@@ -248,11 +293,18 @@ void mapet_bf16_pack_b_pairs(int transB, long K, long N, const float *B, long ld
     (void)packed;
 }
 
+void mapet_bf16_pack_b_pairs_bf16(long K, long N, const uint16_t *B, long ldb, long panel0, long panel1, long kp0,
+                                  long kp1, uint32_t *packed) {
+    (void)K; (void)N; (void)B; (void)ldb; (void)panel0; (void)panel1; (void)kp0; (void)kp1; (void)packed;
+}
+
+long mapet_bf16_k_block(void) { return 0; }
+
 void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const float *A, long lda,
                      const uint32_t *packedB, float beta, const float *bias, float *C, long ldc,
                      long i0, long i1, long j0, long j1, uint32_t *abuf, float *rowsums, const float *emul,
-                     float *gderiv) {
-    (void)transA; (void)rowsums; (void)emul; (void)gderiv; (void)M; (void)N; (void)K; (void)alpha; (void)A; (void)lda; (void)packedB;
+                     float *gderiv, int flags) {
+    (void)transA; (void)rowsums; (void)emul; (void)gderiv; (void)flags; (void)M; (void)N; (void)K; (void)alpha; (void)A; (void)lda; (void)packedB;
     (void)beta; (void)bias; (void)C; (void)ldc; (void)i0; (void)i1; (void)j0; (void)j1; (void)abuf;
 }
 

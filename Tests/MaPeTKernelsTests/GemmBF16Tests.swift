@@ -115,6 +115,41 @@ final class GemmBF16Tests: XCTestCase {
         }
     }
 
+    /// The MLP's hidden activation held in bf16 (BF16Storage): written by fc1's product (with
+    /// GELU in its store), read by fc2's forward (.a) and by fc2's weight gradient (.b), it gives
+    /// the bits of fp32 storage — each reader rounds its fp32 inputs to bf16 by the same rule.
+    /// Odd sizes: fc2's K (the hidden width) odd, so the last pair of each row has one value.
+    func testActivationStoredInBF16GivesTheBitsOfFP32Storage() throws {
+        try XCTSkipUnless(BF16.isActive, "bf16 storage exists only with the AVX512-BF16 kernel")
+        let rows = 301, C = 77, H = 45, C2 = 53
+        let x = values(rows * C, seed: 21).map { $0 * 3 }, w1 = values(H * C, seed: 22), b1 = values(H, seed: 23)
+        let w2 = values(C2 * H, seed: 24), b2 = values(C2, seed: 25), dy = values(rows * C2, seed: 26)
+        // fp32 storage
+        var act = [Float](repeating: 0, count: rows * H), deriv = act
+        linearForward(out: &act, input: x, weight: w1, bias: b1, rows: rows, inFeatures: C, outFeatures: H,
+                      precision: .bf16, geluDerivative: &deriv)
+        var y = [Float](repeating: 0, count: rows * C2), dw = [Float](repeating: 0, count: C2 * H)
+        linearForward(out: &y, input: act, weight: w2, bias: b2, rows: rows, inFeatures: H, outFeatures: C2, precision: .bf16)
+        linearBackward(dInput: nil, dWeight: &dw, dBias: nil, dOut: dy, input: act, weight: w2,
+                       rows: rows, inFeatures: H, outFeatures: C2, precision: .bf16)
+        // bf16 storage
+        var act16 = [UInt16](repeating: 0, count: rows * H), deriv16 = [Float](repeating: 0, count: rows * H)
+        var y16 = y.map { _ in Float.nan }, dw16 = [Float](repeating: 0, count: C2 * H)
+        act16.withUnsafeMutableBytes { raw in
+            let a = raw.baseAddress!.assumingMemoryBound(to: Float.self)   // bf16 values behind a Float pointer
+            linearForward(out: a, input: x, weight: w1, bias: b1, rows: rows, inFeatures: C, outFeatures: H,
+                          precision: .bf16, geluDerivative: &deriv16, storage: .c)
+            linearForward(out: &y16, input: a, weight: w2, bias: b2, rows: rows, inFeatures: H, outFeatures: C2,
+                          precision: .bf16, storage: .a)
+            linearBackward(dInput: nil, dWeight: &dw16, dBias: nil, dOut: dy, input: a, weight: w2,
+                           rows: rows, inFeatures: H, outFeatures: C2, precision: .bf16, inputInBF16: true)
+        }
+        XCTAssertEqual(act16.map { Float(bitPattern: UInt32($0) << 16) }, act.map(bf16Round))
+        XCTAssertEqual(deriv16, deriv)
+        XCTAssertEqual(y16, y)
+        XCTAssertEqual(dw16, dw)
+    }
+
     func testNativeFollowsCPUFlags() {
         guard let f = fopen("/proc/cpuinfo", "r") else { return }
         defer { fclose(f) }

@@ -43,6 +43,10 @@ void mapet_bf16_pack_b(int transB, long K, long N, const float *B, long ldb,
 void mapet_bf16_pack_b_pairs(int transB, long K, long N, const float *B, long ldb,
                              long panel0, long panel1, long kp0, long kp1, uint32_t *packed);
 
+/// The same from op(B) = B [K, N] already in bf16 (uint16 values, row stride ldb in them): the
+/// pairs are formed without rounding.
+void mapet_bf16_pack_b_pairs_bf16(long K, long N, const uint16_t *B, long ldb, long panel0, long panel1, long kp0,
+                                  long kp1, uint32_t *packed);
 /// Number of 32-bit words a worker's A buffer needs.
 size_t mapet_bf16_a_buffer_words(void);
 
@@ -61,10 +65,18 @@ void mapet_bf16_tile_shape(long M, long N, long K, long workers, long *tileRows,
 /// backward in the product's store instead of a pass of its own). With `gderiv` [M, N] (row
 /// stride ldc) not NULL, C receives gelu of its final values and gderiv their gelu′ (GELU's
 /// forward, keeping what its backward needs, in the store of the product feeding it).
+/// `flags`: MAPET_BF16_A_IS_BF16: A (not transposed) holds uint16 bf16 values, lda in them;
+/// MAPET_BF16_C_AS_BF16: C receives its final values as uint16 bf16 (round to nearest even),
+/// ldc in them — only with beta 0 and K ≤ mapet_bf16_k_block() (C is stored once, never read).
+/// An activation stored so by one product and read so by the next gives the bits of storing it
+/// in fp32: the next product rounds its inputs to bf16 the same way.
 void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const float *A, long lda,
                      const uint32_t *packedB, float beta, const float *bias, float *C, long ldc,
                      long i0, long i1, long j0, long j1, uint32_t *abuf, float *rowsums, const float *emul,
-                     float *gderiv);
+                     float *gderiv, int flags);
+enum { MAPET_BF16_A_IS_BF16 = 1, MAPET_BF16_C_AS_BF16 = 2 };
+/// The largest K whose product is one K block (C stored once).
+long mapet_bf16_k_block(void);
 
 /// A block of memory to bring into cache: `rows` rows of `cols` floats, `ld` floats apart.
 typedef struct { const float *p; long rows, cols, ld; } mapet_bf16_rows;

@@ -26,6 +26,9 @@ public enum BF16 {
     /// Native and not switched off by the environment variable MAPET_BF16=off (read once, at first use).
     public static var isActive: Bool { isNative && !disabledByEnvironment }
 
+    /// The largest K whose product the kernel sums in one block (see `BF16Storage.c`).
+    public static let singleBlockK: Int = mapet_bf16_k_block()
+
     /// What `bf16Gemm` runs: the micro-kernel's name, or the fp32 fallback.
     public static var kernelName: String {
         isActive ? String(cString: mapet_bf16_kernel_name()) : "fp32 (sgemm fallback)"
@@ -57,15 +60,32 @@ public func bf16Gemm(transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
 /// as they are stored (the bits of the product followed by a multiplying pass). With
 /// `geluDerivative` [M, N] (row stride ldc), C receives gelu of its final values and
 /// geluDerivative their gelu′ (the bits of the product followed by `geluForwardKeepingDerivative`).
+/// `storage` says which operands hold bf16 values (uint16, strides in them) instead of fp32:
+/// see `BF16Storage`; only with the kernel active (`BF16.isActive`).
 public func bf16GemmParallel(transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
     alpha: Float, A: UnsafePointer<Float>, lda: Int, B: UnsafePointer<Float>, ldb: Int,
     beta: Float, C: UnsafeMutablePointer<Float>, ldc: Int, bias: UnsafePointer<Float>? = nil,
     rowSums: UnsafeMutablePointer<Float>? = nil, multiplyBy: UnsafePointer<Float>? = nil,
-    geluDerivative: UnsafeMutablePointer<Float>? = nil)
+    geluDerivative: UnsafeMutablePointer<Float>? = nil, storage: BF16Storage = [])
 {
     bf16GemmDriver(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda,
                    B: B, ldb: ldb, beta: beta, C: C, ldc: ldc, bias: bias, rowSums: rowSums,
-                   multiplyBy: multiplyBy, geluDerivative: geluDerivative, parallel: true)
+                   multiplyBy: multiplyBy, geluDerivative: geluDerivative, parallel: true, storage: storage)
+}
+
+/// Operands of a bf16 product stored as bf16 (uint16 values behind the Float pointer, strides
+/// counted in them). An activation that one product writes so and the next reads so gives the
+/// bits of fp32 storage — the reader rounds to bf16 by the same rule — with half the memory
+/// traffic.
+public struct BF16Storage: OptionSet, Sendable {
+    public let rawValue: Int
+    public init(rawValue: Int) { self.rawValue = rawValue }
+    /// A (not transposed) is read as bf16.
+    public static let a = BF16Storage(rawValue: 1)
+    /// B (not transposed) is read as bf16.
+    public static let b = BF16Storage(rawValue: 2)
+    /// C is written as bf16: beta 0 and K ≤ `BF16.singleBlockK` (C stored once, never read).
+    public static let c = BF16Storage(rawValue: 4)
 }
 
 /// Rounds to bf16 with round-to-nearest-even and back to fp32 (NaN stays NaN): the reference
@@ -81,9 +101,14 @@ private func bf16GemmDriver(transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
     alpha: Float, A: UnsafePointer<Float>, lda: Int, B: UnsafePointer<Float>, ldb: Int,
     beta: Float, C: UnsafeMutablePointer<Float>, ldc: Int, bias: UnsafePointer<Float>?,
     rowSums: UnsafeMutablePointer<Float>?, multiplyBy: UnsafePointer<Float>?,
-    geluDerivative: UnsafeMutablePointer<Float>?, parallel: Bool)
+    geluDerivative: UnsafeMutablePointer<Float>?, parallel: Bool, storage: BF16Storage = [])
 {
     if M <= 0 || N <= 0 { return }
+    precondition(storage.isEmpty || (BF16.isActive && K > 0), "bf16 storage needs the bf16 kernel and K > 0")
+    precondition(!storage.contains(.a) || !transA, "bf16 storage of A: not transposed")
+    precondition(!storage.contains(.b) || !transB, "bf16 storage of B: not transposed")
+    precondition(!storage.contains(.c) || (beta == 0 && K <= BF16.singleBlockK && multiplyBy == nil),
+                 "bf16 storage of C: beta 0, one K block")
     if multiplyBy != nil || geluDerivative != nil, !(BF16.isActive && K > 0) {
         // The fallback and the empty product: the product, then the elementwise pass.
         bf16GemmDriver(transA: transA, transB: transB, M: M, N: N, K: K, alpha: alpha, A: A, lda: lda, B: B, ldb: ldb,
@@ -148,17 +173,22 @@ private func bf16GemmDriver(transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
     let tA: Int32 = transA ? 1 : 0, tB: Int32 = transB ? 1 : 0
 
     let kernelBias = folded ? nil : bias
+    let flags = Int32((storage.contains(.a) ? Int(MAPET_BF16_A_IS_BF16) : 0) | (storage.contains(.c) ? Int(MAPET_BF16_C_AS_BF16) : 0))
+    nonisolated(unsafe) let B16 = UnsafeRawPointer(B).assumingMemoryBound(to: UInt16.self)
+    let bIsBF16 = storage.contains(.b)
     nonisolated(unsafe) let A = A, B = B, C = C, packedB = packed, bias = kernelBias, rowSums = kernelRowSums, emul = multiplyBy,
                             gderiv = geluDerivative
     let runTile = { @Sendable (t: Int, abuf: UnsafeMutablePointer<UInt32>) in
         let i0 = (t / colTiles) * tileRows, j0 = (t % colTiles) * tileCols
         // Row sums come from the first column tile of each row range: every row exactly once.
         mapet_bf16_tile(tA, M, N, K, alpha, A, lda, packedB, beta, bias, C, ldc,
-                        i0, min(i0 + tileRows, M), j0, min(j0 + tileCols, N), abuf, j0 == 0 ? rowSums : nil, emul, gderiv)
+                        i0, min(i0 + tileRows, M), j0, min(j0 + tileCols, N), abuf, j0 == 0 ? rowSums : nil, emul, gderiv,
+                        flags)
     }
     let abufBytes = mapet_bf16_a_buffer_words() * 4
     if workers == 1 {
-        mapet_bf16_pack_b(tB, K, N, B, ldb, 0, panels, packedB)
+        if bIsBF16 { mapet_bf16_pack_b_pairs_bf16(K, N, B16, ldb, 0, panels, 0, (K + 1) / 2, packedB) }
+        else { mapet_bf16_pack_b(tB, K, N, B, ldb, 0, panels, packedB) }
         let abuf = UnsafeMutableRawPointer.allocate(byteCount: abufBytes, alignment: 64)
             .assumingMemoryBound(to: UInt32.self)
         defer { abuf.deallocate() }
@@ -175,7 +205,8 @@ private func bf16GemmDriver(transA: Bool, transB: Bool, M: Int, N: Int, K: Int,
         for piece in stride(from: w, to: pieces, by: workers) {
             let p = piece / chunksPerPanel, c = piece % chunksPerPanel
             let kp0 = 16 * (runs * c / chunksPerPanel), kp1 = 16 * (runs * (c + 1) / chunksPerPanel)
-            mapet_bf16_pack_b_pairs(tB, K, N, B, ldb, p, p + 1, kp0, kp1, packedB)
+            if bIsBF16 { mapet_bf16_pack_b_pairs_bf16(K, N, B16, ldb, p, p + 1, kp0, kp1, packedB) }
+            else { mapet_bf16_pack_b_pairs(tB, K, N, B, ldb, p, p + 1, kp0, kp1, packedB) }
         }
     }
     // Tiles are handed out first come, first served: which worker computes a tile never

@@ -4,7 +4,9 @@
 // accumulation in bf16 (ALGORITHMS.md §7); the bias and the accumulation into gradients stay fp32.
 // Backward:  dInput += dOut · weight,  dWeight += dOutᵀ · input,  dBias += Σ_rows dOut.
 // `ldOut` (default OC) is the row stride of out / dOut: they may be a column range of a wider
-// buffer (the keys and values inside a block's fused [q | k | v]).
+// buffer (the keys and values inside a block's fused [q | k | v]). In bf16, `storage` (forward:
+// .a input, .c out) and `inputInBF16` (backward) say which activations are held as bf16 values
+// (see BF16Storage): the MLP's hidden activation between fc1 and fc2.
 
 /// With `geluDerivative` [rows, OC], out = gelu(input · weightᵀ + bias) and geluDerivative its
 /// gelu′ (the values of the product followed by `geluForwardKeepingDerivative`); in bf16 GELU
@@ -13,15 +15,17 @@ public func linearForward(
     out: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
     weight: UnsafePointer<Float>, bias: UnsafePointer<Float>?,
     rows: Int, inFeatures IC: Int, outFeatures OC: Int, precision: Precision = .fp32,
-    geluDerivative: UnsafeMutablePointer<Float>? = nil, ldOut: Int? = nil
+    geluDerivative: UnsafeMutablePointer<Float>? = nil, ldOut: Int? = nil, storage: BF16Storage = []
 ) {
     let t0 = Profiler.begin(); defer { Profiler.end(.gemm, t0) }
     let ldo = ldOut ?? OC
     precondition(geluDerivative == nil || ldo == OC, "linearForward: geluDerivative needs contiguous rows")
+    precondition(storage.isEmpty || precision.usesBF16, "linearForward: bf16 storage in a bf16 product only")
     if precision.usesBF16 {
         // The bias enters in the kernel's store of C: no separate pass over the output.
         bf16GemmParallel(transA: false, transB: true, M: rows, N: OC, K: IC, alpha: 1, A: input, lda: IC,
-                         B: weight, ldb: IC, beta: 0, C: out, ldc: ldo, bias: bias, geluDerivative: geluDerivative)
+                         B: weight, ldb: IC, beta: 0, C: out, ldc: ldo, bias: bias, geluDerivative: geluDerivative,
+                         storage: storage.intersection([.a, .c]))
         return
     }
     if let geluDerivative {
@@ -51,9 +55,10 @@ public func linearBackward(
     dInput: UnsafeMutablePointer<Float>?, dWeight: UnsafeMutablePointer<Float>?, dBias: UnsafeMutablePointer<Float>?,
     dOut: UnsafePointer<Float>, input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
     rows: Int, inFeatures IC: Int, outFeatures OC: Int, precision: Precision = .fp32, accumulateInput: Bool = true,
-    dInputScale: UnsafePointer<Float>? = nil, ldOut: Int? = nil
+    dInputScale: UnsafePointer<Float>? = nil, ldOut: Int? = nil, inputInBF16: Bool = false
 ) {
     let t0 = Profiler.begin(); defer { Profiler.end(.gemm, t0) }
+    precondition(!inputInBF16 || precision.usesBF16, "linearBackward: bf16 input in a bf16 product only")
     precondition(dInputScale == nil || !accumulateInput, "linearBackward: dInputScale writes dInput")
     let ldo = ldOut ?? OC
     if let dInput, let dInputScale, precision.usesBF16 {
@@ -72,7 +77,7 @@ public func linearBackward(
     if let dWeight, precision.usesBF16 {
         // dBias from the same pass over dOut that packs it for dWeight (the same bits).
         bf16GemmParallel(transA: true, transB: false, M: OC, N: IC, K: rows, alpha: 1, A: dOut, lda: ldo,
-                         B: input, ldb: IC, beta: 1, C: dWeight, ldc: IC, rowSums: dBias)
+                         B: input, ldb: IC, beta: 1, C: dWeight, ldc: IC, rowSums: dBias, storage: inputInBF16 ? .b : [])
         return
     }
     if let dWeight {

@@ -147,6 +147,14 @@ public struct TransformerBlock: @unchecked Sendable {
         self.C = C; self.H = H; self.hidden = hidden; w = weights; g = grads
     }
 
+    /// The MLP's hidden activation (GELU of fc1, read only by fc2's products, which round it to
+    /// bf16) is held in bf16: fc1's store rounds it, fc2's packing reads it as it is — the bits of
+    /// fp32 storage, half the memory traffic of the block's largest activation. fc1's product must
+    /// be one K block for its store to be final.
+    private var actInBF16: Bool {
+        precision.usesBF16 && BF16.isActive && activation == .gelu && C <= BF16.singleBlockK
+    }
+
     // MARK: Forward
 
     /// norm1 and the query projection of `x [rows, C]`; keys/values too when `c.kv` is set, in
@@ -190,12 +198,13 @@ public struct TransformerBlock: @unchecked Sendable {
         if activation == .gelu {
             // act = gelu(fc1(ln2)), c.fc1 = gelu′ for the backward (in bf16, in the GEMM's store).
             linearForward(out: c.act, input: c.ln2, weight: w.fc1W, bias: w.fc1B, rows: rows, inFeatures: C,
-                          outFeatures: hidden, precision: precision, geluDerivative: c.fc1)
+                          outFeatures: hidden, precision: precision, geluDerivative: c.fc1, storage: actInBF16 ? .c : [])
         } else {
             linearForward(out: c.fc1, input: c.ln2, weight: w.fc1W, bias: w.fc1B, rows: rows, inFeatures: C, outFeatures: hidden, precision: precision)
             activationForward(activation, out: c.act, input: c.fc1, count: rows * hidden)
         }
-        linearForward(out: c.fc2, input: c.act, weight: w.fc2W, bias: w.fc2B, rows: rows, inFeatures: hidden, outFeatures: C, precision: precision)
+        linearForward(out: c.fc2, input: c.act, weight: w.fc2W, bias: w.fc2B, rows: rows, inFeatures: hidden, outFeatures: C,
+                      precision: precision, storage: actInBF16 ? .a : [])
         residualForward(out: out, residual: c.xMid, branch: c.fc2, gamma: w.ls2, keep: keep2, B: B, T: T, C: C)
     }
 
@@ -219,7 +228,7 @@ public struct TransformerBlock: @unchecked Sendable {
             // dFc1 = (dBranch · fc2W) ⊙ gelu′ (kept in c.fc1 by the forward) in one pass.
             linearBackward(dInput: s.dFc1, dWeight: g.fc2W, dBias: g.fc2B, dOut: s.dBranch, input: c.act, weight: w.fc2W,
                            rows: rows, inFeatures: hidden, outFeatures: C, precision: precision, accumulateInput: false,
-                           dInputScale: c.fc1)
+                           dInputScale: c.fc1, inputInBF16: actInBF16)
         } else {
             linearBackward(dInput: s.dAct, dWeight: g.fc2W, dBias: g.fc2B, dOut: s.dBranch, input: c.act, weight: w.fc2W,
                            rows: rows, inFeatures: hidden, outFeatures: C, precision: precision, accumulateInput: false)
