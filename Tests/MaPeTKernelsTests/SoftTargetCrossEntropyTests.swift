@@ -22,6 +22,21 @@ final class SoftTargetCrossEntropyTests: XCTestCase {
         for i in dh.indices { XCTAssertEqual(dh[i], ds[i], accuracy: 1e-6) }
     }
 
+    /// The hard-label gradient written (`accumulate: false`, over a buffer of NaNs) is the bits
+    /// of accumulating into zeros, ignored rows (target −1) included.
+    func testWrittenGradientEqualsAccumulatedIntoZeros() {
+        let rows = 5, K = 9, eps: Float = 0.1
+        let logits = (0..<rows * K).map { Float(($0 * 53) % 17) * 0.4 - 3 }
+        let labels: [Int32] = [4, -1, 0, 8, -1]
+        var losses = [Float](repeating: 0, count: rows), probs = [Float](repeating: 0, count: rows * K)
+        crossEntropyForward(losses: &losses, probs: &probs, logits: logits, targets: labels, rows: rows, K: K, smoothing: eps)
+        var added = [Float](repeating: 0, count: rows * K), written = [Float](repeating: .nan, count: rows * K)
+        crossEntropyBackward(dLogits: &added, probs: probs, targets: labels, rows: rows, K: K, smoothing: eps, scale: 1 / 3)
+        crossEntropyBackward(dLogits: &written, probs: probs, targets: labels, rows: rows, K: K, smoothing: eps, scale: 1 / 3,
+                             accumulate: false)
+        XCTAssertEqual(written.map(\.bitPattern), added.map(\.bitPattern))
+    }
+
     /// The gradient against central differences of the loss in Double.
     func testGradientAgainstFiniteDifferences() {
         let rows = 2, K = 5

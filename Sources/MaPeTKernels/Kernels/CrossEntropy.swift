@@ -43,9 +43,13 @@ public func crossEntropyForward(
     return (sum, count)
 }
 
+/// `accumulate: false` writes dLogits (ignored rows get zeros) instead of adding to it: the bits
+/// of adding to zeros (a zero is still added, so −0 becomes +0), without a pass that zeroes a
+/// [rows, K] buffer first — with MaPeT's 8192-token vocabulary that pass and the extra read
+/// cost as much as the gradient itself.
 public func crossEntropyBackward(
     dLogits: UnsafeMutablePointer<Float>, probs: UnsafePointer<Float>, targets: UnsafePointer<Int32>,
-    rows: Int, K: Int, smoothing: Float = 0, scale: Float
+    rows: Int, K: Int, smoothing: Float = 0, scale: Float, accumulate: Bool = true
 ) {
     let t0 = Profiler.begin(); defer { Profiler.end(.loss, t0) }
     nonisolated(unsafe) let dLogits = dLogits, probs = probs, targets = targets
@@ -53,9 +57,13 @@ public func crossEntropyBackward(
     Parallel.forRanges(rows, grain: max(1, 8192 / max(K, 1))) { r in
         for i in r {
             let t = Int(targets[i])
-            guard t >= 0 else { continue }
             let p = probs + i * K, d = dLogits + i * K
-            for j in 0..<K { d[j] += scale * (p[j] - off) }
+            guard t >= 0 else {
+                if !accumulate { d.update(repeating: 0, count: K) }
+                continue
+            }
+            if accumulate { for j in 0..<K { d[j] += scale * (p[j] - off) } }
+            else { for j in 0..<K { d[j] = 0 + scale * (p[j] - off) } }
             d[t] -= scale * (1 - smoothing)
         }
     }

@@ -156,8 +156,8 @@ public class BEiTModel: PretrainModel, @unchecked Sendable {
         if let logitsOut { logitsOut.update(from: a.logits, count: M * V) }
         guard loss.isFinite else { rng = savedRNG; return .failure(.nonFiniteLoss(loss)) }
         guard count > 0 else { return .success(0) }
-        zero(a.dLogits, M * V)
-        crossEntropyBackward(dLogits: a.dLogits, probs: a.probs, targets: a.targets, rows: M, K: V, scale: 1 / Float(count))
+        crossEntropyBackward(dLogits: a.dLogits, probs: a.probs, targets: a.targets, rows: M, K: V, scale: 1 / Float(count),
+                             accumulate: false)
         runBackward(a, masked: masked)
         return .success(loss)
     }

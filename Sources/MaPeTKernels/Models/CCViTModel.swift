@@ -166,9 +166,8 @@ public final class CCViTModel: BEiTModel, @unchecked Sendable {
         zero(p.dPixels, M * P)
         maskedMSEBackward(dPred: p.dPixels, dLoss: pixelWeight, pred: p.pixels, target: p.targets, rows: p.selectedRows, R: M, M: P)
         pixelBackward(a, p)
-        zero(a.dLogits, M * V)
         crossEntropyBackward(dLogits: a.dLogits, probs: a.probs, targets: a.targets, rows: M, K: V,
-                             scale: Float(tokenWeight / Double(count)))
+                             scale: Float(tokenWeight / Double(count)), accumulate: false)
         runBackward(a, masked: masked) { level, dx in self.injectPixelGradient(p, level: level, dx: dx, B: B) }
         return .success(losses)
     }

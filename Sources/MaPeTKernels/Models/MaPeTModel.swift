@@ -205,8 +205,8 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
         guard count > 0 else { return .success(0) }
 
         // Head.
-        zero(a.dLogits, B * P * V)
-        crossEntropyBackward(dLogits: a.dLogits, probs: a.probs, targets: a.targets, rows: B * P, K: V, scale: 1 / Float(count))
+        crossEntropyBackward(dLogits: a.dLogits, probs: a.probs, targets: a.targets, rows: B * P, K: V, scale: 1 / Float(count),
+                             accumulate: false)
         zero(a.dNormOut, B * P * C)
         linearBackward(dInput: a.dNormOut, dWeight: g.headWeight!, dBias: g.headBias!, dOut: a.dLogits,
                        input: a.normOut, weight: w.headWeight!, rows: B * P, inFeatures: C, outFeatures: V,
