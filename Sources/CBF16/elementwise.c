@@ -79,7 +79,17 @@ void mapet_avx512_gelu(float *out, const float *x, long count) {
     }
 }
 
+AVX512BF16
+void mapet_bf16_round(const float *x, uint16_t *y, long n) {
+    for (long i = 0; i < n; i += 16) {
+        __mmask16 m = mask_first(n - i);
+        _mm256_mask_storeu_epi16(y + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x + i)));
+    }
+}
+
 #else
+
+void mapet_bf16_round(const float *x, uint16_t *y, long n) { (void)x; (void)y; (void)n; }
 
 void mapet_avx512_gelu_keep_derivative(float *out, float *x, long count) { (void)out; (void)x; (void)count; }
 void mapet_avx512_gelu(float *out, const float *x, long count) { (void)out; (void)x; (void)count; }

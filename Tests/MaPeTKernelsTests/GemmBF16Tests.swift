@@ -150,6 +150,25 @@ final class GemmBF16Tests: XCTestCase {
         XCTAssertEqual(dw16, dw)
     }
 
+    /// LayerNorm writing bf16 (for products that read it so) gives its fp32 output rounded to
+    /// nearest even, and the same mean and rstd; 301 rows cross several of its 32-row rounding
+    /// chunks and the workers' row ranges.
+    func testLayerNormOutputInBF16IsTheRoundedFP32Output() throws {
+        try XCTSkipUnless(BF16.isActive, "bf16 storage exists only with the AVX512-BF16 kernel")
+        let rows = 301, cols = 77
+        let x = values(rows * cols, seed: 31).map { $0 * 4 + 1 }, w = values(cols, seed: 32), b = values(cols, seed: 33)
+        var y = [Float](repeating: 0, count: rows * cols), mean = [Float](repeating: 0, count: rows), rstd = mean
+        layerNormForward(out: &y, mean: &mean, rstd: &rstd, input: x, weight: w, bias: b, rows: rows, cols: cols)
+        var y16 = [UInt16](repeating: 0, count: rows * cols), mean16 = mean.map { _ in Float.nan }, rstd16 = mean16
+        y16.withUnsafeMutableBytes { raw in
+            layerNormForward(out: raw.baseAddress!.assumingMemoryBound(to: Float.self), mean: &mean16, rstd: &rstd16,
+                             input: x, weight: w, bias: b, rows: rows, cols: cols, outInBF16: true)
+        }
+        XCTAssertEqual(y16.map { Float(bitPattern: UInt32($0) << 16) }, y.map(bf16Round))
+        XCTAssertEqual(mean16, mean)
+        XCTAssertEqual(rstd16, rstd)
+    }
+
     func testNativeFollowsCPUFlags() {
         guard let f = fopen("/proc/cpuinfo", "r") else { return }
         defer { fclose(f) }

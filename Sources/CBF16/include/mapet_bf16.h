@@ -110,6 +110,11 @@ void mapet_bf16_attention_backward(long M, long Nk, long D, float scale,
                                    float *dq, long lddq, float betaQ, float *dk, long lddk, float *dv, long lddv,
                                    float betaKV, float *ds, uint32_t *work, const mapet_bf16_rows *next, long n);
 
+/// y[i] = x[i] rounded to bf16 by the packing's own instruction (`vcvtneps2bf16`: nearest even,
+/// denormal inputs as zero, NaN quieted): an activation stored so is read as its packing would
+/// have rounded it.
+void mapet_bf16_round(const float *x, uint16_t *y, long n);
+
 /// GELU (exact erf form) over `count` floats, 16 lanes: out = gelu(x), and with
 /// `keep_derivative` x is overwritten by gelu′(x). The same bits as the Swift 8-lane code.
 void mapet_avx512_gelu(float *out, const float *x, long count);

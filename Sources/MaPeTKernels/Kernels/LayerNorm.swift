@@ -1,3 +1,4 @@
+import CBF16
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -10,16 +11,25 @@ import Glibc
 public let layerNormEps: Float = 1e-6
 
 /// out [rows, cols], mean [rows], rstd [rows] from input [rows, cols]; mean/rstd are the backward cache.
+/// `outInBF16`: out receives the values rounded to bf16 (uint16 behind the Float pointer, row
+/// stride cols) by `mapet_bf16_round` — for products that read it as bf16 (`BF16Storage`), which
+/// then see the bits their own packing would have made. Only with the bf16 kernel active.
 public func layerNormForward(
     out: UnsafeMutablePointer<Float>, mean: UnsafeMutablePointer<Float>, rstd: UnsafeMutablePointer<Float>,
     input: UnsafePointer<Float>, weight: UnsafePointer<Float>, bias: UnsafePointer<Float>,
-    rows: Int, cols: Int, eps: Float = layerNormEps
+    rows: Int, cols: Int, eps: Float = layerNormEps, outInBF16: Bool = false
 ) {
     let t0 = Profiler.begin(); defer { Profiler.end(.norms, t0) }
+    precondition(!outInBF16 || BF16.isActive, "layerNormForward: bf16 output needs the bf16 kernel")
     nonisolated(unsafe) let out = out, mean = mean, rstd = rstd, input = input, weight = weight, bias = bias
+    let chunk = 32   // rows normalised into a scratch, then rounded in one call
     Parallel.forRanges(rows, grain: max(1, 8192 / max(cols, 1))) { r in
+        let scratch = outInBF16 ? UnsafeMutablePointer<Float>.allocate(capacity: chunk * cols) : nil
+        defer { scratch?.deallocate() }
+        let out16 = UnsafeMutableRawPointer(out).assumingMemoryBound(to: UInt16.self)
         for i in r {
-            let x = input + i * cols, y = out + i * cols
+            let x = input + i * cols
+            let y = scratch.map { $0 + ((i - r.lowerBound) % chunk) * cols } ?? out + i * cols
             let mu = vsum(x, cols) / Float(cols)
             // Two-pass variance: no cancellation when |μ| ≫ σ.
             var acc = FloatVector()
@@ -32,6 +42,10 @@ public func layerNormForward(
             mean[i] = mu
             rstd[i] = rs
             for j in 0..<cols { y[j] = (x[j] - mu) * rs * weight[j] + bias[j] }
+            if let scratch, (i - r.lowerBound) % chunk == chunk - 1 || i == r.upperBound - 1 {
+                let first = i - (i - r.lowerBound) % chunk
+                mapet_bf16_round(scratch, out16 + first * cols, (i - first + 1) * cols)
+            }
         }
     }
 }

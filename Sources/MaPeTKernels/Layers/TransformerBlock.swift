@@ -155,20 +155,27 @@ public struct TransformerBlock: @unchecked Sendable {
         precision.usesBF16 && BF16.isActive && activation == .gelu && C <= BF16.singleBlockK
     }
 
+    /// norm1's and norm2's outputs likewise (read only by q|k|v, resp. fc1, and their weight
+    /// gradients): LayerNorm rounds them as the packing would (`layerNormForward(outInBF16:)`).
+    var normsInBF16: Bool { precision.usesBF16 && BF16.isActive }
+
     // MARK: Forward
 
     /// norm1 and the query projection of `x [rows, C]`; keys/values too when `c.kv` is set, in
     /// the same product (q | k | v = ln1 · wqkvᵀ: norm1's output is packed once, the weights'
     /// panels side by side).
     public func forwardAttentionInputs(x: UnsafePointer<Float>, cache c: BlockCache, rows: Int) {
-        layerNormForward(out: c.ln1, mean: c.ln1Mean, rstd: c.ln1Rstd, input: x, weight: w.norm1W, bias: w.norm1B, rows: rows, cols: C, eps: normEps)
+        let ln: BF16Storage = normsInBF16 ? .a : []
+        layerNormForward(out: c.ln1, mean: c.ln1Mean, rstd: c.ln1Rstd, input: x, weight: w.norm1W, bias: w.norm1B, rows: rows,
+                         cols: C, eps: normEps, outInBF16: normsInBF16)
         guard let wqkv = c.wqkv else {
-            linearForward(out: c.q, input: c.ln1, weight: w.qW, bias: w.qB, rows: rows, inFeatures: C, outFeatures: C, precision: precision)
+            linearForward(out: c.q, input: c.ln1, weight: w.qW, bias: w.qB, rows: rows, inFeatures: C, outFeatures: C,
+                          precision: precision, storage: ln)
             return
         }
         stackQKV(into: wqkv)
         linearForward(out: c.q, input: c.ln1, weight: wqkv, bias: w.qB == nil ? nil : wqkv + 3 * C * C, rows: rows,
-                      inFeatures: C, outFeatures: 3 * C, precision: precision)
+                      inFeatures: C, outFeatures: 3 * C, precision: precision, storage: ln)
     }
 
     /// [wq; wkv] and [bq; bkv] into `dst` ([3C, C] then [3C]).
@@ -194,13 +201,17 @@ public struct TransformerBlock: @unchecked Sendable {
         let rows = B * T
         linearForward(out: c.proj, input: c.attn, weight: w.projW, bias: w.projB, rows: rows, inFeatures: C, outFeatures: C, precision: precision)
         residualForward(out: c.xMid, residual: x, branch: c.proj, gamma: w.ls1, keep: keep1, B: B, T: T, C: C)
-        layerNormForward(out: c.ln2, mean: c.ln2Mean, rstd: c.ln2Rstd, input: c.xMid, weight: w.norm2W, bias: w.norm2B, rows: rows, cols: C, eps: normEps)
+        let ln: BF16Storage = normsInBF16 ? .a : []
+        layerNormForward(out: c.ln2, mean: c.ln2Mean, rstd: c.ln2Rstd, input: c.xMid, weight: w.norm2W, bias: w.norm2B,
+                         rows: rows, cols: C, eps: normEps, outInBF16: normsInBF16)
         if activation == .gelu {
             // act = gelu(fc1(ln2)), c.fc1 = gelu′ for the backward (in bf16, in the GEMM's store).
             linearForward(out: c.act, input: c.ln2, weight: w.fc1W, bias: w.fc1B, rows: rows, inFeatures: C,
-                          outFeatures: hidden, precision: precision, geluDerivative: c.fc1, storage: actInBF16 ? .c : [])
+                          outFeatures: hidden, precision: precision, geluDerivative: c.fc1,
+                          storage: ln.union(actInBF16 ? .c : []))
         } else {
-            linearForward(out: c.fc1, input: c.ln2, weight: w.fc1W, bias: w.fc1B, rows: rows, inFeatures: C, outFeatures: hidden, precision: precision)
+            linearForward(out: c.fc1, input: c.ln2, weight: w.fc1W, bias: w.fc1B, rows: rows, inFeatures: C, outFeatures: hidden,
+                          precision: precision, storage: ln)
             activationForward(activation, out: c.act, input: c.fc1, count: rows * hidden)
         }
         linearForward(out: c.fc2, input: c.act, weight: w.fc2W, bias: w.fc2B, rows: rows, inFeatures: hidden, outFeatures: C,
@@ -236,7 +247,8 @@ public struct TransformerBlock: @unchecked Sendable {
             activationBackward(activation, dInput: s.dFc1, dOut: s.dAct, input: c.fc1, count: rows * hidden)
         }
         linearBackward(dInput: s.dLn, dWeight: g.fc1W, dBias: g.fc1B, dOut: s.dFc1, input: c.ln2, weight: w.fc1W,
-                       rows: rows, inFeatures: C, outFeatures: hidden, precision: precision, accumulateInput: false)
+                       rows: rows, inFeatures: C, outFeatures: hidden, precision: precision, accumulateInput: false,
+                       inputInBF16: normsInBF16)
         layerNormBackward(dInput: dx, dWeight: g.norm2W, dBias: g.norm2B, dOut: s.dLn, input: c.xMid, weight: w.norm2W,
                           mean: c.ln2Mean, rstd: c.ln2Rstd, rows: rows, cols: C)
         residualBackward(dResidual: nil, dBranch: s.dBranch, dGamma: g.ls1, dOut: dx, branch: c.proj, gamma: w.ls1, keep: keep1,
@@ -267,7 +279,7 @@ public struct TransformerBlock: @unchecked Sendable {
             let hasBias = g.qB != nil
             linearBackward(dInput: s.dLn, dWeight: dW, dBias: hasBias ? dW + 3 * C * C : nil, dOut: s.dQ, input: c.ln1,
                            weight: wqkv, rows: rows, inFeatures: C, outFeatures: 3 * C, precision: precision,
-                           accumulateInput: false)
+                           accumulateInput: false, inputInBF16: normsInBF16)
             add(dW, into: g.qW, C * C)
             add(dW + C * C, into: g.kvW, 2 * C * C)
             if let qB = g.qB, let kvB = g.kvB {
@@ -277,7 +289,8 @@ public struct TransformerBlock: @unchecked Sendable {
         } else {
             precondition(dKV == nil, "backwardAttentionInputs: keys/values of a stream without its own")
             linearBackward(dInput: s.dLn, dWeight: g.qW, dBias: g.qB, dOut: s.dQ, input: c.ln1, weight: w.qW,
-                           rows: rows, inFeatures: C, outFeatures: C, precision: precision, accumulateInput: false)
+                           rows: rows, inFeatures: C, outFeatures: C, precision: precision, accumulateInput: false,
+                           inputInBF16: normsInBF16)
         }
         layerNormBackward(dInput: dx, dWeight: g.norm1W, dBias: g.norm1B, dOut: s.dLn, input: x, weight: w.norm1W,
                           mean: c.ln1Mean, rstd: c.ln1Rstd, rows: rows, cols: C)

@@ -131,9 +131,9 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
                 // Last block: the content stream only provides keys and values.
                 let w = blk.w
                 layerNormForward(out: ch.ln1, mean: ch.ln1Mean, rstd: ch.ln1Rstd, input: a.hs[l], weight: w.norm1W,
-                                 bias: w.norm1B, rows: B * T, cols: C)
+                                 bias: w.norm1B, rows: B * T, cols: C, outInBF16: blk.normsInBF16)
                 linearForward(out: ch.kv!, input: ch.ln1, weight: w.kvW, bias: w.kvB, rows: B * T, inFeatures: C, outFeatures: 2 * C,
-                              precision: precision, ldOut: ch.ldKV)
+                              precision: precision, ldOut: ch.ldKV, storage: blk.normsInBF16 ? .a : [])
             }
             blk.forwardAttentionInputs(x: a.gs[l], cache: cg, rows: B * P)
             if l < depth - 1 {
@@ -237,7 +237,7 @@ public final class MaPeTModel: PretrainModel, @unchecked Sendable {
                 let w = blk.w, g = blk.g
                 linearBackward(dInput: sh.dLn, dWeight: g.kvW, dBias: g.kvB, dOut: dKV, input: ch.ln1, weight: w.kvW,
                                rows: B * T, inFeatures: C, outFeatures: 2 * C, precision: precision, accumulateInput: false,
-                               ldOut: ch.ldKV)
+                               ldOut: ch.ldKV, inputInBF16: blk.normsInBF16)
                 layerNormBackward(dInput: a.dh, dWeight: g.norm1W, dBias: g.norm1B, dOut: sh.dLn, input: a.hs[l], weight: w.norm1W,
                                   mean: ch.ln1Mean, rstd: ch.ln1Rstd, rows: B * T, cols: C)
             }
