@@ -65,7 +65,7 @@ static inline __m512i AVX512BF16 cvt_interleave(const float *r0, const float *r1
 /// Prefetches into L2 every cache line of rows [rows·part/parts, rows·(part+1)/parts) of r.
 static inline void prefetch_share(const mapet_bf16_rows *r, long part, long parts) {
     for (long i = r->rows * part / parts, end = r->rows * (part + 1) / parts; i < end; i++) {
-        const char *a = (const char *)(r->p + i * r->ld), *e = (const char *)(r->p + i * r->ld + r->cols);
+        const char *a = (const char *)r->p + i * r->stride, *e = a + r->bytes;
         for (a = (const char *)((uintptr_t)a & ~(uintptr_t)63); a < e; a += 64) _mm_prefetch(a, _MM_HINT_T1);
     }
 }

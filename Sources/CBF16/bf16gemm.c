@@ -33,6 +33,8 @@ size_t mapet_bf16_packed_b_words(long K, long N) {
 
 size_t mapet_bf16_a_buffer_words(void) { return (size_t)MC * KCP; }
 
+long mapet_bf16_k_block(void) { return 2 * KCP; }
+
 void mapet_bf16_tile_shape(long M, long N, long K, long workers, long *tileRows, long *tileCols) {
     long rowTiles = (M + MC - 1) / MC, panels = (N + NR - 1) / NR;
     if (workers < 1) workers = 1;
@@ -167,30 +169,26 @@ AVX512BF16
 static void pack_a(int transA, long K, const float *A, long lda, long ib, long mb, long kp0, long kpn,
                    uint32_t *abuf, long *rs, long *ks, float *rowsums, int abf16) {
     long mbr = (mb + MR - 1) / MR * MR;   // the micro-kernel reads whole MR-row panels
-    if (!transA && abf16) {
-        // A [M, K] already in bf16: a row's pairs are its consecutive 32-bit words; an odd K's
-        // last pair has one value (read alone: the word would reach past the row).
-        const uint16_t *A16 = (const uint16_t *)A;
-        long whole = 2 * (kp0 + kpn) > K ? kpn - 1 : kpn;   // pairs with both values in the row
-        for (long i = 0; i < mb; i++) {
-            const uint16_t *src = A16 + (ib + i) * lda + 2 * kp0;
-            uint32_t *dst = abuf + i * KCP;
-            for (long q = 0; q < whole; q += 16) {
-                __mmask16 m = mask_first(whole - q);
-                _mm512_mask_storeu_epi32(dst + q, m, _mm512_maskz_loadu_epi32(m, src + 2 * q));
-            }
-            if (whole < kpn) dst[whole] = src[2 * whole];
-        }
-        for (long i = mb; i < mbr; i++) memset(abuf + i * KCP, 0, (size_t)kpn * 4);
-        *rs = KCP; *ks = 1;
-    } else if (!transA) {
+    if (!transA) {
         long k0 = 2 * kp0, nk = K - k0 < 2 * kpn ? K - k0 : 2 * kpn;
         for (long i = 0; i < mb; i++) {
-            const float *src = A + (ib + i) * lda + k0;
             uint32_t *dst = abuf + i * KCP;
-            for (long q = 0; q < kpn; q += 16) {
-                __m512i w = cvt_consecutive(src + 2 * q, nk - 2 * q);
-                _mm512_mask_storeu_epi32(dst + q, mask_first(kpn - q), w);
+            if (abf16) {
+                // Already in bf16: the row's pairs are its consecutive 32-bit words; an odd K's
+                // last pair has one value (read alone: the word would reach past the row).
+                const uint16_t *src = (const uint16_t *)A + (ib + i) * lda + k0;
+                long whole = nk / 2;   // pairs with both values in the row
+                for (long q = 0; q < whole; q += 16) {
+                    __mmask16 m = mask_first(whole - q);
+                    _mm512_mask_storeu_epi32(dst + q, m, _mm512_maskz_loadu_epi32(m, src + 2 * q));
+                }
+                if (whole < kpn) dst[whole] = src[2 * whole];
+            } else {
+                const float *src = A + (ib + i) * lda + k0;
+                for (long q = 0; q < kpn; q += 16) {
+                    __m512i w = cvt_consecutive(src + 2 * q, nk - 2 * q);
+                    _mm512_mask_storeu_epi32(dst + q, mask_first(kpn - q), w);
+                }
             }
         }
         for (long i = mb; i < mbr; i++) memset(abuf + i * KCP, 0, (size_t)kpn * 4);
@@ -228,16 +226,14 @@ void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const floa
                  emul, gderiv, flags);
 }
 
-long mapet_bf16_k_block(void) { return 2 * KCP; }
-
-/// The source of op(A) for rows [ib, ib + mb), k-pairs [kp0, kp0 + kpn) (as floats: a bf16 A
-/// is half as many).
+/// The source of op(A) for rows [ib, ib + mb), k-pairs [kp0, kp0 + kpn); `size` bytes per
+/// element (2 for a bf16 A).
 static mapet_bf16_rows a_source(int transA, long K, const float *A, long lda, long ib, long mb, long kp0, long kpn,
-                                int abf16) {
+                                long size) {
     long k0 = 2 * kp0, nk = K - k0 < 2 * kpn ? K - k0 : 2 * kpn;
-    if (transA) return (mapet_bf16_rows){A + k0 * lda + ib, nk, mb, lda};
-    if (abf16) return (mapet_bf16_rows){(const float *)((const uint16_t *)A + ib * lda + k0), mb, (nk + 1) / 2, lda / 2};
-    return (mapet_bf16_rows){A + ib * lda + k0, mb, nk, lda};
+    const char *a = (const char *)A;
+    if (transA) return (mapet_bf16_rows){a + (k0 * lda + ib) * size, nk, mb * size, lda * size};
+    return (mapet_bf16_rows){a + (ib * lda + k0) * size, mb, nk * size, lda * size};
 }
 
 AVX512BF16
@@ -261,7 +257,7 @@ void bf16_tile_in(int transA, long N, long K, float alpha, const float *A, long 
             mapet_bf16_rows next = {NULL, 0, 0, 0};
             if (nkp0 < kpT) {
                 long nmb = i1 - nib < MC ? i1 - nib : MC, nkpn = kpT - nkp0 < KCP ? kpT - nkp0 : KCP;
-                next = a_source(transA, K, A, lda, nib, nmb, nkp0, nkpn, abf16);
+                next = a_source(transA, K, A, lda, nib, nmb, nkp0, nkpn, abf16 ? 2 : 4);
             }
             long calls = ((j1 - j0 + NR - 1) / NR) * ((mb + MR - 1) / MR), call = 0;
             for (long j = j0; j < j1; j += NR) {
@@ -297,8 +293,6 @@ void mapet_bf16_pack_b_pairs_bf16(long K, long N, const uint16_t *B, long ldb, l
                                   long kp1, uint32_t *packed) {
     (void)K; (void)N; (void)B; (void)ldb; (void)panel0; (void)panel1; (void)kp0; (void)kp1; (void)packed;
 }
-
-long mapet_bf16_k_block(void) { return 0; }
 
 void mapet_bf16_tile(int transA, long M, long N, long K, float alpha, const float *A, long lda,
                      const uint32_t *packedB, float beta, const float *bias, float *C, long ldc,

@@ -78,8 +78,8 @@ enum { MAPET_BF16_A_IS_BF16 = 1, MAPET_BF16_C_AS_BF16 = 2 };
 /// The largest K whose product is one K block (C stored once).
 long mapet_bf16_k_block(void);
 
-/// A block of memory to bring into cache: `rows` rows of `cols` floats, `ld` floats apart.
-typedef struct { const float *p; long rows, cols, ld; } mapet_bf16_rows;
+/// A block of memory to bring into cache: `rows` runs of `bytes` bytes, `stride` bytes apart.
+typedef struct { const void *p; long rows, bytes, stride; } mapet_bf16_rows;
 /// Words of the `work` buffer the attention functions below need for one head of these sizes.
 size_t mapet_bf16_attention_work_words(long M, long Nk, long D);
 

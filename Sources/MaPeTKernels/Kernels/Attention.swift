@@ -22,9 +22,10 @@ import Glibc
 // intervals or score biases; other masks and fp32 take the GEMM-per-product path below, which
 // runs key intervals block by block (the end of this file).
 
-/// One head's rows of an activation, for the fused kernels' prefetching.
+/// One head's rows of an activation (D floats each, ld apart), for the fused kernels' prefetching.
 private func headRows(_ p: UnsafePointer<Float>, rows: Int, D: Int, ld: Int) -> mapet_bf16_rows {
-    mapet_bf16_rows(p: p, rows: rows, cols: D, ld: ld)
+    let size = MemoryLayout<Float>.stride
+    return mapet_bf16_rows(p: p, rows: rows, bytes: D * size, stride: ld * size)
 }
 
 public func attentionForward<Mask: AttentionMask>(

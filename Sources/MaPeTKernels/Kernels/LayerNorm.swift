@@ -61,11 +61,13 @@ public func layerNormBackward(
 ) {
     let t0 = Profiler.begin(); defer { Profiler.end(.norms, t0) }
     nonisolated(unsafe) let dInput = dInput, dOut = dOut, input = input, weight = weight, mean = mean, rstd = rstd
-    let sums = BlockColumnSums(rows: rows, cols: cols, vectors: dWeight != nil || dBias != nil ? 2 : 0)
+    // The partial sums ride along with dInput's loop (also for frozen parameters: a branch-free
+    // loop costs less than the sums).
+    let sums = BlockColumnSums(rows: rows, cols: cols, vectors: 2)
     defer { sums.deallocate() }
     Parallel.forRanges(sums.blocks) { blocks in
         for block in blocks {
-            let pw = sums.partial(block, 0), pb = sums.partial(block, 1)
+            let pw = sums.partial(block, 0)!, pb = sums.partial(block, 1)!
             for i in sums.rows(of: block) {
                 let x = input + i * cols, dy = dOut + i * cols, dx = dInput + i * cols
                 let mu = mean[i], rs = rstd[i]
@@ -87,18 +89,11 @@ public func layerNormBackward(
                     j += 1
                 }
                 sg /= Float(cols); sgx /= Float(cols)
-                if let pw, let pb {
-                    for j in 0..<cols {
-                        let xh = (x[j] - mu) * rs
-                        dx[j] += rs * (dy[j] * weight[j] - sg - xh * sgx)
-                        pw[j] += dy[j] * xh
-                        pb[j] += dy[j]
-                    }
-                } else {
-                    for j in 0..<cols {
-                        let xh = (x[j] - mu) * rs
-                        dx[j] += rs * (dy[j] * weight[j] - sg - xh * sgx)
-                    }
+                for j in 0..<cols {
+                    let xh = (x[j] - mu) * rs
+                    dx[j] += rs * (dy[j] * weight[j] - sg - xh * sgx)
+                    pw[j] += dy[j] * xh
+                    pb[j] += dy[j]
                 }
             }
         }
